@@ -1,0 +1,99 @@
+"""Shared helpers for the benchmark scripts: timing, peak memory, tables.
+
+Peak memory on CPU is read from the kernel: ``/proc/self/clear_refs`` (writing ``5``) resets
+the high-water mark ``VmHWM``, so the peak of one call is ``VmHWM − VmRSS`` measured around it.
+Large torch allocations are ``mmap``-ed and returned on free, so RSS follows the tensors.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_bytes(fn: Callable[[], object]) -> tuple[int, object]:
+    """Run ``fn`` once and return (peak bytes above the RSS before the call, its result)."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, out
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    base = _status_kib("VmRSS")
+    out = fn()
+    peak = _status_kib("VmHWM")
+    return max(0, (peak - base) * 1024), out
+
+
+def time_call(fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in seconds over ``repeat`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (
+        f"{time.strftime('%Y-%m-%d')}  {cpu}  {os.cpu_count()} cores  "
+        f"torch {torch.__version__}  threads {torch.get_num_threads()}"
+    )
+
+
+def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells[1:]:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+def saved_tensor_bytes(fn: Callable[[], object]) -> tuple[int, object]:
+    """Bytes of tensors that autograd saves for backward while ``fn`` runs."""
+    total = 0
+
+    def pack(t: torch.Tensor):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total, out

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job on its built-in default, with its own set-up: creates .venv if needed, then
+# runs `recon3d quickstart` (arguments are passed through; see `recon3d quickstart --help`).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/launch/ensure_env.sh"
+exec "$ROOT/.venv/bin/recon3d" quickstart "$@"

@@ -1,0 +1,1 @@
+"""pipeline — data, losses, models, training and reconstruction for recon3d."""
