@@ -159,9 +159,19 @@ class NoiseModel:
         generator: torch.Generator | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """A noisy measurement of ``clean``; entries where ``mask == 0`` stay unchanged.
+
+        Shape:
+            ``clean``: any; returns the same shape and dtype.
+        """
         raise NotImplementedError(f"{self.name} does not implement sample")
 
     def variance(self, clean: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-entry variance of the noise at ``clean`` (of each part, for complex entries).
+
+        Shape:
+            ``clean``: any; returns the same shape (real).
+        """
         raise NotImplementedError(f"{self.name} does not implement variance")
 
     def to_dict(self) -> dict[str, Any]:

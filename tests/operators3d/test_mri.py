@@ -182,3 +182,15 @@ def test_complex64_forward_keeps_precision_and_dtype():
 def test_state_dict_holds_only_mask_and_maps():
     op = _operators()["hybrid"]
     assert set(op.state_dict()) == {"mask", "coil_maps"}
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    op = MultiCoilMRI(mask=_mask(), coil_maps=_maps(torch.complex64))
+    x = torch.randn(2, D, H, W, dtype=torch.complex64)
+    cuda = op.to("cuda")
+    y = cuda(x.cuda())
+    assert y.device.type == "cuda"
+    ref = MultiCoilMRI(mask=_mask(), coil_maps=_maps(torch.complex64))(x)
+    assert torch.allclose(y.cpu(), ref, atol=1e-5)
+    assert torch.allclose(cuda.adjoint(y).cpu(), ref.new_zeros(()) + op.adjoint(y).cpu(), atol=1e-5)
