@@ -91,6 +91,32 @@ class LinearOperator(nn.Module):
         range_complex: the same for the adjoint's inputs.
     """
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_freezes", False):
+            return
+
+        def frozen_init(self, *args, **kw):
+            init(self, *args, **kw)
+            if type(self) is cls:  # the outermost __init__ has finished
+                self.__dict__["_frozen"] = True
+
+        frozen_init.__wrapped__ = init  # type: ignore[attr-defined]
+        frozen_init.__doc__ = init.__doc__
+        frozen_init._freezes = True  # type: ignore[attr-defined]
+        cls.__init__ = frozen_init  # type: ignore[method-assign]
+
+    def __setattr__(self, name: str, value) -> None:
+        # Operators are immutable once built: a changed mask or geometry is a new operator.
+        # ``training`` is nn.Module's own flag (train()/eval()), harmless for a linear map.
+        if self.__dict__.get("_frozen", False) and name != "training":
+            raise AttributeError(
+                f"{type(self).__name__} is immutable: build a new operator instead of setting "
+                f"{name!r}"
+            )
+        super().__setattr__(name, value)
+
     def __init__(
         self,
         domain_shape: Sequence[int],

@@ -27,9 +27,9 @@ SHAPE = (5, 6, 7)
 class MatrixOperator(LinearOperator):
     """A dense matrix acting on flattened trailing dims: an independent reference."""
 
-    def __init__(self, matrix: torch.Tensor, domain_shape, range_shape):
-        super().__init__(domain_shape, range_shape, domain_complex=matrix.is_complex() or None,
-                         range_complex=matrix.is_complex() or None)
+    def __init__(self, matrix: torch.Tensor, domain_shape, range_shape, *, strict=True):
+        kind = (matrix.is_complex() or None) if strict else None
+        super().__init__(domain_shape, range_shape, domain_complex=kind, range_complex=kind)
         self.register_buffer("matrix", matrix)
 
     def _forward(self, x):
@@ -132,8 +132,7 @@ def test_gradcheck_through_custom_function(ops):
 
 
 def test_real_input_to_complex_operator_gets_real_gradient():
-    m = MatrixOperator(_matrix(4, 3, 9), (3,), (4,))
-    m.domain_complex = None
+    m = MatrixOperator(_matrix(4, 3, 9), (3,), (4,), strict=False)
     x = torch.randn(3, dtype=torch.float64, requires_grad=True)
     y = m(x.to(torch.complex128))
     y.abs().pow(2).sum().backward()
@@ -189,3 +188,14 @@ def test_operators_are_not_mutated_by_calls(ops):
     a.normal(x)
     for k, v in a.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_operators_are_immutable_after_construction():
+    op = MultiCoilMRI(mask=torch.ones(6, 7, dtype=torch.bool), volume_shape=SHAPE)
+    with pytest.raises(AttributeError, match="MultiCoilMRI is immutable"):
+        op.mask = torch.zeros(6, 7)
+    with pytest.raises(AttributeError, match="immutable"):
+        op.domain_shape = (1, 2, 3)
+    op.eval()  # nn.Module's mode flag stays usable
+    moved = op.to(torch.float64)  # .to() swaps buffers without attribute assignment
+    assert moved is op
