@@ -240,6 +240,36 @@ class LinearOperator(nn.Module):
 
     __rmul__ = __mul__
 
+    # ---------------------------------------------------------------- precision and device
+    def to(self, *args, **kwargs) -> "LinearOperator":
+        """Move to a device and/or change precision, keeping each buffer's kind.
+
+        nn.Module.to(float64) would cast complex buffers (coil maps, phases) to real and drop
+        their imaginary parts; here a dtype sets the *precision*: complex buffers become the
+        complex dtype of that precision, real ones the real dtype, bool/int ones stay.
+        """
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is None:
+            return super().to(*args, **kwargs)
+        from .fft import complex_dtype_of, real_dtype_of
+
+        def convert(t: torch.Tensor) -> torch.Tensor:
+            if t.is_complex():
+                return t.to(device, complex_dtype_of(dtype), non_blocking)
+            if t.is_floating_point():
+                return t.to(device, real_dtype_of(dtype), non_blocking)
+            return t.to(device, non_blocking=non_blocking)
+
+        return self._apply(convert)
+
+    def double(self) -> "LinearOperator":
+        """Double precision: float64 and complex128 buffers."""
+        return self.to(torch.float64)
+
+    def float(self) -> "LinearOperator":
+        """Single precision: float32 and complex64 buffers."""
+        return self.to(torch.float32)
+
     # ---------------------------------------------------------------- helpers
     def reference_tensor(self) -> torch.Tensor | None:
         """The first floating or complex buffer (gives the operator's device and precision)."""

@@ -199,3 +199,15 @@ def test_operators_are_immutable_after_construction():
     op.eval()  # nn.Module's mode flag stays usable
     moved = op.to(torch.float64)  # .to() swaps buffers without attribute assignment
     assert moved is op
+
+
+def test_to_dtype_changes_precision_and_keeps_complex_buffers():
+    maps = torch.randn(2, *SHAPE, dtype=torch.complex64)
+    op = MultiCoilMRI(mask=torch.rand(6, 7) > 0.5, coil_maps=maps)
+    x = torch.randn(SHAPE, dtype=torch.complex128)
+    ref = MultiCoilMRI(mask=op.mask, coil_maps=maps.to(torch.complex128))(x)
+    op.to(torch.float64)
+    assert op.coil_maps.dtype == torch.complex128 and op.mask.dtype == torch.bool
+    assert torch.allclose(op(x), ref, atol=1e-12)
+    op.float()
+    assert op.coil_maps.dtype == torch.complex64
