@@ -1,0 +1,507 @@
+"""Cone-beam CT (circular orbit, flat detector): Joseph's projector and its exact transpose.
+
+The picture in words: the volume ``(D, H, W)`` is centred on the rotation axis D. At angle θ
+the source is a point at ``−src_dist · d(θ)`` in the central plane (``d(θ) = (−sin θ, cos θ)``
+in the (x, y) = (W, H) plane), and a flat detector of ``(V, U)`` pixels faces it with its
+centre at ``+det_dist · d(θ)``: columns run along ``e(θ) = (cos θ, sin θ)``, rows along D,
+pixel ``(v, u)`` at ``det_dist · d(θ) + s_u e(θ) + z_v ẑ`` with ``s_u = (u − (U−1)/2) · du``,
+``z_v = (v − (V−1)/2) · dv`` (physical pitch on the detector, as in ASTRA's cone geometry; an
+object at the axis appears magnified by ``(src_dist + det_dist) / src_dist``). One ray joins
+the source to each pixel centre; as ``src_dist → ∞`` the rays become parallel and the operator
+tends to :class:`~operators3d.ct.ParallelBeamCT`.
+
+Discretisation (Joseph, in 3D): each ray steps plane by plane along the in-plane image axis
+closest to its own direction (rows of H or columns of W; chosen per detector column), takes
+the bilinear interpolation across the plane (linear in the other in-plane axis, linear in D,
+zero outside the volume) and weighs each step by its length
+``voxel_size · |r| / max(|r_x|, |r_y|)`` for ray direction ``r``.
+
+Kernels: all rays of one detector column lie in one plane through the source, so their
+in-plane crossing points (and weights) are shared by every detector row: a ray column gathers
+the two contiguous D-rows it crosses in each plane once (volume laid out as rows
+``(H·W, B, D)``) and interpolates them along D at the rows' heights, which are affine in v
+(:func:`~operators3d.ct._kernels.two_stage_gather`). The adjoint scatters with the same tables
+in the reverse order (``scatter_add_`` along D, then ``index_add_`` of rows): the exact
+transpose, a kernel of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from ..base import LinearOperator
+from . import _kernels as K
+from .geometry import (
+    ConeGeometry,
+    VolumeGeometry,
+    _angles,
+    _pair,
+    _positive,
+    _shape3,
+)
+
+__all__ = ["ConeBeamCT", "min_det_shape"]
+
+
+def _shadow(vol: VolumeGeometry, geom: ConeGeometry) -> tuple[float, float]:
+    """Physical (height, width) on the detector of the volume's shadow over all angles."""
+    num_d, num_h, num_w = vol.shape
+    vs = vol.voxel_size
+    src, det = geom.src_dist, geom.det_dist
+    theta = geom.angles
+    cos, sin = torch.cos(theta)[:, None], torch.sin(theta)[:, None]
+    half_w, half_h = num_w * vs / 2, num_h * vs / 2
+    cx = torch.tensor([-half_w, half_w, -half_w, half_w], dtype=torch.float64)
+    cy = torch.tensor([-half_h, -half_h, half_h, half_h], dtype=torch.float64)
+    along_e = cx * cos + cy * sin  # corner coordinates along the detector columns
+    along_d = -cx * sin + cy * cos  # ... and along the central ray
+    scale = (src + det) / (src + along_d)
+    # The box projects to the hull of its corners' shadows (a perspective map of a convex set).
+    return float(scale.max()) * num_d * vs, float((along_e * scale).abs().max()) * 2
+
+
+def _column_ranges(vol: VolumeGeometry, geom: ConeGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per angle, the detector columns ``[lo, hi)`` whose rays can meet the volume.
+
+    The box is grown by one voxel on each side (Joseph's interpolation reaches half a voxel
+    past the outer voxel centres' box), so every skipped ray has only zero weights.
+    """
+    _, num_h, num_w = vol.shape
+    vs = vol.voxel_size
+    src, det = geom.src_dist, geom.det_dist
+    num_u = geom.det_shape[1]
+    du = geom.det_spacing[1]
+    cos, sin = torch.cos(geom.angles)[:, None], torch.sin(geom.angles)[:, None]
+    half_w, half_h = num_w * vs / 2 + vs, num_h * vs / 2 + vs
+    cx = torch.tensor([-half_w, half_w, -half_w, half_w], dtype=torch.float64)
+    cy = torch.tensor([-half_h, -half_h, half_h, half_h], dtype=torch.float64)
+    along_e = cx * cos + cy * sin
+    along_d = (-cx * sin + cy * cos).clamp_max(src * (1 - 1e-9))  # corners behind the source
+    s = (src + det) * along_e / (src + along_d) / du + (num_u - 1) / 2
+    lo = torch.where(along_d.max(1).values >= src * (1 - 1e-9), 0.0, s.min(1).values - 1)
+    hi = torch.where(along_d.max(1).values >= src * (1 - 1e-9), float(num_u), s.max(1).values + 2)
+    lo = torch.floor(lo).clamp(0, num_u).to(torch.int64)
+    hi = torch.ceil(hi).clamp(0, num_u).to(torch.int64)
+    return lo, hi
+
+
+def min_det_shape(
+    *,
+    volume_shape: Sequence[int],
+    angles,
+    src_dist: float,
+    det_dist: float,
+    det_spacing: float | Sequence[float] = 1.0,
+    voxel_size: float = 1.0,
+) -> tuple[int, int]:
+    """The smallest flat detector ``(V, U)`` that sees the whole volume at every angle."""
+    name = "min_det_shape"
+    vol = VolumeGeometry(_shape3(volume_shape, name), _positive(voxel_size, "voxel_size", name))
+    geom = ConeGeometry(
+        _angles(angles, name), _positive(src_dist, "src_dist", name),
+        _positive(det_dist, "det_dist", name), (1, 1), _pair(det_spacing, "det_spacing", name),
+    )
+    need_v, need_u = _shadow(vol, geom)
+    dv, du = geom.det_spacing
+    return math.ceil(need_v / dv - 1e-9), math.ceil(need_u / du - 1e-9)
+
+
+def _check_cone(vol: VolumeGeometry, geom: ConeGeometry, allow_truncation: bool) -> None:
+    name = "ConeBeamCT"
+    num_d, num_h, num_w = vol.shape
+    vs = vol.voxel_size
+    src = geom.src_dist
+    radius = vol.radius
+    if src <= radius:
+        raise ValueError(
+            f"{name}: the source must lie outside the volume: src_dist={src:g} but the volume "
+            f"(H, W) = ({num_h}, {num_w}) × voxel_size={vs:g} reaches {radius:.4g} from the axis"
+        )
+    if allow_truncation:
+        return
+    need_v, need_u = _shadow(vol, geom)
+    num_v, num_u = geom.det_shape
+    dv, du = geom.det_spacing
+    # Half a pixel of slack: an overhang that small only clips a sliver of the edge voxels.
+    if need_u > (num_u + 0.5) * du or need_v > (num_v + 0.5) * dv:
+        raise ValueError(
+            f"{name}: the detector is too small to see the volume: det_shape (V, U) = "
+            f"({num_v}, {num_u}) × det_spacing (rows, columns) = ({dv:g}, {du:g}) covers "
+            f"{num_v * dv:g} × {num_u * du:g}, but the volume (D, H, W) = {vol.shape} × "
+            f"voxel_size={vs:g} casts a shadow up to {need_v:.4g} × {need_u:.4g}; use "
+            f"det_shape >= ({math.ceil(need_v / dv - 0.5)}, {math.ceil(need_u / du - 0.5)}) "
+            "(see min_det_shape) or allow_truncation=True"
+        )
+
+
+class ConeBeamCT(LinearOperator):
+    """Circular cone-beam CT projector with a flat detector (Joseph's method, 3D).
+
+    Geometry in words: the source circles the D axis at distance ``src_dist`` in the central
+    plane, at ``−src_dist · d(θ)`` with ``d(θ) = (−sin θ, cos θ)`` in the (x, y) = (W, H)
+    plane; the flat detector faces it across the axis, centred at ``+det_dist · d(θ)``,
+    columns along ``(cos θ, sin θ)`` and rows along D, pixel ``(v, u)`` at detector
+    coordinates ``((u − (U−1)/2) · du, (v − (V−1)/2) · dv)``. Each measurement is the line
+    integral along the ray from the source through a pixel centre (the whole line, so a
+    detector placed inside the volume's extent still sees full rays).
+
+    Shape:
+        forward ``(*batch, D, H, W) → (*batch, V, A, U)``; adjoint the reverse.
+
+    Math:
+        ``p(θ, v, u) = ∫ f(S_θ + t (P_θ(v, u) − S_θ)) |P_θ(v, u) − S_θ| dt``, discretised by
+        Joseph's method with bilinear interpolation across each plane; ``Aᴴ = Aᵀ`` exactly.
+
+    Args:
+        volume_shape: ``(D, H, W)``.
+        angles: 1-D projection angles in radians (a full turn for FDK).
+        src_dist: distance from the source to the rotation axis (> the volume's radius).
+        det_dist: distance from the rotation axis to the detector plane.
+        det_shape: ``(V, U)`` detector rows and columns.
+        det_spacing: detector pitch, a number or ``(rows, columns)`` (physical units).
+        voxel_size: voxel edge length.
+        allow_truncation: accept a detector that does not see the whole volume.
+        block_bytes, table_bytes: sizes of the per-block temporaries and per-chunk tables.
+    """
+
+    def __init__(
+        self,
+        *,
+        volume_shape: Sequence[int],
+        angles,
+        src_dist: float,
+        det_dist: float,
+        det_shape: Sequence[int],
+        det_spacing: float | Sequence[float] = 1.0,
+        voxel_size: float = 1.0,
+        allow_truncation: bool = False,
+        block_bytes: int | None = None,
+        table_bytes: int | None = None,
+    ) -> None:
+        name = "ConeBeamCT"
+        shape = _shape3(volume_shape, name)
+        vs = _positive(voxel_size, "voxel_size", name)
+        try:
+            dshape = tuple(int(s) for s in det_shape)
+        except TypeError as err:
+            raise TypeError(f"{name}: det_shape must be (V, U), got {det_shape!r}") from err
+        if len(dshape) != 2 or any(s <= 0 for s in dshape):
+            raise ValueError(f"{name}: det_shape must be (V, U) positive, got {det_shape!r}")
+        geom = ConeGeometry(
+            _angles(angles, name),
+            _positive(src_dist, "src_dist", name),
+            _positive(det_dist, "det_dist", name),
+            dshape,  # type: ignore[arg-type]
+            _pair(det_spacing, "det_spacing", name),
+        )
+        vol = VolumeGeometry(shape, vs)
+        num_v, num_u = geom.det_shape
+        super().__init__(
+            vol.shape,
+            (num_v, geom.num_angles, num_u),
+            domain_complex=False,
+            range_complex=False,
+        )
+        _check_cone(vol, geom, allow_truncation)
+        self.volume_geometry = vol
+        self.geometry = geom
+        self.allow_truncation = bool(allow_truncation)
+        self.block_bytes = block_bytes
+        self.table_bytes = table_bytes
+        if isinstance(angles, torch.Tensor) and angles.is_floating_point():
+            buf_dtype = angles.dtype
+        else:
+            buf_dtype = torch.float32
+        self.register_buffer("angles", geom.angles.to(buf_dtype))
+        self._column_lo, self._column_hi = _column_ranges(vol, geom)
+
+    @classmethod
+    def from_geometry(
+        cls,
+        volume_geometry: VolumeGeometry,
+        geometry: ConeGeometry,
+        *,
+        allow_truncation: bool = False,
+        block_bytes: int | None = None,
+        table_bytes: int | None = None,
+    ) -> "ConeBeamCT":
+        """The projector of a :func:`~operators3d.ct.volume` and a
+        :func:`~operators3d.ct.cone_beam` geometry."""
+        return cls(
+            volume_shape=volume_geometry.shape,
+            angles=geometry.angles,
+            src_dist=geometry.src_dist,
+            det_dist=geometry.det_dist,
+            det_shape=geometry.det_shape,
+            det_spacing=geometry.det_spacing,
+            voxel_size=volume_geometry.voxel_size,
+            allow_truncation=allow_truncation,
+            block_bytes=block_bytes,
+            table_bytes=table_bytes,
+        )
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def num_angles(self) -> int:
+        return self.geometry.num_angles
+
+    def slab(self, d_slice: slice) -> "ConeBeamCT":
+        """Not available: diverging rays cross D-slices, so no D-slab of the volume is measured
+        by a set of detector rows alone (use the whole volume, or ParallelBeamCT)."""
+        raise ValueError(
+            "ConeBeamCT.slab: cone-beam rays cross D-slices, so a D-slab is not an exact "
+            "sub-problem; reconstruct the whole volume (or tile it in H, W) instead"
+        )
+
+    def subset(self, angle_index) -> "ConeBeamCT":
+        """The operator restricted to a subset of the angles."""
+        op = type(self).from_geometry(
+            self.volume_geometry, self.geometry.subset(angle_index),
+            allow_truncation=self.allow_truncation, block_bytes=self.block_bytes,
+            table_bytes=self.table_bytes,
+        )
+        return op.to(device=self.angles.device, dtype=self.angles.dtype)
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return (
+            f"{self.range_shape} ← {self.domain_shape}, src_dist={g.src_dist:g}, "
+            f"det_dist={g.det_dist:g}"
+        )
+
+    def check_input(self, x: torch.Tensor, *, adjoint: bool = False) -> None:
+        super().check_input(x, adjoint=adjoint)
+        K.check_dtype(x, f"{self.name}.{'adjoint' if adjoint else 'forward'}")
+
+    # ------------------------------------------------------------------ tables
+    def _chunks(self, per_angle_bytes: int, table_bytes: int):
+        count = self.num_angles
+        size = max(1, min(count, table_bytes // max(1, per_angle_bytes)))
+        for a0 in range(0, count, size):
+            yield slice(a0, min(count, a0 + size))
+
+    def _columns(self, sl: slice) -> tuple[int, int]:
+        """The union over the chunk's angles of the columns whose rays can meet the volume."""
+        lo, hi = int(self._column_lo[sl].min()), int(self._column_hi[sl].max())
+        return lo, max(lo, hi)
+
+    def _ray_tables(self, sl: slice, u0: int, u1: int, dtype, device):
+        """In-plane Joseph tables of the chunk's ray columns (computed in float64).
+
+        Columns ``u0 ≤ u < u1``. Returns ``row_index, row_weight (A_c·Ur, S, 2)``,
+        ``zslope (A_c·Ur, S)`` (voxel units of D per physical detector height) and
+        ``step (A_c·Ur, 1, V)`` (step lengths).
+        """
+        num_d, num_h, num_w = self.domain_shape
+        g = self.geometry
+        vs = self.volume_geometry.voxel_size
+        num_v, num_u = g.det_shape
+        dv, du = g.det_spacing
+        src, det = g.src_dist, g.det_dist
+        big = src + det
+        f64 = torch.float64
+        theta = g.angles[sl].to(device=device, dtype=f64)[:, None, None]
+        cos, sin = torch.cos(theta), torch.sin(theta)
+        s_u = ((torch.arange(u0, u1, device=device, dtype=f64) - (num_u - 1) / 2) * du)[
+            None, :, None
+        ]
+        r_x = -big * sin + s_u * cos  # (A_c, U, 1) in-plane ray direction (unnormalised)
+        r_y = big * cos + s_u * sin
+        use_y = r_y.abs() >= r_x.abs()
+        num_s = max(num_h, num_w)
+        step = torch.arange(num_s, device=device, dtype=f64)[None, None, :]
+        cy, cx = (num_h - 1) / 2, (num_w - 1) / 2
+        # Primary y: plane h crosses the ray at x; primary x: plane w crosses it at y. Both
+        # written so that no large quantity cancels (stable as src_dist → ∞).
+        y_h = (step - cy) * vs
+        x_at = (s_u * (src + y_h * cos) / big - y_h * sin) / (cos + (s_u / big) * sin)
+        tau_y = (y_h + src * cos) / r_y
+        x_w = (step - cx) * vs
+        y_at = (x_w * cos - s_u * (src - x_w * sin) / big) / (-sin + (s_u / big) * cos)
+        tau_x = (x_w - src * sin) / r_x
+        pos = torch.where(use_y, x_at / vs + cx, y_at / vs + cy)
+        tau = torch.where(use_y, tau_y, tau_x)
+        length2 = torch.where(use_y, num_w, num_h)
+        in_axis = torch.where(use_y, step < num_h, step < num_w)
+        j0 = torch.floor(pos)
+        w0 = 1 - (pos - j0)
+        w1 = 1 - ((j0 + 1) - pos)
+        ok0 = in_axis & (j0 >= 0) & (j0 <= length2 - 1)
+        ok1 = in_axis & (j0 >= -1) & (j0 <= length2 - 2)
+        j0 = j0.clamp(-1, max(num_h, num_w)).to(torch.int64)
+        stride2 = torch.where(use_y, 1, num_w)
+        base = torch.where(use_y, step.to(torch.int64) * num_w, step.to(torch.int64))
+        row0 = base + j0 * stride2
+        zero = num_h * num_w
+        row_index = torch.stack(
+            (torch.where(ok0, row0, zero), torch.where(ok1, row0 + stride2, zero)), dim=-1
+        )
+        row_weight = torch.stack((torch.where(ok0, w0, 0), torch.where(ok1, w1, 0)), dim=-1)
+        z_v = ((torch.arange(num_v, device=device, dtype=f64) - (num_v - 1) / 2) * dv)
+        norm = torch.sqrt(r_x**2 + r_y**2 + z_v[None, None, :] ** 2)
+        step_len = vs * norm / torch.maximum(r_x.abs(), r_y.abs())  # (A_c, U, V)
+        n = theta.shape[0] * (u1 - u0)
+        return (
+            row_index.reshape(n, num_s, 2).to(K.index_dtype(zero + 1)),
+            row_weight.reshape(n, num_s, 2).to(dtype),
+            (tau / vs).reshape(n, num_s).to(dtype),
+            step_len.reshape(n, 1, num_v).to(dtype),
+        )
+
+    def _detector_heights(self, dtype, device) -> torch.Tensor:
+        num_v = self.geometry.det_shape[0]
+        dv = self.geometry.det_spacing[0]
+        return ((torch.arange(num_v, device=device, dtype=torch.float64) - (num_v - 1) / 2)
+                * dv).to(dtype)
+
+    # ------------------------------------------------------------------ kernels
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        num_d, num_h, num_w = self.domain_shape
+        num_v, num_u = self.geometry.det_shape
+        num_a = self.num_angles
+        lead = x.shape[:-3]
+        batch = math.prod(lead)
+        dtype, device = x.dtype, x.device
+        block = K.block_bytes_for(device, self.block_bytes)
+        table = K.table_bytes_for(device, self.table_bytes)
+        zero = num_h * num_w
+        # Rows (H·W, B, D) with zero pads along D (one before, two after) and a zero row.
+        xv = torch.zeros(zero + 1, batch, num_d + 3, dtype=dtype, device=device)
+        xv[:zero].view(num_h, num_w, batch, num_d + 3)[..., 1 : num_d + 1].copy_(
+            x.reshape(batch, num_d, num_h, num_w).permute(2, 3, 0, 1)
+        )
+        y = torch.zeros(batch, num_v, num_a, num_u, dtype=dtype, device=device)
+        zcoord = self._detector_heights(dtype, device)
+        zoff = (num_d - 1) / 2
+        per_angle = num_u * max(num_h, num_w) * 80
+        for sl in self._chunks(per_angle, table):
+            u0, u1 = self._columns(sl)
+            if u1 == u0:
+                continue
+            row_index, row_weight, zslope, step_len = self._ray_tables(sl, u0, u1, dtype, device)
+            rays = torch.empty(row_index.shape[0], batch, num_v, dtype=dtype, device=device)
+            K.two_stage_gather(
+                xv, row_index, row_weight, zslope, zcoord, zoff, rays,
+                block_bytes=block, accumulate=False,
+            )
+            rays.mul_(step_len)
+            num_c = sl.stop - sl.start
+            y[:, :, sl, u0:u1].copy_(rays.view(num_c, u1 - u0, batch, num_v).permute(2, 3, 0, 1))
+        return y.view(lead + (num_v, num_a, num_u))
+
+    def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        num_d, num_h, num_w = self.domain_shape
+        num_v, num_u = self.geometry.det_shape
+        num_a = self.num_angles
+        lead = y.shape[:-3]
+        batch = math.prod(lead)
+        dtype, device = y.dtype, y.device
+        block = K.block_bytes_for(device, self.block_bytes)
+        table = K.table_bytes_for(device, self.table_bytes)
+        zero = num_h * num_w
+        acc = torch.zeros(zero + 1, batch, num_d + 3, dtype=dtype, device=device)
+        yb = y.reshape(batch, num_v, num_a, num_u)
+        zcoord = self._detector_heights(dtype, device)
+        zoff = (num_d - 1) / 2
+        per_angle = num_u * max(num_h, num_w) * 80
+        for sl in self._chunks(per_angle, table):
+            u0, u1 = self._columns(sl)
+            if u1 == u0:
+                continue
+            row_index, row_weight, zslope, step_len = self._ray_tables(sl, u0, u1, dtype, device)
+            num_c = sl.stop - sl.start
+            rays = yb[:, :, sl, u0:u1].permute(2, 3, 0, 1).reshape(num_c * (u1 - u0), batch, num_v)
+            rays = rays * step_len
+            K.two_stage_scatter(
+                rays, row_index, row_weight, zslope, zcoord, zoff, acc, block_bytes=block
+            )
+        out = acc[:zero].view(num_h, num_w, batch, num_d + 3)[..., 1 : num_d + 1]
+        return out.permute(2, 3, 0, 1).reshape(lead + (num_d, num_h, num_w))
+
+    # ------------------------------------------------------------------ FDK backprojection
+    def backproject(self, y: torch.Tensor, *, method: str = "matched") -> torch.Tensor:
+        """Backproject cone-beam projections.
+
+        ``method="matched"`` is the adjoint ``Aᵀ y`` (exact transpose of the projector).
+        ``method="fdk"`` is FDK's voxel-driven, distance-weighted backprojector: each
+        projection is bilinearly interpolated where the ray from the source through the voxel
+        centre meets the detector and weighted by ``(src_dist / L)²``, ``L = src_dist + r·d(θ)``
+        the voxel's distance from the source along the central ray; summed over angles (no
+        ``Δθ``). It is not the adjoint, and its result carries no gradient (a fixed
+        reconstruction step); it shares the projector's two-stage gather kernel with voxels in
+        place of rays.
+
+        Shape:
+            ``(*batch, V, A, U) → (*batch, D, H, W)``.
+
+        Math (``fdk``):
+            ``b(r) = Σ_θ (src/L_θ(r))² · y_θ(u_θ(r), v_θ(r))``, ``u_θ(r) = M_θ(r) · r·e(θ)``,
+            ``v_θ(r) = M_θ(r) · z``, ``M_θ(r) = (src + det) / L_θ(r)``.
+        """
+        if method == "matched":
+            return self.adjoint(y)
+        if method != "fdk":
+            raise ValueError(
+                f"{self.name}.backproject: method must be 'matched' or 'fdk', got {method!r}"
+            )
+        self.check_input(y, adjoint=True)
+        with torch.no_grad():
+            return self._fdk_backproject(y)
+
+    def _fdk_backproject(self, y: torch.Tensor) -> torch.Tensor:
+        num_d, num_h, num_w = self.domain_shape
+        num_v, num_u = self.geometry.det_shape
+        num_a = self.num_angles
+        g = self.geometry
+        vs = self.volume_geometry.voxel_size
+        dv, du = g.det_spacing
+        src, big = g.src_dist, g.src_dist + g.det_dist
+        lead = y.shape[:-3]
+        batch = math.prod(lead)
+        dtype, device = y.dtype, y.device
+        block = K.block_bytes_for(device, self.block_bytes)
+        table = K.table_bytes_for(device, self.table_bytes)
+        zero = num_a * num_u
+        # Detector columns as padded rows (A·U, B, V + 3): pads along v, one zero row.
+        rows = torch.zeros(zero + 1, batch, num_v + 3, dtype=dtype, device=device)
+        rows[:zero].view(num_a, num_u, batch, num_v + 3)[..., 1 : num_v + 1].copy_(
+            y.reshape(batch, num_v, num_a, num_u).permute(2, 3, 0, 1)
+        )
+        f64 = torch.float64
+        ys = ((torch.arange(num_h, device=device, dtype=f64) - (num_h - 1) / 2) * vs)
+        xs = ((torch.arange(num_w, device=device, dtype=f64) - (num_w - 1) / 2) * vs)
+        y_r = ys[:, None, None].expand(num_h, num_w, 1).reshape(-1, 1)
+        x_r = xs[None, :, None].expand(num_h, num_w, 1).reshape(-1, 1)
+        zcoord = ((torch.arange(num_d, device=device, dtype=f64) - (num_d - 1) / 2) * vs).to(dtype)
+        out = torch.zeros(num_h * num_w, batch, num_d, dtype=dtype, device=device)
+        per_angle = num_h * num_w * 64
+        for sl in self._chunks(per_angle, table):
+            theta = g.angles[sl].to(device=device, dtype=f64)[None, :]
+            cos, sin = torch.cos(theta), torch.sin(theta)
+            along_e = x_r * cos + y_r * sin  # (HW, A_c)
+            dist = src + (-x_r * sin + y_r * cos)  # L: source to voxel along the central ray
+            mag = big / dist
+            u_pos = along_e * mag / du + (num_u - 1) / 2
+            u0 = torch.floor(u_pos)
+            frac = u_pos - u0
+            wdist = (src / dist) ** 2
+            ok0 = (u0 >= 0) & (u0 <= num_u - 1)
+            ok1 = (u0 >= -1) & (u0 <= num_u - 2)
+            base = (torch.arange(sl.start, sl.stop, device=device) * num_u)[None, :]
+            col0 = base + u0.clamp(-1, num_u).to(torch.int64)
+            row_index = torch.stack(
+                (torch.where(ok0, col0, zero), torch.where(ok1, col0 + 1, zero)), dim=-1
+            )
+            row_weight = torch.stack(
+                (torch.where(ok0, (1 - frac) * wdist, 0), torch.where(ok1, frac * wdist, 0)), -1
+            ).to(dtype)
+            zslope = (mag / dv).to(dtype)
+            K.two_stage_gather(
+                rows, row_index, row_weight, zslope, zcoord, (num_v - 1) / 2, out,
+                block_bytes=block, accumulate=True,
+            )
+        out = out.view(num_h, num_w, batch, num_d).permute(2, 3, 0, 1)
+        return out.reshape(lead + (num_d, num_h, num_w))
