@@ -97,3 +97,62 @@ def saved_tensor_bytes(fn: Callable[[], object]) -> tuple[int, object]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return total, out
+
+
+class TreeMemoryMonitor:
+    """Peak memory of a process and all its descendants, sampled in a background thread.
+
+    Sums the proportional set size (PSS: shared pages split among the processes that map
+    them, so forked workers are not counted twice) over the process tree every ``interval``
+    seconds; falls back to RSS where PSS is unreadable. Needs ``psutil``.
+    ``mark_baseline()`` records the current total; ``peak_above_baseline`` is what the work
+    after it added.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        import threading
+
+        import psutil
+
+        self._psutil = psutil
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.baseline = 0
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def total(self) -> int:
+        total = 0
+        try:
+            procs = [self.root] + self.root.children(recursive=True)
+        except self._psutil.Error:
+            return 0
+        for proc in procs:
+            try:
+                info = proc.memory_full_info()
+                total += getattr(info, "pss", info.rss)
+            except self._psutil.Error:
+                continue
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.total())
+            self._stop.wait(self.interval)
+
+    def start(self) -> "TreeMemoryMonitor":
+        self._thread.start()
+        return self
+
+    def mark_baseline(self) -> None:
+        self.baseline = self.total()
+        self.peak = self.baseline
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_above_baseline(self) -> int:
+        return max(0, self.peak - self.baseline)

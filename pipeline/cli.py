@@ -42,6 +42,9 @@ def _build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--noise-sigma", type=float, default=0.001,
                        help="noise std relative to the largest k-space value (default: 0.001)")
     quick.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    from pipeline.data.cli import register as register_data
+
+    register_data(sub)
     return parser
 
 
@@ -74,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "quickstart":
             return _quickstart(args)
+        from pipeline.data.cli import COMMANDS as DATA_COMMANDS, run as run_data
+
+        if args.command in DATA_COMMANDS:
+            return run_data(args)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"recon3d {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,308 @@
+"""Data benchmarks (issue 4): stream throughput, peak memory on a ≥ 4 GiB scan, codecs.
+
+    .venv/bin/python benchmarks/data.py [--section codec|stream|memory|all] [--scratch DIR]
+        [--depth 512] [--keep]
+
+* **stream** — decompressed MB/s that :class:`pipeline.data.SlabStream` delivers to the loop
+  (2 DataLoader workers, measurements plus the operator's coil maps for MRI), against zarr
+  reading and decoding the same chunks sequentially in this process, in the same run
+  (target ≥ 80 %).
+* **memory** — peak memory (PSS summed over the process and its workers, above the process's
+  idle footprint after imports) of ``simulate mri`` writing a ≥ 4 GiB scan, ``ingest ct`` of a
+  4 GiB projection stack, and one full pass of the stream over the simulated scan, relative
+  to the scan size (target ≤ 1/8). Each runs in a fresh subprocess.
+* **codec** — compression ratio and decode MB/s of the default codec (Blosc zstd level 3 with
+  byte shuffle) against uncompressed chunks, on simulated CT (Poisson noise) and MRI
+  (Gaussian noise, 4× mask) measurements.
+
+Scratch data go to ``--scratch`` (default ``/tmp/recon3d-bench-data``) and are deleted at the
+end unless ``--keep``; the script checks the free disk first (it needs about 14 GiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import TreeMemoryMonitor, machine_line, print_table  # noqa: E402
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+def _mri_config(scratch: Path, depth: int):
+    from pipeline.data import SimulateMRIConfig
+
+    return SimulateMRIConfig(out=str(scratch / "mri.zarr"), shape=(depth, 256, 256), coils=8,
+                             acceleration=4.0, calibration=24, noise_sigma=0.05, seed=0,
+                             workers=2, progress=False)
+
+
+def _projection_file(scratch: Path, angles: int, rows: int, cols: int) -> Path:
+    """A (A, V, U) float32 transmission stack ``1000 · exp(−p) · (1 + 0.03 n)``, written in blocks."""
+    path = scratch / "projections.npy"
+    if path.exists():
+        return path
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(angles, rows, cols))
+    v = np.linspace(-1, 1, rows, dtype=np.float32)[:, None]
+    u = np.linspace(-1, 1, cols, dtype=np.float32)[None, :]
+    rng = np.random.default_rng(0)
+    for a0 in range(0, angles, 64):
+        a1 = min(a0 + 64, angles)
+        theta = (np.arange(a0, a1, dtype=np.float32) * np.pi / angles)[:, None, None]
+        p = 2.0 * np.clip(1 - (u * np.cos(theta) + 0.3 * np.sin(theta)) ** 2 - 0.5 * v**2, 0, None)
+        noise = rng.standard_normal(p.shape, dtype=np.float32)
+        out[a0:a1] = 1000.0 * np.exp(-p) * (1 + 0.03 * noise)
+    out.flush()
+    del out
+    return path
+
+
+def _scan_bytes(path: str) -> int:
+    from pipeline.data import inspect_scan
+
+    return sum(a.nbytes for a in inspect_scan(path).arrays)
+
+
+# ----------------------------------------------------------------------------- children
+def _child(phase: str, scratch: Path, depth: int) -> None:
+    """Runs in a fresh process; prints READY after imports, then a JSON line of results."""
+    import torch
+
+    torch.set_num_threads(2)
+    from pipeline.data import (
+        IngestCTConfig,
+        SlabStream,
+        SlabStreamConfig,
+        ingest_ct,
+        simulate_mri,
+    )
+
+    print("READY", flush=True)
+    sys.stdin.readline()  # the parent has taken the baseline
+    t0 = time.perf_counter()
+    result: dict = {}
+    if phase == "simulate":
+        simulate_mri(_mri_config(scratch, depth))
+        result["scan"] = str(scratch / "mri.zarr")
+    elif phase == "ingest":
+        ingest_ct(IngestCTConfig(source=str(scratch / "projections.npy"), out=str(scratch / "ct.zarr"),
+                                 i0=1000.0, workers=2, progress=False))
+        result["scan"] = str(scratch / "ct.zarr")
+    elif phase == "stream":
+        stream = SlabStream(SlabStreamConfig(scans=(str(scratch / "mri.zarr"),), num_workers=2, seed=0))
+        count = 0
+        for y, op, _ in stream:
+            count += y.numel() * y.element_size() + op.coil_maps.numel() * op.coil_maps.element_size()
+        result["scan"] = str(scratch / "mri.zarr")
+        result["delivered"] = count
+    result["seconds"] = time.perf_counter() - t0
+    print(json.dumps(result), flush=True)
+
+
+def _run_child(phase: str, scratch: Path, depth: int) -> dict:
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", phase, "--scratch", str(scratch), "--depth", str(depth)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    monitor = TreeMemoryMonitor(proc.pid, interval=0.25)
+    assert proc.stdout is not None and proc.stdin is not None
+    line = proc.stdout.readline()
+    if line.strip() != "READY":
+        raise RuntimeError(f"child {phase} failed to start: {line!r}")
+    monitor.mark_baseline()
+    monitor.start()
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    out = proc.stdout.readline()
+    proc.wait()
+    monitor.stop()
+    if proc.returncode != 0 or not out.strip():
+        raise RuntimeError(f"child {phase} failed with exit code {proc.returncode}")
+    result = json.loads(out)
+    result["peak"] = monitor.peak_above_baseline
+    result["baseline"] = monitor.baseline
+    return result
+
+
+# ----------------------------------------------------------------------------- sections
+def memory_section(scratch: Path, depth: int, ct_size: int) -> None:
+    rows = []
+    sim = _run_child("simulate", scratch, depth)
+    size = _scan_bytes(sim["scan"])
+    rows.append(["simulate mri 8 coils " + f"{depth}×256×256", f"{size / GIB:.2f}", f"{sim['seconds']:.0f}",
+                 f"{sim['peak'] / MIB:.0f}", f"**{sim['peak'] / size:.3f}**"])
+    angles = v = u = ct_size
+    t0 = time.perf_counter()
+    _projection_file(scratch, angles, v, u)
+    print(f"(wrote a {angles}×{v}×{u} float32 projection stack in {time.perf_counter() - t0:.0f} s)")
+    ing = _run_child("ingest", scratch, depth)
+    size_ct = _scan_bytes(ing["scan"])
+    rows.append([f"ingest ct .npy {angles}×{v}×{u}", f"{size_ct / GIB:.2f}", f"{ing['seconds']:.0f}",
+                 f"{ing['peak'] / MIB:.0f}", f"**{ing['peak'] / size_ct:.3f}**"])
+    st = _run_child("stream", scratch, depth)
+    rows.append(["stream, full pass, 2 workers", f"{size / GIB:.2f}", f"{st['seconds']:.0f}",
+                 f"{st['peak'] / MIB:.0f}", f"**{st['peak'] / size:.3f}**"])
+    print_table("Peak memory over a ≥ 4 GiB scan (PSS of process + workers above idle, target ≤ 0.125)",
+                ["job", "scan GiB", "s", "peak MiB", "peak / scan"], rows)
+    print(f"(idle footprint after imports, not counted: {sim['baseline'] / MIB:.0f} MiB)")
+
+
+def _sequential_read(scan, names: list[str]) -> tuple[int, float]:
+    """zarr reads of every chunk along D of ``names``, one after another (plain zarr)."""
+    arrays = [scan.group[n] for n in names]
+    total = 0
+    t0 = time.perf_counter()
+    for d0 in range(0, scan.metadata.measurement_depth, scan.chunk_depth):
+        d1 = min(d0 + scan.chunk_depth, scan.metadata.measurement_depth)
+        for arr in arrays:
+            axis = list(arr.metadata.dimension_names).index("d")
+            sel = [slice(None)] * arr.ndim
+            sel[axis] = slice(d0, d1)
+            block = arr[tuple(sel)]
+            total += block.nbytes
+    return total, time.perf_counter() - t0
+
+
+def _stream_pass(path: str, workers: int, *, max_samples: int | None = None) -> tuple[int, float]:
+    from pipeline.data import SlabStream, SlabStreamConfig
+
+    stream = SlabStream(SlabStreamConfig(scans=(path,), num_workers=workers, seed=1, prefetch_factor=4))
+    total, count = 0, 0
+    t0 = time.perf_counter()  # includes the workers' start-up (a fork: ~0.1 s)
+    for y, op, _ in stream:
+        total += y.numel() * y.element_size()
+        if getattr(op, "coil_maps", None) is not None:
+            total += op.coil_maps.numel() * op.coil_maps.element_size()
+        count += 1
+        if max_samples is not None and count >= max_samples:
+            break
+    return total, time.perf_counter() - t0
+
+
+def stream_section(scratch: Path) -> None:
+    from pipeline.data import open_scan
+
+    rows = []
+    cases = [("MRI 8 coils, 256², chunk 2 slices", scratch / "mri.zarr", ["measurements", "coil_maps"]),
+             ("CT ingested stack, chunk ≈ 8 MiB", scratch / "ct.zarr", ["measurements"])]
+    for name, path, arrays in cases:
+        if not path.exists():
+            print(f"(skipping {name}: {path} is missing; run --section memory first)")
+            continue
+        scan = open_scan(path)
+        seq_bytes, seq_s = _sequential_read(scan, arrays)
+        st_bytes, st_s = _stream_pass(str(path), 2)
+        seq, st = seq_bytes / seq_s / 1e6, st_bytes / st_s / 1e6
+        rows.append([name, f"{seq_bytes / GIB:.2f}", f"{seq:.0f}", f"{st:.0f}", f"**{st / seq:.2f}**"])
+    print_table("Stream throughput (decompressed MB/s to the training loop; target ≥ 0.8)",
+                ["scan", "GiB read", "zarr sequential MB/s", "stream 2 workers MB/s", "ratio"], rows)
+
+
+def _recode(scan, name: str, codec, dest: Path, depth: int) -> tuple[object, object]:
+    """The first ``depth`` D-slices of an array, written with the default codec and with none."""
+    import zarr
+
+    from pipeline.data.format import CodecConfig
+
+    src = scan.group[name]
+    axis = list(src.metadata.dimension_names).index("d")
+    shape = list(src.shape)
+    shape[axis] = min(depth, shape[axis])
+    sel = [slice(None)] * src.ndim
+    sel[axis] = slice(0, shape[axis])
+    data = src[tuple(sel)]
+    out = []
+    for label, cfg in (("default", CodecConfig()), ("none", CodecConfig(compressor="none"))):
+        g = zarr.open_group(dest / f"{name}-{label}.zarr", mode="w")
+        arr = g.create_array("a", shape=tuple(shape), chunks=src.chunks, dtype=src.dtype,
+                             compressors=cfg.compressors(), dimension_names=src.metadata.dimension_names)
+        arr[...] = data
+        out.append(arr)
+    return out[0], out[1]
+
+
+def _decode_rate(arr, repeat: int = 3) -> float:
+    axis = list(arr.metadata.dimension_names).index("d")
+    cd = arr.chunks[axis]
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for d0 in range(0, arr.shape[axis], cd):
+            sel = [slice(None)] * arr.ndim
+            sel[axis] = slice(d0, d0 + cd)
+            arr[tuple(sel)]
+        best = min(best, time.perf_counter() - t0)
+    return arr.nbytes / best / 1e6
+
+
+def codec_section(scratch: Path) -> None:
+    from pipeline.data import SimulateCTConfig, open_scan, simulate_ct
+
+    ct_path = scratch / "ct_sim.zarr"
+    if not ct_path.exists():
+        t0 = time.perf_counter()
+        simulate_ct(SimulateCTConfig(out=str(ct_path), shape=(16, 256, 256), angles=256, photons=1e4,
+                                     phantom="foam", seed=0, workers=2, progress=False))
+        print(f"(simulated CT 16×256×256, 256 angles in {time.perf_counter() - t0:.0f} s)")
+    mri_path = scratch / "mri.zarr"
+    if not mri_path.exists():
+        from pipeline.data import simulate_mri
+
+        simulate_mri(_mri_config(scratch, 64))
+    rows = []
+    for label, path, depth in (("CT (D, A, U), Poisson I0=1e4", ct_path, 16),
+                               ("MRI (C, D, kH, kW), σ=0.05, 4× mask", mri_path, 64)):
+        scan = open_scan(path)
+        comp, raw = _recode(scan, "measurements", None, scratch / "codec", depth)
+        ratio = raw.nbytes_stored() / comp.nbytes_stored()
+        rate_c, rate_r = _decode_rate(comp), _decode_rate(raw)
+        rows.append([label, f"{comp.nbytes / MIB:.0f}", f"**{ratio:.2f}**", f"{rate_c:.0f}", f"{rate_r:.0f}",
+                     f"{rate_c / rate_r:.2f}"])
+    print_table("Default codec (Blosc zstd 3 + shuffle) vs uncompressed",
+                ["measurements", "MiB", "ratio", "decode MB/s zstd", "read MB/s none", "zstd / none"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--section", default="all", choices=["codec", "stream", "memory", "all"])
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/recon3d-bench-data"))
+    parser.add_argument("--depth", type=int, default=512, help="D of the simulated MRI scan (512: 4.25 GiB)")
+    parser.add_argument("--ct-size", type=int, default=1024,
+                        help="A = V = U of the ingested projection stack (1024: 4 GiB)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch scans")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child, args.scratch, args.depth)
+        return
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(args.scratch).free
+    if args.section in ("memory", "all") and free < 16 * GIB:
+        raise SystemExit(f"benchmarks/data.py: needs ~14 GiB free in {args.scratch}, has {free / GIB:.1f}")
+    print(machine_line())
+    try:
+        if args.section in ("memory", "all"):
+            memory_section(args.scratch, args.depth, args.ct_size)
+        if args.section in ("stream", "all"):
+            stream_section(args.scratch)
+        if args.section in ("codec", "all"):
+            codec_section(args.scratch)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    main()

@@ -1,0 +1,310 @@
+"""The data sub-commands of ``recon3d``: ``simulate``, ``ingest``, ``inspect``, ``preprocess``.
+
+``register(subparsers)`` adds them to the ``recon3d`` parser; ``run(args)`` runs the parsed
+command and returns the exit code (non-zero when ``inspect --check`` finds a problem).
+
+Examples::
+
+    recon3d simulate mri --shape 64 256 256 --coils 8 --acceleration 4 --noise-sigma 0.01 \\
+        --seed 0 --out scans/brain.zarr
+    recon3d simulate ct --shape 128 256 256 --angles 360 --phantom foam --photons 1e4 \\
+        --seed 0 --out scans/foam.zarr
+    recon3d ingest mri kspace.h5 --out scans/subject1.zarr
+    recon3d ingest ct projections/ --flat flat.tif --dark dark.tif --out scans/sample.zarr
+    recon3d inspect scans/foam.zarr --check
+    recon3d preprocess scans/foam.zarr --outputs fbp n2i
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+__all__ = ["register", "run", "COMMANDS"]
+
+COMMANDS = ("simulate", "ingest", "inspect", "preprocess")
+
+
+def _codec_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("storage")
+    g.add_argument("--chunk-depth", type=int, default=None,
+                   help="D-slices per chunk (default: about 8 MiB of measurements per chunk)")
+    g.add_argument("--codec", default="zstd", choices=["zstd", "lz4", "lz4hc", "zlib", "blosclz", "none"],
+                   help="Blosc compressor, or none (default: zstd)")
+    g.add_argument("--clevel", type=int, default=3, help="compression level 0-9 (default: 3)")
+    g.add_argument("--shuffle", default="shuffle", choices=["shuffle", "bitshuffle", "noshuffle"],
+                   help="Blosc shuffle (default: shuffle)")
+    g.add_argument("--checksum", action="store_true", help="append a CRC32C to every chunk")
+    g.add_argument("--shard-chunks", type=int, default=0,
+                   help="chunks per shard along D (zarr sharding, for object stores; default: off)")
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("execution")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output made with other parameters")
+    g.add_argument("--workers", type=int, default=2, help="slabs processed at once (default: 2)")
+    g.add_argument("--scheduler", default="threads", choices=["threads", "sync", "distributed"],
+                   help="dask scheduler; 'distributed' uses the active dask.distributed client")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _codec(args: argparse.Namespace):
+    from .format import CodecConfig
+
+    return CodecConfig(compressor=args.codec, clevel=args.clevel, shuffle=args.shuffle,
+                       checksum=args.checksum, shard_chunks=args.shard_chunks)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``simulate``, ``ingest``, ``inspect`` and ``preprocess`` to a subparsers object."""
+    # ---------------------------------------------------------------- simulate
+    sim = subparsers.add_parser("simulate", help="write a simulated MRI or CT scan with its reference",
+                                description="Simulate a scan slab by slab (any size in a few GB of RAM). "
+                                "Rerunning an interrupted command finishes it.")
+    sim_sub = sim.add_subparsers(dest="modality", metavar="MODALITY", required=True)
+
+    mri = sim_sub.add_parser("mri", help="multi-coil Cartesian MRI in hybrid space")
+    mri.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
+                     help="volume shape (default: 32 128 128, or the phantom file's)")
+    mri.add_argument("--coils", type=int, default=8, help="number of coils (default: 8)")
+    mri.add_argument("--acceleration", type=float, default=4.0, help="mask acceleration (default: 4)")
+    mri.add_argument("--calibration", type=int, default=24, help="calibration block side (default: 24)")
+    mri.add_argument("--mask", default="poisson", choices=["poisson", "gaussian"],
+                     help="variable-density mask kind (default: poisson)")
+    mri.add_argument("--phantom", default="shepp-logan",
+                     help="shepp-logan, ellipsoids, foam, or a .npy / zarr volume (default: shepp-logan)")
+    mri.add_argument("--noise-sigma", type=float, default=0.0,
+                     help="complex Gaussian noise σ per real/imaginary part (default: 0)")
+    mri.add_argument("--no-phase", action="store_true", help="keep the image real (no smooth phase)")
+    mri.add_argument("--voxel-size", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("DD", "DH", "DW"))
+    mri.add_argument("--units", default="mm")
+    mri.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    mri.add_argument("--out", required=True, help="the scan to write (folder or fsspec URL)")
+    _codec_args(mri)
+    _job_args(mri)
+
+    ct = sim_sub.add_parser("ct", help="parallel- or cone-beam CT")
+    ct.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
+                    help="volume shape (default: 32 128 128, or the phantom file's)")
+    ct.add_argument("--angles", type=int, default=180, help="number of angles (default: 180)")
+    ct.add_argument("--geometry", default="parallel", choices=["parallel", "cone"])
+    ct.add_argument("--phantom", default="shepp-logan",
+                    help="shepp-logan, ellipsoids, foam, or a .npy / zarr volume (default: shepp-logan)")
+    ct.add_argument("--attenuation", type=float, default=4.0,
+                    help="line integral through the full width of value-1 material (default: 4)")
+    noise = ct.add_mutually_exclusive_group()
+    noise.add_argument("--photons", type=float, default=None, help="incident photons I0 (Poisson noise)")
+    noise.add_argument("--noise-sigma", type=float, default=0.0, help="Gaussian σ on line integrals")
+    ct.add_argument("--det-count", type=int, default=None, help="detector columns U")
+    ct.add_argument("--det-rows", type=int, default=None, help="cone-beam detector rows V")
+    ct.add_argument("--det-spacing", type=float, default=1.0)
+    ct.add_argument("--voxel-size", type=float, default=1.0)
+    ct.add_argument("--src-dist", type=float, default=None, help="cone beam: source to axis")
+    ct.add_argument("--det-dist", type=float, default=None, help="cone beam: axis to detector")
+    ct.add_argument("--units", default="mm")
+    ct.add_argument("--seed", type=int, default=0)
+    ct.add_argument("--out", required=True)
+    _codec_args(ct)
+    _job_args(ct)
+
+    # ---------------------------------------------------------------- ingest
+    ing = subparsers.add_parser("ingest", help="turn raw k-space or projections into a scan",
+                                description="Ingest raw data out of core; the input is only read. "
+                                "Rerunning an interrupted command finishes it.")
+    ing_sub = ing.add_subparsers(dest="modality", metavar="MODALITY", required=True)
+    im = ing_sub.add_parser("mri", help="3D Cartesian k-space (HDF5 or .npy) to hybrid space")
+    im.add_argument("source", help="k-space .h5/.hdf5 (dataset (C, kx, ky, kz) or ISMRMRD) or .npy")
+    im.add_argument("--out", required=True)
+    im.add_argument("--dataset", default="kspace", help="HDF5 dataset name (default: kspace)")
+    im.add_argument("--readout-crop", type=int, default=None,
+                    help="keep this many central readout positions (drops oversampling)")
+    im.add_argument("--calibration", type=int, default=None, help="calibration side (default: detect)")
+    im.add_argument("--coil-maps", default=None, help=".npy (C, D, H, W) coil maps (default: ESPIRiT)")
+    im.add_argument("--noise-sigma", type=float, default=None, help="known noise σ (stored as the noise model)")
+    im.add_argument("--voxel-size", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("DD", "DH", "DW"))
+    im.add_argument("--units", default="mm")
+    _codec_args(im)
+    _job_args(im)
+
+    ic = ing_sub.add_parser("ct", help="projections (TIFF stack or .npy (A, V, U)) to (D, A, U)")
+    ic.add_argument("source", help="a folder of TIFFs (one per angle), a glob, or .npy (A, V, U)")
+    ic.add_argument("--out", required=True)
+    ic.add_argument("--angles", default=None, help="text/.npy file with one angle per projection")
+    ic.add_argument("--angle-range", type=float, nargs=2, default=(0.0, 180.0), metavar=("START", "STOP"),
+                    help="uniform angles over [START, STOP) when no --angles file (default: 0 180)")
+    ic.add_argument("--angles-unit", default="deg", choices=["deg", "rad"])
+    ic.add_argument("--flat", default=None, help="flat field image/stack/folder")
+    ic.add_argument("--dark", default=None, help="dark field image/stack/folder")
+    ic.add_argument("--i0", type=float, default=None, help="open-beam intensity when no --flat")
+    ic.add_argument("--no-log", action="store_true", help="the projections already are line integrals")
+    ic.add_argument("--geometry", default="parallel", choices=["parallel", "cone"])
+    ic.add_argument("--det-spacing", type=float, default=1.0)
+    ic.add_argument("--voxel-size", type=float, default=1.0)
+    ic.add_argument("--src-dist", type=float, default=None)
+    ic.add_argument("--det-dist", type=float, default=None)
+    ic.add_argument("--volume-shape", type=int, nargs=3, default=None, metavar=("D", "H", "W"))
+    ic.add_argument("--photons", type=float, default=None, help="known incident photons (metadata)")
+    ic.add_argument("--units", default="mm")
+    _codec_args(ic)
+    _job_args(ic)
+
+    # ---------------------------------------------------------------- inspect
+    ins = subparsers.add_parser("inspect", help="show a scan; --check reads and verifies every chunk",
+                                description="Show modality, shapes, chunks, codecs, compression, "
+                                "geometry, acceleration and noise. With --check, read every chunk "
+                                "and exit 1 if one is missing, corrupt or non-finite, or the scan "
+                                "is incomplete.")
+    ins.add_argument("path", help="the scan (folder or fsspec URL)")
+    ins.add_argument("--check", action="store_true", help="read and verify every chunk")
+    ins.add_argument("--json", action="store_true", help="print the report as JSON")
+    ins.add_argument("--no-progress", action="store_true")
+
+    # ---------------------------------------------------------------- preprocess
+    pre = subparsers.add_parser("preprocess", help="compute derived/ baselines and splits",
+                                description="CT: derived/fbp and derived/n2i (Noise2Inverse angle "
+                                "subsets); MRI: derived/adjoint and optionally derived/sense. Slab "
+                                "by slab with dask; resumable.")
+    pre.add_argument("path", help="the scan")
+    pre.add_argument("--outputs", nargs="+", default=None,
+                     help="fbp n2i (CT), adjoint sense (MRI); default: fbp n2i / adjoint")
+    pre.add_argument("--n2i-splits", type=int, default=4, help="K angle subsets (default: 4)")
+    pre.add_argument("--filter", default="ram-lak", help="FBP/FDK window (default: ram-lak)")
+    pre.add_argument("--sense-iters", type=int, default=20)
+    pre.add_argument("--l2-weight", type=float, default=1e-3)
+    _codec_args(pre)
+    _job_args(pre)
+
+
+# ----------------------------------------------------------------------------- running
+def _say(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold cyan]recon3d[/] {message}", highlight=False)
+
+
+def _outcome(outcome) -> None:
+    if outcome.state == "already complete":
+        _say(f"{outcome.path}: already complete, nothing to do")
+    else:
+        verb = "resumed and finished" if outcome.state == "resumed" else "wrote"
+        _say(f"{verb} {outcome.path} ({outcome.tasks_run} of {outcome.tasks_total} tasks run)")
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from .simulate import SimulateCTConfig, SimulateMRIConfig, simulate_ct, simulate_mri
+
+    shape = tuple(args.shape) if args.shape is not None else None
+    if shape is None and args.phantom in ("shepp-logan", "ellipsoids", "foam"):
+        shape = (32, 128, 128)
+    common = dict(out=args.out, shape=shape, phantom=args.phantom, seed=args.seed,
+                  chunk_depth=args.chunk_depth, codec=_codec(args), units=args.units,
+                  overwrite=args.overwrite, workers=args.workers, scheduler=args.scheduler,
+                  progress=not args.no_progress)
+    if args.modality == "mri":
+        config = SimulateMRIConfig(coils=args.coils, acceleration=args.acceleration,
+                                   calibration=args.calibration, mask=args.mask,
+                                   noise_sigma=args.noise_sigma, phase=not args.no_phase,
+                                   voxel_size=tuple(args.voxel_size), **common)
+        _outcome(simulate_mri(config))
+    else:
+        config = SimulateCTConfig(angles=args.angles, geometry=args.geometry,
+                                  attenuation=args.attenuation, photons=args.photons,
+                                  noise_sigma=args.noise_sigma or 0.0, det_count=args.det_count,
+                                  det_rows=args.det_rows, det_spacing=args.det_spacing,
+                                  voxel_size=args.voxel_size, src_dist=args.src_dist,
+                                  det_dist=args.det_dist, **common)
+        _outcome(simulate_ct(config))
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from .ingest import IngestCTConfig, IngestMRIConfig, ingest_ct, ingest_mri
+
+    common = dict(source=args.source, out=args.out, chunk_depth=args.chunk_depth, codec=_codec(args),
+                  units=args.units, overwrite=args.overwrite, workers=args.workers,
+                  scheduler=args.scheduler, progress=not args.no_progress)
+    if args.modality == "mri":
+        _outcome(ingest_mri(IngestMRIConfig(
+            dataset=args.dataset, readout_crop=args.readout_crop, calibration=args.calibration,
+            coil_maps=args.coil_maps, noise_sigma=args.noise_sigma,
+            voxel_size=tuple(args.voxel_size), **common)))
+    else:
+        _outcome(ingest_ct(IngestCTConfig(
+            angles=args.angles, angle_range=tuple(args.angle_range), angles_unit=args.angles_unit,
+            flat=args.flat, dark=args.dark, i0=args.i0, log=not args.no_log,
+            geometry=args.geometry, det_spacing=args.det_spacing, voxel_size=args.voxel_size,
+            src_dist=args.src_dist, det_dist=args.det_dist,
+            volume_shape=tuple(args.volume_shape) if args.volume_shape else None,
+            photons=args.photons, **common)))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from .inspect import check_scan, count_chunks, format_report, inspect_scan
+
+    if args.check:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        from rich.console import Console
+
+        total = count_chunks(args.path)
+        with Progress(TextColumn("[bold cyan]check"), BarColumn(), MofNCompleteColumn(),
+                      console=Console(stderr=True), disable=args.no_progress) as bar:
+            task = bar.add_task("check", total=total)
+            report = check_scan(args.path, on_chunk=lambda: bar.advance(task))
+    else:
+        report = inspect_scan(args.path)
+    if args.json:
+        data = dataclasses.asdict(report)
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(format_report(report))
+    if args.check and report.problems:
+        return 1
+    return 0
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from .preprocess import PreprocessConfig, preprocess
+
+    config = PreprocessConfig(scan=args.path, outputs=tuple(args.outputs) if args.outputs else None,
+                              n2i_splits=args.n2i_splits, filter=args.filter,
+                              sense_iters=args.sense_iters, l2_weight=args.l2_weight,
+                              codec=_codec(args), overwrite=args.overwrite, workers=args.workers,
+                              scheduler=args.scheduler, progress=not args.no_progress)
+    for name, state in preprocess(config).items():
+        _say(f"{args.path}: derived/{name}: {state if state == 'already complete' else 'done (' + state + ')'}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed data sub-command; returns the exit code.
+
+    Errors a user can fix (bad input, a scan that fails its checks) are printed as one line
+    naming the scan, array and chunk, with exit code 2.
+    """
+    from .format import ScanError
+
+    handlers = {"simulate": _simulate, "ingest": _ingest, "inspect": _inspect, "preprocess": _preprocess}
+    try:
+        return handlers[args.command](args)
+    except (ScanError, ValueError, TypeError, FileNotFoundError, ImportError) as err:
+        print(f"recon3d {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.data.cli``: the data sub-commands alone."""
+    parser = argparse.ArgumentParser(prog="recon3d-data")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    register(sub)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

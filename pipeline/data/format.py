@@ -1,0 +1,558 @@
+"""The recon3d scan format: one zarr v3 group per scan (see ``docs/scan-format.md``).
+
+This module holds what every reader and writer shares: the typed metadata stored under the
+group attribute ``recon3d``, the array layouts (names, dimension names, dtypes, chunking along
+D), the codec configuration, opening stores (local folders or fsspec URLs) and the two
+integrity primitives everything else relies on:
+
+* **chunk presence.** zarr returns the fill value for a chunk that is not in the store; here
+  every read first checks that the stored objects (chunks, or shards when sharded) it touches
+  exist, and raises :class:`MissingChunkError` naming the scan, the array and the chunk index.
+  Float arrays also use NaN as their fill value, so anything that slips past (an inner chunk
+  missing from a shard) is caught by the finite check.
+* **completion.** A writer creates the scan with ``status: "incomplete"``, writes whole stored
+  objects (zarr writes each one atomically on local stores and object stores) and sets
+  ``status: "complete"`` at the end. A stored object exists only once fully written, so on a
+  rerun the work still to do is exactly the slabs whose objects are missing.
+
+Shape conventions: CT ``measurements (D, A, U)`` float32; MRI ``measurements (C, D, kH, kW)``
+complex64 in hybrid space; ``reference (D, H, W)``; every array with a ``d`` dimension is
+chunked along it with the scan's ``chunk_depth`` and whole along the other dimensions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ATTRS_KEY",
+    "ScanError",
+    "MissingChunkError",
+    "CorruptChunkError",
+    "IncompleteScanError",
+    "CodecConfig",
+    "ScanMetadata",
+    "MRIGeometry",
+    "CTGeometry",
+    "ArraySpec",
+    "open_store",
+    "open_group",
+    "create_array",
+    "d_axis_of",
+    "stored_depth_of",
+    "chunk_key",
+    "chunk_exists",
+    "missing_chunks",
+    "default_chunk_depth",
+    "now_iso",
+    "scan_name",
+]
+
+FORMAT_VERSION = 1
+ATTRS_KEY = "recon3d"
+#: Target size of one chunk when the chunk depth is chosen automatically.
+TARGET_CHUNK_BYTES = 8 << 20
+
+
+# ----------------------------------------------------------------------------- errors
+class ScanError(ValueError):
+    """A scan is malformed, incomplete or unreadable; the message names scan, array, chunk."""
+
+
+class MissingChunkError(ScanError):
+    """A chunk (or shard) that a read needs is not in the store."""
+
+
+class CorruptChunkError(ScanError):
+    """A chunk exists but does not decode, or holds NaN/Inf."""
+
+
+class IncompleteScanError(ScanError):
+    """The job that writes the scan has not finished (rerun it to finish)."""
+
+
+def scan_name(path: Any) -> str:
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- codecs
+_CNAMES = ("zstd", "lz4", "lz4hc", "zlib", "blosclz")
+_SHUFFLES = ("shuffle", "bitshuffle", "noshuffle")
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """How arrays are compressed.
+
+    Args:
+        compressor: a Blosc codec name (``zstd`` default, ``lz4``, ``lz4hc``, ``zlib``,
+            ``blosclz``) or ``none`` for uncompressed chunks.
+        clevel: compression level, 0–9.
+        shuffle: ``shuffle`` (byte shuffle, default), ``bitshuffle`` or ``noshuffle``.
+        checksum: append a CRC32C per chunk (detects bit flips that still decode).
+        shard_chunks: when > 0, store this many chunks along D per shard (zarr sharding, for
+            object stores that dislike many small objects); 0 for one object per chunk.
+    """
+
+    compressor: str = "zstd"
+    clevel: int = 3
+    shuffle: str = "shuffle"
+    checksum: bool = False
+    shard_chunks: int = 0
+
+    def __post_init__(self) -> None:
+        if self.compressor not in _CNAMES + ("none",):
+            raise ValueError(
+                f"CodecConfig: compressor must be one of {_CNAMES + ('none',)}, "
+                f"got {self.compressor!r}"
+            )
+        if not 0 <= int(self.clevel) <= 9:
+            raise ValueError(f"CodecConfig: clevel must be in 0..9, got {self.clevel}")
+        if self.shuffle not in _SHUFFLES:
+            raise ValueError(f"CodecConfig: shuffle must be one of {_SHUFFLES}, got {self.shuffle!r}")
+        if int(self.shard_chunks) < 0:
+            raise ValueError(f"CodecConfig: shard_chunks must be >= 0, got {self.shard_chunks}")
+
+    def compressors(self) -> list:
+        from zarr.codecs import BloscCodec, Crc32cCodec
+
+        out: list = []
+        if self.compressor != "none":
+            out.append(BloscCodec(cname=self.compressor, clevel=int(self.clevel), shuffle=self.shuffle))
+        if self.checksum:
+            out.append(Crc32cCodec())
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CodecConfig":
+        return cls(**dict(data))
+
+
+# ----------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class MRIGeometry:
+    """Cartesian multi-coil MRI in hybrid space (readout along D already inverse-transformed).
+
+    Args:
+        num_coils: ``C``.
+        matrix: the phase-encoding grid ``(kH, kW)`` (equal to the image ``(H, W)``).
+        acceleration: ``kH·kW / count(mask)``.
+        calibration: the fully sampled centre block ``(cH, cW)`` (``(0, 0)`` if none).
+    """
+
+    num_coils: int
+    matrix: tuple[int, int]
+    acceleration: float
+    calibration: tuple[int, int] = (0, 0)
+    kind: str = "cartesian_hybrid"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "num_coils": int(self.num_coils),
+            "matrix": [int(s) for s in self.matrix],
+            "acceleration": float(self.acceleration),
+            "calibration": [int(s) for s in self.calibration],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MRIGeometry":
+        if data.get("kind") != "cartesian_hybrid":
+            raise ScanError(f"MRI geometry kind must be 'cartesian_hybrid', got {data.get('kind')!r}")
+        return cls(
+            num_coils=int(data["num_coils"]),
+            matrix=tuple(int(s) for s in data["matrix"]),  # type: ignore[arg-type]
+            acceleration=float(data["acceleration"]),
+            calibration=tuple(int(s) for s in data.get("calibration", (0, 0))),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class CTGeometry:
+    """Parallel-beam or circular cone-beam CT (DESIGN.md, *CT*); lengths in the scan's units.
+
+    Args:
+        kind: ``parallel`` or ``cone``.
+        num_angles: ``A`` (the angles themselves are the ``angles`` array, radians).
+        det_shape: ``(V, U)`` detector rows and columns (``V`` is the measurements' D).
+        det_spacing: detector pitch (on the detector).
+        voxel_size: in-plane voxel size passed to the projector.
+        src_dist: source to rotation axis (cone beam only).
+        det_dist: rotation axis to detector (cone beam only).
+        allow_truncation: the volume's corners may project past the detector (an ingested
+            scan reconstructed on the square around the field-of-view circle).
+    """
+
+    kind: str
+    num_angles: int
+    det_shape: tuple[int, int]
+    det_spacing: float = 1.0
+    voxel_size: float = 1.0
+    src_dist: float | None = None
+    det_dist: float | None = None
+    allow_truncation: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("parallel", "cone"):
+            raise ScanError(f"CT geometry kind must be 'parallel' or 'cone', got {self.kind!r}")
+        if self.kind == "cone" and (self.src_dist is None or self.det_dist is None):
+            raise ScanError("CT cone-beam geometry needs src_dist and det_dist")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "num_angles": int(self.num_angles),
+            "det_shape": [int(s) for s in self.det_shape],
+            "det_spacing": float(self.det_spacing),
+            "voxel_size": float(self.voxel_size),
+            "allow_truncation": bool(self.allow_truncation),
+        }
+        if self.kind == "cone":
+            out["src_dist"] = float(self.src_dist)  # type: ignore[arg-type]
+            out["det_dist"] = float(self.det_dist)  # type: ignore[arg-type]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CTGeometry":
+        return cls(
+            kind=str(data.get("kind")),
+            num_angles=int(data["num_angles"]),
+            det_shape=tuple(int(s) for s in data["det_shape"]),  # type: ignore[arg-type]
+            det_spacing=float(data.get("det_spacing", 1.0)),
+            voxel_size=float(data.get("voxel_size", 1.0)),
+            src_dist=None if data.get("src_dist") is None else float(data["src_dist"]),
+            det_dist=None if data.get("det_dist") is None else float(data["det_dist"]),
+            allow_truncation=bool(data.get("allow_truncation", False)),
+        )
+
+
+# ----------------------------------------------------------------------------- metadata
+@dataclass(frozen=True)
+class ScanMetadata:
+    """Everything under the group attribute ``recon3d``.
+
+    Args:
+        modality: ``mri`` or ``ct``.
+        volume_shape: the image ``(D, H, W)``.
+        geometry: :class:`MRIGeometry` or :class:`CTGeometry`.
+        chunk_depth: D-slices per chunk of every array with a ``d`` dimension.
+        noise_model: ``NoiseModel.to_dict()`` of the measurement noise when it is one of the
+            operator models (``operators3d.noise_model_from_dict`` reads it), else ``None``.
+        acquisition_noise: how noise entered before the measurements were formed, when no
+            operator noise model describes it (CT photon counting before ``−log``:
+            ``{"kind": "transmission_poisson", "photons": I0}``), else ``None``.
+        voxel_size: ``(dD, dH, dW)`` in ``units``.
+        units: length unit of ``voxel_size`` and the geometry.
+        status: ``incomplete`` while a job writes the scan, ``complete`` after.
+        provenance: the tool, version, parameters and sources that made the scan.
+        format_version: this format's version.
+    """
+
+    modality: str
+    volume_shape: tuple[int, int, int]
+    geometry: MRIGeometry | CTGeometry
+    chunk_depth: int
+    noise_model: dict[str, Any] | None = None
+    acquisition_noise: dict[str, Any] | None = None
+    voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    units: str = "mm"
+    status: str = "incomplete"
+    provenance: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.modality not in ("mri", "ct"):
+            raise ScanError(f"modality must be 'mri' or 'ct', got {self.modality!r}")
+        want = MRIGeometry if self.modality == "mri" else CTGeometry
+        if not isinstance(self.geometry, want):
+            raise ScanError(f"a {self.modality} scan needs a {want.__name__}, got {self.geometry!r}")
+        if len(self.volume_shape) != 3 or any(int(s) < 1 for s in self.volume_shape):
+            raise ScanError(f"volume_shape must be positive (D, H, W), got {self.volume_shape}")
+        if int(self.chunk_depth) < 1:
+            raise ScanError(f"chunk_depth must be >= 1, got {self.chunk_depth}")
+        if self.status not in ("incomplete", "complete"):
+            raise ScanError(f"status must be 'incomplete' or 'complete', got {self.status!r}")
+
+    @property
+    def measurement_depth(self) -> int:
+        """D of ``measurements``: the volume's D, or the detector rows ``V`` for cone beam."""
+        if isinstance(self.geometry, CTGeometry):
+            return int(self.geometry.det_shape[0])
+        return int(self.volume_shape[0])
+
+    def noise(self):
+        """The measurement noise model (``operators3d``) or ``None``."""
+        if self.noise_model is None:
+            return None
+        from operators3d import noise_model_from_dict
+
+        return noise_model_from_dict(self.noise_model)
+
+    def replace(self, **changes: Any) -> "ScanMetadata":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": int(self.format_version),
+            "modality": self.modality,
+            "status": self.status,
+            "volume_shape": [int(s) for s in self.volume_shape],
+            "chunk_depth": int(self.chunk_depth),
+            "voxel_size": [float(v) for v in self.voxel_size],
+            "units": self.units,
+            "geometry": self.geometry.to_dict(),
+            "noise_model": self.noise_model,
+            "acquisition_noise": self.acquisition_noise,
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "scan") -> "ScanMetadata":
+        if not isinstance(data, Mapping):
+            raise ScanError(f"{where}: attribute '{ATTRS_KEY}' must be a mapping, got {type(data).__name__}")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ScanError(
+                f"{where}: format_version {version!r} is not supported (this recon3d reads "
+                f"{FORMAT_VERSION})"
+            )
+        try:
+            modality = data["modality"]
+            geom = data["geometry"]
+            geometry: MRIGeometry | CTGeometry = (
+                MRIGeometry.from_dict(geom) if modality == "mri" else CTGeometry.from_dict(geom)
+            )
+            return cls(
+                modality=modality,
+                volume_shape=tuple(int(s) for s in data["volume_shape"]),  # type: ignore[arg-type]
+                geometry=geometry,
+                chunk_depth=int(data["chunk_depth"]),
+                noise_model=data.get("noise_model"),
+                acquisition_noise=data.get("acquisition_noise"),
+                voxel_size=tuple(float(v) for v in data.get("voxel_size", (1.0, 1.0, 1.0))),  # type: ignore[arg-type]
+                units=str(data.get("units", "mm")),
+                status=str(data.get("status", "incomplete")),
+                provenance=dict(data.get("provenance") or {}),
+                format_version=int(version),
+            )
+        except ScanError as err:
+            raise ScanError(f"{where}: {err}") from None
+        except (KeyError, TypeError, ValueError) as err:
+            raise ScanError(f"{where}: malformed '{ATTRS_KEY}' attributes ({type(err).__name__}: {err})") from None
+
+
+# ----------------------------------------------------------------------------- arrays
+@dataclass(frozen=True)
+class ArraySpec:
+    """Layout of one array of a scan: shape, dtype and dimension names (one of them ``d``)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    dims: tuple[str, ...]
+
+    @property
+    def d_axis(self) -> int | None:
+        return self.dims.index("d") if "d" in self.dims else None
+
+
+def mri_specs(meta: ScanMetadata) -> dict[str, ArraySpec]:
+    """The required arrays of an MRI scan (and ``reference``, present for simulated scans)."""
+    geom = meta.geometry
+    assert isinstance(geom, MRIGeometry)
+    d, h, w = meta.volume_shape
+    c = geom.num_coils
+    kh, kw = geom.matrix
+    return {
+        "measurements": ArraySpec("measurements", (c, d, kh, kw), "complex64", ("coil", "d", "kh", "kw")),
+        "mask": ArraySpec("mask", (kh, kw), "bool", ("kh", "kw")),
+        "coil_maps": ArraySpec("coil_maps", (c, d, h, w), "complex64", ("coil", "d", "h", "w")),
+        "reference": ArraySpec("reference", (d, h, w), "complex64", ("d", "h", "w")),
+    }
+
+
+def ct_specs(meta: ScanMetadata) -> dict[str, ArraySpec]:
+    """The required arrays of a CT scan (and ``reference``, present for simulated scans)."""
+    geom = meta.geometry
+    assert isinstance(geom, CTGeometry)
+    v, u = geom.det_shape
+    return {
+        "measurements": ArraySpec("measurements", (v, geom.num_angles, u), "float32", ("d", "angle", "u")),
+        "angles": ArraySpec("angles", (geom.num_angles,), "float64", ("angle",)),
+        "reference": ArraySpec("reference", tuple(meta.volume_shape), "float32", ("d", "h", "w")),
+    }
+
+
+def specs_for(meta: ScanMetadata) -> dict[str, ArraySpec]:
+    return mri_specs(meta) if meta.modality == "mri" else ct_specs(meta)
+
+
+#: Arrays a scan must hold (``reference`` and ``derived/*`` are optional).
+REQUIRED = {"mri": ("measurements", "mask", "coil_maps"), "ct": ("measurements", "angles")}
+
+
+def default_chunk_depth(bytes_per_slice: int, depth: int, target: int = TARGET_CHUNK_BYTES) -> int:
+    """D-slices per chunk so one chunk holds about ``target`` bytes (at least 1, at most D)."""
+    return int(max(1, min(depth, target // max(1, bytes_per_slice))))
+
+
+# ----------------------------------------------------------------------------- stores
+def _is_url(path: Any) -> bool:
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def open_store(path: Any, *, read_only: bool, storage_options: Mapping[str, Any] | None = None):
+    """A zarr store for a local folder or an fsspec URL (``s3://``, ``gs://``, ``memory://``...)."""
+    from zarr.storage import FsspecStore, LocalStore
+
+    if _is_url(path):
+        return FsspecStore.from_url(str(path), read_only=read_only, storage_options=dict(storage_options or {}))
+    text = str(path)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    return LocalStore(text, read_only=read_only)
+
+
+def open_group(path: Any, *, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> zarr.Group:
+    """Open (``r``, ``r+``) or create (``a``, ``w``) the zarr v3 group of a scan."""
+    read_only = mode == "r"
+    store = open_store(path, read_only=read_only, storage_options=storage_options)
+    try:
+        return zarr.open_group(store=store, mode=mode, zarr_format=3)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"scan '{path}': no zarr group there") from None
+    except Exception as err:  # zarr raises several kinds for a missing or non-v3 group
+        if mode == "r":
+            raise ScanError(f"scan '{path}': not a readable zarr v3 group ({type(err).__name__}: {err})") from None
+        raise
+
+
+def _fill_value(dtype: str):
+    kind = np.dtype(dtype).kind
+    if kind == "f":
+        return np.nan
+    if kind == "c":
+        return complex(np.nan, np.nan)
+    return 0
+
+
+def create_array(
+    group: zarr.Group,
+    spec: ArraySpec,
+    *,
+    chunk_depth: int,
+    codec: CodecConfig,
+    overwrite: bool = False,
+) -> zarr.Array:
+    """Create ``spec`` in ``group``: chunked along ``d`` by ``chunk_depth``, whole elsewhere.
+
+    Arrays without a ``d`` dimension are one chunk. Float arrays get NaN as fill value (a
+    chunk missing inside a shard reads as NaN and fails the finite check, never as zeros).
+    """
+    axis = spec.d_axis
+    chunks = list(spec.shape)
+    shards = None
+    if axis is not None:
+        chunks[axis] = min(int(chunk_depth), spec.shape[axis])
+        if codec.shard_chunks > 0:
+            shards = list(spec.shape)
+            shards[axis] = min(chunks[axis] * int(codec.shard_chunks), spec.shape[axis])
+            # A shard holds whole chunks: round the shard depth down to a multiple.
+            shards[axis] = max(chunks[axis], shards[axis] // chunks[axis] * chunks[axis])
+    kwargs: dict[str, Any] = {}
+    if shards is not None:
+        kwargs["shards"] = tuple(shards)
+    return group.create_array(
+        spec.name,
+        shape=spec.shape,
+        chunks=tuple(chunks),
+        dtype=spec.dtype,
+        compressors=codec.compressors(),
+        fill_value=_fill_value(spec.dtype),
+        dimension_names=spec.dims,
+        config={"write_empty_chunks": True},
+        overwrite=overwrite,
+        **kwargs,
+    )
+
+
+def d_axis_of(array: zarr.Array) -> int | None:
+    """The position of the ``d`` dimension of a scan array (from its dimension names)."""
+    names = array.metadata.dimension_names
+    if names is None or "d" not in names:
+        return None
+    return list(names).index("d")
+
+
+def stored_depth_of(array: zarr.Array) -> int:
+    """D-slices per stored object: the shard depth when sharded, else the chunk depth."""
+    axis = d_axis_of(array)
+    if axis is None:
+        return int(array.shape[0]) if array.ndim else 1
+    shards = array.shards
+    return int(shards[axis] if shards is not None else array.chunks[axis])
+
+
+def num_stored_objects(array: zarr.Array) -> int:
+    axis = d_axis_of(array)
+    if axis is None:
+        return 1
+    return math.ceil(array.shape[axis] / stored_depth_of(array))
+
+
+def chunk_key(array: zarr.Array, index: int | tuple[int, ...]) -> str:
+    """The store key of a stored object (chunk, or shard when sharded).
+
+    ``index`` is the object's position along D (the other coordinates 0), or its full grid
+    coordinates as a tuple.
+    """
+    if isinstance(index, tuple):
+        coords = tuple(int(i) for i in index)
+    else:
+        axis = d_axis_of(array)
+        coords_list = [0] * array.ndim
+        if axis is not None:
+            coords_list[axis] = int(index)
+        coords = tuple(coords_list)
+    key = array.metadata.encode_chunk_key(coords)
+    prefix = array.store_path.path
+    return f"{prefix}/{key}" if prefix else key
+
+
+def chunk_exists(array: zarr.Array, index: int | tuple[int, ...]) -> bool:
+    """Whether a stored object (see :func:`chunk_key`) is in the store."""
+    return bool(sync(array.store_path.store.exists(chunk_key(array, index))))
+
+
+def missing_chunks(array: zarr.Array, indices: Sequence[Any] | None = None) -> list[Any]:
+    """The stored objects (of ``indices``, default all along D) absent from the store."""
+    if indices is None:
+        indices = range(num_stored_objects(array))
+    indices = list(indices)
+    store = array.store_path.store
+
+    async def _check() -> list[Any]:
+        import asyncio
+
+        keys = [chunk_key(array, i) for i in indices]
+        found = await asyncio.gather(*(store.exists(k) for k in keys))
+        return [i for i, ok in zip(indices, found) if not ok]
+
+    return sync(_check())
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,653 @@
+"""``recon3d ingest mri|ct``: raw measurements into the scan format, out of core.
+
+Both modalities need a transpose-like reordering (every output chunk along D takes a piece of
+every input block), done in two passes through a temporary array inside the new scan
+(``_ingest/``, removed at the end), so memory is bounded by one input block plus one output
+chunk, never the data:
+
+* **MRI.** Input k-space ``(C, kx, ky, kz)`` (a plain HDF5 dataset, an ISMRMRD-style
+  ``/dataset/data`` acquisition list, or ``.npy``). Pass 1 reads blocks of ``ky`` columns,
+  moves them to hybrid space by a centred inverse FFT along the readout ``kx``
+  (``operators3d.readout_to_hybrid``; optionally keeping the central ``readout_crop``
+  positions to drop readout oversampling), records which ``(ky, kz)`` were sampled, and writes
+  the block into the temporary array chunked ``(C, chunk_depth, block, kz)``. Pass 2 gathers
+  each D-chunk ``(C, chunk_depth, kH, kW)`` and writes ``measurements``; coil maps are
+  estimated per chunk from the calibration block (``operators3d.estimate_coil_maps``, ESPIRiT)
+  unless given.
+* **CT.** Input projections ``(A, V, U)`` (a folder of TIFF files, one per angle, in name
+  order, or ``.npy``). Pass 1 reads blocks of angles, applies the flat/dark correction
+  ``I = (raw − dark)/(flat − dark)`` and ``−log`` when asked, and writes them into the
+  temporary array chunked ``(chunk_depth, block, U)``; pass 2 writes each D-chunk of
+  ``measurements (V, A, U)``.
+
+Every step is a task of :mod:`pipeline.data.writer`, so a killed ingest resumes where it
+stopped. The inputs are only read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.core.sync import sync
+
+from ._npy import NpyArray
+from .format import (
+    ArraySpec,
+    CodecConfig,
+    CTGeometry,
+    MRIGeometry,
+    ScanMetadata,
+    ct_specs,
+    default_chunk_depth,
+    mri_specs,
+)
+from .writer import JobOutcome, SlabTask, finish_scan, prepare_scan, run_tasks, update_attrs
+
+__all__ = ["IngestMRIConfig", "IngestCTConfig", "ingest_mri", "ingest_ct", "detect_calibration"]
+
+TMP = "_ingest"
+#: ISMRMRD acquisition flag ACQ_IS_NOISE_MEASUREMENT (bit 19, 1-based).
+_ACQ_IS_NOISE = 1 << 18
+
+
+# ----------------------------------------------------------------------------- MRI sources
+class KSpaceSource:
+    """3D Cartesian k-space ``(C, kx, ky, kz)`` read in blocks of ``ky``."""
+
+    shape: tuple[int, int, int, int]
+    path: str
+
+    def read_ky(self, j0: int, j1: int) -> np.ndarray:
+        """``(C, kx, j1 − j0, kz)`` complex64."""
+        raise NotImplementedError
+
+
+class ArrayKSpace(KSpaceSource):
+    """A plain array: an HDF5 dataset or a memory-mapped ``.npy``."""
+
+    def __init__(self, path: str, array: Any) -> None:
+        self.path = path
+        self.array = array
+        if len(array.shape) != 4:
+            raise ValueError(f"k-space '{path}': expected (C, kx, ky, kz), got shape {tuple(array.shape)}")
+        self.shape = tuple(int(s) for s in array.shape)  # type: ignore[assignment]
+        kind = np.dtype(array.dtype).kind
+        if kind != "c" and not (array.dtype.names and set(array.dtype.names) >= {"r", "i"}):
+            raise ValueError(f"k-space '{path}': expected complex values, got dtype {array.dtype}")
+
+    def read_ky(self, j0: int, j1: int) -> np.ndarray:
+        block = self.array[:, :, j0:j1, :]
+        if block.dtype.names:  # HDF5 compound (r, i)
+            block = block["r"] + 1j * block["i"]
+        return np.array(block, dtype=np.complex64)  # a copy: memory-maps are read-only
+
+
+class ISMRMRDKSpace(KSpaceSource):
+    """An ISMRMRD-style file: ``/dataset/data`` acquisitions (one readout line each).
+
+    Each record has ``head`` (with ``idx.kspace_encode_step_1`` = ky,
+    ``idx.kspace_encode_step_2`` = kz, ``active_channels``, ``number_of_samples``, ``flags``)
+    and ``data`` (interleaved float32 real/imaginary, channel-major). The matrix comes from
+    the encoded-space ``matrixSize`` of ``/dataset/xml`` when present, else from the largest
+    indices. Noise-measurement acquisitions are skipped.
+    """
+
+    def __init__(self, path: str, handle: Any) -> None:
+        self.path = path
+        self.data = handle["dataset"]["data"]
+        head = self.data["head"]
+        idx = head["idx"]
+        flags = head["flags"] if "flags" in head.dtype.names else np.zeros(len(head), np.uint64)
+        keep = (np.asarray(flags, dtype=np.uint64) & np.uint64(_ACQ_IS_NOISE)) == 0
+        self.rows = np.nonzero(keep)[0]
+        self.ky = np.asarray(idx["kspace_encode_step_1"])[self.rows].astype(np.int64)
+        self.kz = np.asarray(idx["kspace_encode_step_2"])[self.rows].astype(np.int64)
+        channels = np.asarray(head["active_channels"])[self.rows]
+        samples = np.asarray(head["number_of_samples"])[self.rows]
+        if len(self.rows) == 0:
+            raise ValueError(f"k-space '{path}': no imaging acquisitions in /dataset/data")
+        if len(set(channels.tolist())) != 1 or len(set(samples.tolist())) != 1:
+            raise ValueError(
+                f"k-space '{path}': acquisitions differ in channels or samples "
+                f"({sorted(set(channels.tolist()))}, {sorted(set(samples.tolist()))})"
+            )
+        matrix = self._matrix(handle)
+        ny = matrix[1] if matrix else int(self.ky.max()) + 1
+        nz = matrix[2] if matrix else int(self.kz.max()) + 1
+        if self.ky.max() >= ny or self.kz.max() >= nz:
+            raise ValueError(f"k-space '{path}': encode steps exceed the matrix ({ny}, {nz})")
+        self.shape = (int(channels[0]), int(samples[0]), int(ny), int(nz))
+
+    @staticmethod
+    def _matrix(handle: Any) -> tuple[int, int, int] | None:
+        if "xml" not in handle["dataset"]:
+            return None
+        import re
+
+        raw = handle["dataset"]["xml"][()]
+        text = raw[0] if isinstance(raw, np.ndarray) else raw
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        enc = re.search(r"<encodedSpace>.*?<matrixSize>(.*?)</matrixSize>", text, re.S)
+        if not enc:
+            return None
+        dims = [re.search(rf"<{a}>\s*(\d+)\s*</{a}>", enc.group(1)) for a in "xyz"]
+        if not all(dims):
+            return None
+        return tuple(int(m.group(1)) for m in dims)  # type: ignore[union-attr,return-value]
+
+    def read_ky(self, j0: int, j1: int) -> np.ndarray:
+        c, kx, _, kz = self.shape
+        out = np.zeros((c, kx, j1 - j0, kz), dtype=np.complex64)
+        sel = np.nonzero((self.ky >= j0) & (self.ky < j1))[0]
+        if len(sel):
+            records = self.data[np.sort(self.rows[sel]).tolist()]
+            order = np.argsort(self.rows[sel])
+            for rec, s in zip(records, sel[order]):
+                line = np.asarray(rec["data"], dtype=np.float32).reshape(c, kx, 2)
+                out[:, :, self.ky[s] - j0, self.kz[s]] = line[..., 0] + 1j * line[..., 1]
+        return out
+
+
+def open_kspace(path: str, dataset: str = "kspace") -> tuple[KSpaceSource, Any]:
+    """The k-space source of ``path`` and a handle to close (or ``None``)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"k-space '{path}' does not exist")
+    if path.endswith(".npy"):
+        return ArrayKSpace(path, NpyArray(path)), None
+    try:
+        import h5py
+    except ImportError as err:  # pragma: no cover - h5py is a dependency
+        raise ImportError("reading HDF5 k-space needs h5py (pip install h5py)") from err
+    handle = h5py.File(path, "r")
+    try:
+        if dataset in handle:
+            return ArrayKSpace(path, handle[dataset]), handle
+        if "dataset" in handle and "data" in handle["dataset"]:
+            return ISMRMRDKSpace(path, handle), handle
+        raise ValueError(
+            f"k-space '{path}': no dataset {dataset!r} and no ISMRMRD /dataset/data "
+            f"(found {sorted(handle.keys())}); pass --dataset NAME"
+        )
+    except Exception:
+        handle.close()
+        raise
+
+
+def detect_calibration(mask: np.ndarray) -> int:
+    """The side of the largest fully sampled square block centred on ``(H//2, W//2)``."""
+    from operators3d import calibration_region
+
+    h, w = mask.shape
+    best = 0
+    for c in range(1, min(h, w) + 1):
+        rows, cols = calibration_region((h, w), c)
+        if not mask[rows, cols].all():
+            break
+        best = c
+    return best
+
+
+# ----------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class IngestMRIConfig:
+    """Settings of ``recon3d ingest mri``.
+
+    Args:
+        source: ``.h5``/``.hdf5`` (a ``dataset`` of shape ``(C, kx, ky, kz)`` or ISMRMRD
+            ``/dataset/data``) or ``.npy`` ``(C, kx, ky, kz)`` complex.
+        out: the scan to write.
+        dataset: the HDF5 dataset name of plain k-space.
+        readout_crop: keep this many central readout positions (removes readout
+            oversampling); ``None`` keeps all.
+        calibration: the calibration block side; ``None`` detects it from the mask.
+        coil_maps: a ``.npy`` ``(C, D, H, W)`` of known maps; ``None`` estimates them (ESPIRiT).
+        noise_sigma: the known noise σ (per real/imaginary part), stored as the noise model.
+        espirit_kernel, espirit_threshold, espirit_crop: ESPIRiT settings.
+        block_bytes: the memory for one block of either pass (per worker).
+    """
+
+    source: str
+    out: str
+    dataset: str = "kspace"
+    readout_crop: int | None = None
+    calibration: int | None = None
+    coil_maps: str | None = None
+    noise_sigma: float | None = None
+    espirit_kernel: int = 6
+    espirit_threshold: float = 0.02
+    espirit_crop: float = 0.95
+    block_bytes: int = 128 << 20
+    chunk_depth: int | None = None
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    units: str = "mm"
+    overwrite: bool = False
+    workers: int = 2
+    scheduler: str = "threads"
+    progress: bool = True
+
+    def parameters(self) -> dict[str, Any]:
+        skip = {"out", "overwrite", "workers", "scheduler", "progress", "block_bytes"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+@dataclass(frozen=True)
+class IngestCTConfig:
+    """Settings of ``recon3d ingest ct``.
+
+    Args:
+        source: a folder of TIFF projections (one per angle, sorted by name), a glob pattern
+            of them, or a ``.npy`` ``(A, V, U)``.
+        out: the scan to write.
+        angles: a text or ``.npy`` file with one angle per projection; ``None`` spreads them
+            uniformly over ``angle_range``.
+        angle_range: ``(start, stop)`` in ``angles_unit``, endpoint excluded.
+        angles_unit: ``rad`` or ``deg``.
+        flat, dark: flat-field and dark-field images (a TIFF/``.npy`` image or stack, a
+            folder of TIFFs; stacks are averaged).
+        i0: the open-beam intensity when no flat field is given.
+        log: apply ``−log`` to the normalised intensity (``False``: the input already holds
+            line integrals).
+        geometry: ``parallel`` or ``cone``; det_spacing, voxel_size, src_dist, det_dist as
+            for simulate.
+        volume_shape: the reconstruction grid ``(D, H, W)``; default ``(V, U', U')`` with
+            ``U' = U · det_spacing / voxel_size`` (parallel beam): the square around the
+            field-of-view circle, whose corners the detector does not see (the geometry
+            records ``allow_truncation``).
+        photons: incident photons, recorded as the acquisition noise when known.
+        block_bytes: the memory for one block of either pass (per worker).
+    """
+
+    source: str
+    out: str
+    angles: str | None = None
+    angle_range: tuple[float, float] = (0.0, 180.0)
+    angles_unit: str = "deg"
+    flat: str | None = None
+    dark: str | None = None
+    i0: float | None = None
+    log: bool = True
+    geometry: str = "parallel"
+    det_spacing: float = 1.0
+    voxel_size: float = 1.0
+    src_dist: float | None = None
+    det_dist: float | None = None
+    volume_shape: tuple[int, int, int] | None = None
+    photons: float | None = None
+    block_bytes: int = 128 << 20
+    chunk_depth: int | None = None
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    units: str = "mm"
+    overwrite: bool = False
+    workers: int = 2
+    scheduler: str = "threads"
+    progress: bool = True
+
+    def parameters(self) -> dict[str, Any]:
+        skip = {"out", "overwrite", "workers", "scheduler", "progress", "block_bytes"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+# ----------------------------------------------------------------------------- helpers
+def _blocks(n: int, size: int) -> list[tuple[int, int, int]]:
+    return [(i, a, min(a + size, n)) for i, a in enumerate(range(0, n, size))]
+
+
+def _group_depth(stored: int, depth: int, bytes_per_row: int, budget: int) -> int:
+    """D-rows per pass-2 task and per temporary chunk: a multiple of the stored depth whose
+    rows fit in ``budget`` (fewer, larger temporary chunks keep the zarr overhead low)."""
+    rows = max(stored, budget // max(1, bytes_per_row) // stored * stored)
+    return int(min(rows, math.ceil(depth / stored) * stored))
+
+
+def _tmp_array(group: zarr.Group, name: str, shape, chunks, dtype: str, *, resume: bool) -> zarr.Array:
+    tmp = group.require_group(TMP)
+    if resume and name in set(tmp.array_keys()):
+        arr = tmp[name]
+        if tuple(arr.shape) == tuple(shape) and tuple(arr.chunks) == tuple(chunks):
+            return arr.with_config({"write_empty_chunks": True})
+    from zarr.codecs import BloscCodec
+
+    arr = tmp.create_array(
+        name, shape=tuple(shape), chunks=tuple(chunks), dtype=dtype,
+        compressors=[BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")],
+        config={"write_empty_chunks": True}, overwrite=True,
+    )
+    return arr.with_config({"write_empty_chunks": True})
+
+
+def _drop_tmp(group: zarr.Group) -> None:
+    store = group.store_path.store
+    prefix = f"{group.store_path.path}/{TMP}" if group.store_path.path else TMP
+    sync(store.delete_dir(prefix))
+
+
+def _final_arrays(group, specs: dict[str, ArraySpec], chunk_depth: int, codec: CodecConfig, *, resume: bool):
+    from .simulate import _arrays
+
+    return _arrays(group, specs, chunk_depth, codec, resume=resume)
+
+
+# ----------------------------------------------------------------------------- MRI
+def ingest_mri(config: IngestMRIConfig) -> JobOutcome:
+    """Ingest 3D Cartesian k-space into an MRI scan (hybrid space); see the module docstring.
+
+    Shape:
+        source ``(C, kx, ky, kz)`` → ``measurements (C, D, ky, kz)`` with ``D = kx`` (or
+        ``readout_crop``), ``mask (ky, kz)``, ``coil_maps (C, D, ky, kz)``.
+    """
+    from operators3d import GaussianNoise, estimate_coil_maps, readout_to_hybrid
+
+    source, handle = open_kspace(config.source, config.dataset)
+    try:
+        c, kx, ky, kz = source.shape
+        d = kx if config.readout_crop is None else int(config.readout_crop)
+        if not 1 <= d <= kx:
+            raise ValueError(f"ingest mri: --readout-crop must be in 1..{kx}, got {config.readout_crop}")
+        crop0 = (kx - d) // 2 if config.readout_crop is not None else 0
+        known_maps = None
+        if config.coil_maps is not None:
+            known_maps = NpyArray(config.coil_maps)
+            if tuple(known_maps.shape) != (c, d, ky, kz) or known_maps.dtype.kind != "c":
+                raise ValueError(
+                    f"ingest mri: coil maps '{config.coil_maps}' must be complex (C, D, H, W) = "
+                    f"{(c, d, ky, kz)}, got {known_maps.dtype} {tuple(known_maps.shape)}"
+                )
+        chunk_depth = min(config.chunk_depth or default_chunk_depth(c * ky * kz * 8, d), d)
+        noise = None if config.noise_sigma is None else GaussianNoise(config.noise_sigma).to_dict()
+        meta = ScanMetadata(
+            modality="mri",
+            volume_shape=(d, ky, kz),
+            # Acceleration and calibration are known after pass 1 (updated then).
+            geometry=MRIGeometry(c, (ky, kz), 1.0, (0, 0)),
+            chunk_depth=chunk_depth,
+            noise_model=noise,
+            voxel_size=tuple(config.voxel_size),
+            units=config.units,
+        )
+        group, state = prepare_scan(config.out, meta, config.parameters(), tool="recon3d ingest mri",
+                                    overwrite=config.overwrite, sources=[os.path.abspath(config.source)])
+        if state == "complete":
+            return JobOutcome(str(config.out), "already complete")
+        resume = state == "resumed"
+        specs = {k: s for k, s in mri_specs(meta).items() if k != "reference"}
+        arrays = _final_arrays(group, specs, chunk_depth, config.codec, resume=resume)
+        meas, maps_arr, mask_arr = arrays["measurements"], arrays["coil_maps"], arrays["mask"]
+        # Pass 1: ky blocks of about block_bytes (input block, FFT copies and output);
+        # pass 2: groups of `td` D-rows (a few slabs: ESPIRiT works on them).
+        per_column = c * kx * kz * 8 * 3
+        jb = max(1, min(ky, config.block_bytes // per_column))
+        stored = meas.shards[1] if meas.shards is not None else chunk_depth
+        td = _group_depth(stored, d, c * ky * kz * 8 * 4, config.block_bytes)
+        hybrid = _tmp_array(group, "hybrid", (c, d, ky, kz), (c, td, jb, kz), "complex64", resume=resume)
+        sampled = _tmp_array(group, "mask", (ky, kz), (jb, kz), "bool", resume=resume)
+        num_d_chunks = math.ceil(d / td)
+
+        def pass1(j0: int, j1: int) -> None:
+            block = torch.from_numpy(source.read_ky(j0, j1))
+            sampled[j0:j1] = (block.abs() > 0).any(dim=1).any(dim=0).numpy()
+            hyb = readout_to_hybrid(block, readout_dim=1)[:, crop0 : crop0 + d]
+            hybrid[:, :, j0:j1] = hyb.numpy()
+
+        tasks = [
+            SlabTask(
+                f"ky{j}",
+                (lambda a=j0, b=j1: pass1(a, b)),
+                [(hybrid, (0, i, j, 0)) for i in range(num_d_chunks)] + [(sampled, (j, 0))],
+            )
+            for j, j0, j1 in _blocks(ky, jb)
+        ]
+        run_tasks(tasks, description="ingest mri: readout FFT", workers=config.workers,
+                  scheduler=config.scheduler, progress=config.progress)
+
+        mask = np.asarray(sampled[...])
+        if not mask.any():
+            raise ValueError(f"ingest mri: k-space '{config.source}' holds no nonzero sample")
+        calib = config.calibration if config.calibration is not None else detect_calibration(mask)
+        acc = mask.size / int(mask.sum())
+        meta = meta.replace(geometry=MRIGeometry(c, (ky, kz), acc, (calib, calib)))
+        update_attrs(group, geometry=meta.geometry.to_dict())
+        if known_maps is None and calib < config.espirit_kernel:
+            raise ValueError(
+                f"ingest mri: the fully sampled calibration block is {calib}×{calib}, smaller "
+                f"than the ESPIRiT kernel {config.espirit_kernel}; give --coil-maps or "
+                "--calibration / --espirit-kernel"
+            )
+
+        def write_mask() -> None:
+            mask_arr[...] = mask
+
+        def pass2(g0: int, g1: int) -> None:
+            group_rows = np.asarray(hybrid[:, g0:g1])
+            for d0 in range(g0, g1, stored):  # whole stored objects, one at a time
+                d1 = min(d0 + stored, g1)
+                y = group_rows[:, d0 - g0 : d1 - g0]
+                meas[:, d0:d1] = y
+                if known_maps is not None:
+                    maps = np.asarray(known_maps[:, d0:d1], dtype=np.complex64)
+                else:
+                    maps = estimate_coil_maps(
+                        torch.from_numpy(np.ascontiguousarray(y)), calibration=calib,
+                        kernel_size=config.espirit_kernel, threshold=config.espirit_threshold,
+                        crop=config.espirit_crop,
+                    ).numpy()
+                maps_arr[:, d0:d1] = maps
+
+        tasks2 = [SlabTask("mask", write_mask, [(mask_arr, 0)])]
+        for i, g0, g1 in _blocks(d, td):
+            objects = range(g0 // stored, math.ceil(g1 / stored))
+            tasks2.append(SlabTask(f"d{i}", (lambda a=g0, b=g1: pass2(a, b)),
+                                   [(arr, k) for k in objects for arr in (meas, maps_arr)]))
+        ran = run_tasks(tasks2, description="ingest mri: chunks along D", workers=config.workers,
+                        scheduler=config.scheduler, progress=config.progress)
+        _drop_tmp(group)
+        finish_scan(group)
+        return JobOutcome(str(config.out), state, ran + len(tasks), len(tasks) + len(tasks2))
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+# ----------------------------------------------------------------------------- CT sources
+def _read_image(path: str) -> np.ndarray:
+    if path.endswith(".npy"):
+        return np.load(path)
+    import tifffile
+
+    return tifffile.imread(path)
+
+
+def _tiff_files(source: str) -> list[str]:
+    if os.path.isdir(source):
+        files = sorted(
+            str(p) for p in Path(source).iterdir() if p.suffix.lower() in (".tif", ".tiff")
+        )
+    else:
+        files = sorted(glob.glob(source))
+    return files
+
+
+class ProjectionSource:
+    """Projections ``(A, V, U)`` read in blocks of angles."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.files: list[str] = []
+        self.array = None
+        if source.endswith(".npy"):
+            if not Path(source).exists():
+                raise FileNotFoundError(f"projections '{source}' do not exist")
+            self.array = NpyArray(source)
+            if self.array.ndim != 3:
+                raise ValueError(f"projections '{source}': expected (A, V, U), got {self.array.shape}")
+            self.shape = tuple(int(s) for s in self.array.shape)
+        else:
+            self.files = _tiff_files(source)
+            if not self.files:
+                raise FileNotFoundError(f"projections '{source}': no .tif/.tiff files found")
+            first = _read_image(self.files[0])
+            if first.ndim != 2:
+                raise ValueError(f"projection '{self.files[0]}': expected one (V, U) image, got {first.shape}")
+            self.shape = (len(self.files), int(first.shape[0]), int(first.shape[1]))
+
+    def read(self, a0: int, a1: int) -> np.ndarray:
+        """``(a1 − a0, V, U)`` float32 (a fresh array the caller may modify)."""
+        if self.array is not None:
+            return np.asarray(self.array[a0:a1], dtype=np.float32)
+        out = np.empty((a1 - a0,) + self.shape[1:], dtype=np.float32)
+        for k, path in enumerate(self.files[a0:a1]):
+            img = _read_image(path)
+            if img.shape != self.shape[1:]:
+                raise ValueError(
+                    f"projection '{path}' (angle {a0 + k}): shape {img.shape} differs from "
+                    f"the first projection's {self.shape[1:]}"
+                )
+            out[k] = img
+        return out
+
+
+def _field(path: str | None, shape: tuple[int, int], what: str) -> np.ndarray | None:
+    if path is None:
+        return None
+    if os.path.isdir(path):
+        stack = np.stack([_read_image(f) for f in _tiff_files(path)])
+    else:
+        stack = np.asarray(_read_image(path), dtype=np.float64)
+    if stack.ndim == 3:
+        stack = stack.mean(axis=0)
+    if stack.shape != shape:
+        raise ValueError(f"ingest ct: {what} '{path}' has shape {stack.shape}, projections are {shape}")
+    return stack.astype(np.float64)
+
+
+def _angles(config: IngestCTConfig, count: int) -> np.ndarray:
+    scale = math.pi / 180 if config.angles_unit == "deg" else 1.0
+    if config.angles_unit not in ("deg", "rad"):
+        raise ValueError(f"ingest ct: --angles-unit must be 'deg' or 'rad', got {config.angles_unit!r}")
+    if config.angles is not None:
+        path = config.angles
+        values = np.load(path) if path.endswith(".npy") else np.loadtxt(path, ndmin=1)
+        values = np.asarray(values, dtype=np.float64).ravel()
+        if len(values) != count:
+            raise ValueError(
+                f"ingest ct: the angle list '{path}' has {len(values)} angles but there are "
+                f"{count} projections"
+            )
+    else:
+        start, stop = config.angle_range
+        values = start + (stop - start) * np.arange(count) / count
+    if not np.isfinite(values).all():
+        raise ValueError("ingest ct: the angles hold NaN/Inf")
+    return values * scale
+
+
+# ----------------------------------------------------------------------------- CT
+def ingest_ct(config: IngestCTConfig) -> JobOutcome:
+    """Ingest a projection stack into a CT scan; see the module docstring.
+
+    Shape:
+        source ``(A, V, U)`` → ``measurements (V, A, U)`` float32, ``angles (A,)``.
+    """
+    source = ProjectionSource(config.source)
+    a, v, u = source.shape
+    angles = _angles(config, a)
+    flat = _field(config.flat, (v, u), "flat field")
+    dark = _field(config.dark, (v, u), "dark field")
+    if config.log and flat is None and config.i0 is None:
+        raise ValueError(
+            "ingest ct: −log needs the open-beam intensity: give --flat FILE or --i0 VALUE, or "
+            "--no-log if the projections already are line integrals"
+        )
+    if config.geometry not in ("parallel", "cone"):
+        raise ValueError(f"ingest ct: --geometry must be 'parallel' or 'cone', got {config.geometry!r}")
+    if config.volume_shape is not None:
+        vol = tuple(int(s) for s in config.volume_shape)
+    else:
+        n = max(1, int(round(u * config.det_spacing / config.voxel_size)))
+        vol = (v, n, n)
+    if config.geometry == "parallel" and vol[0] != v:
+        raise ValueError(f"ingest ct: parallel beam needs volume D = detector rows V = {v}, got {vol[0]}")
+    if config.geometry == "cone":
+        if config.src_dist is None or config.det_dist is None:
+            raise ValueError("ingest ct: cone beam needs --src-dist and --det-dist")
+    geom = CTGeometry(config.geometry, a, (v, u), config.det_spacing, config.voxel_size,
+                      config.src_dist, config.det_dist, allow_truncation=True)
+    chunk_depth = min(config.chunk_depth or default_chunk_depth(a * u * 4, v), v)
+    acquisition = None if config.photons is None else {"kind": "transmission_poisson", "photons": float(config.photons)}
+    meta = ScanMetadata(modality="ct", volume_shape=vol, geometry=geom, chunk_depth=chunk_depth,
+                        noise_model=None, acquisition_noise=acquisition,
+                        voxel_size=(config.voxel_size,) * 3, units=config.units)
+    group, state = prepare_scan(config.out, meta, config.parameters(), tool="recon3d ingest ct",
+                                overwrite=config.overwrite, sources=[os.path.abspath(config.source)])
+    if state == "complete":
+        return JobOutcome(str(config.out), "already complete")
+    resume = state == "resumed"
+    specs = {k: s for k, s in ct_specs(meta).items() if k != "reference"}
+    arrays = _final_arrays(group, specs, chunk_depth, config.codec, resume=resume)
+    meas, ang = arrays["measurements"], arrays["angles"]
+    # Pass 1: blocks of `ab` angles, float32 and in place (one block of memory per task);
+    # pass 2: groups of `td` detector rows. The temporary chunks are (td, ab, U).
+    ab = max(1, min(a, config.block_bytes // (v * u * 4 * 2)))
+    stored = meas.shards[0] if meas.shards is not None else chunk_depth
+    td = _group_depth(stored, v, a * u * 4 * 2, config.block_bytes)
+    tmp = _tmp_array(group, "sino", (v, a, u), (td, ab, u), "float32", resume=resume)
+    num_d_chunks = math.ceil(v / td)
+    scale = None
+    if flat is not None:
+        scale = (flat - (dark if dark is not None else 0.0)).astype(np.float32)
+        if (scale <= 0).any():
+            raise ValueError("ingest ct: flat − dark must be positive everywhere")
+    dark32 = None if dark is None else dark.astype(np.float32)
+
+    def pass1(a0: int, a1: int) -> None:
+        values = source.read(a0, a1)
+        if not np.isfinite(values).all():
+            raise ValueError(f"ingest ct: projections {a0}:{a1} of '{config.source}' hold NaN/Inf")
+        if config.log:
+            if dark32 is not None:
+                values -= dark32
+            if scale is not None:
+                values /= scale
+            else:
+                values /= np.float32(config.i0)
+            np.clip(values, 1e-6, None, out=values)
+            np.log(values, out=values)
+            np.negative(values, out=values)
+        tmp[:, a0:a1] = values.transpose(1, 0, 2)
+
+    tasks = [
+        SlabTask(f"a{j}", (lambda x=a0, y=a1: pass1(x, y)), [(tmp, (i, j, 0)) for i in range(num_d_chunks)])
+        for j, a0, a1 in _blocks(a, ab)
+    ]
+    run_tasks(tasks, description="ingest ct: projections", workers=config.workers,
+              scheduler=config.scheduler, progress=config.progress)
+
+    def write_angles() -> None:
+        ang[...] = angles
+
+    def pass2(g0: int, g1: int) -> None:
+        rows = np.asarray(tmp[g0:g1])
+        for d0 in range(g0, g1, stored):
+            meas[d0 : min(d0 + stored, g1)] = rows[d0 - g0 : min(d0 + stored, g1) - g0]
+
+    tasks2 = [SlabTask("angles", write_angles, [(ang, 0)])]
+    tasks2 += [
+        SlabTask(f"d{i}", (lambda x=g0, y=g1: pass2(x, y)),
+                 [(meas, k) for k in range(g0 // stored, math.ceil(g1 / stored))])
+        for i, g0, g1 in _blocks(v, td)
+    ]
+    ran = run_tasks(tasks2, description="ingest ct: chunks along D", workers=config.workers,
+                    scheduler=config.scheduler, progress=config.progress)
+    _drop_tmp(group)
+    finish_scan(group)
+    return JobOutcome(str(config.out), state, ran + len(tasks), len(tasks) + len(tasks2))
+

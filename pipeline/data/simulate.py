@@ -1,0 +1,403 @@
+"""``recon3d simulate mri|ct``: simulated scans with their reference, slab by slab.
+
+Each slab of the volume is evaluated on its own (analytic phantoms per D-range, files read per
+D-range), pushed through the exact slab operator, given noise drawn from a generator seeded by
+``(seed, chunk index)`` and written as whole chunks. The result is therefore the same whatever
+the slab size, the number of workers or how often the job was interrupted and resumed, and the
+memory in use is a few slabs, never the volume.
+
+MRI (hybrid space): ``y = M ⊙ F₂(S ⊙ x) + n`` per D-slice, ``x`` the phantom with a smooth phase
+(unless ``phase=False``), ``S`` simulated coil maps, ``M`` a variable-density 2D mask with a
+calibration block, ``n`` complex Gaussian (``σ`` per real and imaginary part) on sampled entries.
+
+CT: ``p = A x`` (line integrals); with ``photons = I0`` the counts are ``N ~ Poisson(I0 e^{−p})``
+and ``y = −log(max(N, 1) / I0)``; with ``noise_sigma`` ``y = p + σ n``. Parallel beam is exact
+slab by slab. Cone beam couples D-slices: every detector row sees a D-range of the volume, so
+it is simulated in blocks of detector rows, each projecting the bounded range of volume slices
+its rays can cross (computed from the geometry); memory is bounded by that range, which for
+wide cone angles approaches the whole volume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .format import (
+    ArraySpec,
+    CodecConfig,
+    CTGeometry,
+    MRIGeometry,
+    ScanMetadata,
+    create_array,
+    ct_specs,
+    default_chunk_depth,
+    mri_specs,
+    stored_depth_of,
+)
+from .phantoms import coil_maps_slab, derive_seed, make_volume_source, smooth_phase_slab
+from .writer import JobOutcome, SlabTask, finish_scan, prepare_scan, run_tasks
+
+__all__ = ["SimulateMRIConfig", "SimulateCTConfig", "simulate_mri", "simulate_ct"]
+
+
+@dataclass(frozen=True)
+class SimulateMRIConfig:
+    """Settings of ``recon3d simulate mri``.
+
+    Args:
+        out: the scan to write (folder or fsspec URL).
+        shape: image ``(D, H, W)``; ``None`` takes it from a file phantom.
+        coils: number of coils ``C``.
+        acceleration: target ``H·W / count(mask)`` of the 2D (ky, kz) mask.
+        calibration: side of the fully sampled centre block.
+        mask: ``poisson`` (variable-density Poisson disc) or ``gaussian``.
+        phantom: ``shepp-logan``, ``ellipsoids``, ``foam`` or a ``.npy`` / zarr path.
+        noise_sigma: σ of the complex Gaussian noise, per real and imaginary part (absolute,
+            in k-space units; the orthonormal FFT keeps image and k-space scales equal).
+        phase: multiply the phantom by a smooth phase (a real image is an unrealistic prior).
+        seed: draws the phantom, mask, coil-map layout and noise.
+        chunk_depth: D-slices per chunk (default: about 8 MiB of measurements per chunk).
+        codec: compression and sharding.
+        voxel_size, units: physical voxel size ``(dD, dH, dW)`` and its unit.
+        overwrite: replace an existing scan made with other parameters.
+        workers: slabs computed at once; progress: show progress bars.
+    """
+
+    out: str
+    shape: tuple[int, int, int] | None = (32, 128, 128)
+    coils: int = 8
+    acceleration: float = 4.0
+    calibration: int = 24
+    mask: str = "poisson"
+    phantom: str = "shepp-logan"
+    noise_sigma: float = 0.0
+    phase: bool = True
+    seed: int = 0
+    chunk_depth: int | None = None
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    units: str = "mm"
+    overwrite: bool = False
+    workers: int = 2
+    scheduler: str = "threads"
+    progress: bool = True
+
+    def validate(self) -> None:
+        where = "simulate mri"
+        if self.coils < 1:
+            raise ValueError(f"{where}: --coils must be >= 1, got {self.coils}")
+        if self.acceleration < 1:
+            raise ValueError(f"{where}: --acceleration must be >= 1, got {self.acceleration}")
+        if self.calibration < 0:
+            raise ValueError(f"{where}: --calibration must be >= 0, got {self.calibration}")
+        if self.mask not in ("poisson", "gaussian"):
+            raise ValueError(f"{where}: --mask must be 'poisson' or 'gaussian', got {self.mask!r}")
+        if not math.isfinite(self.noise_sigma) or self.noise_sigma < 0:
+            raise ValueError(f"{where}: --noise-sigma must be >= 0, got {self.noise_sigma}")
+        if self.chunk_depth is not None and self.chunk_depth < 1:
+            raise ValueError(f"{where}: --chunk-depth must be >= 1, got {self.chunk_depth}")
+
+    def parameters(self) -> dict[str, Any]:
+        """What determines the scan's content (compared when resuming)."""
+        skip = {"out", "overwrite", "workers", "scheduler", "progress"}
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        return out
+
+
+@dataclass(frozen=True)
+class SimulateCTConfig:
+    """Settings of ``recon3d simulate ct``.
+
+    Args:
+        out: the scan to write.
+        shape: volume ``(D, H, W)``; ``None`` takes it from a file phantom.
+        angles: number of projection angles ``A`` (uniform over ``[0, π)`` for parallel beam,
+            ``[0, 2π)`` for cone beam).
+        geometry: ``parallel`` or ``cone``.
+        phantom: ``shepp-logan``, ``ellipsoids``, ``foam`` or a ``.npy`` / zarr path.
+        attenuation: the line integral through the full width of value-1 material; the
+            reference (attenuation per unit length) is the phantom times
+            ``attenuation / (W · voxel_size)``.
+        photons: incident photons ``I0`` per detector pixel (Poisson noise before ``−log``).
+        noise_sigma: Gaussian noise σ on the line integrals (exclusive with ``photons``).
+        det_count: detector columns ``U`` (default: the volume's diagonal).
+        det_rows: cone beam detector rows ``V`` (default: enough for the magnified volume).
+        det_spacing: detector pitch; voxel_size: in-plane voxel size.
+        src_dist, det_dist: cone-beam source–axis and axis–detector distances (default 4·W
+            and 2·W voxels).
+        seed, chunk_depth, codec, units, overwrite, workers, progress: as for MRI.
+    """
+
+    out: str
+    shape: tuple[int, int, int] | None = (32, 128, 128)
+    angles: int = 180
+    geometry: str = "parallel"
+    phantom: str = "shepp-logan"
+    attenuation: float = 4.0
+    photons: float | None = None
+    noise_sigma: float = 0.0
+    det_count: int | None = None
+    det_rows: int | None = None
+    det_spacing: float = 1.0
+    voxel_size: float = 1.0
+    src_dist: float | None = None
+    det_dist: float | None = None
+    seed: int = 0
+    chunk_depth: int | None = None
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    units: str = "mm"
+    overwrite: bool = False
+    workers: int = 2
+    scheduler: str = "threads"
+    progress: bool = True
+
+    def validate(self) -> None:
+        where = "simulate ct"
+        if self.angles < 1:
+            raise ValueError(f"{where}: --angles must be >= 1, got {self.angles}")
+        if self.geometry not in ("parallel", "cone"):
+            raise ValueError(f"{where}: --geometry must be 'parallel' or 'cone', got {self.geometry!r}")
+        if self.photons is not None and self.noise_sigma:
+            raise ValueError(f"{where}: give --photons or --noise-sigma, not both")
+        if self.photons is not None and not self.photons > 0:
+            raise ValueError(f"{where}: --photons must be > 0, got {self.photons}")
+        if not math.isfinite(self.noise_sigma) or self.noise_sigma < 0:
+            raise ValueError(f"{where}: --noise-sigma must be >= 0, got {self.noise_sigma}")
+        if not self.attenuation > 0:
+            raise ValueError(f"{where}: --attenuation must be > 0, got {self.attenuation}")
+        if self.chunk_depth is not None and self.chunk_depth < 1:
+            raise ValueError(f"{where}: --chunk-depth must be >= 1, got {self.chunk_depth}")
+
+    def parameters(self) -> dict[str, Any]:
+        skip = {"out", "overwrite", "workers", "scheduler", "progress"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+# ----------------------------------------------------------------------------- helpers
+def _chunk_generator(seed: int, what: str, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(seed, what, index))
+
+
+def _stored_ranges(depth: int, stored: int) -> list[tuple[int, int, int]]:
+    """``(object index, d0, d1)`` of every stored object along D."""
+    return [(i, d0, min(d0 + stored, depth)) for i, d0 in enumerate(range(0, depth, stored))]
+
+
+# ----------------------------------------------------------------------------- MRI
+def _make_mask(config: SimulateMRIConfig, grid: tuple[int, int]) -> torch.Tensor:
+    from operators3d import gaussian_mask, poisson_disc_mask
+
+    gen = torch.Generator().manual_seed(derive_seed(config.seed, "mask"))
+    calib = min(config.calibration, *grid)
+    if config.mask == "poisson":
+        return poisson_disc_mask(grid, config.acceleration, calibration=calib, generator=gen)
+    return gaussian_mask(grid, config.acceleration, calibration=calib, generator=gen)
+
+
+def simulate_mri(config: SimulateMRIConfig) -> JobOutcome:
+    """Write (or finish) a simulated multi-coil MRI scan; see the module docstring.
+
+    Shape:
+        ``measurements (C, D, H, W)`` complex64, ``coil_maps (C, D, H, W)``, ``mask (H, W)``,
+        ``reference (D, H, W)`` complex64.
+    """
+    from operators3d import GaussianNoise, MultiCoilMRI, acceleration_of
+
+    config.validate()
+    source = make_volume_source(config.phantom, config.shape, seed=config.seed)
+    d, h, w = source.shape
+    c = config.coils
+    mask = _make_mask(config, (h, w))
+    calib = min(config.calibration, h, w)
+    chunk_depth = config.chunk_depth or default_chunk_depth(c * h * w * 8, d)
+    noise = GaussianNoise(config.noise_sigma) if config.noise_sigma > 0 else None
+    meta = ScanMetadata(
+        modality="mri",
+        volume_shape=(d, h, w),
+        geometry=MRIGeometry(c, (h, w), acceleration_of(mask), (calib, calib)),
+        chunk_depth=min(chunk_depth, d),
+        noise_model=noise.to_dict() if noise is not None else GaussianNoise(0.0).to_dict(),
+        voxel_size=tuple(config.voxel_size),
+        units=config.units,
+    )
+    params = config.parameters()
+    params["shape"] = [d, h, w]
+    group, state = prepare_scan(
+        config.out, meta, params, tool="recon3d simulate mri", overwrite=config.overwrite,
+        sources=[source.describe().get("path", config.phantom)],
+    )
+    if state == "complete":
+        return JobOutcome(str(config.out), "already complete")
+    specs = mri_specs(meta)
+    arrays = _arrays(group, specs, meta.chunk_depth, config.codec, resume=state == "resumed")
+    meas, maps_arr, ref, mask_arr = (arrays[k] for k in ("measurements", "coil_maps", "reference", "mask"))
+    stored = stored_depth_of(meas)
+    map_seed = derive_seed(config.seed, "coil_maps")
+    cd = meta.chunk_depth
+
+    def write_mask() -> None:
+        mask_arr[...] = mask.numpy()
+
+    def make_slab(d0: int, d1: int) -> None:
+        x = torch.from_numpy(source.slab(d0, d1)).to(torch.complex64)
+        if config.phase:
+            x = x * smooth_phase_slab((d, h, w), d0, d1)
+        maps = coil_maps_slab(c, (d, h, w), d0, d1, seed=map_seed)
+        y = MultiCoilMRI(mask=mask, coil_maps=maps)(x)
+        if noise is not None:
+            for k0 in range(d0, d1, cd):
+                k1 = min(k0 + cd, d1)
+                gen = _chunk_generator(config.seed, "noise", k0 // cd)
+                y[:, k0 - d0 : k1 - d0] = noise.sample(
+                    y[:, k0 - d0 : k1 - d0], generator=gen, mask=mask
+                )
+        ref[d0:d1] = x.numpy()
+        maps_arr[:, d0:d1] = maps.numpy()
+        meas[:, d0:d1] = y.numpy()
+
+    tasks = [SlabTask("mask", write_mask, [(mask_arr, 0)])]
+    for i, d0, d1 in _stored_ranges(d, stored):
+        tasks.append(
+            SlabTask(f"slab{i}", (lambda a=d0, b=d1: make_slab(a, b)),
+                     [(meas, i), (maps_arr, i), (ref, i)])
+        )
+    ran = run_tasks(tasks, description="simulate mri", workers=config.workers,
+                    scheduler=config.scheduler, progress=config.progress)
+    finish_scan(group)
+    return JobOutcome(str(config.out), state, ran, len(tasks))
+
+
+def _arrays(group, specs: dict[str, ArraySpec], chunk_depth: int, codec: CodecConfig, *, resume: bool):
+    """Create the arrays (or reopen them when resuming), writable with every chunk stored."""
+    out = {}
+    existing = set(group.array_keys()) if resume else set()
+    for name, spec in specs.items():
+        if name in existing:
+            arr = group[name]
+            if tuple(arr.shape) != spec.shape:
+                arr = create_array(group, spec, chunk_depth=chunk_depth, codec=codec, overwrite=True)
+        else:
+            arr = create_array(group, spec, chunk_depth=chunk_depth, codec=codec, overwrite=True)
+        out[name] = arr.with_config({"write_empty_chunks": True})
+    return out
+
+
+# ----------------------------------------------------------------------------- CT
+def _ct_geometry(config: SimulateCTConfig, shape: tuple[int, int, int]) -> CTGeometry:
+    d, h, w = shape
+    vs, ds = float(config.voxel_size), float(config.det_spacing)
+    if config.geometry == "parallel":
+        from operators3d.ct import default_det_count
+
+        u = config.det_count or default_det_count(shape, vs, ds)
+        return CTGeometry("parallel", config.angles, (d, int(u)), ds, vs)
+    src = float(config.src_dist if config.src_dist is not None else 4 * w * vs)
+    det = float(config.det_dist if config.det_dist is not None else 2 * w * vs)
+    mag = (src + det) / max(src - math.hypot(h, w) * vs / 2, 1e-9)
+    u = config.det_count or int(math.ceil(math.hypot(h, w) * vs * mag / ds)) + 2
+    v = config.det_rows or int(math.ceil(d * vs * mag / ds)) + 2
+    return CTGeometry("cone", config.angles, (int(v), int(u)), ds, vs, src, det)
+
+
+def _ct_noise(config: SimulateCTConfig):
+    from operators3d import GaussianNoise
+
+    if config.photons is not None:
+        return None, {"kind": "transmission_poisson", "photons": float(config.photons)}
+    return GaussianNoise(config.noise_sigma).to_dict(), None
+
+
+def _apply_ct_noise(p: torch.Tensor, config: SimulateCTConfig, gen: torch.Generator) -> torch.Tensor:
+    if config.photons is not None:
+        i0 = float(config.photons)
+        counts = torch.poisson(i0 * torch.exp(-p.to(torch.float64)), generator=gen)
+        return (-torch.log(counts.clamp_min(1.0) / i0)).to(torch.float32)
+    if config.noise_sigma > 0:
+        return p + config.noise_sigma * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    return p
+
+
+def simulate_ct(config: SimulateCTConfig) -> JobOutcome:
+    """Write (or finish) a simulated CT scan; see the module docstring.
+
+    Shape:
+        ``measurements (D, A, U)`` float32 (``D = V`` detector rows for cone beam),
+        ``angles (A,)`` float64, ``reference (D, H, W)`` float32.
+    """
+    config.validate()
+    source = make_volume_source(config.phantom, config.shape, seed=config.seed)
+    shape = source.shape
+    d, h, w = shape
+    geom = _ct_geometry(config, shape)
+    v, u = geom.det_shape
+    a = config.angles
+    span = math.pi if config.geometry == "parallel" else 2 * math.pi
+    angles = np.arange(a, dtype=np.float64) * (span / a)
+    chunk_depth = config.chunk_depth or default_chunk_depth(max(a * u, h * w) * 4, max(d, v))
+    noise_model, acquisition = _ct_noise(config)
+    meta = ScanMetadata(
+        modality="ct",
+        volume_shape=shape,
+        geometry=geom,
+        chunk_depth=min(chunk_depth, max(d, v)),
+        noise_model=noise_model,
+        acquisition_noise=acquisition,
+        voxel_size=(config.voxel_size,) * 3,
+        units=config.units,
+    )
+    params = config.parameters()
+    params["shape"] = list(shape)
+    group, state = prepare_scan(
+        config.out, meta, params, tool="recon3d simulate ct", overwrite=config.overwrite,
+        sources=[source.describe().get("path", config.phantom)],
+    )
+    if state == "complete":
+        return JobOutcome(str(config.out), "already complete")
+    arrays = _arrays(group, ct_specs(meta), meta.chunk_depth, config.codec, resume=state == "resumed")
+    meas, ref, ang = arrays["measurements"], arrays["reference"], arrays["angles"]
+    scale = config.attenuation / (w * config.voxel_size)
+    cd = meta.chunk_depth
+    angles_t = torch.from_numpy(angles)
+
+    def write_angles() -> None:
+        ang[...] = angles
+
+    def reference_slab(d0: int, d1: int) -> torch.Tensor:
+        return torch.from_numpy(source.slab(d0, d1)) * scale
+
+    tasks = [SlabTask("angles", write_angles, [(ang, 0)])]
+    if config.geometry == "parallel":
+        from .ct_ops import ct_operator
+
+        def project(d0: int, d1: int) -> None:
+            x = reference_slab(d0, d1)
+            op = ct_operator(meta, angles_t.to(torch.float32), volume_depth=d1 - d0)
+            p = op(x)
+            for k0 in range(d0, d1, cd):
+                k1 = min(k0 + cd, d1)
+                gen = _chunk_generator(config.seed, "noise", k0 // cd)
+                p[k0 - d0 : k1 - d0] = _apply_ct_noise(p[k0 - d0 : k1 - d0], config, gen)
+            ref[d0:d1] = x.numpy()
+            meas[d0:d1] = p.numpy()
+
+        for i, d0, d1 in _stored_ranges(d, stored_depth_of(meas)):
+            tasks.append(
+                SlabTask(f"slab{i}", (lambda a0=d0, a1=d1: project(a0, a1)), [(meas, i), (ref, i)])
+            )
+    else:
+        from .cone import cone_simulation_tasks
+
+        def noisy(p: torch.Tensor, chunk: int) -> torch.Tensor:
+            return _apply_ct_noise(p, config, _chunk_generator(config.seed, "noise", chunk))
+
+        tasks += cone_simulation_tasks(meta, angles_t, meas, ref, reference_slab, noisy)
+    ran = run_tasks(tasks, description="simulate ct", workers=config.workers,
+                    scheduler=config.scheduler, progress=config.progress)
+    finish_scan(group)
+    return JobOutcome(str(config.out), state, ran, len(tasks))

@@ -1,0 +1,527 @@
+"""The slab stream: training samples ``(y_slab, op_slab, meta)`` from many scans, resumable.
+
+Pieces:
+
+* :class:`SampleKey` — one fully specified sample (scan, D-range, crop, epoch, position). The
+  dataset's output is a pure function of the key.
+* :class:`SlabSampler` — the keys of one rank for one epoch: a permutation drawn from
+  ``(seed, epoch)`` of every slab of every scan (or of ``crops_per_scan`` random crops per scan,
+  whose positions are drawn from ``(seed, epoch, position)``), padded or cut to a multiple of
+  the world size, and dealt round-robin: rank ``r`` takes positions ``r, r + W, r + 2W, ...``.
+  The shards are disjoint and together cover the epoch.
+* :class:`SlabDataset` — map-style; each DataLoader worker opens the scans itself and reads
+  exactly the chunks of the key's D-range (slabs are aligned to chunks), with the presence,
+  decode and finite checks of :class:`~pipeline.data.scan.ScanArray`.
+* :class:`SlabStream` — a DataLoader (workers, prefetch) over the sampler that counts the
+  samples *delivered to the training loop*, so ``state_dict()`` / ``load_state_dict()`` resume
+  exactly after the last sample the loop saw, however far the workers had read ahead.
+
+Modes: ``measurements`` yields ``(y, op, meta)`` with ``y`` the slab's measurements (CT
+``(d, A, U)``, MRI ``(C, d, kH, kW)``) and ``op`` its exact operator (parallel-beam CT and MRI);
+``image`` yields ``(x, None, meta)`` with ``x`` a random crop ``(K, d, h, w)`` of derived
+volumes (``derived/n2i`` for Noise2Inverse; any geometry, cone beam included).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .format import CTGeometry, ScanError
+from .phantoms import derive_seed
+from .scan import Scan, open_scan, slab_slices
+
+__all__ = [
+    "SlabStreamConfig",
+    "SampleKey",
+    "SlabSample",
+    "OperatorRef",
+    "SlabSampler",
+    "SlabDataset",
+    "SlabStream",
+    "collate_slabs",
+]
+
+
+class SampleKey(NamedTuple):
+    """One sample: scan ``scan`` rows ``d0:d1`` (and, for crops, ``h0:h1``, ``w0:w1``).
+
+    ``epoch`` and ``position`` (the sample's place in the epoch's global order) identify it.
+    """
+
+    scan: int
+    d0: int
+    d1: int
+    h0: int = 0
+    h1: int = -1
+    w0: int = 0
+    w1: int = -1
+    epoch: int = 0
+    position: int = 0
+
+
+class OperatorRef(NamedTuple):
+    """Stands for the operator of a slab that depends on the scan's geometry only.
+
+    Parallel-beam slab operators hold projection tables of several MB but no data of their
+    own; sending one from a worker for every sample would cost more than the sample. Workers
+    send this reference instead and :class:`SlabStream` swaps in the operator, built once per
+    ``(scan, thickness)`` in the consuming process.
+    """
+
+    scan: int
+    d0: int
+    d1: int
+
+
+class SlabSample(NamedTuple):
+    """``(y, op, meta)``: measurements (or an image crop), the slab's operator (or None), info."""
+
+    y: torch.Tensor
+    op: Any
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SlabStreamConfig:
+    """Settings of a :class:`SlabStream`.
+
+    Args:
+        scans: scan paths or URLs.
+        mode: ``measurements`` (slabs with their operators) or ``image`` (crops of derived
+            volumes).
+        slab_thickness: D-slices per slab, a multiple of every scan's chunk depth (default:
+            one chunk).
+        image_arrays: the ``derived/`` arrays read in image mode, stacked on a leading axis
+            (``("n2i",)`` gives ``(K, d, h, w)``; ``("fbp",)`` gives ``(1, d, h, w)``).
+        crop_shape: ``(d, h, w)`` of image crops (``d`` a multiple of the chunk depth).
+        crops_per_scan: crops of each scan per epoch (image mode).
+        include_reference: add ``meta["reference"]``, the reference slab or crop, when the scan
+            has one (evaluation, supervised baselines).
+        shuffle: permute the samples each epoch (else scan order).
+        seed: the seed of the permutation and crop positions.
+        remainder: when the sample count is not a multiple of the world size: ``pad``
+            (repeat the first samples so every rank gets as many — DDP-safe), ``drop`` (cut
+            the last ones), ``uneven`` (ranks differ by one sample; exactly a disjoint cover).
+        num_workers: DataLoader worker processes (0 reads in the main process).
+        prefetch_factor: samples each worker reads ahead.
+        batch_size: ``None`` yields single samples; an int stacks samples with the same
+            operator (CT slabs of one scan, image crops).
+        check_finite: reject chunks holding NaN/Inf.
+        multiprocessing_context: how workers start (``fork``, ``forkserver``, ``spawn``;
+            ``None``: the process default). ``spawn``/``forkserver`` workers import torch and
+            zarr afresh (seconds, once: workers persist across epochs).
+        storage_options: passed to fsspec for URL scans.
+    """
+
+    scans: tuple[str, ...]
+    mode: str = "measurements"
+    slab_thickness: int | None = None
+    image_arrays: tuple[str, ...] = ("n2i",)
+    crop_shape: tuple[int, int, int] | None = None
+    crops_per_scan: int = 16
+    include_reference: bool = False
+    shuffle: bool = True
+    seed: int = 0
+    remainder: str = "pad"
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    batch_size: int | None = None
+    check_finite: bool = True
+    multiprocessing_context: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scans", tuple(str(s) for s in self.scans))
+        where = "SlabStreamConfig"
+        if not self.scans:
+            raise ValueError(f"{where}: give at least one scan")
+        if self.mode not in ("measurements", "image"):
+            raise ValueError(f"{where}: mode must be 'measurements' or 'image', got {self.mode!r}")
+        if self.remainder not in ("pad", "drop", "uneven"):
+            raise ValueError(f"{where}: remainder must be 'pad', 'drop' or 'uneven', got {self.remainder!r}")
+        if self.mode == "image" and self.crop_shape is None:
+            raise ValueError(f"{where}: mode 'image' needs crop_shape=(d, h, w)")
+        if self.num_workers < 0 or self.prefetch_factor < 1:
+            raise ValueError(f"{where}: num_workers must be >= 0 and prefetch_factor >= 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"{where}: batch_size must be None or >= 1, got {self.batch_size}")
+
+
+# ----------------------------------------------------------------------------- catalogue
+@dataclass(frozen=True)
+class _ScanInfo:
+    path: str
+    modality: str
+    depth: int  # D of what is sliced: measurements (mode measurements) or volume (image)
+    chunk_depth: int
+    image_shape: tuple[int, int, int]
+    cone: bool
+
+
+def _catalogue(config: SlabStreamConfig) -> list[_ScanInfo]:
+    out = []
+    for path in config.scans:
+        scan = open_scan(path, storage_options=config.storage_options)
+        meta = scan.metadata
+        cone = isinstance(meta.geometry, CTGeometry) and meta.geometry.kind == "cone"
+        if config.mode == "measurements" and cone:
+            raise ScanError(
+                f"scan '{path}': cone-beam slabs have no exact operator of their own; stream "
+                "it with mode='image' over derived volumes (recon3d preprocess)"
+            )
+        if config.mode == "image":
+            for name in config.image_arrays:
+                scan.derived(name)  # raises, naming the scan, when missing or incomplete
+        depth = meta.measurement_depth if config.mode == "measurements" else meta.volume_shape[0]
+        out.append(
+            _ScanInfo(path, meta.modality, depth, meta.chunk_depth, tuple(meta.volume_shape), cone)
+        )
+    return out
+
+
+def _base_keys(config: SlabStreamConfig, infos: Sequence[_ScanInfo]) -> list[SampleKey]:
+    keys: list[SampleKey] = []
+    for i, info in enumerate(infos):
+        if config.mode == "measurements":
+            t = info.chunk_depth if config.slab_thickness is None else int(config.slab_thickness)
+            try:
+                slices = slab_slices(info.depth, t, info.chunk_depth)
+            except ValueError as err:
+                raise ValueError(f"scan '{info.path}': {err}") from None
+            keys += [SampleKey(i, s.start, s.stop) for s in slices]
+        else:
+            cd, ch, cw = (int(v) for v in config.crop_shape)  # type: ignore[union-attr]
+            d, h, w = info.image_shape
+            if cd % info.chunk_depth or cd > d or ch > h or cw > w or min(cd, ch, cw) < 1:
+                raise ValueError(
+                    f"scan '{info.path}': crop_shape {config.crop_shape} must fit the volume "
+                    f"{info.image_shape} with d a multiple of the chunk depth {info.chunk_depth}"
+                )
+            keys += [SampleKey(i, 0, cd, 0, ch, 0, cw, position=k) for k in range(config.crops_per_scan)]
+    return keys
+
+
+# ----------------------------------------------------------------------------- sampler
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class SlabSampler(Sampler[SampleKey]):
+    """The sample keys of one rank, a pure function of ``(seed, epoch, rank, world_size)``.
+
+    The epoch's global order is a permutation of the base samples drawn from
+    ``(seed, epoch)``; it is padded/cut to a multiple of the world size (``remainder``) and,
+    from global position ``offset`` on, dealt round-robin to the ranks. ``start`` skips the
+    rank's first samples (mid-epoch resume).
+    """
+
+    def __init__(
+        self,
+        base: Sequence[SampleKey],
+        infos: Sequence[_ScanInfo],
+        config: SlabStreamConfig,
+        *,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"SlabSampler: need 0 <= rank < world_size, got {rank}, {world_size}")
+        self.base = list(base)
+        self.infos = list(infos)
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.offset = 0
+        self.start = 0
+
+    def global_order(self, epoch: int) -> list[int]:
+        """Indices into the base samples, in the epoch's order, padded or cut."""
+        n = len(self.base)
+        if self.config.shuffle:
+            rng = np.random.default_rng(derive_seed(self.config.seed, "order", epoch))
+            order = rng.permutation(n).tolist()
+        else:
+            order = list(range(n))
+        w = self.world_size
+        if self.config.remainder == "pad" and n % w:
+            order += (order * w)[: w - n % w]
+        elif self.config.remainder == "drop":
+            order = order[: n - n % w]
+        return order
+
+    def _key(self, base_index: int, epoch: int, position: int) -> SampleKey:
+        key = self.base[base_index]
+        if self.config.mode == "image":
+            info = self.infos[key.scan]
+            d, h, w = info.image_shape
+            cd, ch, cw = key.d1 - key.d0, key.h1 - key.h0, key.w1 - key.w0
+            rng = np.random.default_rng(derive_seed(self.config.seed, "crop", epoch, base_index))
+            steps = (d - cd) // info.chunk_depth
+            d0 = int(rng.integers(0, steps + 1)) * info.chunk_depth
+            h0 = int(rng.integers(0, h - ch + 1))
+            w0 = int(rng.integers(0, w - cw + 1))
+            key = key._replace(d0=d0, d1=d0 + cd, h0=h0, h1=h0 + ch, w0=w0, w1=w0 + cw)
+        return key._replace(epoch=epoch, position=position)
+
+    def keys(self, epoch: int | None = None, *, offset: int | None = None) -> list[SampleKey]:
+        """This rank's keys of ``epoch`` from global position ``offset`` on (before ``start``)."""
+        epoch = self.epoch if epoch is None else epoch
+        offset = self.offset if offset is None else offset
+        order = self.global_order(epoch)
+        positions = range(offset + self.rank, len(order), self.world_size)
+        return [self._key(order[p], epoch, p) for p in positions]
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        return iter(self.keys()[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, len(range(self.offset + self.rank, len(self.global_order(self.epoch)), self.world_size)) - self.start)
+
+
+# ----------------------------------------------------------------------------- dataset
+class SlabDataset(Dataset):
+    """Map-style dataset from :class:`SampleKey` to :class:`SlabSample`.
+
+    Scans are opened on first use in each process (DataLoader workers open their own).
+    Parallel-beam CT samples carry an :class:`OperatorRef` (see there); :meth:`resolve` turns
+    it into the operator in the consuming process (``SlabStream`` does this for you).
+    """
+
+    def __init__(self, config: SlabStreamConfig, infos: Sequence[_ScanInfo]) -> None:
+        self.config = config
+        self.infos = list(infos)
+        self._scans: dict[int, Scan] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"config": self.config, "infos": self.infos}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.config = state["config"]
+        self.infos = state["infos"]
+        self._scans = {}
+
+    def scan(self, index: int) -> Scan:
+        if index not in self._scans:
+            self._scans[index] = open_scan(self.infos[index].path, storage_options=self.config.storage_options)
+        return self._scans[index]
+
+    def __len__(self) -> int:  # map-style datasets are indexed by keys, not 0..n-1
+        raise TypeError("SlabDataset is indexed by SampleKey; iterate a SlabStream")
+
+    def operator(self, ref: OperatorRef) -> Any:
+        """The operator a :class:`OperatorRef` stands for (cached per scan and thickness)."""
+        return self.scan(ref.scan).operator(slice(ref.d0, ref.d1))
+
+    def resolve(self, sample: SlabSample) -> SlabSample:
+        """``sample`` with an :class:`OperatorRef` replaced by its operator."""
+        if isinstance(sample.op, OperatorRef):
+            return sample._replace(op=self.operator(sample.op))
+        return sample
+
+    def __getitem__(self, key: SampleKey) -> SlabSample:
+        scan = self.scan(key.scan)
+        check = self.config.check_finite
+        d_slice = slice(key.d0, key.d1)
+        meta: dict[str, Any] = {
+            "scan": scan.path,
+            "scan_index": key.scan,
+            "modality": scan.modality,
+            "d_slice": (key.d0, key.d1),
+            "epoch": key.epoch,
+            "position": key.position,
+            "noise_model": scan.metadata.noise_model,
+            "acquisition_noise": scan.metadata.acquisition_noise,
+        }
+        if self.config.mode == "measurements":
+            if scan.modality == "ct":
+                y = scan.measurements.read_torch(d_slice, check_finite=check)
+                op: Any = OperatorRef(key.scan, key.d0, key.d1)
+                meta["operator_key"] = (scan.path, key.d1 - key.d0)
+            else:
+                y, op = scan.slab(d_slice, check_finite=check)
+                meta["operator_key"] = (scan.path, key.d0, key.d1)
+            if self.config.include_reference and scan.reference is not None:
+                meta["reference"] = scan.reference.read_torch(d_slice, check_finite=check)
+            return SlabSample(y, op, meta)
+        crop = (slice(key.h0, key.h1), slice(key.w0, key.w1))
+        parts = []
+        for name in self.config.image_arrays:
+            arr = scan.derived(name)
+            values = arr.read(d_slice, check_finite=check)
+            if values.ndim == 3:
+                values = values[None]
+            parts.append(values[(...,) + crop])
+        x = torch.from_numpy(np.ascontiguousarray(np.concatenate(parts, axis=0)))
+        meta["crop"] = (key.d0, key.d1, key.h0, key.h1, key.w0, key.w1)
+        meta["operator_key"] = None
+        if self.config.include_reference and scan.reference is not None:
+            ref = scan.reference.read(d_slice, check_finite=check)[(...,) + crop]
+            meta["reference"] = torch.from_numpy(np.ascontiguousarray(ref))
+        return SlabSample(x, None, meta)
+
+
+def _identity(sample: SlabSample) -> SlabSample:
+    return sample
+
+
+def collate_slabs(samples: Sequence[SlabSample]) -> SlabSample:
+    """Stack samples that share one operator: ``y`` gains a leading batch axis, ``op`` (which
+    broadcasts over leading axes) is kept once, ``meta`` becomes a list.
+
+    Raises:
+        ValueError: samples with different operators (MRI slabs at different D positions
+            have different coil maps: use ``batch_size=None``).
+    """
+    keys = {repr(s.meta.get("operator_key")) for s in samples}
+    if len(keys) > 1:
+        raise ValueError(
+            "collate_slabs: these samples have different operators "
+            f"({sorted(keys)[:3]}...); stream them one at a time (batch_size=None)"
+        )
+    shapes = {tuple(s.y.shape) for s in samples}
+    if len(shapes) > 1:
+        raise ValueError(f"collate_slabs: samples of different shapes {sorted(shapes)} cannot be stacked")
+    return SlabSample(torch.stack([s.y for s in samples]), samples[0].op, [s.meta for s in samples])
+
+
+def _worker_init(_: int) -> None:
+    # Workers decode; one intra-op thread each keeps them from fighting over the cores.
+    torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- stream
+class SlabStream:
+    """An iterable of :class:`SlabSample` (or stacked batches) for one rank, resumable.
+
+    Iterating runs one epoch from the current position; at its end the epoch advances and the
+    position returns to 0. ``state_dict()`` taken at any point and loaded into a new stream
+    (same scans and config) makes it yield exactly the samples the old one had not delivered.
+    Loading a state saved at another world size continues from the global position the ranks
+    had reached together (this assumes the ranks ran in lockstep, as in data-parallel
+    training).
+
+    Args:
+        config: :class:`SlabStreamConfig`.
+        rank, world_size: default from ``torch.distributed`` when initialised, else 0 and 1.
+    """
+
+    def __init__(self, config: SlabStreamConfig, *, rank: int | None = None, world_size: int | None = None) -> None:
+        if rank is None or world_size is None:
+            r, w = _dist_rank_world()
+            rank = r if rank is None else rank
+            world_size = w if world_size is None else world_size
+        self.config = config
+        self.infos = _catalogue(config)
+        self.base = _base_keys(config, self.infos)
+        if not self.base:
+            raise ValueError("SlabStream: the scans give no samples")
+        self.sampler = SlabSampler(self.base, self.infos, config, rank=rank, world_size=world_size)
+        self.dataset = SlabDataset(config, self.infos)
+        self._loader: DataLoader | None = None
+        self.position = 0  # samples of this rank delivered since sampler.offset in this epoch
+
+    # ------------------------------------------------------------------ state
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    @property
+    def rank(self) -> int:
+        return self.sampler.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.sampler.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning at the next iteration."""
+        self.sampler.epoch = int(epoch)
+        self.sampler.offset = 0
+        self.position = 0
+
+    def _fingerprint(self) -> list[Any]:
+        return [list(self.config.scans), self.config.mode, self.config.slab_thickness,
+                list(self.config.crop_shape or ()), self.config.crops_per_scan, len(self.base)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rank's position: ``{"epoch", "offset", "position", "seed", "world_size", ...}``."""
+        return {
+            "epoch": self.sampler.epoch,
+            "offset": self.sampler.offset,
+            "position": self.position,
+            "seed": self.config.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "fingerprint": self._fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after the last sample delivered when ``state`` was taken."""
+        if state.get("seed") != self.config.seed or state.get("fingerprint") != self._fingerprint():
+            raise ValueError(
+                "SlabStream.load_state_dict: the state was saved for other scans or settings "
+                f"(seed {state.get('seed')} vs {self.config.seed}, fingerprint "
+                f"{state.get('fingerprint')} vs {self._fingerprint()})"
+            )
+        self.sampler.epoch = int(state["epoch"])
+        if int(state["world_size"]) == self.world_size:
+            self.sampler.offset = int(state["offset"])
+            self.position = int(state["position"])
+        else:
+            self.sampler.offset = int(state["offset"]) + int(state["position"]) * int(state["world_size"])
+            self.position = 0
+
+    # ------------------------------------------------------------------ iteration
+    def __len__(self) -> int:
+        """Samples (or batches) this rank delivers in a full epoch from its start."""
+        n = len(self.sampler.keys(offset=0))
+        if self.config.batch_size is None:
+            return n
+        return math.ceil(n / self.config.batch_size)
+
+    def _make_loader(self) -> DataLoader:
+        cfg = self.config
+        workers = cfg.num_workers
+        batched = cfg.batch_size is not None
+        kwargs: dict[str, Any] = {}
+        if workers > 0:
+            kwargs.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=True,
+                          worker_init_fn=_worker_init,
+                          multiprocessing_context=cfg.multiprocessing_context)
+        return DataLoader(
+            self.dataset,
+            sampler=self.sampler,
+            batch_size=cfg.batch_size if batched else None,
+            collate_fn=collate_slabs if batched else _identity,
+            num_workers=workers,
+            **kwargs,
+        )
+
+    def __iter__(self) -> Iterator[SlabSample]:
+        if self._loader is None:
+            self._loader = self._make_loader()
+        self.sampler.start = self.position
+        step = 1 if self.config.batch_size is None else None
+        for item in self._loader:
+            self.position += step if step is not None else len(item.meta)
+            yield self.dataset.resolve(item)
+        self.sampler.epoch += 1
+        self.sampler.offset = 0
+        self.sampler.start = 0
+        self.position = 0
+
+    def keys(self) -> list[SampleKey]:
+        """The keys the next iteration will yield (from the current position)."""
+        return self.sampler.keys()[self.position :]
+

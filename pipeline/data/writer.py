@@ -1,0 +1,236 @@
+"""Writing scans slab by slab: create-or-resume, a dask task runner with progress, completion.
+
+A job (simulate, ingest, preprocess) describes its work as :class:`SlabTask` s, each writing
+whole stored objects (chunks or shards along D) of some arrays. A task is *done* when every
+object it writes exists (zarr writes an object atomically, so existence means fully written),
+which makes any job resumable: rerun it with the same parameters and only the missing tasks
+run. The scan's ``status`` stays ``incomplete`` until the last task finished.
+
+Tasks run as a dask graph (``dask.delayed``), on the threaded scheduler by default, or on a
+``dask.distributed`` cluster when ``scheduler="distributed"`` and a client is active; at most
+``workers`` slabs are in memory at once on the threaded scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import zarr
+
+from .format import (
+    ATTRS_KEY,
+    ScanError,
+    ScanMetadata,
+    missing_chunks,
+    now_iso,
+    open_group,
+)
+
+__all__ = ["SlabTask", "run_tasks", "prepare_scan", "finish_scan", "JobOutcome", "jsonable"]
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON types (tuples → lists), for attributes and comparisons."""
+    return json.loads(json.dumps(value, default=str))
+
+
+@dataclass
+class SlabTask:
+    """One unit of work: ``fn()`` writes whole stored objects ``outputs = [(array, index)]``."""
+
+    name: str
+    fn: Callable[[], None]
+    outputs: list[tuple[zarr.Array, int]] = field(default_factory=list)
+
+
+def _pending(tasks: Sequence[SlabTask]) -> list[SlabTask]:
+    by_array: dict[int, tuple[zarr.Array, set[int]]] = {}
+    for task in tasks:
+        for arr, index in task.outputs:
+            by_array.setdefault(id(arr), (arr, set()))[1].add(index)
+    missing: set[tuple[int, int]] = set()
+    for key, (arr, indices) in by_array.items():
+        for index in missing_chunks(arr, sorted(indices)):
+            missing.add((key, index))
+    return [
+        t for t in tasks if not t.outputs or any((id(a), i) in missing for a, i in t.outputs)
+    ]
+
+
+def run_tasks(
+    tasks: Sequence[SlabTask],
+    *,
+    description: str,
+    workers: int = 1,
+    scheduler: str = "threads",
+    progress: bool = True,
+) -> int:
+    """Run the tasks not yet done; returns how many ran.
+
+    Args:
+        tasks: the job's tasks (done ones are skipped).
+        description: the progress bar's label.
+        workers: parallel tasks on the threaded scheduler (memory: ``workers`` slabs).
+        scheduler: ``threads``, ``sync`` (one at a time, in this thread) or ``distributed``
+            (the active ``dask.distributed`` client).
+        progress: show a rich progress bar on stderr.
+    """
+    import dask
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    todo = _pending(tasks)
+    done_before = len(tasks) - len(todo)
+    if not todo:
+        return 0
+    workers = max(1, int(workers))
+    console = Console(stderr=True)
+    bar = Progress(
+        TextColumn("[bold cyan]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not progress,
+        transient=False,
+    )
+    threads_before = torch.get_num_threads()
+    if scheduler == "threads":
+        # Dask runs `workers` tasks at once; share the cores between them instead of
+        # letting each task's torch ops spawn a full pool.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    try:
+        with bar:
+            handle = bar.add_task(description, total=len(tasks), completed=done_before)
+            if scheduler == "distributed":
+                from distributed import as_completed, get_client
+
+                client = get_client()
+                futures = [client.submit(t.fn, key=f"{description}-{t.name}", pure=False) for t in todo]
+                for fut in as_completed(futures):
+                    fut.result()
+                    bar.advance(handle)
+            elif scheduler in ("threads", "sync"):
+                from dask.callbacks import Callback
+
+                class _Advance(Callback):
+                    def _posttask(self, key, result, dsk, state, worker_id):  # noqa: D401
+                        bar.advance(handle)
+
+                graph = [
+                    dask.delayed(t.fn, pure=False, name=f"{description}-{t.name}")(
+                        dask_key_name=f"{description}-{t.name}"
+                    )
+                    for t in todo
+                ]
+                with _Advance():
+                    dask.compute(
+                        *graph,
+                        scheduler="threads" if scheduler == "threads" else "sync",
+                        num_workers=workers,
+                    )
+            else:
+                raise ValueError(
+                    f"scheduler must be 'threads', 'sync' or 'distributed', got {scheduler!r}"
+                )
+    finally:
+        torch.set_num_threads(threads_before)
+    return len(todo)
+
+
+@dataclass
+class JobOutcome:
+    """What a write job did: ``created``, ``resumed`` or ``already complete``; tasks run."""
+
+    path: str
+    state: str
+    tasks_run: int = 0
+    tasks_total: int = 0
+
+
+def prepare_scan(
+    path: Any,
+    metadata: ScanMetadata,
+    parameters: Mapping[str, Any],
+    *,
+    tool: str,
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    sources: Sequence[str] = (),
+) -> tuple[zarr.Group, str]:
+    """Create the scan group, or reopen an unfinished one made with the same parameters.
+
+    Returns ``(group, state)`` with state ``created``, ``resumed`` or ``complete`` (then
+    nothing needs to be written). A scan at ``path`` made with other parameters is an error
+    unless ``overwrite``.
+    """
+    params = jsonable(dict(parameters))
+    existing = None
+    try:
+        existing = open_group(path, mode="r", storage_options=storage_options)
+    except (FileNotFoundError, ScanError):
+        existing = None
+    if existing is not None and not overwrite:
+        attrs = dict(existing.attrs).get(ATTRS_KEY)
+        if attrs is None:
+            if list(existing.keys()):
+                raise ScanError(
+                    f"scan '{path}': a zarr group that is not a recon3d scan already exists "
+                    "there; choose another --out or pass --overwrite"
+                )
+        else:
+            old = jsonable((attrs.get("provenance") or {}).get("parameters"))
+            if old != params:
+                changed = sorted(
+                    k for k in set(old or {}) | set(params) if (old or {}).get(k) != params.get(k)
+                )
+                raise ScanError(
+                    f"scan '{path}' already exists and was made with other parameters "
+                    f"(differing: {changed}); rerun with the same parameters to finish it, pass "
+                    "--overwrite to replace it, or choose another --out"
+                )
+            group = open_group(path, mode="r+", storage_options=storage_options)
+            return group, "complete" if attrs.get("status") == "complete" else "resumed"
+    group = open_group(path, mode="w" if overwrite or existing is not None else "a",
+                       storage_options=storage_options)
+    provenance = {
+        "tool": tool,
+        "recon3d_version": _version(),
+        "created": now_iso(),
+        "parameters": params,
+        "sources": list(sources),
+    }
+    meta = metadata.replace(status="incomplete", provenance=provenance)
+    group.attrs[ATTRS_KEY] = jsonable(meta.to_dict())
+    return group, "created"
+
+
+def finish_scan(group: zarr.Group, **updates: Any) -> None:
+    """Mark the scan complete (after every task ran), with optional metadata ``updates``."""
+    attrs = dict(dict(group.attrs)[ATTRS_KEY])
+    for key, value in updates.items():
+        attrs[key] = jsonable(value)
+    attrs["status"] = "complete"
+    attrs.setdefault("provenance", {})["completed"] = now_iso()
+    group.attrs[ATTRS_KEY] = attrs
+
+
+def update_attrs(group: zarr.Group, **updates: Any) -> None:
+    """Set top-level keys of the scan's ``recon3d`` attributes (during a job)."""
+    attrs = dict(dict(group.attrs)[ATTRS_KEY])
+    for key, value in updates.items():
+        attrs[key] = jsonable(value)
+    group.attrs[ATTRS_KEY] = attrs
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("recon3d")
+    except Exception:  # not installed (running from a checkout)
+        return "unknown"

@@ -1,0 +1,22 @@
+"""Scan factories shared by the data tests (tiny sizes: the suite runs on 2 cores)."""
+
+from __future__ import annotations
+
+from pipeline.data import SimulateCTConfig, SimulateMRIConfig, simulate_ct, simulate_mri
+
+MRI_SHAPE = (10, 24, 20)
+CT_SHAPE = (8, 20, 20)
+
+
+def make_mri(path, **changes):
+    config = dict(out=str(path), shape=MRI_SHAPE, coils=3, acceleration=2.5, calibration=8,
+                  chunk_depth=2, workers=1, scheduler="sync", progress=False)
+    config.update(changes)
+    return simulate_mri(SimulateMRIConfig(**config))
+
+
+def make_ct(path, **changes):
+    config = dict(out=str(path), shape=CT_SHAPE, angles=18, chunk_depth=2, workers=1,
+                  scheduler="sync", progress=False)
+    config.update(changes)
+    return simulate_ct(SimulateCTConfig(**config))
