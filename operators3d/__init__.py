@@ -1,6 +1,6 @@
 """operators3d — matrix-free 3D imaging operators in pure torch.
 
-Pure mathematics on tensors: linear operators, physics (MRI; CT follows), sampling masks, coil
+Pure mathematics on tensors: linear operators, physics (MRI, CT), sampling masks, coil
 maps, noise models and group actions. Imports torch (and numpy) only — never ``pipeline``,
 ``deepspeed``, ``dask`` or ``zarr``.
 
@@ -12,6 +12,9 @@ Conventions (stated once here and in DESIGN.md):
   ifftshift``. ``MultiCoilMRI``: ``y_c = M ⊙ F(S_c ⊙ x)``, adjoint ``Σ_c conj(S_c) F⁻¹(M ⊙ y_c)``;
   image ``(…, D, H, W)`` ↔ k-space ``(…, C, D, kH, kW)``. A mask ``(H, W)`` means hybrid space
   (2D FFT per D-slice), a mask ``(D, H, W)`` a full 3D FFT.
+* **CT.** Sinogram ``(…, D, A, U)`` (detector rows, angles, columns); parallel beam with x along
+  W and y along H centred at (N−1)/2, ray direction ``d(θ) = (−sin θ, cos θ)``; cone beam on a
+  circular orbit with a flat detector ``(V, U)`` (see :mod:`operators3d.ct`). Angles in radians.
 * **Inner product.** Plain ``vdot`` over flattened tensors: ``⟨A x, y⟩ = ⟨x, Aᴴ y⟩``.
 * **Autograd.** The backward of an operator is its adjoint; nothing of the input is saved.
 
@@ -40,6 +43,7 @@ from .base import (
     op_norm,
 )
 from .coils import estimate_coil_maps, simulate_coil_maps
+from .ct import ConeBeamCT, ParallelBeamCT, cone_beam, fbp, fdk, parallel_beam, volume
 from .fft import centered_fft, centered_ifft, readout_to_hybrid
 from .masks import acceleration_of, calibration_region, gaussian_mask, poisson_disc_mask
 from .mri import CenteredFFT, CoilExpand, Mask, MultiCoilMRI, sense_cg
@@ -81,6 +85,13 @@ __all__ = [
     "CenteredFFT",
     "Mask",
     "sense_cg",
+    "ParallelBeamCT",
+    "ConeBeamCT",
+    "fbp",
+    "fdk",
+    "volume",
+    "parallel_beam",
+    "cone_beam",
     "poisson_disc_mask",
     "gaussian_mask",
     "calibration_region",
