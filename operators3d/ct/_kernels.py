@@ -131,12 +131,16 @@ def two_stage_gather(
     block_bytes: int,
     accumulate: bool,
 ) -> None:
-    """``out[r, b, m] (+)= Σ_s Σ_k row_weight[r,s,k] · interp(src[row_index[r,s,k], b], pos[r,s,m])``.
+    """In-plane pair interpolation, then linear interpolation along the row, summed over steps.
 
     Shape:
         ``src (rows, C, P)`` padded rows (see :func:`z_tables`, ``P = length + 3``);
         ``row_index, row_weight (R, S, 2)``; ``zslope (R, S)``; ``zcoord (M,)``;
         ``out (R, C, M)``.
+
+    Math:
+        ``out[r, c, m] (+)= Σ_s Σ_k w[r, s, k] · interp(src[idx[r, s, k], c], pos[r, s, m])``,
+        ``pos = zslope[r, s] · zcoord[m] + zoff`` (linear interpolation, zero outside).
     """
     num_r, num_s, _ = row_index.shape
     channels, width = src.shape[1], src.shape[2]
