@@ -1,0 +1,66 @@
+"""3D networks, reconstructors ``model(y, op) -> x_hat`` and memory-bounded tiled evaluation.
+
+* :class:`UNet3D` — a 3D U-Net backbone on real channels ``(B, C, D, H, W)`` (receptive
+  radius 9 / 23 / 51 voxels for 2 / 3 / 4 levels), optionally checkpointed per level;
+  :class:`DnCNN3D` — a plain convolutional denoiser (receptive radius ``depth · (k//2)``,
+  5 by default), the usual backbone of unrolled networks.
+* :class:`TiledBackbone` — runs any backbone on overlapping tiles with a blending window and
+  non-reentrant activation checkpointing per tile; equal to the untiled backbone (values and
+  gradients, to float rounding) when the overlap covers the receptive field.
+* :class:`ArtifactRemoval` — a backbone on an initial estimate (``Aᴴy``, FBP, SENSE);
+  :class:`UnrolledNetwork` — gradient or CG data consistency alternating with a backbone.
+* :func:`to_channels` / :func:`from_channels` — complex images as two real channels, at the
+  model boundary only.
+* :mod:`pipeline.models.physics` — measured entries, restrictions and scales of operators.
+
+Example::
+
+    from pipeline.models import ArtifactRemoval, TiledBackbone, UNet3D
+
+    unet = UNet3D(2, 2, widths=[16, 32])                      # complex MRI images: 2 channels
+    model = ArtifactRemoval(TiledBackbone(unet, tile_shape=(16, 64, 64)), initial="adjoint")
+    x_hat = model(y, op)                                      # (B, D, H, W) complex
+"""
+
+from .channels import from_channels, num_channels, to_channels
+from .physics import (
+    IndexSelect,
+    MaskedOperator,
+    classical_reconstruction,
+    filtered_backprojection,
+    lipschitz,
+    measurement_mask,
+    num_measured,
+    restrict_angles,
+    restrict_measurements,
+)
+from .reconstructors import ArtifactRemoval, UnrolledNetwork, initial_estimate, normal_solve
+from .tiling import TiledBackbone, axis_windows, tile_shape_for, tile_starts
+from .dncnn import DnCNN3D
+from .unet import UNet3D, unet_receptive_radius
+
+__all__ = [
+    "UNet3D",
+    "DnCNN3D",
+    "unet_receptive_radius",
+    "TiledBackbone",
+    "tile_starts",
+    "tile_shape_for",
+    "axis_windows",
+    "ArtifactRemoval",
+    "UnrolledNetwork",
+    "initial_estimate",
+    "normal_solve",
+    "to_channels",
+    "from_channels",
+    "num_channels",
+    "MaskedOperator",
+    "IndexSelect",
+    "measurement_mask",
+    "num_measured",
+    "restrict_measurements",
+    "restrict_angles",
+    "lipschitz",
+    "classical_reconstruction",
+    "filtered_backprojection",
+]

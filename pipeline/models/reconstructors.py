@@ -1,0 +1,383 @@
+"""Reconstructors ``model(y, op) -> x_hat``: a backbone on an initial estimate, and unrolled networks.
+
+Both take measurements ``y`` of shape ``(*batch, *op.range_shape)`` and an operator, and return
+an image ``(*batch, *op.domain_shape)`` (complex for MRI, real for CT). The backbone sees real
+channels (:mod:`pipeline.models.channels`): 2 for a complex image, 1 for a real one, so a
+backbone for MRI is built with ``in_channels = out_channels = 2`` and for CT with 1. Any
+backbone works, including a :class:`~pipeline.models.TiledBackbone` (which makes the network
+part memory-bounded; the operator steps act on the whole slab).
+
+Scale: with ``normalize=True`` (default) the backbone sees ``x / s`` and its output is
+multiplied by ``s``, ``s`` the root mean square of the initial estimate of each batch element
+(a constant of the data: no gradient flows through it). This makes the network independent of
+the scan's intensity scale (CT backprojections are ``~A·N`` times the image) and the
+reconstructor positively homogeneous: ``f(c·y) = c·f(y)`` for ``c > 0``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from operators3d import LinearOperator, conjugate_gradient
+
+from .channels import from_channels, num_channels, to_channels
+from .physics import ct_kind, filtered_backprojection, lipschitz
+
+__all__ = ["ArtifactRemoval", "UnrolledNetwork", "normal_solve", "initial_estimate"]
+
+_INITIALS = ("adjoint", "fbp", "sense", "classical")
+_DCS = ("gradient", "cg")
+
+Initial = str | Callable[[torch.Tensor, LinearOperator], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _flatten(y: torch.Tensor, op: LinearOperator, owner: str) -> tuple[torch.Tensor, torch.Size]:
+    """``y`` as ``(B, *range)`` and the original leading dims."""
+    if not isinstance(op, LinearOperator):
+        raise TypeError(f"{owner}: op must be a LinearOperator, got {type(op).__name__}")
+    k = len(op.range_shape)
+    if y.ndim < k or tuple(y.shape[y.ndim - k :]) != op.range_shape:
+        raise ValueError(
+            f"{owner}: expected y of trailing shape {op.range_shape} ({op.name}), got "
+            f"{tuple(y.shape)}"
+        )
+    if len(op.domain_shape) != 3:
+        raise ValueError(
+            f"{owner}: the operator's domain must be a volume (D, H, W), got {op.domain_shape}"
+        )
+    lead = y.shape[: y.ndim - k]
+    return y.reshape((math.prod(lead),) + op.range_shape), lead
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square of each batch element, ``(B, 1, 1, 1)``, detached, never zero."""
+    with torch.no_grad():
+        s = x.abs().pow(2).mean(dim=(-3, -2, -1), keepdim=True).sqrt()
+        return s.clamp_min(torch.finfo(s.dtype).tiny)
+
+
+def _check_channels(backbone: nn.Module, x: torch.Tensor, owner: str) -> None:
+    want = num_channels(x)
+    for what in ("in_channels", "out_channels"):
+        have = getattr(backbone, what, None)
+        if have is not None and have != want:
+            kind = "complex" if x.is_complex() else "real"
+            raise ValueError(
+                f"{owner}: a {kind} image needs a backbone with {what}={want}, got {have}"
+            )
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype | None:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _denoise(backbone: nn.Module, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``s · g(x / s)`` through the channel boundary, in the backbone's precision.
+
+    The channels are cast to the backbone's parameter dtype (a bf16/fp16 engine converts the
+    weights, not the operator's images) and the result back to the image's precision.
+    """
+    z = x / scale if scale is not None else x
+    channels = to_channels(z)
+    dtype = _param_dtype(backbone)
+    if dtype is not None and dtype != channels.dtype:
+        channels = channels.to(dtype)
+    out = backbone(channels)
+    if out.dtype != x.real.dtype:
+        out = out.to(x.real.dtype)
+    out = from_channels(out, complex=x.is_complex())
+    return out * scale if scale is not None else out
+
+
+class _NormalSolve(torch.autograd.Function):
+    """``x = (AᴴA + λI)⁻¹ b`` by CG; backward by a second CG solve (implicit differentiation)."""
+
+    @staticmethod
+    def forward(ctx, b, damping, op, num_iters, tol):  # type: ignore[override]
+        lam = float(damping)
+        nd = len(op.domain_shape)
+        x = conjugate_gradient(
+            op.normal_operator(), b, num_dims=nd, num_iters=num_iters, tol=tol, damping=lam
+        )
+        ctx.op, ctx.lam, ctx.nd, ctx.num_iters, ctx.tol = op, lam, nd, num_iters, tol
+        ctx.save_for_backward(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        with torch.no_grad():
+            g = conjugate_gradient(
+                ctx.op.normal_operator(), grad, num_dims=ctx.nd, num_iters=ctx.num_iters,
+                tol=ctx.tol, damping=ctx.lam,
+            )
+            grad_damping = None
+            if ctx.needs_input_grad[1]:
+                # x = M⁻¹ b, dx/dλ = −M⁻¹ x, M self-adjoint: ∂L/∂λ = −Re⟨x, M⁻¹ grad⟩.
+                prod = (x.conj() * g).real if x.is_complex() else x * g
+                grad_damping = -prod.sum()
+        return g, grad_damping, None, None, None
+
+
+def normal_solve(
+    b: torch.Tensor,
+    op: LinearOperator,
+    *,
+    damping: float | torch.Tensor = 0.0,
+    num_iters: int = 10,
+    tol: float = 1e-6,
+) -> torch.Tensor:
+    """Solve ``(AᴴA + λI) x = b`` by conjugate gradient, each batch element its own system.
+
+    Gradients (to ``b`` and to a tensor ``λ``) come from implicit differentiation — a second CG
+    solve in backward — so no CG iterate is kept; they are exact for the converged solution.
+
+    Shape:
+        ``b``: ``(*batch, *op.domain_shape)``; returns the same.
+
+    Math:
+        ``x = (AᴴA + λI)⁻¹ b``, ``∂L/∂b = (AᴴA + λI)⁻¹ ∂L/∂x``, ``∂L/∂λ = −Re⟨x, ∂L/∂b⟩``.
+    """
+    if not isinstance(damping, torch.Tensor):
+        damping = torch.tensor(float(damping), dtype=torch.float64)
+    return _NormalSolve.apply(b, damping, op, num_iters, tol)
+
+
+def initial_estimate(
+    y: torch.Tensor,
+    op: LinearOperator,
+    kind: Initial = "adjoint",
+    *,
+    sense_iters: int = 10,
+    sense_l2: float = 0.0,
+) -> torch.Tensor:
+    """An initial image from measurements: ``Aᴴy``, FBP/FDK, SENSE, or a callable.
+
+    All are differentiable in ``y`` (EI's second pass reconstructs from ``A T_g x̂``):
+    ``"fbp"`` is :func:`~pipeline.models.physics.filtered_backprojection` (FBP for parallel
+    beam, FDK for cone beam, through the matched adjoint); ``"sense"`` solves
+    ``(AᴴA + λI) x = Aᴴy`` with :func:`normal_solve` (implicit gradients); ``"classical"``
+    picks FBP/FDK for CT, SENSE for MRI and ``Aᴴy`` otherwise.
+
+    Shape:
+        ``(*batch, *op.range_shape) → (*batch, *op.domain_shape)``.
+    """
+    if callable(kind):
+        return kind(y, op)
+    if kind == "adjoint":
+        return op.adjoint(y)
+    if kind == "sense":
+        return normal_solve(op.adjoint(y), op, damping=sense_l2, num_iters=sense_iters, tol=0.0)
+    if kind == "fbp":
+        if ct_kind(op) is None:
+            raise ValueError(f"initial_estimate: 'fbp' needs a CT operator, got {op.name}")
+        return filtered_backprojection(y, op)
+    if kind == "classical":
+        from operators3d import MultiCoilMRI
+
+        if isinstance(op, MultiCoilMRI):
+            return initial_estimate(y, op, "sense", sense_iters=sense_iters, sense_l2=sense_l2)
+        if ct_kind(op) is not None:
+            return filtered_backprojection(y, op)
+        return op.adjoint(y)
+    raise ValueError(f"initial_estimate: kind must be one of {_INITIALS} or a callable, got {kind!r}")
+
+
+def _check_initial(initial: Initial, owner: str) -> None:
+    if not callable(initial) and initial not in _INITIALS:
+        raise ValueError(f"{owner}: initial must be one of {_INITIALS} or a callable, got {initial!r}")
+
+
+# ----------------------------------------------------------------------------- reconstructors
+class ArtifactRemoval(nn.Module):
+    """A backbone applied to an initial estimate: ``x̂ = s · g(x₀ / s)``.
+
+    The post-processing reconstructor of the self-supervised literature (deepinv's
+    ``ArtifactRemoval``; Jin et al., IEEE TIP 2017 for FBP + U-Net). With a residual backbone
+    it learns a correction of ``Aᴴy``, FBP or SENSE.
+
+    With ``op=None`` it is an image denoiser: ``x₀ = y`` (image-domain training, e.g.
+    Noise2Inverse on crops of precomputed sub-reconstructions).
+
+    Shape:
+        ``y``: ``(*batch, *op.range_shape)`` → ``(*batch, *op.domain_shape)``; with
+        ``op=None``, ``(*batch, D, H, W)`` → the same.
+
+    Math:
+        ``x₀ = Aᴴy | FBP(y) | (AᴴA + λI)⁻¹Aᴴy`` (or ``y``), ``x̂ = s·g(x₀/s)``, ``s = rms(x₀)``
+        (if ``normalize``).
+
+    Args:
+        backbone: a network on ``(B, C, D, H, W)`` real channels (2 for MRI, 1 for CT).
+        initial: ``"adjoint"``, ``"fbp"``, ``"sense"``, ``"classical"`` or ``f(y, op)``.
+        normalize: scale the backbone's input by the initial estimate's RMS.
+        sense_iters: CG iterations of the SENSE estimate.
+        sense_l2: Tikhonov weight ``λ`` of the SENSE estimate.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        initial: Initial = "adjoint",
+        normalize: bool = True,
+        sense_iters: int = 10,
+        sense_l2: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_initial(initial, "ArtifactRemoval")
+        self.backbone = backbone
+        self.initial = initial
+        self.normalize = normalize
+        self.sense_iters = sense_iters
+        self.sense_l2 = sense_l2
+
+    def extra_repr(self) -> str:
+        init = self.initial
+        if not isinstance(init, str):
+            init = getattr(init, "__name__", "callable")
+        return f"initial={init}, normalize={self.normalize}"
+
+    def forward(self, y: torch.Tensor, op: LinearOperator | None) -> torch.Tensor:
+        if op is None:  # image mode: y is already an image (a denoiser, e.g. Noise2Inverse)
+            if y.ndim < 3:
+                raise ValueError(
+                    f"ArtifactRemoval: with op=None, y must be an image (*batch, D, H, W), got "
+                    f"{tuple(y.shape)}"
+                )
+            lead, domain = y.shape[:-3], tuple(y.shape[-3:])
+            x0 = y.reshape((math.prod(lead),) + domain)
+        else:
+            yb, lead = _flatten(y, op, "ArtifactRemoval")
+            domain = op.domain_shape
+            x0 = initial_estimate(
+                yb, op, self.initial, sense_iters=self.sense_iters, sense_l2=self.sense_l2
+            )
+        _check_channels(self.backbone, x0, "ArtifactRemoval")
+        out = _denoise(self.backbone, x0, _rms(x0) if self.normalize else None)
+        return out.reshape(lead + domain)
+
+
+def _reset_parameters(module: nn.Module) -> None:
+    for m in module.modules():
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset) and m is not module:
+            reset()
+
+
+class UnrolledNetwork(nn.Module):
+    """``K`` iterations of a data-consistency step with the operator and a learned backbone.
+
+    ``data_consistency="gradient"`` (a learned proximal-gradient network, e.g. Hammernik et
+    al., MRM 2018): ``x ← s·g_k((x − (η_k/L) Aᴴ(Ax − y))/s)``. ``"cg"`` (MoDL, Aggarwal,
+    Mani & Jacob, IEEE TMI 2019): ``z = s·g_k(x/s)``, ``x ← (AᴴA + λ_k L I)⁻¹(Aᴴy + λ_k L z)``
+    by CG with implicit gradients (:func:`normal_solve`). ``L`` bounds ``‖A‖²``
+    (:func:`~pipeline.models.physics.lipschitz`), so ``η`` and ``λ`` are scale-free; both are
+    learned (positive, through their logarithm). ``shared=True`` applies one backbone (and one
+    ``η`` / ``λ``) in every iteration; otherwise each iteration has its own, re-initialised,
+    copy.
+
+    Shape:
+        ``y``: ``(*batch, *op.range_shape)`` → ``(*batch, *op.domain_shape)``.
+
+    Math:
+        ``x₀ = Aᴴy / L`` (``initial="adjoint"``: one gradient step from zero) or another
+        initial estimate; then ``K`` iterations as above; ``s = rms(x₀)``.
+
+    Args:
+        backbone: a network on real channels (2 for MRI, 1 for CT).
+        num_iters: ``K``.
+        data_consistency: ``"gradient"`` or ``"cg"``.
+        shared: share the backbone and step parameters across iterations.
+        initial: ``"adjoint"``, ``"fbp"``, ``"sense"``, ``"classical"`` or ``f(y, op)``.
+        normalize: scale the backbone's input by ``s``.
+        step_size: initial ``η`` (gradient DC).
+        cg_weight: initial ``λ`` (CG DC).
+        cg_iters: CG iterations per DC step.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        num_iters: int = 5,
+        data_consistency: str = "gradient",
+        shared: bool = True,
+        initial: Initial = "adjoint",
+        normalize: bool = True,
+        step_size: float = 1.0,
+        cg_weight: float = 0.05,
+        cg_iters: int = 10,
+    ) -> None:
+        super().__init__()
+        name = "UnrolledNetwork"
+        if not isinstance(num_iters, int) or num_iters < 1:
+            raise ValueError(f"{name}: num_iters must be a positive int, got {num_iters!r}")
+        if data_consistency not in _DCS:
+            raise ValueError(f"{name}: data_consistency must be one of {_DCS}, got {data_consistency!r}")
+        if step_size <= 0 or cg_weight <= 0:
+            raise ValueError(
+                f"{name}: step_size and cg_weight must be > 0, got {step_size} and {cg_weight}"
+            )
+        _check_initial(initial, name)
+        self.num_iters = num_iters
+        self.data_consistency = data_consistency
+        self.shared = shared
+        self.initial = initial
+        self.normalize = normalize
+        self.cg_iters = cg_iters
+        if shared:
+            self.backbones = nn.ModuleList([backbone])
+        else:
+            copies = [backbone] + [copy.deepcopy(backbone) for _ in range(num_iters - 1)]
+            for c in copies[1:]:
+                _reset_parameters(c)
+            self.backbones = nn.ModuleList(copies)
+        n = 1 if shared else num_iters
+        init = math.log(step_size if data_consistency == "gradient" else cg_weight)
+        self.log_step = nn.Parameter(torch.full((n,), init))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_iters={self.num_iters}, data_consistency={self.data_consistency}, "
+            f"shared={self.shared}"
+        )
+
+    def _iteration_parts(self, k: int) -> tuple[nn.Module, torch.Tensor]:
+        i = 0 if self.shared else k
+        return self.backbones[i], self.log_step[i].exp()
+
+    def forward(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
+        if op is None:
+            raise ValueError(
+                "UnrolledNetwork: needs an operator (op=None is image mode; use ArtifactRemoval)"
+            )
+        yb, lead = _flatten(y, op, "UnrolledNetwork")
+        lip = lipschitz(op)
+        aty = op.adjoint(yb)
+        if self.initial == "adjoint":
+            x = aty / lip
+        else:
+            x = initial_estimate(yb, op, self.initial)
+        _check_channels(self.backbones[0], x, "UnrolledNetwork")
+        scale = _rms(x) if self.normalize else None
+        for k in range(self.num_iters):
+            backbone, param = self._iteration_parts(k)
+            if self.data_consistency == "gradient":
+                step = param.to(x.real.dtype) / lip
+                x = x - step * (op.normal(x) - aty)
+                x = _denoise(backbone, x, scale)
+            else:
+                z = _denoise(backbone, x, scale)
+                lam = param.to(x.real.dtype) * lip
+                x = normal_solve(aty + lam * z, op, damping=lam, num_iters=self.cg_iters, tol=0.0)
+        return x.reshape(lead + op.domain_shape)
