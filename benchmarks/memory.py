@@ -3,15 +3,22 @@ losses with a 3D U-Net, plain, checkpointed per U-Net level, and tiled with chec
 tile; figures for BENCHMARKS.md (issue 5).
 
     .venv/bin/python benchmarks/memory.py [--section ei|scaling|splitting|absolute|all]
-                                           [--repeat N] [--threads T]
+                                           [--repeat N] [--threads T] [--device cpu|cuda]
 
-Every case runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=131072`` (freed heap goes
-back to the kernel, so RSS follows live tensors). The peak is ``VmHWM − VmRSS`` around one
-step (``/proc/self/clear_refs`` resets the high-water mark), after a first step that creates
-Adam's state: it is what the step adds above the process's baseline, which already holds the
-slab (``y``), the operator (coil maps, angles), the model and the optimizer. Time is the median
-of ``--repeat`` steps after that first one (at least 3 in the ``ei`` section, whose targets are
-time ratios); each of those steps is also measured for the peak, and the largest is reported.
+Peak memory: each case runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=131072``
+(freed heap goes back to the kernel, so RSS follows live tensors). The peak is
+``VmHWM − VmRSS`` around one step (``/proc/self/clear_refs`` resets the high-water mark), after
+a first step that creates Adam's state: it is what the step adds above the process's baseline,
+which already holds the slab (``y``), the operator (coil maps, angles), the model and the
+optimizer. With ``--device cuda`` it is ``torch.cuda.max_memory_allocated`` above the
+allocated memory before the step.
+
+Time: that allocator setting makes every large allocation page-fault afresh, which penalises
+code that allocates per tile (a tiled 64×192×192 EI step took 25.5 s with it and 15.4 s
+without, here). Where a section has a time target (``ei``, ``absolute``), the time comes from
+a second subprocess with the default allocator, as training runs: the median of ``--repeat``
+steps after the first (at least 3 in ``ei``). Elsewhere the time of the memory run is shown,
+for indication only.
 
 Sections:
 
@@ -148,11 +155,12 @@ def run_case(spec: dict) -> dict:
 DEVICE = "cpu"
 
 
-def measure(spec: dict, threads: int) -> dict:
-    """``run_case`` in a fresh subprocess (so no freed heap of earlier cases counts)."""
-    spec = {"device": DEVICE, **spec}
+def _subprocess(spec: dict, threads: int, *, fixed_mmap: bool) -> dict:
     env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    if fixed_mmap:
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
     proc = subprocess.run(
         [sys.executable, __file__, "--case", json.dumps(spec), "--threads", str(threads)],
         capture_output=True, text=True, env=env,
@@ -160,6 +168,25 @@ def measure(spec: dict, threads: int) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"case {spec} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(spec: dict, threads: int, *, timed: bool = False) -> dict:
+    """``run_case`` in fresh subprocesses (so no freed heap of earlier cases counts).
+
+    The peak comes from a process with ``MALLOC_MMAP_THRESHOLD_`` fixed (freed memory goes
+    back to the kernel, so RSS follows live tensors). That setting also makes every large
+    allocation page-fault afresh, which penalises code that allocates per tile; with
+    ``timed``, the time comes from a second process with the default allocator (as training
+    runs), the median of ``spec["repeat"]`` steps.
+    """
+    spec = {"device": DEVICE, **spec}
+    if spec["device"] != "cpu":  # torch's own allocator statistics: one run gives both
+        return _subprocess(spec, threads, fixed_mmap=False)
+    memory = _subprocess({**spec, "repeat": 1}, threads, fixed_mmap=True)
+    if not timed:
+        return memory
+    timing = _subprocess(spec, threads, fixed_mmap=False)
+    return {**memory, "time": timing["time"]}
 
 
 # ----------------------------------------------------------------------------- sections
@@ -180,10 +207,10 @@ def section_ei(threads: int, repeat: int) -> None:
     rows = []
     for modality in ("ct", "mri"):
         base = {"modality": modality, "depth": 8, "size": 256, "loss": "ei", "repeat": repeat}
-        plain = measure({**base, "mode": "plain"}, threads)
+        plain = measure({**base, "mode": "plain"}, threads, timed=True)
         for mode in ("plain", "level", "tiled"):
             spec = {**base, "mode": mode, **(TILE_2D if mode == "tiled" else {})}
-            r = plain if mode == "plain" else measure(spec, threads)
+            r = plain if mode == "plain" else measure(spec, threads, timed=True)
             factor = r.get("recompute", 1.0)
             rows.append([
                 modality.upper(), _label(spec), f"{r['peak'] / MiB:.0f}",
@@ -225,7 +252,7 @@ def section_scaling(threads: int, repeat: int) -> None:
     print_table(
         "EI step peak as the in-plane size grows (tile fixed): bytes per slab voxel",
         ["loss", "mode", "slab", "slab MiB (y + image)", "peak MiB", "B/voxel",
-         "vs 128² (tiled ≤ 1.2)", "time s", "recompute"],
+         "vs 128² (tiled ≤ 1.2)", "time s (fixed-mmap run)", "recompute"],
         rows,
     )
 
@@ -235,7 +262,7 @@ def section_splitting(threads: int, repeat: int) -> None:
     print_table(
         "SSDU (MRI) and Noise2Inverse (CT, K = 4) steps as the in-plane size grows",
         ["loss", "mode", "slab", "slab MiB (y + image)", "peak MiB", "B/voxel",
-         "vs 128² (tiled ≤ 1.2)", "time s", "recompute"],
+         "vs 128² (tiled ≤ 1.2)", "time s (fixed-mmap run)", "recompute"],
         rows,
     )
 
@@ -255,7 +282,7 @@ def section_absolute(threads: int, repeat: int) -> None:
     specs += [{**base, "mode": "tiled", **tile} for tile in ABSOLUTE_TILES]
     plain = None
     for spec in specs:
-        r = measure(spec, threads)
+        r = measure(spec, threads, timed=True)
         plain = plain or r
         rows.append([
             _label(spec), f"{r['peak'] / 1e6:.0f}", f"{r['peak'] / r['voxels']:.0f}",
