@@ -31,6 +31,7 @@ def simulate_coil_maps(
     generator: torch.Generator | None = None,
     ring_radius: float = 1.5,
     device: torch.device | str | None = None,
+    d_range: slice | None = None,
 ) -> torch.Tensor:
     """Smooth complex coil sensitivities from small coils on a cylinder around the volume.
 
@@ -57,6 +58,8 @@ def simulate_coil_maps(
         ring_radius: the cylinder radius in normalised units (> √2 keeps coils outside the
             image corners).
         device: where the maps are made.
+        d_range: only these D-rows of the volume's maps (the maps are pointwise in D, so a
+            slab computed alone equals the same rows of the whole; 3D ``shape`` only).
 
     Returns:
         complex coil maps.
@@ -78,6 +81,9 @@ def simulate_coil_maps(
             f"{owner}: ring_radius must exceed √2 (outside the image corners), got {ring_radius}"
         )
     depth, height, width = (1, *dims) if len(dims) == 2 else dims
+    if d_range is not None and len(dims) == 2:
+        raise ValueError(f"{owner}: d_range needs a 3D shape (D, H, W), got {dims}")
+    d_rows = slice(None) if d_range is None else d_range
     real = torch.float64
 
     num_rings = 1 if depth == 1 else max(1, math.ceil(num_coils / _COILS_PER_RING))
@@ -111,7 +117,7 @@ def simulate_coil_maps(
     def axis(n: int) -> torch.Tensor:
         return (torch.arange(n, dtype=real) - (n - 1) / 2) / (n / 2)
 
-    zd, zy, zx = axis(depth), axis(height), axis(width)
+    zd, zy, zx = axis(depth)[d_rows], axis(height), axis(width)
     rd = zd[None, :, None, None] - centres[:, 0, None, None, None]
     ry = zy[None, None, :, None] - centres[:, 1, None, None, None]
     rx = zx[None, None, None, :] - centres[:, 2, None, None, None]

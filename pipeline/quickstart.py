@@ -31,6 +31,7 @@ from operators3d import (
     shepp_logan_3d,
     simulate_coil_maps,
 )
+from pipeline.data.phantoms import smooth_phase_slab
 from pipeline.reconstruct.metrics import nmse, psnr
 
 
@@ -68,14 +69,6 @@ class QuickstartResult:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
-
-
-def _smooth_phase(shape: tuple[int, int, int]) -> torch.Tensor:
-    d, h, w = (torch.linspace(-1, 1, n) for n in shape)
-    return torch.polar(
-        torch.ones(shape),
-        0.6 * (d.view(-1, 1, 1) + 0.5 * h.view(1, -1, 1) ** 2 - 0.3 * w.view(1, 1, -1)),
-    )
 
 
 def _save_slices(volumes: dict[str, torch.Tensor], reference: torch.Tensor, path: Path) -> None:
@@ -123,7 +116,7 @@ def run_quickstart(config: QuickstartConfig, *, log=print) -> QuickstartResult:
     d, h, w = config.shape
 
     t0 = time.perf_counter()
-    reference = shepp_logan_3d(config.shape).to(torch.complex64) * _smooth_phase(config.shape)
+    reference = shepp_logan_3d(config.shape).to(torch.complex64) * smooth_phase_slab(config.shape, 0, d)
     maps = simulate_coil_maps(config.coils, config.shape)
     mask = poisson_disc_mask((h, w), config.acceleration, calibration=config.calibration,
                              generator=gen)

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from operators3d.coils import simulate_coil_maps
 from operators3d.phantoms import SHEPP_LOGAN_3D
 
 __all__ = [
@@ -242,9 +243,6 @@ def smooth_phase_slab(shape: Sequence[int], d0: int, d1: int) -> torch.Tensor:
     return torch.polar(torch.ones_like(angle), angle).to(torch.complex64)
 
 
-_COILS_PER_RING = 8  # as in operators3d.coils
-
-
 def coil_maps_slab(
     num_coils: int,
     shape: Sequence[int],
@@ -262,48 +260,11 @@ def coil_maps_slab(
     Shape:
         returns ``(C, d1 − d0, H, W)`` complex64.
     """
-    depth, height, width = (int(s) for s in shape)
-    real = torch.float64
     generator = None if seed is None else torch.Generator().manual_seed(int(seed))
-    num_rings = 1 if depth == 1 else max(1, math.ceil(num_coils / _COILS_PER_RING))
-    ring_sizes = [
-        num_coils // num_rings + (1 if r < num_coils % num_rings else 0) for r in range(num_rings)
-    ]
-    if generator is None:
-        ring_turns = [math.pi / n * (r % 2) for r, n in enumerate(ring_sizes)]
-        distance_jitter = torch.ones(num_coils, dtype=real)
-        phase_offsets = 2 * math.pi * torch.arange(num_coils, dtype=real) / num_coils
-    else:
-        ring_turns = (2 * math.pi * torch.rand(num_rings, generator=generator, dtype=real)).tolist()
-        distance_jitter = 1 + 0.1 * (2 * torch.rand(num_coils, generator=generator, dtype=real) - 1)
-        phase_offsets = 2 * math.pi * torch.rand(num_coils, generator=generator, dtype=real)
-    angles, ring_d = [], []
-    for r, n in enumerate(ring_sizes):
-        angles += [ring_turns[r] + 2 * math.pi * j / n for j in range(n)]
-        ring_d += [0.0 if num_rings == 1 else -0.5 + r / (num_rings - 1)] * n
-    theta = torch.tensor(angles, dtype=real)
-    centres = torch.stack(
-        [
-            torch.tensor(ring_d, dtype=real),
-            ring_radius * distance_jitter * torch.sin(theta),
-            ring_radius * distance_jitter * torch.cos(theta),
-        ],
-        dim=1,
+    return simulate_coil_maps(
+        num_coils,
+        tuple(int(s) for s in shape),
+        generator=generator,
+        ring_radius=ring_radius,
+        d_range=slice(d0, d1),
     )
-    tangents = torch.stack([-torch.cos(theta), torch.sin(theta)], dim=1)
-
-    def axis(n: int) -> torch.Tensor:
-        return (torch.arange(n, dtype=real) - (n - 1) / 2) / (n / 2)
-
-    zd, zy, zx = axis(depth)[d0:d1], axis(height), axis(width)
-    rd = zd[None, :, None, None] - centres[:, 0, None, None, None]
-    ry = zy[None, None, :, None] - centres[:, 1, None, None, None]
-    rx = zx[None, None, None, :] - centres[:, 2, None, None, None]
-    magnitude = 1.0 / torch.sqrt(rd**2 + ry**2 + rx**2)
-    along = zy[None, None, :, None] * tangents[:, 0, None, None, None] + (
-        zx[None, None, None, :] * tangents[:, 1, None, None, None]
-    )
-    phase = phase_offsets[:, None, None, None] + (math.pi / 2) * along
-    maps = torch.polar(magnitude, phase.expand_as(magnitude))
-    maps = maps / torch.sqrt((maps.abs() ** 2).sum(dim=0, keepdim=True))
-    return maps.to(torch.complex64)
