@@ -26,7 +26,6 @@ stopped. The inputs are only read.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import math
 import os
@@ -50,7 +49,15 @@ from .format import (
     default_chunk_depth,
     mri_specs,
 )
-from .writer import JobOutcome, SlabTask, finish_scan, prepare_scan, run_tasks, update_attrs
+from .writer import (
+    JobOutcome,
+    SlabTask,
+    content_parameters,
+    finish_scan,
+    prepare_scan,
+    run_tasks,
+    update_attrs,
+)
 
 __all__ = ["IngestMRIConfig", "IngestCTConfig", "ingest_mri", "ingest_ct", "detect_calibration"]
 
@@ -236,8 +243,8 @@ class IngestMRIConfig:
     progress: bool = True
 
     def parameters(self) -> dict[str, Any]:
-        skip = {"out", "overwrite", "workers", "scheduler", "progress", "block_bytes"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        """What determines the scan's content (compared when resuming)."""
+        return content_parameters(self)
 
 
 @dataclass(frozen=True)
@@ -293,8 +300,8 @@ class IngestCTConfig:
     progress: bool = True
 
     def parameters(self) -> dict[str, Any]:
-        skip = {"out", "overwrite", "workers", "scheduler", "progress", "block_bytes"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        """What determines the scan's content (compared when resuming)."""
+        return content_parameters(self)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -20,7 +20,6 @@ wide cone angles approaches the whole volume.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +40,7 @@ from .format import (
     stored_depth_of,
 )
 from .phantoms import coil_maps_slab, derive_seed, make_volume_source, smooth_phase_slab
-from .writer import JobOutcome, SlabTask, finish_scan, prepare_scan, run_tasks
+from .writer import JobOutcome, SlabTask, content_parameters, finish_scan, prepare_scan, run_tasks
 
 __all__ = ["SimulateMRIConfig", "SimulateCTConfig", "simulate_mri", "simulate_ct"]
 
@@ -105,9 +104,7 @@ class SimulateMRIConfig:
 
     def parameters(self) -> dict[str, Any]:
         """What determines the scan's content (compared when resuming)."""
-        skip = {"out", "overwrite", "workers", "scheduler", "progress"}
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
-        return out
+        return content_parameters(self)
 
 
 @dataclass(frozen=True)
@@ -175,8 +172,8 @@ class SimulateCTConfig:
             raise ValueError(f"{where}: --chunk-depth must be >= 1, got {self.chunk_depth}")
 
     def parameters(self) -> dict[str, Any]:
-        skip = {"out", "overwrite", "workers", "scheduler", "progress"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        """What determines the scan's content (compared when resuming)."""
+        return content_parameters(self)
 
 
 # ----------------------------------------------------------------------------- helpers

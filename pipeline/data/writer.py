@@ -13,6 +13,7 @@ Tasks run as a dask graph (``dask.delayed``), on the threaded scheduler by defau
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -44,6 +45,16 @@ class SlabTask:
     name: str
     fn: Callable[[], None]
     outputs: list[tuple[zarr.Array, int]] = field(default_factory=list)
+
+
+#: Config fields that say how a job runs, not what it writes: a resumed job may change them.
+RUN_SETTINGS = frozenset({"out", "overwrite", "workers", "scheduler", "progress", "block_bytes"})
+
+
+def content_parameters(config: Any) -> dict[str, Any]:
+    """The fields of a job's config dataclass that determine the scan's content (compared
+    when resuming): everything but :data:`RUN_SETTINGS`."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_SETTINGS}
 
 
 def _pending(tasks: Sequence[SlabTask]) -> list[SlabTask]:
