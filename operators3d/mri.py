@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from .base import LinearOperator, conjugate_gradient
-from .fft import complex_dtype_of, fft_phases
+from .fft import fft_phases
 
 __all__ = ["MultiCoilMRI", "CoilExpand", "CenteredFFT", "Mask", "sense_cg"]
 
