@@ -51,13 +51,13 @@ class QuickstartConfig:
 
     def validate(self) -> None:
         if len(self.shape) != 3 or any(s < 4 for s in self.shape):
-            raise ValueError(f"quickstart: shape must be three sizes >= 4, got {self.shape}")
+            raise ValueError(f"--shape must be three sizes >= 4, got {self.shape}")
         if self.coils < 1:
-            raise ValueError(f"quickstart: coils must be >= 1, got {self.coils}")
+            raise ValueError(f"--coils must be >= 1, got {self.coils}")
         if self.acceleration < 1:
-            raise ValueError(f"quickstart: acceleration must be >= 1, got {self.acceleration}")
+            raise ValueError(f"--acceleration must be >= 1, got {self.acceleration}")
         if self.noise_sigma < 0:
-            raise ValueError(f"quickstart: noise_sigma must be >= 0, got {self.noise_sigma}")
+            raise ValueError(f"--noise-sigma must be >= 0, got {self.noise_sigma}")
 
 
 @dataclass
