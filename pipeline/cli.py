@@ -1,17 +1,21 @@
 """The ``recon3d`` command.
 
-Sub-commands available now:
+Sub-commands:
 
 * ``recon3d quickstart`` — the main job on its built-in default (simulated 3D multi-coil MRI,
   zero-filled and SENSE baselines, PNG of orthogonal slices and a report).
+* ``recon3d simulate | ingest | inspect | preprocess`` — scans as chunked zarr v3
+  (:mod:`pipeline.data.cli`).
+* ``recon3d train CONFIG`` and ``recon3d export RUN_DIR`` — training with DeepSpeed under
+  torchrun, and consolidated weights (:mod:`pipeline.train`).
 
-``simulate``, ``ingest``, ``inspect``, ``train``, ``export``, ``reconstruct``, ``evaluate`` and
-``report`` arrive with the scan-format, training and reconstruction milestones.
+``reconstruct``, ``evaluate`` and ``report`` arrive with the reconstruction milestone.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -45,7 +49,54 @@ def _build_parser() -> argparse.ArgumentParser:
     from pipeline.data.cli import register as register_data
 
     register_data(sub)
+
+    tr = sub.add_parser(
+        "train",
+        help="train a reconstruction network on scans (alone or under torchrun)",
+        description="Train the model of an experiment config with DeepSpeed. Run it alone or "
+        "under torchrun (--nproc_per_node, --nnodes) unchanged; gloo on CPU, NCCL on GPU. "
+        "SIGTERM or SIGUSR1 saves at the next step and exits 0.",
+    )
+    tr.add_argument("config", type=Path, help="experiment YAML (examples: launch/configs/)")
+    tr.add_argument("--run-dir", type=Path, default=None,
+                    help="run directory (default: runs/<config name>)")
+    tr.add_argument("--resume", default=None, metavar="auto|PATH",
+                    help="'auto': continue from the run's latest checkpoint if there is one; "
+                    "PATH: a checkpoints directory or a step_* folder")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set optimizer.lr=3e-4 (repeatable)")
+
+    ex = sub.add_parser(
+        "export",
+        help="write a run's consolidated fp32 weights (loadable without DeepSpeed)",
+        description="Merge the latest checkpoint's shards into one weights file with the model "
+        "config; torch.load(..., weights_only=True) reads it.",
+    )
+    ex.add_argument("run_dir", type=Path, help="the run directory")
+    ex.add_argument("--out", type=Path, default=None, help="output file (default: RUN_DIR/export/model.pt)")
+    ex.add_argument("--checkpoint", type=Path, default=None,
+                    help="a step_* folder to export instead of the latest")
     return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pipeline.train import load_config, train
+
+    config = load_config(args.config, args.overrides)
+    run_dir = args.run_dir or Path("runs") / args.config.stem
+    result = train(config, run_dir, resume=args.resume)
+    how = f"stopped by {result.stopped_by}" if result.stopped_by else "done"
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"recon3d train: {how} at step {result.step}; checkpoint {result.checkpoint}", file=sys.stderr)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.train import export_run
+
+    path = export_run(args.run_dir, args.out, checkpoint=args.checkpoint)
+    print(path)
+    return 0
 
 
 def _quickstart(args: argparse.Namespace) -> int:
@@ -77,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "quickstart":
             return _quickstart(args)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "export":
+            return _export(args)
         from pipeline.data.cli import COMMANDS as DATA_COMMANDS, run as run_data
 
         if args.command in DATA_COMMANDS:

@@ -1,0 +1,216 @@
+"""Checkpoints of a training run: DeepSpeed's shards plus each rank's own state.
+
+Layout of ``RUN_DIR/checkpoints/``::
+
+    step_00000050/                  one save (a DeepSpeed tag)
+        mp_rank_00_model_states.pt  \\  DeepSpeed's sharded files (model, optimizer
+        zero_pp_rank_*_...pt        /   partitions), written by every rank
+        recon3d/rank_00000.pt       this rank's state: step, stream cursor, RNG states
+        recon3d/rank_00001.pt       (torch, numpy, python, CUDA, every loss generator)
+        recon3d/manifest.json       written last, by rank 0, once every rank's files exist
+    step_00000050.universal/        made on demand when resuming at another world size
+    latest                          the tag of the newest complete save
+
+DeepSpeed keeps no RNG state and, under ZeRO-1/2, returns rank 0's ``client_state`` on every
+rank, hence the per-rank files. ``latest`` moves only after the manifest is written, so a save
+killed half-way is never resumed from; the last ``keep_last`` complete saves are kept.
+
+Resuming at the same world size restores everything bit for bit. At another world size
+DeepSpeed refuses the shards; the checkpoint is converted to DeepSpeed's universal format
+(once, by rank 0) and loaded with ``load_universal``, which carries the fp32 weights and the
+optimizer moments over exactly. What differs from an uninterrupted run at the new size: the
+stream continues from the global sample position the old ranks had reached together (no sample
+of the epoch is skipped or repeated), but the samples are dealt to the new ranks in a new
+pattern and each step now takes ``world_size`` samples; RNG states cannot be mapped between
+rank counts, so each rank's RNGs and loss generators are reseeded from (seed, step, rank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .distributed import DistContext, barrier
+
+__all__ = ["CheckpointManager", "CheckpointInfo", "CheckpointError", "rng_state", "set_rng_state", "tag_of"]
+
+MANIFEST = "manifest.json"
+OWN = "recon3d"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (missing, incomplete, another model)."""
+
+
+def tag_of(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A complete save: where it is and what its manifest says."""
+
+    directory: Path  # the checkpoints directory
+    tag: str
+    manifest: dict[str, Any]
+
+    @property
+    def path(self) -> Path:
+        return self.directory / self.tag
+
+    @property
+    def world_size(self) -> int:
+        return int(self.manifest["world_size"])
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _torch_save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str | Path) -> CheckpointInfo:
+    """The complete save at ``path``: a checkpoints directory (its ``latest``) or a tag folder.
+
+    Raises:
+        CheckpointError: nothing there, or a save without its manifest (killed mid-save).
+    """
+    p = Path(path)
+    if (p / "latest").is_file():
+        tag = (p / "latest").read_text().strip()
+        directory = p
+    elif (p / OWN / MANIFEST).is_file() or p.is_dir() and (p.parent / "latest").exists():
+        directory, tag = p.parent, p.name
+    else:
+        raise CheckpointError(f"no checkpoint at {p} (expected a checkpoints directory with 'latest', or a step_* folder)")
+    manifest_path = directory / tag / OWN / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {directory / tag} is incomplete (no {OWN}/{MANIFEST}: the save was interrupted)")
+    return CheckpointInfo(directory, tag, json.loads(manifest_path.read_text()))
+
+
+class CheckpointManager:
+    """Saves and finds checkpoints of one run; every rank calls :meth:`save` together.
+
+    Args:
+        directory: the run's checkpoints directory.
+        ctx: this rank's distributed context.
+        keep_last: complete saves to keep.
+    """
+
+    def __init__(self, directory: Path, ctx: DistContext, *, keep_last: int = 3) -> None:
+        self.directory = Path(directory)
+        self.ctx = ctx
+        self.keep_last = keep_last
+
+    # ------------------------------------------------------------------ save
+    def save(self, engine, step: int, rank_state: dict[str, Any], manifest: dict[str, Any]) -> tuple[Path, float, int]:
+        """Save step ``step``: DeepSpeed's shards, this rank's state, then the manifest and ``latest``.
+
+        Returns:
+            ``(path, seconds, bytes)`` of the save (bytes summed over every rank's files).
+        """
+        from .engine import save_engine
+
+        t0 = time.perf_counter()
+        tag = tag_of(step)
+        path = self.directory / tag
+        own = path / OWN
+        if self.ctx.is_main:
+            own.mkdir(parents=True, exist_ok=True)
+            (own / MANIFEST).unlink(missing_ok=True)  # a re-save of this step is incomplete until done
+        barrier(self.ctx)
+        save_engine(engine, self.directory, tag)
+        own.mkdir(parents=True, exist_ok=True)
+        _torch_save_atomic(rank_state, own / f"rank_{self.ctx.rank:05d}.pt")
+        barrier(self.ctx)
+        nbytes = 0
+        if self.ctx.is_main:
+            missing = [r for r in range(self.ctx.world_size) if not (own / f"rank_{r:05d}.pt").is_file()]
+            if missing:
+                raise CheckpointError(f"save {path}: the state files of ranks {missing} are missing")
+            nbytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            body = dict(manifest, step=step, world_size=self.ctx.world_size, tag=tag, bytes=nbytes,
+                        saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            _atomic_write(own / MANIFEST, json.dumps(body, indent=1).encode())
+            _atomic_write(self.directory / "latest", tag.encode())
+            self._prune(keep=tag)
+        barrier(self.ctx)
+        return path, time.perf_counter() - t0, nbytes
+
+    def _prune(self, keep: str) -> None:
+        complete = sorted(p for p in self.directory.glob("step_*") if p.is_dir() and not p.name.endswith(".universal")
+                          and (p / OWN / MANIFEST).is_file())
+        for old in complete[: max(0, len(complete) - self.keep_last)]:
+            if old.name == keep:
+                continue
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old.with_name(old.name + ".universal"), ignore_errors=True)
+
+    # ------------------------------------------------------------------ find
+    def latest(self) -> CheckpointInfo | None:
+        """The newest complete save of this run, or ``None``."""
+        if not (self.directory / "latest").is_file():
+            return None
+        return read_checkpoint(self.directory)
+
+    def rank_state(self, info: CheckpointInfo, rank: int) -> dict[str, Any]:
+        path = info.path / OWN / f"rank_{rank:05d}.pt"
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {info.path}: the state of rank {rank} is missing ({path})")
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    # ------------------------------------------------------------------ universal
+    def universal(self, info: CheckpointInfo) -> Path:
+        """The universal conversion of ``info`` (made by rank 0 on first use); every rank calls it."""
+        from .engine import convert_to_universal
+
+        out = self.directory / f"{info.tag}.universal"
+        done = out / ".complete"
+        if self.ctx.is_main and not done.is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            convert_to_universal(info.path, out / info.tag)
+            done.write_text(info.tag)
+        barrier(self.ctx)
+        if not done.is_file():
+            raise CheckpointError(f"universal conversion of {info.path} did not complete")
+        return out

@@ -1,0 +1,370 @@
+"""The experiment config of ``recon3d train``: typed, validated, resolved into the run directory.
+
+An experiment is a YAML file (examples in ``launch/configs/``) with the sections below; every
+key has a default except ``data.scans``. ``--set key.path=value`` overrides a key (the value
+is parsed as YAML: ``--set optimizer.lr=3e-4 --set data.scans=[a.zarr,b.zarr]``). Errors name
+the key and what is allowed::
+
+    config error in launch/configs/mri_ei.yaml:
+      optimizer.name: Input should be 'adam', 'adamw' or 'sgd' (got 'adamm')
+
+The resolved config (defaults filled in) is written to ``RUN_DIR/config.resolved.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "ExperimentConfig",
+    "DataConfig",
+    "ModelConfig",
+    "LossConfig",
+    "OptimizerConfig",
+    "ScheduleConfig",
+    "DeepSpeedConfig",
+    "CheckpointConfig",
+    "LoggingConfig",
+    "ValidationConfig",
+    "RunConfig",
+    "load_config",
+    "apply_overrides",
+    "dump_config",
+]
+
+
+class ConfigError(ValueError):
+    """An experiment config that cannot be used; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- sections
+class RunConfig(_Section):
+    """How long to train and the root seed.
+
+    ``max_steps`` counts optimizer steps (a step takes ``gradient_accumulation_steps``
+    micro-batches on every rank). ``seed`` seeds the model's initialisation, the stream's order
+    and the losses' generators.
+    """
+
+    max_steps: int = Field(100, ge=1)
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch threads per rank (None: torch's default)")
+
+
+class DataConfig(_Section):
+    """Training scans and how they are streamed (``pipeline.data.SlabStream``)."""
+
+    scans: list[str] = Field(min_length=1)
+    slab_thickness: int | None = Field(None, ge=1)
+    mode: Literal["measurements", "image"] = "measurements"
+    image_arrays: list[str] = ["n2i"]
+    crop_shape: tuple[int, int, int] | None = None
+    crops_per_scan: int = Field(16, ge=1)
+    num_workers: int = Field(2, ge=0)
+    prefetch_factor: int = Field(2, ge=1)
+    shuffle: bool = True
+    storage_options: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _image_mode(self) -> "DataConfig":
+        if self.mode == "image" and self.crop_shape is None:
+            raise ValueError("mode 'image' needs crop_shape: [d, h, w]")
+        return self
+
+
+class TileConfig(_Section):
+    """Tiled evaluation of the backbone with activation checkpointing per tile."""
+
+    shape: tuple[int, int, int]
+    overlap: int | tuple[int, int, int] | None = None
+    checkpoint: bool = True
+    tiles_per_batch: int = Field(1, ge=1)
+
+
+class UnrolledConfig(_Section):
+    iterations: int = Field(5, ge=1)
+    data_consistency: Literal["gradient", "cg"] = "gradient"
+    shared: bool = True
+    step_size: float = Field(1.0, gt=0)
+
+
+class ModelConfig(_Section):
+    """The reconstructor ``model(y, op)``: a backbone on an initial estimate, or unrolled."""
+
+    backbone: Literal["unet", "dncnn"] = "unet"
+    widths: list[int] = [16, 32]
+    convs_per_level: int = Field(2, ge=1)
+    norm: Literal["none", "batch", "instance", "group"] = "none"
+    activation: Literal["relu", "leaky_relu", "silu", "gelu"] = "relu"
+    residual: bool = True
+    dncnn_width: int = Field(32, ge=1)
+    dncnn_depth: int = Field(5, ge=2)
+    checkpoint: Literal["none", "level"] = "none"
+    reconstructor: Literal["artifact_removal", "unrolled"] = "artifact_removal"
+    initial: Literal["adjoint", "fbp", "sense"] = "adjoint"
+    normalize: bool = True
+    unrolled: UnrolledConfig = UnrolledConfig()
+    tile: TileConfig | None = None
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        if not v or any(w < 1 for w in v):
+            raise ValueError("widths must be a non-empty list of positive ints")
+        return v
+
+
+# Loss terms: a list of {name: ..., weight: ..., options}.
+class _Term(_Section):
+    weight: float = Field(1.0, ge=0)
+
+
+class MCTerm(_Term):
+    """Measurement consistency ``‖A x̂ − y‖²``."""
+
+    name: Literal["mc"]
+
+
+class EITerm(_Term):
+    """Equivariant imaging; ``noise: true`` adds fresh noise of the scan's model (robust EI)."""
+
+    name: Literal["ei"]
+    transform: Literal["rotate90", "rotate", "reflect", "shift", "cube_rotations"] = "rotate90"
+    noise: bool = False
+
+
+class SureTerm(_Term):
+    """SURE (Gaussian) / PURE, PG-URE (Poisson, Poisson–Gaussian) with the scan's noise model."""
+
+    name: Literal["sure"]
+    tau: float | None = Field(None, gt=0)
+
+
+class SplittingTerm(_Term):
+    name: Literal["splitting"]
+    rho: float = Field(0.4, gt=0, lt=1)
+
+
+class SSDUTerm(_Term):
+    name: Literal["ssdu"]
+    rho: float = Field(0.4, gt=0, lt=1)
+    metric: Literal["l1l2", "mse"] = "l1l2"
+    weighted: bool = False
+
+
+class N2ITerm(_Term):
+    name: Literal["n2i"]
+    num_splits: int = Field(4, ge=2)
+    target: Literal["reconstruction", "measurement"] = "reconstruction"
+
+
+Term = Annotated[Union[MCTerm, EITerm, SureTerm, SplittingTerm, SSDUTerm, N2ITerm],
+                 Field(discriminator="name")]
+
+
+class LossConfig(_Section):
+    """The loss: a weighted sum of terms (at most one splitting term, which wraps the model)."""
+
+    terms: list[Term] = Field(default_factory=lambda: [MCTerm(name="mc"), EITerm(name="ei")], min_length=1)
+
+    @model_validator(mode="after")
+    def _one_split(self) -> "LossConfig":
+        splits = [t.name for t in self.terms if t.name in ("splitting", "ssdu", "n2i")]
+        if len(splits) > 1:
+            raise ValueError(f"at most one splitting term (splitting, ssdu, n2i), got {splits}")
+        return self
+
+
+class OptimizerConfig(_Section):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0)
+
+
+class ScheduleConfig(_Section):
+    """Learning rate as a pure function of the step (nothing to checkpoint)."""
+
+    name: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class DeepSpeedConfig(_Section):
+    """DeepSpeed engine settings (``pipeline.train.engine`` turns them into DeepSpeed's dict)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_clipping: float = Field(0.0, ge=0)
+    stage3_param_persistence_threshold: int | None = Field(None, ge=0)
+    timeout_s: int = Field(600, ge=10, description="collective timeout: a dead rank ends the job after it")
+
+    @model_validator(mode="after")
+    def _offload(self) -> "DeepSpeedConfig":
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(50, ge=1, description="save every N optimizer steps (and at the end)")
+    keep_last: int = Field(3, ge=1)
+    dir: str | None = Field(None, description="default RUN_DIR/checkpoints")
+
+
+class LoggingConfig(_Section):
+    every: int = Field(1, ge=1)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class ValidationConfig(_Section):
+    """Held-out scans: PSNR/SSIM where a reference exists, the training loss otherwise."""
+
+    scans: list[str] = []
+    every: int = Field(100, ge=1)
+    max_slabs: int = Field(4, ge=1)
+
+
+class ExperimentConfig(_Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    validation: ValidationConfig = ValidationConfig()
+
+
+# ----------------------------------------------------------------------------- loading
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"config error in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _TERM_TAGS))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+            parent = _section_at(e["loc"][:-1])
+            if parent is not None:
+                msg += f" (allowed: {', '.join(parent.model_fields)})"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        given = e.get("input")
+        if e["type"] not in ("missing",) and not isinstance(given, (dict, list)):
+            msg += f" (got {given!r})"
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+_TERM_TAGS = {"mc", "ei", "sure", "splitting", "ssdu", "n2i"}
+_TERM_TYPES = {"mc": MCTerm, "ei": EITerm, "sure": SureTerm, "splitting": SplittingTerm,
+               "ssdu": SSDUTerm, "n2i": N2ITerm}
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    """The config class at a location of the raw YAML (for listing the allowed keys)."""
+    cls: type[BaseModel] | None = ExperimentConfig
+    for part in loc:
+        if cls is None:
+            return None
+        if isinstance(part, int):
+            continue
+        if part in _TERM_TAGS and cls is LossConfig:
+            return _TERM_TYPES[part]
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        if str(part) == "terms":
+            cls = LossConfig
+            continue
+        cls = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return cls
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``raw`` with ``key.path=value`` overrides applied (values parsed as YAML)."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set {item!r}: empty key")
+        node = out
+        for p in parts[:-1]:
+            if isinstance(node, list):
+                try:
+                    node = node[int(p)]
+                except (ValueError, IndexError):
+                    raise ConfigError(f"--set {item!r}: {p!r} is not an index of the list at that key") from None
+                continue
+            node = node.setdefault(p, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"--set {item!r}: {p!r} is not a section")
+        parsed = yaml.safe_load(value) if value.strip() else None
+        if isinstance(node, list):
+            try:
+                node[int(parts[-1])] = parsed
+            except (ValueError, IndexError):
+                raise ConfigError(f"--set {item!r}: {parts[-1]!r} is not an index of the list at that key") from None
+        else:
+            node[parts[-1]] = parsed
+    return out
+
+
+def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate an experiment config.
+
+    Args:
+        source: a YAML file or an already parsed dict.
+        overrides: ``key.path=value`` strings (``--set``).
+
+    Raises:
+        ConfigError: an unreadable file, a bad override or a key that fails validation (the
+            message lists each key, what is wrong and what is allowed).
+    """
+    if isinstance(source, dict):
+        raw, name = source, "config"
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {name} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {name} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {name}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, list(overrides or []))
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, name)) from None
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    """The resolved config as YAML (defaults filled in)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,87 @@
+"""``recon3d export RUN_DIR``: one consolidated fp32 weights file for inference and sharing.
+
+The file is a plain ``torch.save`` of ``{"format", "state_dict", "model_config",
+"loss_config", "modality", "channels", "step", "source"}`` made only of tensors, strings,
+numbers, lists and dicts, so ``torch.load(path, weights_only=True)`` reads it and
+:func:`load_exported` rebuilds the model without DeepSpeed or a process group. ZeRO shards
+are merged with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (a function: its
+``zero_to_fp32.py`` script needs extra packages).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointInfo, read_checkpoint
+
+__all__ = ["export_run", "load_exported", "EXPORT_FORMAT"]
+
+EXPORT_FORMAT = "recon3d-weights-1"
+
+
+def _state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
+    if int(info.manifest.get("zero_stage", 0)) == 0:
+        files = sorted(info.path.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{info.path}: no mp_rank_*_model_states.pt")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    else:
+        from .engine import consolidated_state_dict
+
+        state = consolidated_state_dict(info.directory, info.tag)
+    return {k: v.detach().to(torch.float32).clone() if v.is_floating_point() else v.clone()
+            for k, v in state.items()}
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, *, checkpoint: str | Path | None = None) -> Path:
+    """Write the consolidated weights of a run's latest checkpoint (or ``checkpoint``).
+
+    Returns:
+        The path written (default ``RUN_DIR/export/model.pt``).
+    """
+    run_dir = Path(run_dir)
+    info = read_checkpoint(checkpoint if checkpoint is not None else run_dir / "checkpoints")
+    state = _state_dict(info)
+    expected = info.manifest["param_shapes"]
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise RuntimeError(f"export of {info.path}: parameters missing from the merged state: {missing[:5]}")
+    payload: dict[str, Any] = {
+        "format": EXPORT_FORMAT,
+        "state_dict": state,
+        "model_config": info.manifest["model_config"],
+        "loss_config": info.manifest["loss_config"],
+        "modality": info.manifest["modality"],
+        "channels": int(info.manifest["channels"]),
+        "step": info.step,
+        "source": str(info.path),
+    }
+    path = Path(out) if out is not None else run_dir / "export" / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_exported(path: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The model of an exported file, in eval mode (``model(y, op)``), built without DeepSpeed."""
+    from .build import ScanFacts, build_model, wrap_for_loss
+    from .config import LossConfig, MCTerm, ModelConfig
+
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if payload.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: not a recon3d export (format {payload.get('format')!r})")
+    facts = ScanFacts(payload["modality"], "", None, int(payload["channels"]))
+    model = build_model(ModelConfig.model_validate(payload["model_config"]), facts)
+    loss_cfg = LossConfig.model_validate(payload["loss_config"])
+    # Only a splitting term changes the model (it wraps it); the other terms are not needed.
+    split = [t for t in loss_cfg.terms if t.name in ("splitting", "ssdu", "n2i")]
+    splitting = LossConfig(terms=split or [MCTerm(name="mc")])
+    model = wrap_for_loss(model, splitting, facts)
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model.eval()

@@ -1,0 +1,112 @@
+"""Experiment configs: validation errors that name the key, overrides, the resolved file; and
+the errors a run gives before its first step (missing scan, checkpoint of another model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_job, tiny_config, write_config
+
+from pipeline.train import CheckpointError, ConfigError, dump_config, load_config
+from pipeline.train.build import learning_rate
+from pipeline.train.distributed import DistContext
+
+CONFIGS = sorted((ROOT / "launch" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_example_configs_validate(path):
+    cfg = load_config(path)
+    assert load_config(dict(__import__("yaml").safe_load(dump_config(cfg)))) == cfg
+
+
+def test_errors_name_each_bad_key_and_what_is_allowed(tmp_path):
+    raw = tiny_config("scan.zarr")
+    raw["model"]["widthz"] = [4]
+    raw["optimizer"]["name"] = "adamm"
+    raw["loss"]["terms"][1]["transform"] = "spin"
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(tmp_path / "bad.yaml", raw))
+    text = str(err.value)
+    assert "model.widthz: unknown key (allowed: backbone, widths" in text
+    assert "optimizer.name: Input should be 'adam', 'adamw' or 'sgd' (got 'adamm')" in text
+    assert "loss.terms.1.transform: Input should be 'rotate90'" in text and "'spin'" in text
+    assert str(tmp_path / "bad.yaml") in text
+
+
+def test_missing_required_and_cross_field_checks():
+    with pytest.raises(ConfigError, match="data: required key is missing"):
+        load_config({})
+    with pytest.raises(ConfigError, match="offload_param needs zero_stage 3"):
+        load_config(tiny_config("s.zarr", deepspeed={"offload_param": True, "zero_stage": 2}))
+    two_splits = tiny_config("s.zarr")
+    two_splits["loss"] = {"terms": [{"name": "ssdu"}, {"name": "n2i"}]}
+    with pytest.raises(ConfigError, match="at most one splitting term"):
+        load_config(two_splits)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        bad = Path(__file__).with_name("_bad.yaml")
+        try:
+            bad.write_text("run: [\n")
+            load_config(bad)
+        finally:
+            bad.unlink()
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(tiny_config("a.zarr"), ["optimizer.lr=3e-4", "data.scans=[b.zarr, c.zarr]",
+                                              "loss.terms.1.transform=reflect", "deepspeed.zero_stage=3"])
+    assert cfg.optimizer.lr == 3e-4 and cfg.data.scans == ["b.zarr", "c.zarr"]
+    assert cfg.loss.terms[1].transform == "reflect" and cfg.deepspeed.zero_stage == 3
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(tiny_config("a.zarr"), ["optimizer.lr"])
+    with pytest.raises(ConfigError, match="not an index"):
+        load_config(tiny_config("a.zarr"), ["loss.terms.9.weight=2"])
+
+
+def test_learning_rate_schedule():
+    cfg = load_config(tiny_config("a.zarr", run={"max_steps": 110},
+                                  schedule={"name": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1}))
+    lrs = [learning_rate(cfg, s) for s in range(110)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[10] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4, rel=1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def _ctx() -> DistContext:
+    return DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
+
+
+def test_missing_scan_is_a_config_error(tmp_path):
+    from pipeline.train import Trainer
+
+    cfg = load_config(tiny_config(str(tmp_path / "nowhere.zarr")))
+    with pytest.raises(ConfigError, match=r"data.scans\[0\]: cannot open scan .*nowhere.zarr"):
+        Trainer(cfg, tmp_path / "run", _ctx())
+    # Through the command: exit status 2, the message, no traceback, no run directory.
+    proc = run_job(1, ["train", str(write_config(tmp_path / "c.yaml", tiny_config(str(tmp_path / "x.zarr")))),
+                       "--run-dir", str(tmp_path / "run")], check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot open scan" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_of_another_model_is_refused_before_training(tmp_path, tiny_mri):
+    from pipeline.train import Trainer
+
+    run = tmp_path / "run"
+    run_job(1, ["train", str(write_config(tmp_path / "c.yaml", tiny_config(tiny_mri, run={"max_steps": 1}))),
+                "--run-dir", str(run)])
+    other = load_config(tiny_config(tiny_mri, model={"widths": [4, 16]}))
+    trainer = Trainer(other, run, _ctx())
+    with pytest.raises(CheckpointError, match=r"holds another model: widths: checkpoint \[4, 8\], config \[4, 16\]"):
+        trainer.find_resume("auto")
+    # Same config: found; an interrupted save (no manifest) is not resumable.
+    same = Trainer(load_config(tiny_config(tiny_mri)), run, _ctx())
+    info = same.find_resume("auto")
+    assert info.step == 1 and info.world_size == 1
+    (info.path / "recon3d" / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        same.find_resume(str(info.path))
