@@ -129,7 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "quickstart":
             return _quickstart(args)
         if args.command == "train":
-            return _train(args)
+            rc = _train(args)
+            if argv is None:
+                # Run as a program: every file is closed and fsynced by now, and C++ library
+                # teardown at interpreter exit takes 3–8 s here, which would count against the
+                # preemption bound. Called from Python (argv given), return normally.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(rc)
+            return rc
         if args.command == "export":
             return _export(args)
         from pipeline.data.cli import COMMANDS as DATA_COMMANDS, run as run_data

@@ -181,8 +181,11 @@ class Trainer:
         optimizer = build.build_optimizer(cfg, self.model)
         universal = info is not None and info.world_size != self.ctx.world_size
         self.engine = create_engine(cfg, self.model.to(self.ctx.device), optimizer, self.ctx, load_universal=universal)
+        load_s = 0.0
         if info is not None:
+            t0 = time.perf_counter()
             self.restore(info)
+            load_s = time.perf_counter() - t0
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.resolved.yaml").write_text(dump_config(cfg))
@@ -191,7 +194,9 @@ class Trainer:
                           progress=cfg.logging.progress)
         if info is not None:
             how = "same world size" if not universal else f"world size {info.world_size} → {self.ctx.world_size} (universal)"
-            monitor.event("resume", self.step, f"resumed from {info.path} ({how})", path=str(info.path))
+            monitor.event("resume", self.step, f"resumed from {info.path} ({how}, {load_s:.2f} s)",
+                          path=str(info.path), seconds=load_s, bytes=int(info.manifest.get("bytes", 0)),
+                          world_size_saved=info.world_size)
         result = TrainResult(self.run_dir, self.step, None)
         last_saved = self.step if info is not None else None
         samples = self._samples()

@@ -3,8 +3,10 @@
 The handler only sets a flag; the training loop asks every rank at each step boundary
 (:func:`pipeline.train.distributed.any_rank`), so a signal that reaches one rank (SLURM's
 ``--signal``, a Kubernetes eviction, torchrun forwarding SIGTERM) stops all of them at the
-same step. A second signal restores the default action, so an impatient second ``kill``
-still kills.
+same step. The same signal often arrives twice within milliseconds (a scheduler signals the
+whole process group and torchrun forwards it to its workers again), so repeats within
+``grace_s`` are ignored; a signal after that restores the default action, so an impatient
+second ``kill`` still kills.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ class StopRequest:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float = 5.0) -> None:
+        self.grace_s = grace_s
         self.requested = False
         self.signal_name: str | None = None
         self.time: float | None = None
@@ -28,6 +31,8 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
+            if time.monotonic() - self.time < self.grace_s:
+                return
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
             return
