@@ -1,22 +1,29 @@
 """Data benchmarks (issue 4): stream throughput, peak memory on a ≥ 4 GiB scan, codecs.
 
     .venv/bin/python benchmarks/data.py [--section codec|stream|memory|all] [--scratch DIR]
-        [--depth 512] [--keep]
+        [--depth 512] [--ct-size 1024] [--keep]
 
 * **stream** — decompressed MB/s that :class:`pipeline.data.SlabStream` delivers to the loop
-  (2 DataLoader workers, measurements plus the operator's coil maps for MRI), against zarr
-  reading and decoding the same chunks sequentially in this process, in the same run
-  (target ≥ 80 %).
+  (measurements plus the operator's coil maps for MRI) with 2 reader threads
+  (``worker_type="thread"``, the default) and with 2 DataLoader worker processes
+  (``worker_type="process"``), against zarr reading and decoding the same chunks sequentially
+  in this process, in the same run (target ≥ 80 %). The sequential read runs before and after
+  the two stream passes; the ratio is against the mean of the two, so load that changes during
+  the run biases neither path. A second table gives the CPU seconds each spends per GB
+  (worker processes included), which load on a shared machine moves much less than MB/s.
+  Makes the scans of the memory section (untimed) if they are missing.
 * **memory** — peak memory (PSS summed over the process and its workers, above the process's
   idle footprint after imports) of ``simulate mri`` writing a ≥ 4 GiB scan, ``ingest ct`` of a
-  4 GiB projection stack, and one full pass of the stream over the simulated scan, relative
-  to the scan size (target ≤ 1/8). Each runs in a fresh subprocess.
+  4 GiB projection stack, and one full pass of the stream over the simulated scan (2 reader
+  threads; 2 worker processes), relative to the scan size (target ≤ 1/8). Each runs in a
+  fresh subprocess.
 * **codec** — compression ratio and decode MB/s of the default codec (Blosc zstd level 3 with
   byte shuffle) against uncompressed chunks, on simulated CT (Poisson noise) and MRI
   (Gaussian noise, 4× mask) measurements.
 
 Scratch data go to ``--scratch`` (default ``/tmp/recon3d-bench-data``) and are deleted at the
-end unless ``--keep``; the script checks the free disk first (it needs about 14 GiB).
+end unless ``--keep`` (a later ``--section stream --keep`` run reuses them); the script checks
+the free disk first (it needs about 14 GiB).
 """
 
 from __future__ import annotations
@@ -68,6 +75,23 @@ def _projection_file(scratch: Path, angles: int, rows: int, cols: int) -> Path:
     return path
 
 
+def _make_stream_scans(scratch: Path, depth: int, ct_size: int) -> None:
+    """The MRI and CT scans of the memory section, made here (untimed) when they are missing."""
+    from pipeline.data import IngestCTConfig, ingest_ct, simulate_mri
+
+    if not (scratch / "mri.zarr").exists():
+        t0 = time.perf_counter()
+        simulate_mri(_mri_config(scratch, depth))
+        print(f"(simulated the MRI scan, D = {depth}, in {time.perf_counter() - t0:.0f} s)")
+    if not (scratch / "ct.zarr").exists():
+        t0 = time.perf_counter()
+        _projection_file(scratch, ct_size, ct_size, ct_size)
+        ingest_ct(IngestCTConfig(source=str(scratch / "projections.npy"), out=str(scratch / "ct.zarr"),
+                                 i0=1000.0, workers=2, progress=False))
+        (scratch / "projections.npy").unlink()
+        print(f"(ingested the {ct_size}³ CT stack in {time.perf_counter() - t0:.0f} s)")
+
+
 def _scan_bytes(path: str) -> int:
     from pipeline.data import inspect_scan
 
@@ -99,8 +123,9 @@ def _child(phase: str, scratch: Path, depth: int) -> None:
         ingest_ct(IngestCTConfig(source=str(scratch / "projections.npy"), out=str(scratch / "ct.zarr"),
                                  i0=1000.0, workers=2, progress=False))
         result["scan"] = str(scratch / "ct.zarr")
-    elif phase == "stream":
-        stream = SlabStream(SlabStreamConfig(scans=(str(scratch / "mri.zarr"),), num_workers=2, seed=0))
+    elif phase in ("stream-thread", "stream-process"):
+        stream = SlabStream(SlabStreamConfig(scans=(str(scratch / "mri.zarr"),), num_workers=2, seed=0,
+                                             worker_type=phase.split("-")[1]))
         count = 0
         for y, op, _ in stream:
             count += y.numel() * y.element_size() + op.coil_maps.numel() * op.coil_maps.element_size()
@@ -150,19 +175,31 @@ def memory_section(scratch: Path, depth: int, ct_size: int) -> None:
     size_ct = _scan_bytes(ing["scan"])
     rows.append([f"ingest ct .npy {angles}×{v}×{u}", f"{size_ct / GIB:.2f}", f"{ing['seconds']:.0f}",
                  f"{ing['peak'] / MIB:.0f}", f"**{ing['peak'] / size_ct:.3f}**"])
-    st = _run_child("stream", scratch, depth)
-    rows.append(["stream, full pass, 2 workers", f"{size / GIB:.2f}", f"{st['seconds']:.0f}",
-                 f"{st['peak'] / MIB:.0f}", f"**{st['peak'] / size:.3f}**"])
+    for worker_type, label in (("thread", "2 reader threads"), ("process", "2 worker processes")):
+        st = _run_child(f"stream-{worker_type}", scratch, depth)
+        rows.append([f"stream, full pass, {label}", f"{size / GIB:.2f}", f"{st['seconds']:.0f}",
+                     f"{st['peak'] / MIB:.0f}", f"**{st['peak'] / size:.3f}**"])
     print_table("Peak memory over a ≥ 4 GiB scan (PSS of process + workers above idle, target ≤ 0.125)",
                 ["job", "scan GiB", "s", "peak MiB", "peak / scan"], rows)
     print(f"(idle footprint after imports, not counted: {sim['baseline'] / MIB:.0f} MiB)")
 
 
-def _sequential_read(scan, names: list[str]) -> tuple[int, float]:
-    """zarr reads of every chunk along D of ``names``, one after another (plain zarr)."""
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that have exited."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _sequential_read(scan, names: list[str]) -> tuple[int, float, float]:
+    """zarr reads of every chunk along D of ``names``, one after another (plain zarr).
+
+    Returns bytes, wall seconds and CPU seconds.
+    """
     arrays = [scan.group[n] for n in names]
     total = 0
-    t0 = time.perf_counter()
+    c0, t0 = _cpu_seconds(), time.perf_counter()
     for d0 in range(0, scan.metadata.measurement_depth, scan.chunk_depth):
         d1 = min(d0 + scan.chunk_depth, scan.metadata.measurement_depth)
         for arr in arrays:
@@ -171,15 +208,20 @@ def _sequential_read(scan, names: list[str]) -> tuple[int, float]:
             sel[axis] = slice(d0, d1)
             block = arr[tuple(sel)]
             total += block.nbytes
-    return total, time.perf_counter() - t0
+    return total, time.perf_counter() - t0, _cpu_seconds() - c0
 
 
-def _stream_pass(path: str, workers: int, *, max_samples: int | None = None) -> tuple[int, float]:
+def _stream_pass(path: str, workers: int, worker_type: str, *,
+                 max_samples: int | None = None) -> tuple[int, float, float]:
+    """One pass of the stream; bytes delivered, wall seconds, CPU seconds (workers included)."""
+    import gc
+
     from pipeline.data import SlabStream, SlabStreamConfig
 
-    stream = SlabStream(SlabStreamConfig(scans=(path,), num_workers=workers, seed=1, prefetch_factor=4))
+    stream = SlabStream(SlabStreamConfig(scans=(path,), num_workers=workers, worker_type=worker_type,
+                                         seed=1, prefetch_factor=4))
     total, count = 0, 0
-    t0 = time.perf_counter()  # includes the workers' start-up (a fork: ~0.1 s)
+    c0, t0 = _cpu_seconds(), time.perf_counter()  # includes the readers' start-up (a fork: ~0.1 s)
     for y, op, _ in stream:
         total += y.numel() * y.element_size()
         if getattr(op, "coil_maps", None) is not None:
@@ -187,26 +229,42 @@ def _stream_pass(path: str, workers: int, *, max_samples: int | None = None) -> 
         count += 1
         if max_samples is not None and count >= max_samples:
             break
-    return total, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    del stream  # stops and reaps the worker processes, so that their CPU time is counted
+    gc.collect()
+    return total, seconds, _cpu_seconds() - c0
 
 
-def stream_section(scratch: Path) -> None:
+def stream_section(scratch: Path, depth: int, ct_size: int) -> None:
     from pipeline.data import open_scan
 
-    rows = []
+    _make_stream_scans(scratch, depth, ct_size)
+    rows, cpu_rows = [], []
     cases = [("MRI 8 coils, 256², chunk 2 slices", scratch / "mri.zarr", ["measurements", "coil_maps"]),
              ("CT ingested stack, chunk ≈ 8 MiB", scratch / "ct.zarr", ["measurements"])]
     for name, path, arrays in cases:
-        if not path.exists():
-            print(f"(skipping {name}: {path} is missing; run --section memory first)")
-            continue
         scan = open_scan(path)
-        seq_bytes, seq_s = _sequential_read(scan, arrays)
-        st_bytes, st_s = _stream_pass(str(path), 2)
-        seq, st = seq_bytes / seq_s / 1e6, st_bytes / st_s / 1e6
-        rows.append([name, f"{seq_bytes / GIB:.2f}", f"{seq:.0f}", f"{st:.0f}", f"**{st / seq:.2f}**"])
-    print_table("Stream throughput (decompressed MB/s to the training loop; target ≥ 0.8)",
-                ["scan", "GiB read", "zarr sequential MB/s", "stream 2 workers MB/s", "ratio"], rows)
+        seq_bytes, seq_before, cpu_before = _sequential_read(scan, arrays)
+        rates, cpu = {}, {}
+        for worker_type in ("thread", "process"):
+            st_bytes, st_s, st_cpu = _stream_pass(str(path), 2, worker_type)
+            if st_bytes != seq_bytes:
+                raise RuntimeError(f"{name}: the stream delivered {st_bytes} bytes, zarr read {seq_bytes}")
+            rates[worker_type], cpu[worker_type] = st_bytes / st_s / 1e6, st_cpu / (st_bytes / 1e9)
+        _, seq_after, cpu_after = _sequential_read(scan, arrays)
+        before, after = seq_bytes / seq_before / 1e6, seq_bytes / seq_after / 1e6
+        seq = (before + after) / 2
+        rows.append([name, f"{seq_bytes / GIB:.2f}", f"{before:.0f} / {after:.0f}",
+                     f"{rates['thread']:.0f}", f"**{rates['thread'] / seq:.2f}**",
+                     f"{rates['process']:.0f}", f"**{rates['process'] / seq:.2f}**"])
+        seq_cpu = (cpu_before + cpu_after) / 2 / (seq_bytes / 1e9)
+        cpu_rows.append([name, f"{seq_cpu:.2f}", f"{cpu['thread']:.2f}", f"{cpu['process']:.2f}"])
+    print_table("Stream throughput (decompressed MB/s to the training loop; ratio to the mean "
+                "sequential rate, target ≥ 0.8)",
+                ["scan", "GiB read", "zarr sequential MB/s before / after", "2 threads MB/s", "ratio",
+                 "2 processes MB/s", "ratio"], rows)
+    print_table("CPU seconds per GB delivered (user + system, worker processes included)",
+                ["scan", "zarr sequential", "2 threads", "2 processes"], cpu_rows)
 
 
 def _recode(scan, name: str, codec, dest: Path, depth: int) -> tuple[object, object]:
@@ -288,14 +346,14 @@ def main() -> None:
         return
     args.scratch.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.scratch).free
-    if args.section in ("memory", "all") and free < 16 * GIB:
+    if args.section in ("memory", "stream", "all") and free < 16 * GIB:
         raise SystemExit(f"benchmarks/data.py: needs ~14 GiB free in {args.scratch}, has {free / GIB:.1f}")
     print(machine_line())
     try:
         if args.section in ("memory", "all"):
             memory_section(args.scratch, args.depth, args.ct_size)
         if args.section in ("stream", "all"):
-            stream_section(args.scratch)
+            stream_section(args.scratch, args.depth, args.ct_size)
         if args.section in ("codec", "all"):
             codec_section(args.scratch)
     finally:

@@ -15,6 +15,8 @@ the bare FFTs, which the composition of separate nodes (one full-size temporary 
 
 from __future__ import annotations
 
+import weakref
+
 from typing import Sequence
 
 import torch
@@ -36,6 +38,31 @@ def _outer_phases(shape: Sequence[int], device, dtype) -> tuple[torch.Tensor, to
         p_in = p_in * a.view(view)
         p_out = p_out * b.view(view)
     return p_in, p_out
+
+
+_MASK_CACHE: dict[tuple[int, torch.dtype], tuple] = {}
+
+
+def _mask_buffers(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mask ⊙ output phase, mask², input phase)`` in ``dtype``, shared by operators of one mask.
+
+    The centring phases are folded into the mask (output side) and applied to the 1/C-sized
+    image (input side), so the centred FFT costs no extra pass over coil data. Every slab
+    operator of a scan has the same mask; computing these per slab cost as much as reading
+    the slab's chunks, so they are cached for the live mask tensor (checked by identity and
+    its version counter; the buffers are never written in place, operators being immutable).
+    """
+    key = (id(mask), dtype)
+    hit = _MASK_CACHE.get(key)
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+        return hit[2]
+    p_in, p_out = _outer_phases(tuple(mask.shape), mask.device, torch.complex128)
+    mask_c = mask.to(torch.float64)
+    out = ((mask_c * p_out).to(dtype), (mask_c * mask_c).to(dtype), p_in.to(dtype))
+    if len(_MASK_CACHE) >= 8:
+        _MASK_CACHE.pop(next(iter(_MASK_CACHE)))
+    _MASK_CACHE[key] = (weakref.ref(mask), mask._version, out)
+    return out
 
 
 def _check_complex_tensor(t: torch.Tensor, owner: str, what: str) -> None:
@@ -234,13 +261,10 @@ class MultiCoilMRI(LinearOperator):
         else:
             self.coil_maps = None
         cdtype = coil_maps.dtype if coil_maps is not None else dtype
-        p_in, p_out = _outer_phases(tuple(mask.shape), mask.device, torch.complex128)
-        mask_c = mask.to(torch.float64) if mask.dtype == torch.bool else mask.to(torch.float64)
-        # The centring phases are folded into the mask (output side) and applied to the
-        # 1/C-sized image (input side): the centred FFT costs no extra pass over coil data.
-        self.register_buffer("_mask_phased", (mask_c * p_out).to(cdtype), persistent=False)
-        self.register_buffer("_mask_sq", (mask_c * mask_c).to(cdtype), persistent=False)
-        self.register_buffer("_phase_in", p_in.to(cdtype), persistent=False)
+        mask_phased, mask_sq, phase_in = _mask_buffers(mask, cdtype)
+        self.register_buffer("_mask_phased", mask_phased, persistent=False)
+        self.register_buffer("_mask_sq", mask_sq, persistent=False)
+        self.register_buffer("_phase_in", phase_in, persistent=False)
 
     # ------------------------------------------------------------------ structure
     @property

@@ -9,12 +9,20 @@ Pieces:
   whose positions are drawn from ``(seed, epoch, position)``), padded or cut to a multiple of
   the world size, and dealt round-robin: rank ``r`` takes positions ``r, r + W, r + 2W, ...``.
   The shards are disjoint and together cover the epoch.
-* :class:`SlabDataset` — map-style; each DataLoader worker opens the scans itself and reads
+* :class:`SlabDataset` — map-style; each process opens the scans itself and reads
   exactly the chunks of the key's D-range (slabs are aligned to chunks), with the presence,
   decode and finite checks of :class:`~pipeline.data.scan.ScanArray`.
-* :class:`SlabStream` — a DataLoader (workers, prefetch) over the sampler that counts the
-  samples *delivered to the training loop*, so ``state_dict()`` / ``load_state_dict()`` resume
-  exactly after the last sample the loop saw, however far the workers had read ahead.
+* :class:`SlabStream` — reads the sampler's keys ahead of the training loop (reader threads or
+  DataLoader worker processes, see ``worker_type``) and counts the samples *delivered to the
+  loop*, so ``state_dict()`` / ``load_state_dict()`` resume exactly after the last sample the
+  loop saw, however far the readers had read ahead.
+
+Readers: ``worker_type="thread"`` (default) runs ``num_workers`` threads in the training
+process. Reading a slab is almost all zarr/Blosc decoding and numpy checks, which release the
+GIL, so threads decode in parallel and hand the tensors over without a copy. A DataLoader
+worker process (``worker_type="process"``) must send every tensor back through a fresh shared
+memory segment, which costs about as much as decoding it; processes are still the choice when
+the per-sample Python work is heavy (custom transforms holding the GIL).
 
 Modes: ``measurements`` yields ``(y, op, meta)`` with ``y`` the slab's measurements (CT
 ``(d, A, U)``, MRI ``(C, d, kH, kW)``) and ``op`` its exact operator (parallel-beam CT and MRI);
@@ -24,9 +32,13 @@ volumes (``derived/n2i`` for Noise2Inverse; any geometry, cone beam included).
 
 from __future__ import annotations
 
+import collections
+import itertools
 import math
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -108,14 +120,20 @@ class SlabStreamConfig:
         remainder: when the sample count is not a multiple of the world size: ``pad``
             (repeat the first samples so every rank gets as many — DDP-safe), ``drop`` (cut
             the last ones), ``uneven`` (ranks differ by one sample; exactly a disjoint cover).
-        num_workers: DataLoader worker processes (0 reads in the main process).
-        prefetch_factor: samples each worker reads ahead.
+        num_workers: readers working ahead of the loop (0: each sample is read in the loop's
+            thread when it is asked for).
+        worker_type: what the readers are: ``thread`` (default; threads of this process,
+            no inter-process copy, see the module docstring) or ``process`` (DataLoader
+            worker processes).
+        prefetch_factor: samples (batches when ``batch_size`` is set) each reader reads
+            ahead: at most ``num_workers * prefetch_factor`` are read and not yet delivered.
         batch_size: ``None`` yields single samples; an int stacks samples with the same
             operator (CT slabs of one scan, image crops).
         check_finite: reject chunks holding NaN/Inf.
-        multiprocessing_context: how workers start (``fork``, ``forkserver``, ``spawn``;
-            ``None``: the process default). ``spawn``/``forkserver`` workers import torch and
-            zarr afresh (seconds, once: workers persist across epochs).
+        multiprocessing_context: how worker processes start (``fork``, ``forkserver``,
+            ``spawn``; ``None``: the process default). ``spawn``/``forkserver`` workers import
+            torch and zarr afresh (seconds, once: workers persist across epochs). Process
+            readers only.
         storage_options: passed to fsspec for URL scans.
     """
 
@@ -130,6 +148,7 @@ class SlabStreamConfig:
     seed: int = 0
     remainder: str = "pad"
     num_workers: int = 2
+    worker_type: str = "thread"
     prefetch_factor: int = 2
     batch_size: int | None = None
     check_finite: bool = True
@@ -147,6 +166,8 @@ class SlabStreamConfig:
             raise ValueError(f"{where}: remainder must be 'pad', 'drop' or 'uneven', got {self.remainder!r}")
         if self.mode == "image" and self.crop_shape is None:
             raise ValueError(f"{where}: mode 'image' needs crop_shape=(d, h, w)")
+        if self.worker_type not in ("thread", "process"):
+            raise ValueError(f"{where}: worker_type must be 'thread' or 'process', got {self.worker_type!r}")
         if self.num_workers < 0 or self.prefetch_factor < 1:
             raise ValueError(f"{where}: num_workers must be >= 0 and prefetch_factor >= 1")
         if self.batch_size is not None and self.batch_size < 1:
@@ -293,7 +314,10 @@ class SlabSampler(Sampler[SampleKey]):
 class SlabDataset(Dataset):
     """Map-style dataset from :class:`SampleKey` to :class:`SlabSample`.
 
-    Scans are opened on first use in each process (DataLoader workers open their own).
+    Scans are opened on first use in each process (DataLoader workers open their own; reader
+    threads share their process's: zarr reads are thread-safe, and the lazily filled caches
+    of a :class:`~pipeline.data.scan.Scan` (mask, operators) get the same value whoever fills
+    them).
     Parallel-beam CT samples carry an :class:`OperatorRef` (see there); :meth:`resolve` turns
     it into the operator in the consuming process (``SlabStream`` does this for you).
     """
@@ -302,6 +326,7 @@ class SlabDataset(Dataset):
         self.config = config
         self.infos = list(infos)
         self._scans: dict[int, Scan] = {}
+        self._open_lock = threading.Lock()  # reader threads share one open Scan per scan
 
     def __getstate__(self) -> dict[str, Any]:
         return {"config": self.config, "infos": self.infos}
@@ -310,11 +335,17 @@ class SlabDataset(Dataset):
         self.config = state["config"]
         self.infos = state["infos"]
         self._scans = {}
+        self._open_lock = threading.Lock()
 
     def scan(self, index: int) -> Scan:
-        if index not in self._scans:
-            self._scans[index] = open_scan(self.infos[index].path, storage_options=self.config.storage_options)
-        return self._scans[index]
+        scan = self._scans.get(index)
+        if scan is None:
+            with self._open_lock:
+                scan = self._scans.get(index)
+                if scan is None:
+                    scan = open_scan(self.infos[index].path, storage_options=self.config.storage_options)
+                    self._scans[index] = scan
+        return scan
 
     def __len__(self) -> int:  # map-style datasets are indexed by keys, not 0..n-1
         raise TypeError("SlabDataset is indexed by SampleKey; iterate a SlabStream")
@@ -400,6 +431,42 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+READER_THREAD_PREFIX = "recon3d-slab-reader"
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def read_ahead(
+    read: Callable[[_T], _R], items: Iterable[_T], *, num_threads: int, depth: int
+) -> Generator[_R, None, None]:
+    """``read(item)`` for each item, in order, computed by ``num_threads`` threads.
+
+    At most ``depth`` results are in flight (read or being read, not yet yielded). An
+    exception raised by ``read`` is raised here, unchanged, when its item's turn comes (the
+    items before it are yielded first). The threads (named ``recon3d-slab-reader-*``) stop,
+    and reads not yet started are dropped, when the iteration ends, raises or is closed (a
+    ``break`` in the consuming loop closes it); a read already running is waited for.
+    """
+    if num_threads < 1 or depth < 1:
+        raise ValueError(f"read_ahead: need num_threads >= 1 and depth >= 1, got {num_threads}, {depth}")
+    pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix=READER_THREAD_PREFIX)
+    pending: collections.deque[Future] = collections.deque()
+    todo = iter(items)
+    try:
+        for item in itertools.islice(todo, depth):
+            pending.append(pool.submit(read, item))
+        while pending:
+            result = pending.popleft().result()
+            for item in itertools.islice(todo, 1):
+                pending.append(pool.submit(read, item))
+            yield result
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 # ----------------------------------------------------------------------------- stream
 class SlabStream:
     """An iterable of :class:`SlabSample` (or stacked batches) for one rank, resumable.
@@ -409,7 +476,9 @@ class SlabStream:
     (same scans and config) makes it yield exactly the samples the old one had not delivered.
     Loading a state saved at another world size continues from the global position the ranks
     had reached together (this assumes the ranks ran in lockstep, as in data-parallel
-    training).
+    training). The samples come in the sampler's order whatever the readers; a reader's error
+    (a missing or corrupt chunk, naming scan, array and chunk) is raised in the loop at that
+    sample's turn; a loop that stops early (``break``) stops the reader threads with it.
 
     Args:
         config: :class:`SlabStreamConfig`.
@@ -492,30 +561,52 @@ class SlabStream:
 
     def _make_loader(self) -> DataLoader:
         cfg = self.config
-        workers = cfg.num_workers
         batched = cfg.batch_size is not None
-        kwargs: dict[str, Any] = {}
-        if workers > 0:
-            kwargs.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=True,
-                          worker_init_fn=_worker_init,
-                          multiprocessing_context=cfg.multiprocessing_context)
         return DataLoader(
             self.dataset,
             sampler=self.sampler,
             batch_size=cfg.batch_size if batched else None,
             collate_fn=collate_slabs if batched else _identity,
-            num_workers=workers,
-            **kwargs,
+            num_workers=cfg.num_workers,
+            prefetch_factor=cfg.prefetch_factor,
+            persistent_workers=True,
+            worker_init_fn=_worker_init,
+            multiprocessing_context=cfg.multiprocessing_context,
         )
 
+    def _items(self) -> Generator[SlabSample, None, None]:
+        """Samples (or batches) from the current position on, as read (operators unresolved)."""
+        cfg = self.config
+        if cfg.num_workers > 0 and cfg.worker_type == "process":
+            if self._loader is None:
+                self._loader = self._make_loader()
+            self.sampler.start = self.position
+            yield from self._loader
+            return
+        keys = self.keys()
+        if cfg.num_workers == 0:
+            samples: Generator[SlabSample, None, None] = (self.dataset[key] for key in keys)
+        else:
+            depth = cfg.num_workers * cfg.prefetch_factor * (cfg.batch_size or 1)
+            samples = read_ahead(self.dataset.__getitem__, keys, num_threads=cfg.num_workers, depth=depth)
+        try:
+            if cfg.batch_size is None:
+                yield from samples
+                return
+            while batch := list(itertools.islice(samples, cfg.batch_size)):
+                yield collate_slabs(batch)
+        finally:
+            samples.close()  # stops the reader threads now, not when collected
+
     def __iter__(self) -> Iterator[SlabSample]:
-        if self._loader is None:
-            self._loader = self._make_loader()
-        self.sampler.start = self.position
         step = 1 if self.config.batch_size is None else None
-        for item in self._loader:
-            self.position += step if step is not None else len(item.meta)
-            yield self.dataset.resolve(item)
+        items = self._items()
+        try:
+            for item in items:
+                self.position += step if step is not None else len(item.meta)
+                yield self.dataset.resolve(item)
+        finally:
+            items.close()  # a loop that stops early stops the readers too
         self.sampler.epoch += 1
         self.sampler.offset = 0
         self.sampler.start = 0

@@ -200,7 +200,7 @@ def build_stream(cfg: DataConfig, *, seed: int, rank: int, world_size: int):
         scans=tuple(cfg.scans), mode=cfg.mode, slab_thickness=cfg.slab_thickness,
         image_arrays=tuple(cfg.image_arrays), crop_shape=cfg.crop_shape,
         crops_per_scan=cfg.crops_per_scan, shuffle=cfg.shuffle, seed=seed,
-        num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
+        num_workers=cfg.num_workers, worker_type=cfg.worker_type, prefetch_factor=cfg.prefetch_factor,
         storage_options=dict(cfg.storage_options),
     )
     try:

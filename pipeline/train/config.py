@@ -71,7 +71,8 @@ class DataConfig(_Section):
     image_arrays: list[str] = ["n2i"]
     crop_shape: tuple[int, int, int] | None = None
     crops_per_scan: int = Field(16, ge=1)
-    num_workers: int = Field(2, ge=0)
+    num_workers: int = Field(2, ge=0, description="reader threads (or processes) per rank; 0 reads in the loop")
+    worker_type: Literal["thread", "process"] = "thread"
     prefetch_factor: int = Field(2, ge=1)
     shuffle: bool = True
     storage_options: dict[str, Any] = {}
