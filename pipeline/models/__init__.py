@@ -34,7 +34,14 @@ from .physics import (
     restrict_angles,
     restrict_measurements,
 )
-from .reconstructors import ArtifactRemoval, UnrolledNetwork, initial_estimate, normal_solve
+from .reconstructors import (
+    ArtifactRemoval,
+    UnrolledNetwork,
+    initial_estimate,
+    intensity_scale,
+    normal_solve,
+    scan_intensity_scale,
+)
 from .tiling import TiledBackbone, axis_windows, tile_shape_for, tile_starts
 from .dncnn import DnCNN3D
 from .unet import UNet3D, unet_receptive_radius
@@ -44,6 +51,8 @@ __all__ = [
     "DnCNN3D",
     "unet_receptive_radius",
     "TiledBackbone",
+    "intensity_scale",
+    "scan_intensity_scale",
     "tile_starts",
     "tile_shape_for",
     "axis_windows",

@@ -11,7 +11,12 @@ Scale: with ``normalize=True`` (default) the backbone sees ``x / s`` and its out
 multiplied by ``s``, ``s`` the root mean square of the initial estimate of each batch element
 (a constant of the data: no gradient flows through it). This makes the network independent of
 the scan's intensity scale (CT backprojections are ``~A·N`` times the image) and the
-reconstructor positively homogeneous: ``f(c·y) = c·f(y)`` for ``c > 0``.
+reconstructor positively homogeneous: ``f(c·y) = c·f(y)`` for ``c > 0``. A slab's RMS differs
+from its neighbours', so whole-scan work fixes one scale per scan instead:
+``with intensity_scale(model, s):`` makes every reconstructor inside ``model`` use ``s``
+(:func:`scan_intensity_scale` estimates it from evenly spaced slabs); training and out-of-core
+reconstruction both do this, so a scan reconstructed slab by slab equals the model applied to
+the whole volume.
 """
 
 from __future__ import annotations
@@ -28,7 +33,14 @@ from operators3d import LinearOperator, conjugate_gradient
 from .channels import from_channels, num_channels, to_channels
 from .physics import ct_kind, filtered_backprojection, lipschitz
 
-__all__ = ["ArtifactRemoval", "UnrolledNetwork", "normal_solve", "initial_estimate"]
+__all__ = [
+    "ArtifactRemoval",
+    "UnrolledNetwork",
+    "normal_solve",
+    "initial_estimate",
+    "intensity_scale",
+    "scan_intensity_scale",
+]
 
 _INITIALS = ("adjoint", "fbp", "sense", "classical")
 _DCS = ("gradient", "cg")
@@ -60,6 +72,76 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         s = x.abs().pow(2).mean(dim=(-3, -2, -1), keepdim=True).sqrt()
         return s.clamp_min(torch.finfo(s.dtype).tiny)
+
+
+def _scale_of(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The normalisation scale of ``x``: the fixed one when set, else its RMS (``None`` if off)."""
+    if not module.normalize:
+        return None
+    fixed = module.__dict__.get("_fixed_scale")
+    if fixed is None:
+        return _rms(x)
+    real = x.real.dtype if x.is_complex() else x.dtype
+    return torch.full((x.shape[0],) + (1,) * (x.ndim - 1), float(fixed), dtype=real, device=x.device)
+
+
+class intensity_scale:
+    """Context manager: every reconstructor in ``model`` normalises by ``scale`` instead of each
+    sample's RMS (see the module docstring). ``scale=None`` keeps the per-sample RMS.
+
+    Example::
+
+        s = scan_intensity_scale(model, slabs)
+        with intensity_scale(model, s):
+            x = model(y_slab, op_slab)
+    """
+
+    def __init__(self, model: nn.Module, scale: float | None) -> None:
+        if scale is not None and not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"intensity_scale: scale must be a positive finite number, got {scale}")
+        self.targets = [m for m in model.modules() if isinstance(m, (ArtifactRemoval, UnrolledNetwork))]
+        self.scale = scale
+        self._previous: list = []
+
+    def __enter__(self) -> "intensity_scale":
+        self._previous = [m.__dict__.get("_fixed_scale") for m in self.targets]
+        for m in self.targets:
+            m.__dict__["_fixed_scale"] = self.scale
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m, prev in zip(self.targets, self._previous):
+            m.__dict__["_fixed_scale"] = prev
+
+
+@torch.no_grad()
+def scan_intensity_scale(model: nn.Module, slabs) -> float | None:
+    """The RMS of the initial estimate of ``model``'s first reconstructor over ``slabs``.
+
+    Args:
+        model: a model containing an :class:`ArtifactRemoval` or :class:`UnrolledNetwork`.
+        slabs: an iterable of ``(y, op)`` (evenly spaced slabs of a scan; the estimate is
+            the same for every caller that passes the same slabs).
+
+    Returns:
+        The scale, or ``None`` when the model does not normalise.
+    """
+    rec = next((m for m in model.modules() if isinstance(m, (ArtifactRemoval, UnrolledNetwork))), None)
+    if rec is None or not rec.normalize:
+        return None
+    total, count = 0.0, 0
+    for y, op in slabs:
+        yb, _ = _flatten(y, op, "scan_intensity_scale")
+        if isinstance(rec, UnrolledNetwork) and rec.initial == "adjoint":
+            x0 = op.adjoint(yb) / lipschitz(op)
+        else:
+            kw = {"sense_iters": rec.sense_iters, "sense_l2": rec.sense_l2} if isinstance(rec, ArtifactRemoval) else {}
+            x0 = initial_estimate(yb, op, rec.initial, **kw)
+        total += float(x0.abs().double().pow(2).sum())
+        count += x0.numel()
+    if count == 0:
+        raise ValueError("scan_intensity_scale: no slabs given")
+    return max(math.sqrt(total / count), torch.finfo(torch.float32).tiny)
 
 
 def _check_channels(backbone: nn.Module, x: torch.Tensor, owner: str) -> None:
@@ -263,7 +345,7 @@ class ArtifactRemoval(nn.Module):
                 yb, op, self.initial, sense_iters=self.sense_iters, sense_l2=self.sense_l2
             )
         _check_channels(self.backbone, x0, "ArtifactRemoval")
-        out = _denoise(self.backbone, x0, _rms(x0) if self.normalize else None)
+        out = _denoise(self.backbone, x0, _scale_of(self, x0))
         return out.reshape(lead + domain)
 
 
@@ -369,7 +451,7 @@ class UnrolledNetwork(nn.Module):
         else:
             x = initial_estimate(yb, op, self.initial)
         _check_channels(self.backbones[0], x, "UnrolledNetwork")
-        scale = _rms(x) if self.normalize else None
+        scale = _scale_of(self, x)
         for k in range(self.num_iters):
             backbone, param = self._iteration_parts(k)
             if self.data_consistency == "gradient":

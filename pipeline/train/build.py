@@ -26,6 +26,7 @@ __all__ = [
     "build_loss",
     "wrap_for_loss",
     "build_stream",
+    "scan_scale",
     "build_optimizer",
     "learning_rate",
     "cast_to_parameters",
@@ -190,6 +191,29 @@ def wrap_for_loss(model: nn.Module, loss_cfg: LossConfig, facts: ScanFacts) -> n
     the average over the splits).
     """
     return build_loss(loss_cfg, facts, seed=0).adapt_model(model)
+
+
+def scan_scale(model: nn.Module, path: str, *, thickness: int | None, max_slabs: int = 8,
+               storage_options: dict[str, Any] | None = None, device: torch.device | str = "cpu") -> float | None:
+    """The intensity scale of a scan for ``model``: the RMS of its initial estimate over up to
+    ``max_slabs`` evenly spaced slabs (see :func:`pipeline.models.intensity_scale`).
+
+    Training and whole-scan reconstruction both use it, so a network sees the same scale for a
+    scan in both. ``None`` when the model does not normalise.
+    """
+    from pipeline.data import open_scan
+    from pipeline.models import scan_intensity_scale
+
+    scan = open_scan(path, storage_options=storage_options)
+    slabs = scan.slab_slices(thickness)
+    pick = sorted({round(i * (len(slabs) - 1) / max(1, max_slabs - 1)) for i in range(min(max_slabs, len(slabs)))})
+
+    def pairs():
+        for i in pick:
+            y, op = scan.slab(slabs[i])
+            yield y.unsqueeze(0).to(device), op.to(device)
+
+    return scan_intensity_scale(model, pairs())
 
 
 def build_stream(cfg: DataConfig, *, seed: int, rank: int, world_size: int):

@@ -23,6 +23,7 @@ from .config import ConfigError, ExperimentConfig, dump_config
 from .distributed import DistContext, any_rank, init_distributed, shutdown_distributed
 from .monitor import Monitor
 from .preemption import StopRequest
+from pipeline.models import intensity_scale
 
 __all__ = ["TrainResult", "train", "Trainer"]
 
@@ -72,6 +73,12 @@ class Trainer:
         self.loss = build.build_loss(cfg.loss, self.facts, seed=build.derived_seed(cfg.run.seed, "loss", ctx.rank))
         self.model = self.loss.adapt_model(model)
         self.param_shapes = _param_shapes(self.model)  # before ZeRO-3 partitions them to size 0
+        # One intensity scale per scan (not per slab), as whole-scan reconstruction uses.
+        self.scales: dict[str, float | None] = {}
+        if cfg.data.mode == "measurements":
+            for path in cfg.data.scans:
+                self.scales[str(path)] = build.scan_scale(self.model, path, thickness=cfg.data.slab_thickness,
+                                                          storage_options=cfg.data.storage_options)
         self.stream = build.build_stream(cfg.data, seed=build.derived_seed(cfg.run.seed, "stream"),
                                          rank=ctx.rank, world_size=ctx.world_size)
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
@@ -246,9 +253,10 @@ class Trainer:
             wait += time.perf_counter() - tw
             y = sample.y.unsqueeze(0).to(self.ctx.device)
             op = sample.op.to(self.ctx.device) if sample.op is not None else None
-            x_hat = self.engine(y, op)
-            out = self.loss(x_hat, y, op, self.engine)
-            self.engine.backward(out.total)
+            with intensity_scale(self.engine.module, self._scale_for(sample.meta.get("scan"))):
+                x_hat = self.engine(y, op)
+                out = self.loss(x_hat, y, op, self.engine)
+                self.engine.backward(out.total)
             self.engine.step()
             voxels += x_hat.numel()
             total += float(out.total.detach()) / accum
@@ -267,6 +275,14 @@ class Trainer:
             "data_wait_fraction": reduced[1],
             "voxels_per_s": reduced[2] * self.ctx.world_size,
         }
+
+    def _scale_for(self, path: str | None) -> float | None:
+        if path is None:
+            return None
+        key = str(path)
+        if key not in self.scales:
+            self.scales[key] = build.scan_scale(self.engine.module, key, thickness=self.config.data.slab_thickness)
+        return self.scales[key]
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -291,13 +307,14 @@ class Trainer:
             for scan, d_slice in jobs:
                 y, op = scan.slab(d_slice)
                 y, op = y.unsqueeze(0).to(self.ctx.device), op.to(self.ctx.device)
-                x_hat = self.engine(y, op)
+                with intensity_scale(self.engine.module, self._scale_for(scan.path)):
+                    x_hat = self.engine(y, op)
+                    sums[3] += float(self.loss(x_hat, y, op, self.engine).total)
                 if scan.reference is not None:
                     ref = scan.reference.read_torch(d_slice)
                     sums[0] += psnr(x_hat[0].cpu(), ref)
                     sums[1] += ssim(x_hat[0].cpu(), ref)
                     sums[2] += 1
-                sums[3] += float(self.loss(x_hat, y, op, self.engine).total)
         finally:
             self.engine.train()
             self.loss.load_state_dict(loss_state)
