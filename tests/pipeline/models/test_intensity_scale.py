@@ -49,7 +49,7 @@ def test_slabs_equal_whole_volume_with_a_fixed_scale(kind):
         loose = torch.cat([model(ys, o) for ys, o in slabs], dim=-3)
     assert not torch.allclose(loose, whole, rtol=1e-3)
     # The scale over all slabs equals the whole-volume one (equal slab sizes).
-    assert scan_intensity_scale(model, slabs) == pytest.approx(s, rel=1e-12)
+    assert scan_intensity_scale(model, slabs) == pytest.approx(s, rel=1e-6)  # 1/L as above
 
 
 def test_context_restores_and_checks():
