@@ -97,8 +97,15 @@ def test_checkpoint_of_another_model_is_refused_before_training(tmp_path, tiny_m
     from pipeline.train import Trainer
 
     run = tmp_path / "run"
-    run_job(1, ["train", str(write_config(tmp_path / "c.yaml", tiny_config(tiny_mri, run={"max_steps": 1}))),
-                "--run-dir", str(run)])
+    cfg = tiny_config(tiny_mri, run={"max_steps": 1}, validation={"scans": [tiny_mri], "every": 1, "max_slabs": 2},
+                      logging={"tensorboard": True})
+    run_job(1, ["train", str(write_config(tmp_path / "c.yaml", cfg)), "--run-dir", str(run)])
+    # The run logged its step, a validation against the reference and TensorBoard events.
+    lines = [__import__("json").loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    validation = [x for x in lines if x.get("event") == "validation"]
+    assert len(validation) == 1 and validation[0]["psnr"] > 10 and 0 < validation[0]["ssim"] <= 1
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert load_config(run / "config.resolved.yaml") == load_config(cfg)
     other = load_config(tiny_config(tiny_mri, model={"widths": [4, 16]}))
     trainer = Trainer(other, run, _ctx())
     with pytest.raises(CheckpointError, match=r"holds another model: widths: checkpoint \[4, 8\], config \[4, 16\]"):
@@ -110,3 +117,21 @@ def test_checkpoint_of_another_model_is_refused_before_training(tmp_path, tiny_m
     (info.path / "recon3d" / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="incomplete"):
         same.find_resume(str(info.path))
+
+
+def test_bf16_engine_trains_and_exports_fp32(tmp_path, tiny_mri):
+    """bf16 under DeepSpeed (ZeRO-2): the network runs in bf16, the operators in complex64, and
+    the export holds fp32 weights that run without DeepSpeed."""
+    from pipeline.data import open_scan
+    from pipeline.train import load_exported, read_metrics
+
+    run = tmp_path / "run"
+    cfg = tiny_config(tiny_mri, run={"max_steps": 2}, deepspeed={"precision": "bf16"})
+    run_job(1, ["train", str(write_config(tmp_path / "c.yaml", cfg)), "--run-dir", str(run)])
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(run / "metrics.jsonl"))
+    run_job(1, ["export", str(run)])
+    model = load_exported(run / "export" / "model.pt")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    y, op = open_scan(tiny_mri).slab(slice(0, 2))
+    with torch.no_grad():
+        assert model(y[None], op).dtype == torch.complex64
