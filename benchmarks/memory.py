@@ -1,6 +1,7 @@
 """Peak memory and time of one training step (forward + backward + Adam) of the self-supervised
-losses with a 3D U-Net, plain, checkpointed per U-Net level, and tiled with checkpointing per
-tile; figures for BENCHMARKS.md (issue 5).
+losses with a 3D U-Net, plain, checkpointed per U-Net level (``checkpoint="level"``), the whole
+network checkpointed around level checkpoints (``checkpoint="network"``), and tiled with
+checkpointing per tile; figures for BENCHMARKS.md (issue 5).
 
     .venv/bin/python benchmarks/memory.py [--section ei|scaling|splitting|absolute|all]
                                            [--repeat N] [--threads T] [--device cpu|cuda]
@@ -24,7 +25,7 @@ Sections:
 
 * ``ei`` — MC + EI (90° in-plane rotations) on an 8×256×256 CT slab (parallel beam, 90 angles,
   FBP initial estimate) and an 8×256×256 MRI slab (8 coils, 4× Poisson disc, Aᴴy initial
-  estimate), ``UNet3D(widths=[16, 32])`` three ways.
+  estimate), ``UNet3D(widths=[16, 32])`` four ways (plain, level, network, tiled).
 * ``scaling`` — the same EI step as the in-plane size grows 128 → 256 → 512 (fixed tile):
   bytes per slab voxel, plain and tiled.
 * ``splitting`` — SSDU (MRI) and Noise2Inverse (CT, K = 4) steps, plain and tiled, 128 → 512.
@@ -107,7 +108,7 @@ def run_case(spec: dict) -> dict:
     op, y = op.to(device), y.to(device)
     mode = spec["mode"]
     unet = UNet3D(channels, channels, widths=spec.get("widths", [16, 32]),
-                  checkpoint="level" if mode == "level" else "none")
+                  checkpoint=mode if mode in ("level", "network") else "none")
     backbone = unet
     if mode == "tiled":
         backbone = TiledBackbone(unet, tile_shape=spec["tile"], overlap=spec["overlap"],
@@ -208,7 +209,7 @@ def section_ei(threads: int, repeat: int) -> None:
     for modality in ("ct", "mri"):
         base = {"modality": modality, "depth": 8, "size": 256, "loss": "ei", "repeat": repeat}
         plain = measure({**base, "mode": "plain"}, threads, timed=True)
-        for mode in ("plain", "level", "tiled"):
+        for mode in ("plain", "level", "network", "tiled"):
             spec = {**base, "mode": mode, **(TILE_2D if mode == "tiled" else {})}
             r = plain if mode == "plain" else measure(spec, threads, timed=True)
             factor = r.get("recompute", 1.0)
@@ -278,7 +279,7 @@ def section_absolute(threads: int, repeat: int) -> None:
     base = {"modality": "mri", "depth": 64, "size": 192, "loss": "ei", "repeat": repeat,
             "widths": [16, 32]}
     rows = []
-    specs = [{**base, "mode": "plain"}, {**base, "mode": "level"}]
+    specs = [{**base, "mode": "plain"}, {**base, "mode": "level"}, {**base, "mode": "network"}]
     specs += [{**base, "mode": "tiled", **tile} for tile in ABSOLUTE_TILES]
     plain = None
     for spec in specs:

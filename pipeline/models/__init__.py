@@ -1,7 +1,9 @@
 """3D networks, reconstructors ``model(y, op) -> x_hat`` and memory-bounded tiled evaluation.
 
 * :class:`UNet3D` — a 3D U-Net backbone on real channels ``(B, C, D, H, W)`` (receptive
-  radius 9 / 23 / 51 voxels for 2 / 3 / 4 levels), optionally checkpointed per level;
+  radius 9 / 23 / 51 voxels for 2 / 3 / 4 levels), optionally checkpointed per level
+  (``checkpoint="level"``) or as a whole around nested level checkpoints
+  (``checkpoint="network"``, for steps that run the network twice);
   :class:`DnCNN3D` — a plain convolutional denoiser (receptive radius ``depth · (k//2)``,
   5 by default), the usual backbone of unrolled networks.
 * :class:`TiledBackbone` — runs any backbone on overlapping tiles with a blending window and

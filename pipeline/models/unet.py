@@ -4,11 +4,23 @@ The network is the usual encoder–decoder with skip connections (Ronneberger, F
 MICCAI 2015; 3D: Çiçek et al., MICCAI 2016), written so that a training step on large slabs
 keeps as little as possible:
 
-* ReLU-type activations run in place, and the first decoder convolution is applied to the
-  upsampled and the skip tensors separately and summed — the same arithmetic as a convolution
-  of their concatenation, without ever holding the concatenated tensor;
+* ReLU-type activations run in place, and so does their backward: the incoming gradient, which
+  always comes fresh from this network's own convolution or pooling, is masked where it lies
+  instead of into a new tensor (same kernel, same values);
+* the first decoder convolution is applied to the upsampled and the skip tensors separately
+  and summed in place — the same arithmetic as a convolution of their concatenation, without
+  ever holding the concatenated tensor; the skip half is computed first, so that in backward
+  the upsampled branch finishes (and frees its full-size gradient) before the skip branch;
 * ``checkpoint="level"`` recomputes each encoder and decoder level in backward
-  (``torch.utils.checkpoint``, non-reentrant), so only level inputs and outputs are kept;
+  (``torch.utils.checkpoint``, non-reentrant), so only level inputs and outputs are kept; the
+  full-size upsampled tensor of a decoder level is not kept through the backward of the
+  level's later convolutions but made again by its transposed convolution (a few percent of
+  a pass: the recomputation stops as soon as that tensor exists);
+* ``checkpoint="network"`` keeps only the network's input, nested around level checkpointing:
+  backward recomputes the pass once (keeping only level inputs) and each level once more, so
+  the encoders run three times and the decoders twice. A step that runs the network several
+  times (EI, SURE, unrolled networks) then holds one input per pending pass instead of every
+  pass's level outputs;
 * on CPU the spatial axes are reordered so that the two largest come first: PyTorch sends a
   ``conv3d`` with batch 1 to a slow im2col kernel unless ``C·D·H > 20480`` (a heuristic meant
   for 2D), which thin slabs and small tiles fail; the reordering is exact (the kernels are
@@ -38,7 +50,7 @@ __all__ = ["UNet3D", "unet_receptive_radius"]
 
 _NORMS = ("none", "batch", "instance", "group")
 _ACTIVATIONS = ("relu", "leaky_relu", "silu", "gelu")
-_CHECKPOINTS = ("none", "level")
+_CHECKPOINTS = ("none", "level", "network")
 
 
 def unet_receptive_radius(num_levels: int, *, convs_per_level: int = 2, kernel_size: int = 3) -> int:
@@ -70,11 +82,48 @@ def _make_norm(kind: str, channels: int, groups: int) -> nn.Module | None:
     return nn.GroupNorm(math.gcd(groups, channels), channels)
 
 
+class _RectifyInPlace(torch.autograd.Function):
+    """ReLU or leaky ReLU in place, whose backward masks the incoming gradient in place.
+
+    PyTorch's own backward (``threshold_backward``) allocates its result, so a full-size
+    feature map more is alive at every activation's backward. Here the incoming gradient always
+    comes fresh from this network's own convolution or pooling backward (the activation output
+    feeds nothing else), so it is overwritten with the same kernel's ``grad_input=`` form:
+    identical values. Under double backward (``create_graph``) the out-of-place form is used.
+    A backward hook registered on a unit inside the network sees that gradient before masking
+    and must not keep it.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, slope: float) -> torch.Tensor:  # type: ignore[override]
+        if slope == 0.0:
+            h.relu_()
+        else:
+            F.leaky_relu_(h, slope)
+        ctx.mark_dirty(h)
+        ctx.save_for_backward(h)
+        ctx.slope = slope
+        return h
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        slope = ctx.slope
+        if torch.is_grad_enabled():  # double backward: stay differentiable
+            return torch.where(out > 0, grad, grad * slope), None
+        if slope == 0.0:
+            torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
+        else:
+            torch.ops.aten.leaky_relu_backward.grad_input(grad, out, slope, True, grad_input=grad)
+        return grad, None
+
+
 def _activate(x: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "relu":
-        return F.relu(x, inplace=True)
-    if kind == "leaky_relu":
-        return F.leaky_relu(x, 0.01, inplace=True)
+    if kind in ("relu", "leaky_relu"):
+        slope = 0.0 if kind == "relu" else 0.01
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _RectifyInPlace.apply(x, slope)
+        return F.relu_(x) if slope == 0.0 else F.leaky_relu_(x, slope)
     if kind == "silu":
         return F.silu(x)
     return F.gelu(x)
@@ -95,19 +144,30 @@ class _ConvUnit(nn.Module):
         self.activation = activation
         self.split = split
 
-    def forward(self, x: torch.Tensor, perm: tuple[int, int, int],
-                skip: torch.Tensor | None = None) -> torch.Tensor:
-        pad = self.conv.padding
+    def skip_part(self, skip: torch.Tensor, perm: tuple[int, int, int]) -> torch.Tensor:
+        """The skip tensor's half of a split convolution (no bias)."""
+        weight = _kernel(self.conv.weight, perm)[:, self.split :]
+        return F.conv3d(skip, weight, None, padding=self.conv.padding)
+
+    def main_part(self, x: torch.Tensor, perm: tuple[int, int, int]) -> torch.Tensor:
+        """The convolution of ``x`` (the first input's half of a split convolution), with bias."""
         weight = _kernel(self.conv.weight, perm)
-        if skip is None:
-            h = F.conv3d(x, weight, self.conv.bias, padding=pad)
-        else:
-            # conv(cat(x, skip)) without the concatenated tensor.
-            h = F.conv3d(x, weight[:, : self.split], self.conv.bias, padding=pad)
-            h = h + F.conv3d(skip, weight[:, self.split :], None, padding=pad)
+        if self.split:
+            weight = weight[:, : self.split]
+        return F.conv3d(x, weight, self.conv.bias, padding=self.conv.padding)
+
+    def finish(self, h: torch.Tensor, skip_part: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(norm(h + skip_part))`` from the convolution's output ``h``."""
+        if skip_part is not None:
+            # conv(cat(x, skip)) = conv(x, W₁) + conv(skip, W₂), without the concatenated
+            # tensor; in place, since a convolution keeps its input, not its output.
+            h = h.add_(skip_part)
         if self.norm is not None:
             h = self.norm(h)
         return _activate(h, self.activation)
+
+    def forward(self, x: torch.Tensor, perm: tuple[int, int, int]) -> torch.Tensor:
+        return self.finish(self.main_part(x, perm))
 
 
 class _Encoder(nn.Module):
@@ -133,9 +193,25 @@ class _Decoder(nn.Module):
         units += [_ConvUnit(width, width, bias=bias, **unit) for _ in range(num_convs - 1)]
         self.units = nn.ModuleList(units)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor, perm: tuple[int, int, int]) -> torch.Tensor:
+    def _up_branch(self, x: torch.Tensor, perm: tuple[int, int, int]) -> torch.Tensor:
+        """The first convolution's upsampled half: ``conv(convT(x), W₁) + b``."""
         up = F.conv_transpose3d(x, _kernel(self.up.weight, perm), self.up.bias, stride=2)
-        h = self.units[0](up, perm, skip)
+        return self.units[0].main_part(up, perm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, perm: tuple[int, int, int],
+                recompute_up: bool = False) -> torch.Tensor:
+        # The skip half first: autograd runs later nodes first, so in backward the upsampled
+        # branch finishes, freeing its full-size gradient, before the skip branch's is made.
+        part = self.units[0].skip_part(skip, perm)
+        if recompute_up and torch.is_grad_enabled():
+            # Keep the coarse input rather than the full-size upsampled tensor, which would be
+            # alive through the backward of the next units (costs one transposed convolution:
+            # the recomputation stops once the upsampled tensor exists).
+            h = torch_checkpoint(self._up_branch, x, perm, use_reentrant=False)
+        else:
+            h = self._up_branch(x, perm)
+        h = self.units[0].finish(h, part)
+        del part  # as a local it would stay alive (full size) through the next units
         for unit in self.units[1:]:
             h = unit(h, perm)
         return h
@@ -169,7 +245,9 @@ class UNet3D(nn.Module):
         norm_groups: groups of ``"group"`` norm (its gcd with the width is used).
         activation: ``"relu"``, ``"leaky_relu"``, ``"silu"`` or ``"gelu"``.
         residual: add the input to the output (needs ``in_channels == out_channels``).
-        checkpoint: ``"none"`` or ``"level"`` (recompute each level in backward).
+        checkpoint: ``"none"``, ``"level"`` (recompute each level in backward) or
+            ``"network"`` (keep only the input; recompute the pass, then each level).
+            Values and gradients are bitwise those of ``"none"``.
         bias: convolution biases.
         reorder_axes: on CPU, put the two largest spatial axes first (see module docstring).
     """
@@ -271,13 +349,14 @@ class UNet3D(nn.Module):
         return tuple(sorted(range(3), key=lambda a: -sizes[a]))  # stable: ties keep order
 
     def _call(self, block: nn.Module, *args) -> torch.Tensor:
-        if self.checkpoint == "level" and torch.is_grad_enabled():
+        if self.checkpoint != "none" and torch.is_grad_enabled():
             return torch_checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
     # The head joins the last block, so level checkpointing keeps no finest-level output.
-    def _decode_head(self, h: torch.Tensor, skip: torch.Tensor, perm) -> torch.Tensor:
-        return self.head(self.decoders[0](h, skip, perm))
+    def _decode_head(self, h: torch.Tensor, skip: torch.Tensor, perm,
+                     recompute_up: bool = False) -> torch.Tensor:
+        return self.head(self.decoders[0](h, skip, perm, recompute_up))
 
     def _encode_head(self, h: torch.Tensor, perm) -> torch.Tensor:
         return self.head(self.encoders[0](h, perm))
@@ -292,6 +371,14 @@ class UNet3D(nn.Module):
                 f"UNet3D: expected a real floating tensor (complex images enter as 2 channels), "
                 f"got {x.dtype}"
             )
+        if self.checkpoint == "network" and torch.is_grad_enabled():
+            # Keeps only x; the nested level checkpoints keep the recomputed pass small.
+            out = torch_checkpoint(self._network, x, use_reentrant=False)
+        else:
+            out = self._network(x)
+        return out + x if self.residual else out
+
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
         size = tuple(x.shape[2:])
         f = self.size_multiple
         pads = [(-n) % f for n in size]
@@ -312,12 +399,11 @@ class UNet3D(nn.Module):
                 skips.append(h)
         for i in reversed(range(last)):
             block = self._decode_head if i == 0 else self.decoders[i]
-            h = self._call(block, h, skips[i], perm)
-        skips.clear()
+            h = self._call(block, h, skips.pop(), perm, self.checkpoint != "none")
         out = h
         if perm != (0, 1, 2):
             inverse = [perm.index(a) for a in range(3)]
             out = out.permute(0, 1, 2 + inverse[0], 2 + inverse[1], 2 + inverse[2])
         if any(pads):
             out = out[:, :, : size[0], : size[1], : size[2]]
-        return out + x if self.residual else out
+        return out

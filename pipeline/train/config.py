@@ -111,7 +111,7 @@ class ModelConfig(_Section):
     residual: bool = True
     dncnn_width: int = Field(32, ge=1)
     dncnn_depth: int = Field(5, ge=2)
-    checkpoint: Literal["none", "level"] = "none"
+    checkpoint: Literal["none", "level", "network"] = "none"
     reconstructor: Literal["artifact_removal", "unrolled"] = "artifact_removal"
     initial: Literal["adjoint", "fbp", "sense"] = "adjoint"
     normalize: bool = True
