@@ -38,7 +38,7 @@ from .geometry import (
     parallel_beam,
     volume,
 )
-from .analytic import FILTERS, fbp, fdk, ramp_filter
+from .analytic import FILTERS, fbp, fdk, fdk_filter, ramp_filter
 from .cone import ConeBeamCT, min_det_shape
 from .parallel import ParallelBeamCT, default_det_count
 
@@ -48,6 +48,7 @@ __all__ = [
     "min_det_shape",
     "fbp",
     "fdk",
+    "fdk_filter",
     "ramp_filter",
     "FILTERS",
     "default_det_count",

@@ -20,6 +20,8 @@ allocations cost page faults comparable to the arithmetic itself.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 #: Bytes of gathered rows per block, and of index/weight tables per chunk of angles.
@@ -100,16 +102,23 @@ def z_tables(zslope: torch.Tensor, zcoord: torch.Tensor, zoff: float, length: in
     ``length + 3`` entries (zeros at ``0``, ``length + 1``, ``length + 2``); positions are
     clamped to ``[−1, length]``, which only moves samples that fall on zeros anyway.
 
+    ``zoff`` is split into a whole part and a fraction in ``[0, 1)``: the position is rounded
+    as ``zslope · zcoord + fraction`` and the whole part is added to the index afterwards. A
+    slab (or detector window) whose ``zoff`` differs from its parent's by a whole number of
+    slices therefore gets bitwise the same interpolation weights as the parent, so projections
+    of slabs sum to the projection of the whole up to the order of additions.
+
     Shape:
         ``zslope (R, S)``, ``zcoord (M,)`` → ``index, frac`` of shape ``(R, S, M)``:
         ``value = (1 − frac) · row[index] + frac · row[index + 1]``. The forward and its
         transpose both call this function, so they use identical tables.
     """
-    shifted = torch.full((), zoff + 1, dtype=zslope.dtype, device=zslope.device)
-    pos = torch.addcmul(shifted, zslope[:, :, None], zcoord).clamp_(0, length + 1)
+    whole = math.floor(zoff)
+    shifted = torch.full((), zoff - whole + 1, dtype=zslope.dtype, device=zslope.device)
+    pos = torch.addcmul(shifted, zslope[:, :, None], zcoord).clamp_(-whole, length + 1 - whole)
     index = torch.floor(pos)
     frac = pos.sub_(index)
-    return index.to(torch.int64), frac
+    return index.add_(whole).to(torch.int64), frac
 
 
 def _expand_channels(index: torch.Tensor, channels: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from .cone import ConeBeamCT
 from .parallel import ParallelBeamCT
 
-__all__ = ["fbp", "fdk", "ramp_filter", "FILTERS"]
+__all__ = ["fbp", "fdk", "fdk_filter", "ramp_filter", "FILTERS"]
 
 #: Windows of the ramp filter.
 FILTERS = ("ram-lak", "shepp-logan", "cosine", "hann")
@@ -126,21 +126,53 @@ def fdk(sinogram: torch.Tensor, op: ConeBeamCT, filter: str = "ram-lak") -> torc
         filter: ``"ram-lak"``, ``"shepp-logan"``, ``"cosine"`` or ``"hann"``.
 
     Returns a tensor without gradient (a fixed reconstruction of the data).
+
+    Slabs and windows: the weighting and the ramp filter act on each detector row alone, and
+    the backprojection is linear in the rows, so for a D-slab ``s`` of ``op``'s volume and
+    windows ``w_k`` that cover ``op.rows_hit_by(s)``,
+    ``fdk(y, op)[s] = Σ_k fdk(y[w_k], op.slab(s).rows(w_k))`` (to rounding): an out-of-core
+    FDK holds one slab and one block of rows at a time (``pipeline/data/cone.py``).
     """
+    _check_fdk(sinogram, op, filter, "fdk")
+    q = _fdk_filtered(sinogram, op, filter)
+    return op.backproject(q, method="fdk").mul_(math.pi / op.num_angles)
+
+
+def fdk_filter(sinogram: torch.Tensor, op: ConeBeamCT, filter: str = "ram-lak") -> torch.Tensor:
+    """FDK's weighted and ramp-filtered projections ``q`` (what :func:`fdk` backprojects).
+
+    Both steps act on each detector row (and angle) alone, so the rows of a window (or the
+    angles of a subset) of ``q`` are ``q`` of those rows (angles): an out-of-core FDK filters
+    a block of rows once and backprojects it for every angle subset.
+
+    Shape:
+        ``(*batch, V, A, U) → (*batch, V, A, U)``.
+
+    Math:
+        ``q = (p · D / sqrt(D² + u² + v²)) ∗ h`` along each row, as in :func:`fdk`;
+        ``fdk(p, op) = (π / A) · op.backproject(q, method="fdk")``.
+    """
+    _check_fdk(sinogram, op, filter, "fdk_filter")
+    return _fdk_filtered(sinogram, op, filter)
+
+
+def _check_fdk(sinogram: torch.Tensor, op: ConeBeamCT, filter: str, owner: str) -> None:
     if not isinstance(op, ConeBeamCT):
-        raise TypeError(f"fdk: op must be a ConeBeamCT, got {type(op).__name__}")
+        raise TypeError(f"{owner}: op must be a ConeBeamCT, got {type(op).__name__}")
     if filter not in FILTERS:
-        raise ValueError(f"fdk: filter must be one of {FILTERS}, got {filter!r}")
+        raise ValueError(f"{owner}: filter must be one of {FILTERS}, got {filter!r}")
     op.check_input(sinogram, adjoint=True)
+
+
+def _fdk_filtered(sinogram: torch.Tensor, op: ConeBeamCT, filter: str) -> torch.Tensor:
     g = op.geometry
-    num_v, num_u = g.det_shape
-    dv, du = g.det_spacing
+    num_u = g.det_shape[1]
+    du = g.det_spacing[1]
     scale = g.src_dist / (g.src_dist + g.det_dist)  # detector → axis plane
     dtype, device = sinogram.dtype, sinogram.device
     u = (torch.arange(num_u, dtype=torch.float64) - (num_u - 1) / 2) * du * scale
-    v = (torch.arange(num_v, dtype=torch.float64) - (num_v - 1) / 2) * dv * scale
+    v = g.row_heights() * scale  # rows of a window where they sit on the whole detector
     src = g.src_dist
     cosine = src / torch.sqrt(src**2 + u[None, :] ** 2 + v[:, None] ** 2)  # (V, U)
     weighted = sinogram * cosine.to(device=device, dtype=dtype)[:, None, :]
-    q = _filter_rows(weighted, du * scale, filter)
-    return op.backproject(q, method="fdk").mul_(math.pi / op.num_angles)
+    return _filter_rows(weighted, du * scale, filter)

@@ -23,6 +23,18 @@ the two contiguous D-rows it crosses in each plane once (volume laid out as rows
 (:func:`~operators3d.ct._kernels.two_stage_gather`). The adjoint scatters with the same tables
 in the reverse order (``scatter_add_`` along D, then ``index_add_`` of rows): the exact
 transpose, a kernel of its own.
+
+Sub-volumes and detector windows: diverging rays cross D-slices, so a D-slab of the volume is
+measured by all the rows its shadow covers, and a block of rows sees a D-range of the volume
+that widens with the cone angle. :meth:`ConeBeamCT.slab` (a D-slab where it sits in the volume)
+and :meth:`ConeBeamCT.rows` (a window of detector rows) give the exact pieces: the projector is
+linear, so the projection of the whole volume is the sum over D-slabs of the slabs'
+projections, and row ``v`` of a window is row ``v`` of the whole. :meth:`ConeBeamCT.rows_hit_by`
+and :meth:`ConeBeamCT.slices_seen_by` say which rows a slab reaches and which slices a window
+sees (conservatively), so out-of-core jobs touch only those (``pipeline/data/cone.py``). Slabs
+and windows get bitwise the same interpolation weights as the whole (see
+:func:`~operators3d.ct._kernels.z_tables`), so the pieces add up to the whole to the rounding
+of the additions.
 """
 
 from __future__ import annotations
@@ -38,9 +50,11 @@ from .geometry import (
     ConeGeometry,
     VolumeGeometry,
     _angles,
+    _finite,
     _pair,
     _positive,
     _shape3,
+    _slab_bounds,
 )
 
 __all__ = ["ConeBeamCT", "min_det_shape"]
@@ -109,6 +123,84 @@ def min_det_shape(
     return math.ceil(need_v / dv - 1e-9), math.ceil(need_u / du - 1e-9)
 
 
+def _distance_range(vol: VolumeGeometry, geom: ConeGeometry, grow: float) -> tuple[float, float]:
+    """Over all angles, the least and greatest distance ``L`` from the source, along the central
+    ray, of a point of the in-plane box of the volume grown by ``grow`` on each side."""
+    _, num_h, num_w = vol.shape
+    vs = vol.voxel_size
+    half_w, half_h = num_w * vs / 2 + grow, num_h * vs / 2 + grow
+    cos, sin = torch.cos(geom.angles)[:, None], torch.sin(geom.angles)[:, None]
+    cx = torch.tensor([-half_w, half_w, -half_w, half_w], dtype=torch.float64)
+    cy = torch.tensor([-half_h, -half_h, half_h, half_h], dtype=torch.float64)
+    along_d = -cx * sin + cy * cos
+    return geom.src_dist + float(along_d.min()), geom.src_dist + float(along_d.max())
+
+
+def _heights_through(
+    lo: float, hi: float, near: float, far: float, scale: float
+) -> tuple[float, float]:
+    """The range of ``z · scale / L`` for ``z`` in ``[lo, hi]`` and ``L`` in ``[near, far]``
+    (``0 < near ≤ far``): heights carried along rays from the source between two distances."""
+    return min(lo * scale / near, lo * scale / far), max(hi * scale / near, hi * scale / far)
+
+
+def _vertical_shadow(vol: VolumeGeometry, geom: ConeGeometry) -> tuple[float, float]:
+    """Detector heights ``(lowest, highest)`` of the volume's shadow over all angles."""
+    vs = vol.voxel_size
+    near, far = _distance_range(vol, geom, 0.0)
+    bottom = (-vol.d_axis - 0.5) * vs
+    top = (vol.shape[0] - 0.5 - vol.d_axis) * vs
+    return _heights_through(bottom, top, near, far, geom.src_dist + geom.det_dist)
+
+
+def _rows_hit(vol: VolumeGeometry, geom: ConeGeometry, start: int, stop: int) -> tuple[int, int]:
+    """Rows ``[v0, v1)`` of ``geom``'s detector that rays through the slices ``[start, stop)``
+    of ``vol`` can reach (conservative; ``v0 == v1`` when none).
+
+    Joseph's interpolation reaches less than one slice pitch past the slab's outer slice
+    centres along D and less than half a voxel past the in-plane box (its samples lie on the
+    voxel-centre planes, with weight across them only within one voxel of a centre), and a
+    ray's height grows linearly with the distance from the source (in-plane), so the rows lie
+    between the extreme magnifications of that support; one more row on each side absorbs the
+    rounding of the kernels' positions.
+    """
+    num_v = geom.det_shape[0]
+    vs = vol.voxel_size
+    near, far = _distance_range(vol, geom, vs / 2)
+    if near <= geom.src_dist * 1e-9:  # the grown box reaches the source: every row
+        return 0, num_v
+    lo, hi = _heights_through(
+        (start - 1 - vol.d_axis) * vs, (stop - vol.d_axis) * vs, near, far,
+        geom.src_dist + geom.det_dist,
+    )
+    dv = geom.det_spacing[0]
+    v0 = math.floor(lo / dv + geom.row_axis) - 1
+    v1 = math.floor(hi / dv + geom.row_axis) + 2
+    v0, v1 = min(max(v0, 0), num_v), min(max(v1, 0), num_v)
+    return v0, max(v0, v1)
+
+
+def _slices_seen(vol: VolumeGeometry, geom: ConeGeometry, start: int, stop: int) -> tuple[int, int]:
+    """Slices ``[d0, d1)`` of ``vol`` that rays to the rows ``[start, stop)`` of ``geom``'s
+    detector can cross with a nonzero weight (conservative; ``d0 == d1`` when none)."""
+    num_d = vol.shape[0]
+    vs = vol.voxel_size
+    near, far = _distance_range(vol, geom, vs / 2)  # the support, as in _rows_hit
+    if near <= geom.src_dist * 1e-9:
+        return 0, num_d
+    dv = geom.det_spacing[0]
+    big = geom.src_dist + geom.det_dist
+    # Heights in the volume along those rays: z = z_v · L / (src + det), L in [near, far].
+    low, high = (start - geom.row_axis) * dv, (stop - 1 - geom.row_axis) * dv
+    lo = min(low * near, low * far) / big
+    hi = max(high * near, high * far) / big
+    # Slice d has weight where |z / vs − (d − d_axis)| < 1; one more slice of margin each side.
+    d0 = math.floor(lo / vs + vol.d_axis) - 1
+    d1 = math.ceil(hi / vs + vol.d_axis + 1) + 1
+    d0, d1 = min(max(d0, 0), num_d), min(max(d1, 0), num_d)
+    return d0, max(d0, d1)
+
+
 def _check_cone(vol: VolumeGeometry, geom: ConeGeometry, allow_truncation: bool) -> None:
     name = "ConeBeamCT"
     num_d, num_h, num_w = vol.shape
@@ -126,12 +218,22 @@ def _check_cone(vol: VolumeGeometry, geom: ConeGeometry, allow_truncation: bool)
     num_v, num_u = geom.det_shape
     dv, du = geom.det_spacing
     # Half a pixel of slack: an overhang that small only clips a sliver of the edge voxels.
-    if need_u > (num_u + 0.5) * du or need_v > (num_v + 0.5) * dv:
+    if vol.d_offset == 0 and geom.row_offset == 0:
+        rows_ok = need_v <= (num_v + 0.5) * dv
+    else:  # off-centre: the shadow's extent along D against the window's, a quarter each side
+        low, high = _vertical_shadow(vol, geom)
+        rows_ok = (
+            low >= (-geom.row_axis - 0.75) * dv and high <= (num_v - 0.25 - geom.row_axis) * dv
+        )
+    if need_u > (num_u + 0.5) * du or not rows_ok:
+        where = ""
+        if vol.d_offset or geom.row_offset:
+            where = f" (volume d_offset={vol.d_offset:g}, detector row_offset={geom.row_offset:g})"
         raise ValueError(
             f"{name}: the detector is too small to see the volume: det_shape (V, U) = "
             f"({num_v}, {num_u}) × det_spacing (rows, columns) = ({dv:g}, {du:g}) covers "
             f"{num_v * dv:g} × {num_u * du:g}, but the volume (D, H, W) = {vol.shape} × "
-            f"voxel_size={vs:g} casts a shadow up to {need_v:.4g} × {need_u:.4g}; use "
+            f"voxel_size={vs:g}{where} casts a shadow up to {need_v:.4g} × {need_u:.4g}; use "
             f"det_shape >= ({math.ceil(need_v / dv - 0.5)}, {math.ceil(need_u / du - 0.5)}) "
             "(see min_det_shape) or allow_truncation=True"
         )
@@ -147,6 +249,12 @@ class ConeBeamCT(LinearOperator):
     coordinates ``((u − (U−1)/2) · du, (v − (V−1)/2) · dv)``. Each measurement is the line
     integral along the ray from the source through a pixel centre (the whole line, so a
     detector placed inside the volume's extent still sees full rays).
+
+    Pieces: ``op.slab(d_slice)`` is the projector of a D-slab where it sits in the volume,
+    ``op.rows(v_slice)`` the projector onto a window of detector rows, and
+    ``op.rows_hit_by(d_slice)`` / ``op.slices_seen_by(v_slice)`` the rows a slab reaches and
+    the slices a window sees; ``A x = Σ_k A.slab(s_k).rows(A.rows_hit_by(s_k))(x[s_k])``
+    placed at those rows, for slabs ``s_k`` covering the volume.
 
     Shape:
         forward ``(*batch, D, H, W) → (*batch, V, A, U)``; adjoint the reverse.
@@ -165,6 +273,12 @@ class ConeBeamCT(LinearOperator):
         voxel_size: voxel edge length.
         allow_truncation: accept a detector that does not see the whole volume.
         block_bytes, table_bytes: sizes of the per-block temporaries and per-chunk tables.
+        d_offset: the volume's centre sits ``d_offset`` voxels along +D from the source plane
+            (voxel ``d`` at ``z = (d − (D−1)/2 + d_offset) · voxel_size``): a slab of a larger
+            volume. Default 0; :meth:`slab` sets it.
+        row_offset: the detector's rows are shifted by ``row_offset`` rows along +D (row ``v``
+            at ``z_v = (v − (V−1)/2 + row_offset) · dv``): a window of a larger detector.
+            Default 0; :meth:`rows` sets it.
     """
 
     def __init__(
@@ -180,6 +294,8 @@ class ConeBeamCT(LinearOperator):
         allow_truncation: bool = False,
         block_bytes: int | None = None,
         table_bytes: int | None = None,
+        d_offset: float = 0.0,
+        row_offset: float = 0.0,
     ) -> None:
         name = "ConeBeamCT"
         shape = _shape3(volume_shape, name)
@@ -196,8 +312,9 @@ class ConeBeamCT(LinearOperator):
             _positive(det_dist, "det_dist", name),
             dshape,  # type: ignore[arg-type]
             _pair(det_spacing, "det_spacing", name),
+            _finite(row_offset, "row_offset", name),
         )
-        vol = VolumeGeometry(shape, vs)
+        vol = VolumeGeometry(shape, vs, _finite(d_offset, "d_offset", name))
         num_v, num_u = geom.det_shape
         super().__init__(
             vol.shape,
@@ -241,6 +358,8 @@ class ConeBeamCT(LinearOperator):
             allow_truncation=allow_truncation,
             block_bytes=block_bytes,
             table_bytes=table_bytes,
+            d_offset=volume_geometry.d_offset,
+            row_offset=geometry.row_offset,
         )
 
     # ------------------------------------------------------------------ structure
@@ -249,27 +368,82 @@ class ConeBeamCT(LinearOperator):
         return self.geometry.num_angles
 
     def slab(self, d_slice: slice) -> "ConeBeamCT":
-        """Not available: diverging rays cross D-slices, so no D-slab of the volume is measured
-        by a set of detector rows alone (use the whole volume, or ParallelBeamCT)."""
-        raise ValueError(
-            "ConeBeamCT.slab: cone-beam rays cross D-slices, so a D-slab is not an exact "
-            "sub-problem; reconstruct the whole volume (or tile it in H, W) instead"
+        """The projector of the D-slab ``d_slice`` of the volume, where it sits, onto the same
+        detector (use :meth:`rows` with :meth:`rows_hit_by` to keep only the rows it reaches).
+
+        The projector is linear, so for slabs that cover the volume
+        ``A x = Σ_k A.slab(s_k)(x[s_k])``; it is exact, not an approximation. Its adjoint is
+        the slab ``s_k`` of ``Aᵀ y``.
+
+        Shape:
+            ``(*batch, d, H, W) → (*batch, V, A, U)`` with ``d`` the slab thickness.
+        """
+        start, stop = _slab_bounds(d_slice, self.domain_shape[0], f"{self.name}.slab")
+        return self._rebuild(
+            self.volume_geometry.slab(slice(start, stop)), self.geometry, self.allow_truncation
         )
+
+    def rows(self, v_slice: slice) -> "ConeBeamCT":
+        """The projector onto the window ``v_slice`` of detector rows (the same rays).
+
+        Row ``j`` of ``A.rows(v_slice)(x)`` is row ``start + j`` of ``A(x)``; the window may
+        cut the volume's shadow, so the operator allows truncation.
+
+        Shape:
+            ``(*batch, D, H, W) → (*batch, v, A, U)`` with ``v`` the window's rows.
+        """
+        start, stop = _slab_bounds(v_slice, self.range_shape[0], f"{self.name}.rows")
+        return self._rebuild(self.volume_geometry, self.geometry.rows(slice(start, stop)), True)
+
+    def rows_hit_by(self, d_slice: slice) -> slice:
+        """The detector rows that rays through the D-slab ``d_slice`` can reach.
+
+        Conservative: every row outside it has exactly zero weight on the slab's voxels (one
+        row of margin each side); an empty slice when the slab's shadow misses the detector.
+        Indices are of this operator's volume and detector.
+        """
+        start, stop = _slab_bounds(d_slice, self.domain_shape[0], f"{self.name}.rows_hit_by")
+        v0, v1 = _rows_hit(self.volume_geometry, self.geometry, start, stop)
+        return slice(v0, v1)
+
+    def slices_seen_by(self, v_slice: slice) -> slice:
+        """The D-slices of the volume that rays to the detector rows ``v_slice`` can cross.
+
+        Conservative: every slice outside it has exactly zero weight in those rows (one slice
+        of margin each side); an empty slice when none. Indices are of this operator's volume
+        and detector.
+        """
+        start, stop = _slab_bounds(
+            v_slice, self.geometry.det_shape[0], f"{self.name}.slices_seen_by"
+        )
+        d0, d1 = _slices_seen(self.volume_geometry, self.geometry, start, stop)
+        return slice(d0, d1)
 
     def subset(self, angle_index) -> "ConeBeamCT":
         """The operator restricted to a subset of the angles."""
+        return self._rebuild(
+            self.volume_geometry, self.geometry.subset(angle_index), self.allow_truncation
+        )
+
+    def _rebuild(
+        self, vol: VolumeGeometry, geom: ConeGeometry, allow_truncation: bool
+    ) -> "ConeBeamCT":
         op = type(self).from_geometry(
-            self.volume_geometry, self.geometry.subset(angle_index),
-            allow_truncation=self.allow_truncation, block_bytes=self.block_bytes,
+            vol, geom, allow_truncation=allow_truncation, block_bytes=self.block_bytes,
             table_bytes=self.table_bytes,
         )
         return op.to(device=self.angles.device, dtype=self.angles.dtype)
 
     def extra_repr(self) -> str:
         g = self.geometry
+        offsets = ""
+        if self.volume_geometry.d_offset:
+            offsets += f", d_offset={self.volume_geometry.d_offset:g}"
+        if g.row_offset:
+            offsets += f", row_offset={g.row_offset:g}"
         return (
             f"{self.range_shape} ← {self.domain_shape}, src_dist={g.src_dist:g}, "
-            f"det_dist={g.det_dist:g}"
+            f"det_dist={g.det_dist:g}{offsets}"
         )
 
     def check_input(self, x: torch.Tensor, *, adjoint: bool = False) -> None:
@@ -299,7 +473,7 @@ class ConeBeamCT(LinearOperator):
         g = self.geometry
         vs = self.volume_geometry.voxel_size
         num_v, num_u = g.det_shape
-        dv, du = g.det_spacing
+        du = g.det_spacing[1]
         src, det = g.src_dist, g.det_dist
         big = src + det
         f64 = torch.float64
@@ -340,7 +514,7 @@ class ConeBeamCT(LinearOperator):
             (torch.where(ok0, row0, zero), torch.where(ok1, row0 + stride2, zero)), dim=-1
         )
         row_weight = torch.stack((torch.where(ok0, w0, 0), torch.where(ok1, w1, 0)), dim=-1)
-        z_v = ((torch.arange(num_v, device=device, dtype=f64) - (num_v - 1) / 2) * dv)
+        z_v = g.row_heights(device=device)
         norm = torch.sqrt(r_x**2 + r_y**2 + z_v[None, None, :] ** 2)
         step_len = vs * norm / torch.maximum(r_x.abs(), r_y.abs())  # (A_c, U, V)
         n = theta.shape[0] * (u1 - u0)
@@ -352,10 +526,7 @@ class ConeBeamCT(LinearOperator):
         )
 
     def _detector_heights(self, dtype, device) -> torch.Tensor:
-        num_v = self.geometry.det_shape[0]
-        dv = self.geometry.det_spacing[0]
-        return ((torch.arange(num_v, device=device, dtype=torch.float64) - (num_v - 1) / 2)
-                * dv).to(dtype)
+        return self.geometry.row_heights(device=device).to(dtype)
 
     # ------------------------------------------------------------------ kernels
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -375,7 +546,7 @@ class ConeBeamCT(LinearOperator):
         )
         y = torch.zeros(batch, num_v, num_a, num_u, dtype=dtype, device=device)
         zcoord = self._detector_heights(dtype, device)
-        zoff = (num_d - 1) / 2
+        zoff = self.volume_geometry.d_axis
         per_angle = num_u * max(num_h, num_w) * 80
         for sl in self._chunks(per_angle, table):
             u0, u1 = self._columns(sl)
@@ -405,7 +576,7 @@ class ConeBeamCT(LinearOperator):
         acc = torch.zeros(zero + 1, batch, num_d + 3, dtype=dtype, device=device)
         yb = y.reshape(batch, num_v, num_a, num_u)
         zcoord = self._detector_heights(dtype, device)
-        zoff = (num_d - 1) / 2
+        zoff = self.volume_geometry.d_axis
         per_angle = num_u * max(num_h, num_w) * 80
         for sl in self._chunks(per_angle, table):
             u0, u1 = self._columns(sl)
@@ -475,7 +646,7 @@ class ConeBeamCT(LinearOperator):
         xs = ((torch.arange(num_w, device=device, dtype=f64) - (num_w - 1) / 2) * vs)
         y_r = ys[:, None, None].expand(num_h, num_w, 1).reshape(-1, 1)
         x_r = xs[None, :, None].expand(num_h, num_w, 1).reshape(-1, 1)
-        zcoord = ((torch.arange(num_d, device=device, dtype=f64) - (num_d - 1) / 2) * vs).to(dtype)
+        zcoord = self.volume_geometry.z_coords(device=device).to(dtype)
         out = torch.zeros(num_h * num_w, batch, num_d, dtype=dtype, device=device)
         per_angle = num_h * num_w * 64
         for sl in self._chunks(per_angle, table):
@@ -500,7 +671,7 @@ class ConeBeamCT(LinearOperator):
             ).to(dtype)
             zslope = (mag / dv).to(dtype)
             K.two_stage_gather(
-                rows, row_index, row_weight, zslope, zcoord, (num_v - 1) / 2, out,
+                rows, row_index, row_weight, zslope, zcoord, g.row_axis, out,
                 block_bytes=block, accumulate=True,
             )
         out = out.view(num_h, num_w, batch, num_d).permute(2, 3, 0, 1)

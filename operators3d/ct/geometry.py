@@ -16,8 +16,17 @@ rotation axis; ``x`` runs along W, ``y`` along H and ``z`` along D (the rotation
   the detector (magnification ``(src_dist + det_dist) / src_dist`` at the axis). Each ray runs
   from the source to a pixel centre.
 
-Geometry objects are frozen: :meth:`VolumeGeometry.slab` and ``subset`` return new ones
-(tomosipo-style slicing into sub-volumes and angle subsets).
+Sub-volumes and detector windows (cone beam): a volume may sit off-centre along D by
+``d_offset`` voxels, so that voxel ``d`` is at ``z = (d − (D−1)/2 + d_offset) · voxel_size``, and
+a detector may be a window of a larger one, shifted by ``row_offset`` rows: ``z_v = (v − (V−1)/2
++ row_offset) · det_spacing_v``. :meth:`VolumeGeometry.slab` and :meth:`ConeGeometry.rows` set
+these offsets so that the slab or window sits exactly where it sits in the whole (the offsets
+are half-integers then, and every coordinate is computed without rounding). Both default to 0,
+the centred picture above.
+
+Geometry objects are frozen: :meth:`VolumeGeometry.slab`, :meth:`ConeGeometry.rows` and
+``subset`` return new ones (tomosipo-style slicing into sub-volumes, detector windows and angle
+subsets).
 """
 
 from __future__ import annotations
@@ -92,19 +101,37 @@ def _shape3(shape, owner: str) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class VolumeGeometry:
-    """A ``(D, H, W)`` voxel grid centred on the rotation axis.
+    """A ``(D, H, W)`` voxel grid centred on the rotation axis (in-plane), ``d_offset`` voxels
+    along D from the source plane.
 
-    Voxel ``(d, h, w)`` has its centre at ``((w − (W−1)/2), (h − (H−1)/2), (d − (D−1)/2)) ·
-    voxel_size`` in ``(x, y, z)``; ``z`` is the rotation axis.
+    Voxel ``(d, h, w)`` has its centre at ``((w − (W−1)/2), (h − (H−1)/2), (d − (D−1)/2 +
+    d_offset)) · voxel_size`` in ``(x, y, z)``; ``z`` is the rotation axis. ``d_offset = 0``
+    (the default) centres the volume on the source plane; :meth:`slab` sets it.
     """
 
     shape: tuple[int, int, int]
     voxel_size: float = 1.0
+    d_offset: float = 0.0
 
     def slab(self, d_slice: slice) -> "VolumeGeometry":
-        """The sub-volume of the D-slab ``d_slice`` (contiguous), re-centred on its own middle."""
+        """The sub-volume of the D-slab ``d_slice`` (contiguous), where it sits in this one.
+
+        Its ``d_offset`` is ``self.d_offset + start + (thickness − D)/2``, so voxel ``i`` of the
+        slab lies exactly at voxel ``start + i`` of this volume.
+        """
         start, stop = _slab_bounds(d_slice, self.shape[0], "VolumeGeometry.slab")
-        return VolumeGeometry((stop - start,) + self.shape[1:], self.voxel_size)
+        offset = self.d_offset + start + ((stop - start) - self.shape[0]) / 2
+        return VolumeGeometry((stop - start,) + self.shape[1:], self.voxel_size, offset)
+
+    @property
+    def d_axis(self) -> float:
+        """The (fractional) D index of the source plane ``z = 0``: ``(D − 1)/2 − d_offset``."""
+        return (self.shape[0] - 1) / 2 - self.d_offset
+
+    def z_coords(self, *, device=None) -> torch.Tensor:
+        """Heights ``z`` of the D-slices' centres, float64 ``(D,)`` (physical units)."""
+        index = torch.arange(self.shape[0], device=device, dtype=torch.float64)
+        return (index - self.d_axis) * self.voxel_size
 
     @property
     def centre(self) -> tuple[float, float, float]:
@@ -127,9 +154,25 @@ def _slab_bounds(d_slice: slice, depth: int, owner: str) -> tuple[int, int]:
     return start, stop
 
 
-def volume(*, shape: Sequence[int], voxel_size: float = 1.0) -> VolumeGeometry:
-    """A volume geometry: ``shape=(D, H, W)``, isotropic ``voxel_size`` (physical units)."""
-    return VolumeGeometry(_shape3(shape, "volume"), _positive(voxel_size, "voxel_size", "volume"))
+def _finite(value, what: str, owner: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{owner}: {what} must be a number, got {value!r}") from err
+    if not math.isfinite(out):
+        raise ValueError(f"{owner}: {what} must be finite, got {value!r}")
+    return out
+
+
+def volume(
+    *, shape: Sequence[int], voxel_size: float = 1.0, d_offset: float = 0.0
+) -> VolumeGeometry:
+    """A volume geometry: ``shape=(D, H, W)``, isotropic ``voxel_size`` (physical units),
+    centred ``d_offset`` voxels along D from the source plane (cone beam; default 0)."""
+    return VolumeGeometry(
+        _shape3(shape, "volume"), _positive(voxel_size, "voxel_size", "volume"),
+        _finite(d_offset, "d_offset", "volume"),
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,8 +229,10 @@ class ConeGeometry:
     """Circular-orbit cone-beam geometry with a flat detector of ``det_shape = (V, U)`` pixels.
 
     Source at ``−src_dist · d(θ)``, detector centre at ``+det_dist · d(θ)``, pixel ``(v, u)`` at
-    ``det_dist · d(θ) + s_u e(θ) + z_v ẑ``; ``det_spacing = (rows, columns)`` is the physical
-    pitch on the detector.
+    ``det_dist · d(θ) + s_u e(θ) + z_v ẑ`` with ``z_v = (v − (V−1)/2 + row_offset) · dv``;
+    ``det_spacing = (rows, columns)`` is the physical pitch on the detector. ``row_offset = 0``
+    (the default) centres the detector on the source plane; :meth:`rows` sets it for a window
+    of rows of a larger detector.
     """
 
     angles: torch.Tensor = field(repr=False)
@@ -195,6 +240,7 @@ class ConeGeometry:
     det_dist: float
     det_shape: tuple[int, int]
     det_spacing: tuple[float, float] = (1.0, 1.0)
+    row_offset: float = 0.0
 
     @property
     def num_angles(self) -> int:
@@ -209,14 +255,39 @@ class ConeGeometry:
         """The same orbit and detector at a subset of the angles."""
         return ConeGeometry(
             _subset(self.angles, index), self.src_dist, self.det_dist, self.det_shape,
-            self.det_spacing,
+            self.det_spacing, self.row_offset,
         )
 
+    def rows(self, v_slice: slice) -> "ConeGeometry":
+        """The window of detector rows ``v_slice`` (contiguous), where it sits on this detector.
+
+        Its ``row_offset`` is ``self.row_offset + start + (rows − V)/2``, so row ``j`` of the
+        window is exactly row ``start + j`` of this detector.
+        """
+        num_v, num_u = self.det_shape
+        start, stop = _slab_bounds(v_slice, num_v, "ConeGeometry.rows")
+        offset = self.row_offset + start + ((stop - start) - num_v) / 2
+        return ConeGeometry(
+            self.angles, self.src_dist, self.det_dist, (stop - start, num_u), self.det_spacing,
+            offset,
+        )
+
+    @property
+    def row_axis(self) -> float:
+        """The (fractional) row index of the source plane ``z = 0``: ``(V − 1)/2 − row_offset``."""
+        return (self.det_shape[0] - 1) / 2 - self.row_offset
+
+    def row_heights(self, *, device=None) -> torch.Tensor:
+        """Heights ``z_v`` of the detector rows' centres, float64 ``(V,)`` (physical units)."""
+        index = torch.arange(self.det_shape[0], device=device, dtype=torch.float64)
+        return (index - self.row_axis) * self.det_spacing[0]
+
     def __repr__(self) -> str:
+        offset = f", row_offset={self.row_offset}" if self.row_offset else ""
         return (
             f"ConeGeometry(num_angles={self.num_angles}, src_dist={self.src_dist}, "
             f"det_dist={self.det_dist}, det_shape={self.det_shape}, "
-            f"det_spacing={self.det_spacing})"
+            f"det_spacing={self.det_spacing}{offset})"
         )
 
 
@@ -227,8 +298,10 @@ def cone_beam(
     det_dist: float,
     det_shape: Sequence[int],
     det_spacing: float | Sequence[float] = 1.0,
+    row_offset: float = 0.0,
 ) -> ConeGeometry:
-    """A circular cone-beam geometry; ``det_spacing`` is a number or ``(rows, columns)``."""
+    """A circular cone-beam geometry; ``det_spacing`` is a number or ``(rows, columns)``;
+    ``row_offset`` shifts the detector's rows along D (a window of a larger detector)."""
     owner = "cone_beam"
     try:
         shape = tuple(int(s) for s in det_shape)
@@ -242,4 +315,5 @@ def cone_beam(
         _positive(det_dist, "det_dist", owner),
         shape,  # type: ignore[arg-type]
         _pair(det_spacing, "det_spacing", owner),
+        _finite(row_offset, "row_offset", owner),
     )

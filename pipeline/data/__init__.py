@@ -13,8 +13,9 @@ The format is written down in ``docs/scan-format.md``. Typical use::
         ...
     state = stream.state_dict()                  # exact mid-epoch resume
 
-Nothing here reads a whole scan (cone-beam simulation and FDK excepted, see
-:mod:`pipeline.data.cone`), and every read checks that the chunks it needs exist and decode.
+Nothing here reads a whole scan (cone-beam simulation and FDK go slab by slab and block of
+detector rows by block, see :mod:`pipeline.data.cone`), and every read checks that the chunks
+it needs exist and decode.
 """
 
 from .format import (

@@ -13,9 +13,9 @@ calibration block, ``n`` complex Gaussian (``σ`` per real and imaginary part) o
 CT: ``p = A x`` (line integrals); with ``photons = I0`` the counts are ``N ~ Poisson(I0 e^{−p})``
 and ``y = −log(max(N, 1) / I0)``; with ``noise_sigma`` ``y = p + σ n``. Parallel beam is exact
 slab by slab. Cone beam couples D-slices: every detector row sees a D-range of the volume, so
-it is simulated in blocks of detector rows, each projecting the bounded range of volume slices
-its rays can cross (computed from the geometry); memory is bounded by that range, which for
-wide cone angles approaches the whole volume.
+it is simulated in blocks of detector rows, each adding the exact projections of the volume
+slabs its rays can cross (computed from the geometry), one slab at a time; memory is a slab
+and a block of rows, whatever the volume (:mod:`pipeline.data.cone`).
 """
 
 from __future__ import annotations
