@@ -153,6 +153,9 @@ class _SplittingBase(Loss):
 
     def _split(self, model: nn.Module | None, y: torch.Tensor) -> Split:
         model = self._require_model(model)
+        inner = getattr(model, "module", None)  # a DeepSpeed engine or DDP around the model
+        if not isinstance(model, SplittingModel) and isinstance(inner, SplittingModel):
+            model = inner
         if not isinstance(model, SplittingModel) or model.loss is not self:
             raise ValueError(
                 f"{type(self).__name__}: the model was not adapted by this loss; train "

@@ -30,6 +30,17 @@ def tiny_mri(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def tiny_ct(tmp_path_factory) -> str:
+    """An 8×24×24 parallel-beam CT scan, 24 angles, Gaussian noise, chunks of 2 rows."""
+    from pipeline.data import SimulateCTConfig, simulate_ct
+
+    out = tmp_path_factory.mktemp("scans") / "ct.zarr"
+    simulate_ct(SimulateCTConfig(shape=(8, 24, 24), angles=24, phantom="foam", noise_sigma=0.01,
+                                 chunk_depth=2, seed=0, out=str(out), progress=False))
+    return str(out)
+
+
 def tiny_config(scan: str, **sections) -> dict:
     """A config that trains a 2-level U-Net of widths [4, 8] with MC + EI for 6 steps."""
     cfg = {
