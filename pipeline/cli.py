@@ -8,8 +8,9 @@ Sub-commands:
   (:mod:`pipeline.data.cli`).
 * ``recon3d train CONFIG`` and ``recon3d export RUN_DIR`` — training with DeepSpeed under
   torchrun, and consolidated weights (:mod:`pipeline.train`).
-
-``reconstruct``, ``evaluate`` and ``report`` arrive with the reconstruction milestone.
+* ``recon3d reconstruct`` — a whole scan, slab by slab, into an OME-Zarr 0.5 image
+  (:mod:`pipeline.reconstruct.cli`); ``recon3d evaluate OUT --reference SCAN`` (PSNR, SSIM,
+  NMSE out of core) and ``recon3d report RUN_DIR|OUT`` (figures and a Markdown summary).
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ def _build_parser() -> argparse.ArgumentParser:
     from pipeline.data.cli import register as register_data
 
     register_data(sub)
+    from pipeline.reconstruct.cli import register as register_reconstruct
+
+    register_reconstruct(sub)
+    from pipeline.reconstruct import evaluate as _evaluate, report as _report
+
+    _evaluate.add_parser(sub)
+    _report.add_parser(sub)
 
     tr = sub.add_parser(
         "train",
@@ -140,10 +148,22 @@ def main(argv: list[str] | None = None) -> int:
             return rc
         if args.command == "export":
             return _export(args)
+        if args.command == "evaluate":
+            from pipeline.reconstruct.evaluate import run_cli as run_evaluate
+
+            return run_evaluate(args)
+        if args.command == "report":
+            from pipeline.reconstruct.report import run_cli as run_report
+
+            return run_report(args)
         from pipeline.data.cli import COMMANDS as DATA_COMMANDS, run as run_data
 
         if args.command in DATA_COMMANDS:
             return run_data(args)
+        from pipeline.reconstruct.cli import COMMANDS as RECONSTRUCT_COMMANDS, run as run_reconstruct
+
+        if args.command in RECONSTRUCT_COMMANDS:
+            return run_reconstruct(args)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"recon3d {args.command}: error: {err}", file=sys.stderr)
         return 2

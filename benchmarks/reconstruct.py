@@ -1,0 +1,207 @@
+"""Reconstruction benchmark (issue 7): throughput and peak memory of ``recon3d reconstruct``.
+
+    .venv/bin/python benchmarks/reconstruct.py [--scratch DIR] [--depth 512] [--keep]
+        [--cases read,adjoint,model] [--workers 1]
+
+On a simulated 3D MRI scan of 8 coils × D × 256 × 256 (D = 512: 4.25 GiB of measurements, coil
+maps and reference; made here, untimed, when missing), each case runs in a fresh subprocess:
+
+* **read** — the reference: zarr reads and decodes every chunk of the arrays a reconstruction
+  needs (measurements and coil maps), one after another in one process, nothing else. It runs
+  before and after the reconstructions; ratios are against the mean of the two, so load that
+  changes during the run biases neither side.
+* **adjoint** — ``reconstruct(method="adjoint")`` (zero-filled ``Aᴴy`` per slab, slab = one
+  output chunk of 16 slices, no halo), magnitude + complex arrays, pyramid of 3 levels.
+* **model** — ``reconstruct(model=...)`` with a small untrained network (a 2-level U-Net of
+  widths 4, 8 on an ``Aᴴy`` initial estimate, receptive radius 9: halo 9, slabs of ``--slab``
+  slices, 8 by default, so every slab reads 26–27), backbone tiles of :data:`TILE`, under the
+  scan's intensity scale.
+
+Throughput is output voxels (D·H·W) per second of the whole job (reads, compute, writes,
+completion records, pyramid). Peak memory is the PSS of the process (and any children), sampled
+every 0.2 s: above the idle footprint after imports (as ``benchmarks/data.py``) and in total,
+both relative to the scan size (target ≤ 1/8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import TreeMemoryMonitor, machine_line, print_table  # noqa: E402
+
+#: Backbone tiles of the model case: 2×2 in-plane tiles, exact (overlap 2 × radius).
+TILE = (32, 144, 144)
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+def _scan(scratch: Path, depth: int) -> str:
+    """The simulated MRI scan (made when missing, untimed)."""
+    from pipeline.data import SimulateMRIConfig, simulate_mri
+
+    path = scratch / "mri.zarr"
+    if not (path / "zarr.json").exists():
+        t0 = time.perf_counter()
+        simulate_mri(SimulateMRIConfig(out=str(path), shape=(depth, 256, 256), coils=8, acceleration=4.0,
+                                       calibration=24, noise_sigma=0.05, seed=0, workers=2, progress=False))
+        print(f"(simulated the {depth}×256×256 8-coil MRI scan in {time.perf_counter() - t0:.0f} s)")
+    return str(path)
+
+
+def _weights(scratch: Path) -> str:
+    """An untrained 2-level U-Net (widths 4, 8) as an export file: speed does not depend on training."""
+    import torch
+
+    from pipeline.train.build import ScanFacts, build_model
+    from pipeline.train.config import LossConfig, MCTerm, ModelConfig
+    from pipeline.train.export import EXPORT_FORMAT
+
+    path = scratch / "unet.pt"
+    if not path.exists():
+        cfg = ModelConfig(widths=[4, 8])
+        torch.manual_seed(0)
+        net = build_model(cfg, ScanFacts("mri", "cartesian", None, 2))
+        torch.save({"format": EXPORT_FORMAT, "state_dict": net.state_dict(), "model_config": cfg.model_dump(mode="json"),
+                    "loss_config": LossConfig(terms=[MCTerm(name="mc")]).model_dump(mode="json"),
+                    "modality": "mri", "channels": 2, "step": 0, "source": "benchmarks/reconstruct.py"}, path)
+    return str(path)
+
+
+def _scan_bytes(path: str) -> int:
+    from pipeline.data import inspect_scan
+
+    return sum(a.nbytes for a in inspect_scan(path).arrays)
+
+
+# ----------------------------------------------------------------------------- children
+def _child(case: str, scan: str, scratch: Path, workers: int, slab: int) -> None:
+    """Runs in a fresh process; prints READY after imports, then one JSON line of results."""
+    import numpy as np
+    import torch
+
+    from pipeline.data import open_scan
+    from pipeline.reconstruct import ReconstructConfig, reconstruct
+    from pipeline.reconstruct.reconstruct import return_freed_memory_to_os
+
+    torch.set_num_threads(2)
+    if not os.environ.get("RECON3D_BENCH_GLIBC_DEFAULT"):
+        # As the CLI does; RECON3D_BENCH_MMAP_THRESHOLD (bytes) tries another threshold.
+        return_freed_memory_to_os(int(os.environ.get("RECON3D_BENCH_MMAP_THRESHOLD", 1 << 20)))
+    print("READY", flush=True)
+    sys.stdin.readline()  # the parent has taken the baseline
+    t0 = time.perf_counter()
+    result: dict = {}
+    if case.startswith("read"):
+        s = open_scan(scan)
+        total = 0
+        for name in ("measurements", "coil_maps"):
+            arr = s.group[name]
+            cd = arr.chunks[1]
+            for d0 in range(0, arr.shape[1], cd):
+                total += np.asarray(arr[:, d0 : d0 + cd]).nbytes
+        result["bytes"] = total
+    else:
+        out = scratch / f"{case}.ome.zarr"
+        shutil.rmtree(out, ignore_errors=True)
+        if case == "adjoint":
+            config = ReconstructConfig(scan=scan, out=str(out), method="adjoint", pyramid=3, workers=workers,
+                                       progress=False)
+        else:
+            config = ReconstructConfig(scan=scan, out=str(out), model=_weights(scratch), chunks=(8, 256, 256),
+                                       slab=slab, tile=TILE, workers=workers, progress=False)
+        res = reconstruct(config)
+        assert res.complete, res
+        shutil.rmtree(out, ignore_errors=True)
+    result["seconds"] = time.perf_counter() - t0
+    print(json.dumps(result), flush=True)
+
+
+def _run_child(case: str, scan: str, scratch: Path, workers: int, slab: int) -> dict:
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", case, "--scratch", str(scratch), "--scan", scan,
+         "--workers", str(workers), "--slab", str(slab)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    monitor = TreeMemoryMonitor(proc.pid, interval=0.2)
+    assert proc.stdout is not None and proc.stdin is not None
+    line = proc.stdout.readline()
+    if line.strip() != "READY":
+        raise RuntimeError(f"child {case} failed to start: {line!r}")
+    monitor.mark_baseline()
+    monitor.start()
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    out = proc.stdout.readline()
+    proc.wait()
+    monitor.stop()
+    if proc.returncode != 0 or not out.strip():
+        raise RuntimeError(f"child {case} failed with exit code {proc.returncode}")
+    result = json.loads(out)
+    result.update(peak=monitor.peak, idle=monitor.baseline, above=monitor.peak_above_baseline)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/recon3d-bench-reconstruct"))
+    parser.add_argument("--depth", type=int, default=512, help="D of the simulated MRI scan (512: 4.25 GiB)")
+    parser.add_argument("--cases", default="read,adjoint,model", help="comma-separated: read, adjoint, model")
+    parser.add_argument("--workers", type=int, default=1, help="slabs at once (default: 1)")
+    parser.add_argument("--slab", type=int, default=8,
+                        help="output slab of the model case, a multiple of 8 (default: 8; input: slab + 2 x 9)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch scan")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--scan", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child, args.scan, args.scratch, args.workers, args.slab)
+        return
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(args.scratch).free
+    if free < 8 * GIB:
+        raise SystemExit(f"benchmarks/reconstruct.py: needs ~6 GiB free in {args.scratch}, has {free / GIB:.1f}")
+    print(machine_line(), f" load {os.getloadavg()[0]:.1f}")
+    try:
+        scan = _scan(args.scratch, args.depth)
+        size = _scan_bytes(scan)
+        voxels = args.depth * 256 * 256
+        cases = [c for c in args.cases.split(",") if c]
+        results = {}
+        order = (["read-before"] if "read" in cases else []) + [c for c in cases if c != "read"] + \
+            (["read-after"] if "read" in cases else [])
+        for case in order:
+            load = os.getloadavg()[0]
+            results[case] = _run_child(case, scan, args.scratch, args.workers, args.slab)
+            results[case]["load"] = f"{load:.1f} → {os.getloadavg()[0]:.1f}"
+        read_s = [results[c]["seconds"] for c in ("read-before", "read-after") if c in results]
+        ref_rate = voxels / (sum(read_s) / len(read_s)) if read_s else None
+        rows = []
+        for case, r in results.items():
+            rate = voxels / r["seconds"]
+            label = {"read-before": "zarr read + decode (measurements, coil maps), before",
+                     "read-after": "zarr read + decode, after",
+                     "adjoint": f"reconstruct --method adjoint --pyramid 3, workers {args.workers}",
+                     "model": f"reconstruct --model (U-Net 4,8; halo 9; slab {args.slab}), workers {args.workers}"}[case]
+            rows.append([label, r["load"], f"{r['seconds']:.1f}", f"{rate / 1e6:.2f}",
+                         f"{rate / ref_rate:.2f}" if ref_rate else "-", f"{r['above'] / MIB:.0f}",
+                         f"**{r['above'] / size:.3f}**", f"{r['peak'] / MIB:.0f}", f"{r['peak'] / size:.3f}"])
+        print_table(f"Reconstruction of a {size / GIB:.2f} GiB MRI scan ({args.depth}×256×256, 8 coils); "
+                    "peak PSS relative to the scan (target ≤ 0.125)",
+                    ["job", "load avg", "s", "Mvoxel/s", "vs read", "peak MiB above idle", "above idle / scan",
+                     "peak MiB total", "total / scan"], rows)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    main()

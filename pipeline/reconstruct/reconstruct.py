@@ -1,0 +1,973 @@
+"""``recon3d reconstruct``: a whole scan, slab by slab, into an OME-Zarr 0.5 image; resumable, parallel.
+
+The volume is cut along D into output slabs of ``slab`` slices (a multiple of the output chunk
+depth, so every output chunk lies in exactly one slab and has exactly one writer). For each
+slab the reconstructor runs on an *input* slab extended by a halo along D (clipped at the
+volume's ends, its start rounded down to the network's pooling grid) and the result is cropped
+to the output slab. With a halo of at least the model's receptive radius along D the slab-wise
+result equals the model applied to the whole volume at once, to float rounding (see
+:func:`model_halo` for the rule and its exceptions).
+
+Resuming. A slab is recorded complete (a small object ``records/<fingerprint>/slab_NNNNNN.json``
+in the output store) only after all its chunks are written; a rerun skips recorded slabs. The
+fingerprint hashes the model weights (or the classical method and its parameters), every
+setting that changes the values (slab, halo, tiling, chunks, codec, intensity scale) and the
+scan's identity; an output made with another fingerprint is recomputed from scratch (its arrays
+and records are deleted first), never mixed. Run settings (device, workers, scheduler, number
+of ranks) are not part of it: a job may resume with other ones.
+
+Parallelism. Under ``torchrun`` (or with ``RANK``/``WORLD_SIZE`` set by hand) rank ``r`` of
+``W`` owns the output slabs ``i ≡ r (mod W)``; no process group is needed. Rank 0 prepares the
+output (the others wait until its attributes carry their fingerprint), and after its own slabs
+waits until the records of *all* slabs exist, then builds the pyramid and marks the output
+complete. Within a rank, slabs run as dask tasks (threads, sync, or a ``dask.distributed``
+cluster), ``workers`` at a time.
+
+Memory: ``workers`` input slabs with halo, their measurements and the network's activations
+(bounded by its tiling), never the volume.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from pipeline.data.format import ATTRS_KEY, CodecConfig, CTGeometry, ScanError, now_iso, open_group, open_store
+
+from . import ome
+
+__all__ = [
+    "ReconstructConfig",
+    "ReconstructResult",
+    "reconstruct",
+    "resolve_model",
+    "model_halo",
+    "retile",
+    "rank_and_world",
+    "completion_records",
+    "return_freed_memory_to_os",
+    "METHODS",
+    "OUTPUT_FORMAT",
+]
+
+OUTPUT_FORMAT = 1
+METHODS = ("adjoint", "fbp", "fdk", "sense")
+RECORDS = "records"
+COMPLEX = "complex"
+_KIND = "reconstruction"
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """Settings of ``recon3d reconstruct``.
+
+    Args:
+        scan: the scan to reconstruct (folder or fsspec URL).
+        out: the OME-Zarr image to write.
+        model: a run directory (its export, made first if missing or older than the latest
+            checkpoint) or an exported weights file. Exclusive with ``method``.
+        method: a classical reconstruction: ``adjoint`` (MRI zero-filled ``Aᴴy``, CT
+            backprojection), ``fbp`` (parallel-beam CT; FDK for cone beam), ``fdk`` (cone
+            beam: the scan's ``derived/fbp`` from ``recon3d preprocess``) or ``sense`` (MRI,
+            CG per slab).
+        pyramid: resolution levels (level ``l`` is the 2× mean of level ``l − 1``).
+        slab: output slab thickness along D, a multiple of the output chunk depth (default:
+            one chunk for classical methods; for a model the smallest multiple ≥ 2·halo).
+        halo: input slices added on each side of a slab (default: the model's receptive
+            radius along D; 0 for classical methods).
+        chunks: output chunk shape ``(D, H, W)`` (default ``(16, 256, 256)`` clipped).
+        tile: run the model's backbone on tiles of this ``(D, H, W)`` (overrides the model's
+            own tiling); ``(0, 0, 0)`` removes the model's tiling.
+        overlap: tile overlap (default ``2 × radius``: exact).
+        filter: FBP window; sense_iters, l2_weight: SENSE settings.
+        keep_complex: MRI: also write the complex image as the array ``complex``.
+        codec: compression of the output arrays.
+        overwrite: replace an existing zarr group at ``out`` that is not a recon3d output.
+        device: ``auto`` (the rank's GPU if any, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        workers: slabs in flight at once in this process (threads scheduler).
+        scheduler: ``threads``, ``sync`` or ``distributed`` (the active dask client).
+        progress: rich progress bars on stderr.
+        wait_timeout_s: how long rank 0 waits for the other ranks' slabs (and they for rank
+            0's preparation) before giving up (rerunning resumes).
+        storage_options: fsspec options of ``scan`` and ``out`` URLs.
+    """
+
+    scan: str
+    out: str
+    model: str | None = None
+    method: str | None = None
+    pyramid: int = 1
+    slab: int | None = None
+    halo: int | None = None
+    chunks: tuple[int, int, int] | None = None
+    tile: tuple[int, int, int] | None = None
+    overlap: int | None = None
+    filter: str = "ram-lak"
+    sense_iters: int = 20
+    l2_weight: float = 1e-3
+    keep_complex: bool = True
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    overwrite: bool = False
+    device: str = "auto"
+    workers: int = 1
+    scheduler: str = "threads"
+    progress: bool = True
+    wait_timeout_s: float = 24 * 3600.0
+    storage_options: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.method is None):
+            raise ValueError("reconstruct: give exactly one of --model RUN_DIR|WEIGHTS and --method")
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"reconstruct: --method must be one of {METHODS}, got {self.method!r}")
+        if int(self.pyramid) < 1:
+            raise ValueError(f"reconstruct: --pyramid must be >= 1, got {self.pyramid}")
+        for name in ("slab", "halo", "overlap"):
+            value = getattr(self, name)
+            if value is not None and int(value) < (1 if name == "slab" else 0):
+                raise ValueError(f"reconstruct: --{name} must be >= {1 if name == 'slab' else 0}, got {value}")
+        if self.chunks is not None and (len(self.chunks) != 3 or min(self.chunks) < 1):
+            raise ValueError(f"reconstruct: --chunks must be 3 positive ints (D H W), got {self.chunks}")
+        if self.tile is not None and (len(self.tile) != 3 or min(self.tile) < 0):
+            raise ValueError(f"reconstruct: --tile must be 3 ints >= 0 (D H W), got {self.tile}")
+        if self.scheduler not in ("threads", "sync", "distributed"):
+            raise ValueError(
+                f"reconstruct: --scheduler must be threads, sync or distributed, got {self.scheduler!r}"
+            )
+
+
+@dataclass
+class ReconstructResult:
+    """What this process did.
+
+    ``state``: ``created``, ``resumed``, ``recomputed`` (another fingerprint was there) or
+    ``already complete`` on rank 0; ``joined`` on the other ranks.
+    """
+
+    path: str
+    state: str
+    fingerprint: str
+    rank: int
+    world_size: int
+    slabs_run: int
+    slabs_total: int
+    complete: bool
+
+
+# ----------------------------------------------------------------------------- helpers
+def rank_and_world() -> tuple[int, int]:
+    """``(RANK, WORLD_SIZE)`` from the environment (torchrun sets them), default ``(0, 1)``."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"reconstruct: RANK={rank} and WORLD_SIZE={world} must satisfy 0 <= RANK < WORLD_SIZE")
+    return rank, world
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device("cuda", local % torch.cuda.device_count())
+        return torch.device("cpu")
+    return torch.device(spec)
+
+
+def _say(message: str, progress: bool) -> None:
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold cyan]recon3d reconstruct[/] {message}", highlight=False)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("recon3d")
+    except Exception:  # running from a checkout
+        return "unknown"
+
+
+def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve allocations of ``threshold`` bytes or more by ``mmap`` (process-wide).
+
+    glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which
+    slab-sized tensors come from heap arenas that keep their pages when the tensors are freed:
+    a job that allocates and frees slabs of varying size then holds hundreds of MiB it does not
+    use. Fixing the threshold returns every large freed block at once, at the price of page
+    faults on every fresh block (benchmarks/reconstruct.py, 4.25 GiB MRI scan, U-Net: peak 264 instead of 408 MiB
+    over idle, 169 instead of 130 s). For job entry points (``recon3d reconstruct --memory
+    lean``, the default), not for library calls. Returns whether it could be set (glibc only).
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
+def _release_memory() -> None:
+    """After a slab: free what it left and hand the freed heap pages back to the OS.
+
+    An operator that has been applied sits in a reference cycle with its cached adjoint
+    (``op ↔ op.H``), so a slab's coil maps and measurements would wait for the cyclic
+    collector, which few Python allocations trigger (measured: +100 MiB per slab). And glibc
+    keeps freed slab-sized blocks in its heaps (its mmap threshold rises to 32 MiB after large
+    frees); ``malloc_trim`` returns their pages between slabs without slowing the allocations
+    within one. A full collection costs ~0.1 s in a large process, so it runs at most once a
+    second (slabs of real scans take longer; tiny test slabs would pay it for nothing).
+    """
+    now = time.monotonic()
+    if now - _LAST_FULL_COLLECT[0] < 1.0:
+        gc.collect(1)
+        return
+    _LAST_FULL_COLLECT[0] = now
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+_LAST_FULL_COLLECT = [0.0]
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _poll(ready: Callable[[], bool], *, timeout_s: float, what: str) -> None:
+    delay, start = 0.2, time.monotonic()
+    while not ready():
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"reconstruct: gave up after {timeout_s:.0f} s waiting for {what}; "
+                               "rerun the same command to resume")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 2.0)
+
+
+# ----------------------------------------------------------------------------- models
+def _latest_checkpoint_time(run_dir: Path) -> tuple[float, Path]:
+    import yaml
+
+    from pipeline.train.checkpoint import read_checkpoint
+
+    directory = run_dir / "checkpoints"
+    resolved = run_dir / "config.resolved.yaml"
+    if resolved.is_file():
+        cfg = yaml.safe_load(resolved.read_text()) or {}
+        custom = (cfg.get("checkpoint") or {}).get("dir")
+        if custom:
+            directory = Path(custom)
+    info = read_checkpoint(directory)
+    manifest = info.directory / info.tag / "recon3d" / "manifest.json"
+    return manifest.stat().st_mtime, info.directory / info.tag
+
+
+def resolve_model(path: str | Path, *, rank: int = 0, timeout_s: float = 3600.0) -> Path:
+    """The exported weights file of ``path``: the file itself, or a run directory's
+    ``export/model.pt`` — exported first (by rank 0; the other ranks wait) when it is missing or
+    older than the run's latest complete checkpoint."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise FileNotFoundError(f"reconstruct: --model {path}: no such run directory or weights file")
+    export = p / "export" / "model.pt"
+    try:
+        ckpt_time, ckpt = _latest_checkpoint_time(p)
+    except Exception as err:  # no checkpoint: an export alone is fine
+        if export.is_file():
+            return export
+        raise FileNotFoundError(f"reconstruct: --model {path}: no export/model.pt and no checkpoint ({err})") from None
+
+    def fresh() -> bool:
+        return export.is_file() and export.stat().st_mtime >= ckpt_time
+
+    if not fresh():
+        if rank == 0:
+            from pipeline.train import export_run
+
+            export_run(p)
+        else:
+            _poll(fresh, timeout_s=timeout_s, what=f"rank 0 to export {ckpt} to {export}")
+    return export
+
+
+def _reconstructor(model: torch.nn.Module):
+    from pipeline.models import ArtifactRemoval, UnrolledNetwork
+
+    return next((m for m in model.modules() if isinstance(m, (ArtifactRemoval, UnrolledNetwork))), None)
+
+
+def _backbones(rec) -> list[torch.nn.Module]:
+    from pipeline.models import UnrolledNetwork
+
+    if isinstance(rec, UnrolledNetwork):
+        return [rec.backbones[0 if rec.shared else k] for k in range(rec.num_iters)]
+    return [rec.backbone]
+
+
+def model_halo(model: torch.nn.Module) -> tuple[int | None, int, list[str]]:
+    """``(radius, multiple, notes)``: the receptive radius of ``model`` along D, the pooling
+    grid its input slabs must start on, and why slab-wise results may still differ.
+
+    The rule: the backbone's radius ``r`` (``UNet3D``: ``unet_receptive_radius``; ``DnCNN3D``:
+    ``depth·(k//2)``; a ``TiledBackbone``: its backbone's); an ``UnrolledNetwork`` couples D once
+    per iteration through its backbone (its data-consistency step with a hybrid-space MRI or a
+    parallel-beam CT operator acts on each D-slice alone), so ``Σ_k r_k``. ``radius`` is
+    ``None`` when a backbone normalises with statistics over its whole input (instance or group
+    norm): no halo makes slabs exact. Not D-local either, whatever the halo (``notes`` say so):
+    a SENSE initial estimate or CG data consistency (conjugate gradient's step sizes are sums
+    over the whole slab; equal only as CG converges), and a tiled backbone whose overlap is
+    below twice its radius (tiles blend slightly different values).
+    """
+    from pipeline.models import TiledBackbone, UnrolledNetwork
+
+    rec = _reconstructor(model)
+    if rec is None:
+        raise ValueError(f"reconstruct: {type(model).__name__} holds no ArtifactRemoval or UnrolledNetwork")
+    notes: list[str] = []
+    total: int | None = 0
+    multiple = 1
+    for bb in _backbones(rec):
+        r = getattr(bb, "receptive_radius", None)
+        multiple = max(multiple, int(getattr(bb, "size_multiple", 1)))
+        if isinstance(bb, TiledBackbone) and not bb.exact:
+            notes.append(f"tiles overlap {bb.overlap} < 2 x radius {r}: tiled values blend")
+        if r is None:
+            total = None
+        elif total is not None:
+            total += int(r)
+    if rec.initial in ("sense", "classical"):
+        notes.append("SENSE initial estimate: CG over each slab (equal to the whole volume's as CG converges)")
+    if isinstance(rec, UnrolledNetwork) and rec.data_consistency == "cg":
+        notes.append("CG data consistency: CG over each slab (equal to the whole volume's as CG converges)")
+    return total, multiple, notes
+
+
+def retile(model: torch.nn.Module, tile: tuple[int, int, int] | None, overlap: int | None) -> torch.nn.Module:
+    """Replace the tiling of ``model``'s backbones (in place): tiles of ``tile`` with
+    ``overlap`` (default exact, ``2·radius``); ``tile=(0, 0, 0)`` runs them untiled."""
+    from pipeline.models import TiledBackbone, UnrolledNetwork
+
+    if tile is None:
+        return model
+    rec = _reconstructor(model)
+
+    def swap(bb: torch.nn.Module) -> torch.nn.Module:
+        inner = bb.backbone if isinstance(bb, TiledBackbone) else bb
+        if not any(tile):
+            return inner
+        return TiledBackbone(inner, tile_shape=tuple(tile), overlap=overlap, checkpoint=False)
+
+    if isinstance(rec, UnrolledNetwork):
+        for k, bb in enumerate(rec.backbones):
+            rec.backbones[k] = swap(bb)
+    else:
+        rec.backbone = swap(rec.backbone)
+    return model
+
+
+def _weights_digest(path: Path) -> tuple[str, dict[str, Any]]:
+    """sha256 of an export's weights (names, dtypes, shapes, values) and configs."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    h = hashlib.sha256()
+    for name in sorted(payload["state_dict"]):
+        t = payload["state_dict"][name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    desc = {"model_config": payload.get("model_config"), "loss_config": payload.get("loss_config"),
+            "modality": payload.get("modality"), "channels": payload.get("channels")}
+    h.update(json.dumps(desc, sort_keys=True, default=str).encode())
+    return h.hexdigest(), {**desc, "step": payload.get("step")}
+
+
+# ----------------------------------------------------------------------------- reconstructors
+class _SlabReader:
+    """``(y, op)`` of a D-range of a scan, as ``Scan.slab`` gives, read chunk by chunk into
+    preallocated tensors: the peak is the slab plus one chunk, not twice the slab (which
+    ``ScanArray.read``'s concatenation of the chunks costs). The MRI mask is read once, so
+    every slab operator shares it (and its cached FFT phases)."""
+
+    def __init__(self, scan) -> None:
+        self.scan = scan
+        self.mask = scan.mask.read_torch() if scan.modality == "mri" else None
+
+    @staticmethod
+    def _read(array, lo: int, hi: int) -> torch.Tensor:
+        axis, step = array.d_axis, array.chunk_depth
+        shape = list(array.shape)
+        shape[axis] = hi - lo
+        out: torch.Tensor | None = None
+        for start in range(lo // step * step, hi, step):
+            a, b = max(lo, start), min(hi, start + step)
+            part = array.read_torch(slice(a, b))  # one chunk: checked present, decoded, finite
+            if out is None:
+                out = torch.empty(shape, dtype=part.dtype)
+            out.narrow(axis, a - lo, b - a).copy_(part)
+            del part
+        assert out is not None
+        return out
+
+    def __call__(self, lo: int, hi: int):
+        if self.mask is not None:
+            from operators3d import MultiCoilMRI
+
+            op = MultiCoilMRI(mask=self.mask, coil_maps=self._read(self.scan.coil_maps, lo, hi))
+        else:
+            op = self.scan.operator(slice(lo, hi))
+        return self._read(self.scan.measurements, lo, hi), op
+
+
+class _Classical:
+    """A classical reconstruction of each input slab (no D coupling: halo 0)."""
+
+    radius, multiple, notes = 0, 1, []
+
+    def __init__(self, scan, config: ReconstructConfig, device: torch.device) -> None:
+        geom = scan.metadata.geometry
+        m = config.method
+        mri = scan.modality == "mri"
+        if m == "sense" and not mri:
+            raise ValueError("reconstruct: --method sense is for MRI scans; use fbp (or fdk) for CT")
+        if m in ("fbp", "fdk") and mri:
+            raise ValueError(f"reconstruct: --method {m} is for CT scans; use adjoint or sense for MRI")
+        if m == "fdk" and isinstance(geom, CTGeometry) and geom.kind == "parallel":
+            raise ValueError("reconstruct: --method fdk is for cone-beam scans; use fbp for parallel beam")
+        if m == "adjoint" and isinstance(geom, CTGeometry) and geom.kind == "cone":
+            raise ValueError("reconstruct: a cone-beam slab has no operator of its own; use --method fdk")
+        self.scan, self.method, self.device = scan, m, device
+        self.read = _SlabReader(scan)
+        self.config = config
+        self.is_complex = mri
+
+    def describe(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"method": self.method}
+        if self.method == "fbp":
+            params["filter"] = self.config.filter
+        if self.method == "sense":
+            params.update(iterations=self.config.sense_iters, l2_weight=self.config.l2_weight)
+        return params
+
+    @torch.no_grad()
+    def __call__(self, lo: int, hi: int) -> torch.Tensor:
+        y, op = self.read(lo, hi)
+        y, op = y.to(self.device), op.to(self.device)
+        if self.method == "adjoint":
+            x = op.adjoint(y)
+        elif self.method == "fbp":
+            from pipeline.data.ct_ops import fbp_slab
+
+            x = fbp_slab(y, op, filter=self.config.filter)
+        else:
+            from operators3d import sense_cg
+
+            x = sense_cg(y, op, l2_weight=self.config.l2_weight, num_iters=self.config.sense_iters)
+        return x.cpu()
+
+
+class _Derived:
+    """Cone-beam FDK: the scan's ``derived/fbp`` (made out of core by ``recon3d preprocess``)."""
+
+    radius, multiple, notes = 0, 1, []
+    is_complex = False
+
+    def __init__(self, scan) -> None:
+        self.scan = scan
+        try:
+            self.array = scan.derived("fbp")
+        except ScanError:
+            raise ScanError(
+                f"scan '{scan.path}': a cone-beam scan's FDK is computed out of core by "
+                f"`recon3d preprocess {scan.path} --outputs fbp`; run it, then reconstruct again"
+            ) from None
+        self.parameters = dict(self.array.array.attrs).get(ATTRS_KEY, {}).get("parameters")
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": "fdk", "source": "derived/fbp", "parameters": self.parameters}
+
+    def __call__(self, lo: int, hi: int) -> torch.Tensor:
+        return self.array.read_torch(slice(lo, hi))
+
+
+class _Network:
+    """An exported model ``model(y, op)`` on each input slab, under the scan's intensity scale."""
+
+    def __init__(self, scan, config: ReconstructConfig, device: torch.device, *, rank: int) -> None:
+        from pipeline.train import load_exported
+
+        geom = scan.metadata.geometry
+        if isinstance(geom, CTGeometry) and geom.kind == "cone":
+            raise ScanError(
+                f"scan '{scan.path}': cone-beam rays cross slabs, so a model cannot run slab by slab "
+                "on its measurements; reconstruct it with --method fdk"
+            )
+        self.weights = resolve_model(config.model, rank=rank, timeout_s=config.wait_timeout_s)  # type: ignore[arg-type]
+        self.digest, self.info = _weights_digest(self.weights)
+        if self.info.get("modality") not in (None, scan.modality):
+            raise ValueError(
+                f"reconstruct: the model was trained on {self.info['modality']} scans, the scan is {scan.modality}"
+            )
+        model = load_exported(self.weights)
+        self.model = retile(model, config.tile, config.overlap).to(device).eval()
+        radius, self.multiple, self.notes = model_halo(self.model)
+        if radius is None and config.halo is None:
+            raise ValueError(
+                "reconstruct: the model normalises over its whole input (instance/group norm), so "
+                "slabs cannot equal the whole volume; pass --halo N to reconstruct anyway"
+            )
+        self.radius = int(radius or 0)
+        if scan.modality == "mri" and type(_reconstructor(self.model)).__name__ == "UnrolledNetwork":
+            self.notes = self.notes + [
+                "unrolled step 1/L uses max sum|S|^2 over each input slab: the whole volume's for "
+                "coil maps normalised to sum|S|^2 = 1 (simulated, ESPIRiT), to float32 rounding"
+            ]
+        self.scan, self.device = scan, device
+        self.read = _SlabReader(scan)
+        self.is_complex = scan.modality == "mri"
+        self.scale_thickness = _training_thickness(config.model)
+        self.storage_options = dict(config.storage_options or {}) or None
+        self.scale: float | None = None
+        self.piece = scan.chunk_depth  # slices per read of a staged initial estimate (set per job)
+        self.tile = config.tile
+        self.overlap = config.overlap
+
+    def measure_scale(self) -> float | None:
+        """The scan's intensity scale for this model (as training computes it; rank 0 only:
+        the other ranks, and resumed runs, take the one recorded in the output)."""
+        from pipeline.train.build import scan_scale
+
+        return scan_scale(self.model, self.scan.path, thickness=self.scale_thickness,
+                          storage_options=self.storage_options, device=self.device)
+
+    def describe(self) -> dict[str, Any]:
+        # The scale is a function of the weights, the scan and the thickness, all in here; its
+        # value is recorded in the attributes, not hashed (ranks and devices round it apart).
+        return {"model": {"sha256": self.digest, **self.info}, "tile": self.tile, "overlap": self.overlap,
+                "scale_thickness": self.scale_thickness}
+
+    @property
+    def staged(self) -> bool:
+        """Whether the model is an ``ArtifactRemoval`` with a D-local initial estimate, which
+        is then computed piece by piece: ``model(y, op)`` is ``model(initial_estimate(y, op),
+        None)`` (its image mode), so the multi-coil k-space and coil maps of the whole input
+        slab (16× the image for 8 coils) are never held at once."""
+        from pipeline.models import ArtifactRemoval
+
+        return isinstance(self.model, ArtifactRemoval) and self.model.initial in ("adjoint", "fbp")
+
+    @torch.no_grad()
+    def __call__(self, lo: int, hi: int) -> torch.Tensor:
+        if not self.staged:
+            y, op = self.read(lo, hi)
+            y, op = y.unsqueeze(0).to(self.device), op.to(self.device)
+            return self.model(y, op)[0].cpu()
+        from pipeline.models import initial_estimate
+
+        parts = []
+        for a in range(lo, hi, self.piece):
+            y, op = self.read(a, min(a + self.piece, hi))
+            parts.append(initial_estimate(y.unsqueeze(0).to(self.device), op.to(self.device), self.model.initial))
+            del y, op
+        x0 = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-3)
+        del parts
+        return self.model(x0, None)[0].cpu()
+
+
+def _training_thickness(model: str | None) -> int | None:
+    """The slab thickness the run trained with (its intensity scale used it), if known."""
+    if model is None or not Path(model).is_dir():
+        return None
+    resolved = Path(model) / "config.resolved.yaml"
+    if not resolved.is_file():
+        return None
+    import yaml
+
+    cfg = yaml.safe_load(resolved.read_text()) or {}
+    value = (cfg.get("data") or {}).get("slab_thickness")
+    return int(value) if value else None
+
+
+# ----------------------------------------------------------------------------- output store
+class _Output:
+    """The output group: arrays, attributes and completion records (plain objects in its store)."""
+
+    def __init__(self, path: str, storage_options: Mapping[str, Any] | None) -> None:
+        self.path = str(path)
+        self.storage_options = dict(storage_options or {})
+        self.store = open_store(self.path, read_only=False, storage_options=self.storage_options)
+
+    def group(self, mode: str = "r+"):
+        return open_group(self.path, mode=mode, storage_options=self.storage_options)
+
+    def info(self) -> dict[str, Any] | None:
+        try:
+            group = open_group(self.path, mode="r", storage_options=self.storage_options)
+        except (FileNotFoundError, ScanError):
+            return None
+        return dict(group.attrs).get(ATTRS_KEY)
+
+    # ------------------------------------------------------------------ records
+    @staticmethod
+    def _prefix(fingerprint: str) -> str:
+        return f"{RECORDS}/{fingerprint[:32]}/"
+
+    def done(self, fingerprint: str) -> set[int]:
+        from zarr.core.sync import sync
+
+        prefix = self._prefix(fingerprint)
+
+        async def keys() -> list[str]:
+            return [k async for k in self.store.list_prefix(prefix)]
+
+        out = set()
+        for key in sync(keys()):
+            name = key.rsplit("/", 1)[-1]
+            if name.startswith("slab_") and name.endswith(".json"):
+                out.add(int(name[5:-5]))
+        return out
+
+    def record(self, fingerprint: str, index: int, info: dict[str, Any]) -> None:
+        """Mark slab ``index`` complete (after its chunks are written): one atomic object."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        key = f"{self._prefix(fingerprint)}slab_{index:06d}.json"
+        data = json.dumps(info, sort_keys=True).encode()
+        sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+    def read_records(self, fingerprint: str) -> dict[int, dict[str, Any]]:
+        """Every completion record of ``fingerprint`` (for inspection and tests)."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        out = {}
+        for index in sorted(self.done(fingerprint)):
+            key = f"{self._prefix(fingerprint)}slab_{index:06d}.json"
+            buf = sync(self.store.get(key, prototype=default_buffer_prototype()))
+            out[index] = json.loads(buf.to_bytes())
+        return out
+
+
+def _guard_local(path: str) -> None:
+    """Refuse to replace a local folder holding something other than a zarr group."""
+    if "://" in path and not path.startswith("file://"):
+        return
+    p = Path(path[len("file://"):] if path.startswith("file://") else path)
+    if p.exists() and (not p.is_dir() or (any(p.iterdir()) and not (p / "zarr.json").exists())):
+        raise ScanError(f"reconstruct: '{path}' exists and is not a zarr group; choose another --out")
+
+
+# ----------------------------------------------------------------------------- the job
+@dataclass(frozen=True)
+class _Layout:
+    shape: tuple[int, int, int]
+    chunks: tuple[int, int, int]
+    slab: int
+    halo: int
+    multiple: int
+
+    def slabs(self) -> list[tuple[int, int]]:
+        d = self.shape[0]
+        return [(a, min(a + self.slab, d)) for a in range(0, d, self.slab)]
+
+    def input_range(self, a: int, b: int) -> tuple[int, int]:
+        """The input slab of output slab ``[a, b)``: the halo on each side, clipped to the
+        volume, its start rounded down to the pooling grid (the whole volume's starts at 0)."""
+        lo = max(0, a - self.halo) // self.multiple * self.multiple
+        return lo, min(self.shape[0], b + self.halo)
+
+
+def _layout(config: ReconstructConfig, shape: tuple[int, int, int], recon) -> _Layout:
+    d, h, w = shape
+    chunks = tuple(config.chunks) if config.chunks else (16, 256, 256)
+    chunks = tuple(max(1, min(int(c), int(s))) for c, s in zip(chunks, shape))
+    halo = int(config.halo) if config.halo is not None else int(recon.radius)
+    if config.slab is not None:
+        slab = int(config.slab)
+        if slab % chunks[0] and slab < d:
+            raise ValueError(
+                f"reconstruct: --slab {slab} must be a multiple of the output chunk depth {chunks[0]} "
+                "(every output chunk must lie in one slab: one writer per chunk)"
+            )
+    else:
+        want = max(chunks[0], 2 * halo)
+        slab = -(-want // chunks[0]) * chunks[0]
+    return _Layout(shape, chunks, min(slab, max(d, chunks[0])), halo, int(recon.multiple))  # type: ignore[arg-type]
+
+
+def _scan_identity(scan, config: ReconstructConfig) -> dict[str, Any]:
+    path = str(config.scan)
+    if "://" not in path:
+        path = os.path.abspath(path)
+    prov = scan.metadata.provenance or {}
+    return {"path": path, "created": prov.get("created"), "parameters": prov.get("parameters"),
+            "volume_shape": list(scan.metadata.volume_shape), "modality": scan.modality}
+
+
+def reconstruct(config: ReconstructConfig) -> ReconstructResult:
+    """Reconstruct ``config.scan`` into the OME-Zarr image ``config.out`` (this rank's share).
+
+    Every rank of a job calls it with the same config. Returns what this process did; rank 0
+    returns once the output is complete.
+
+    Raises:
+        ScanError: an unreadable scan, or ``out`` holding something else.
+        ValueError: settings that do not fit the scan or the model.
+        TimeoutError: a rank waited longer than ``wait_timeout_s`` for the others.
+    """
+    from pipeline.data import open_scan
+    from pipeline.data.writer import jsonable, run_tasks
+    from pipeline.models import intensity_scale
+
+    rank, world = rank_and_world()
+    device = _device(config.device)
+    scan = open_scan(config.scan, storage_options=config.storage_options)
+    geom = scan.metadata.geometry
+    if config.method is not None:
+        cone = isinstance(geom, CTGeometry) and geom.kind == "cone"
+        recon = _Derived(scan) if cone and config.method in ("fbp", "fdk") else _Classical(scan, config, device)
+    else:
+        recon = _Network(scan, config, device, rank=rank)
+    shape = tuple(int(s) for s in scan.metadata.volume_shape)
+    layout = _layout(config, shape, recon)  # type: ignore[arg-type]
+    if isinstance(recon, _Network):
+        recon.piece = max(scan.chunk_depth, layout.slab // scan.chunk_depth * scan.chunk_depth)
+    keep_complex = bool(recon.is_complex and config.keep_complex)
+    settings = jsonable({
+        "format_version": OUTPUT_FORMAT,
+        "scan": _scan_identity(scan, config),
+        "reconstructor": recon.describe(),
+        "layout": {"shape": layout.shape, "chunks": layout.chunks, "slab": layout.slab, "halo": layout.halo,
+                   "input_grid": layout.multiple, "complex": keep_complex, "codec": config.codec.to_dict()},
+    })
+    fingerprint = _digest(settings)
+    notes = list(recon.notes)
+    if layout.halo < recon.radius:
+        notes.append(f"halo {layout.halo} < receptive radius {recon.radius}: slab edges differ from the whole volume")
+    out = _Output(config.out, config.storage_options)
+    slabs = layout.slabs()
+    mine = [i for i in range(len(slabs)) if i % world == rank]
+
+    if rank == 0:
+        if isinstance(recon, _Network):
+            before = out.info() or {}
+            same = before.get("kind") == _KIND and before.get("fingerprint") == fingerprint
+            # A resumed output keeps the scale its first slabs were computed with.
+            recon.scale = before.get("intensity_scale") if same else recon.measure_scale()
+        state = _prepare(out, config, scan, recon, layout, settings, fingerprint, keep_complex, notes, world)
+    else:
+        seen: dict[str, Any] = {}
+
+        def prepared() -> bool:
+            seen.update(out.info() or {})
+            return seen.get("fingerprint") == fingerprint
+
+        try:
+            _poll(prepared, timeout_s=config.wait_timeout_s, what=f"rank 0 to prepare {config.out}")
+        except TimeoutError as err:
+            raise TimeoutError(f"{err} (its fingerprint is {str(seen.get('fingerprint'))[:12]}, this rank's "
+                               f"{fingerprint[:12]}: every rank must get the same settings and scan path)") from None
+        state = "joined"
+    info = out.info() or {}
+    if isinstance(recon, _Network):
+        recon.scale = info.get("intensity_scale")
+    if info.get("complete") and info.get("fingerprint") == fingerprint:
+        return ReconstructResult(config.out, "already complete" if rank == 0 else state, fingerprint, rank, world,
+                                 0, len(slabs), True)
+
+    group = out.group("r+")
+    level0 = group["0"]
+    cplx = group[COMPLEX] if keep_complex else None
+    done = out.done(fingerprint)
+    todo = [i for i in mine if i not in done]
+    run_id = uuid.uuid4().hex
+
+    def work(i: int) -> None:
+        a, b = slabs[i]
+        lo, hi = layout.input_range(a, b)
+        x = recon(lo, hi)[a - lo : b - lo]
+        _write_slab(level0, cplx, a, b, x)
+        out.record(fingerprint, i, {"slab": i, "d": [a, b], "input": [lo, hi], "rank": rank, "run": run_id,
+                                    "written": now_iso()})
+        del x
+        _release_memory()
+
+    from pipeline.data.writer import SlabTask
+
+    tasks = [SlabTask(f"slab{i}", (lambda i=i: work(i)), []) for i in todo]
+    label = f"reconstruct {'rank ' + str(rank) + ' ' if world > 1 else ''}slabs"
+    if todo:
+        _say(f"{len(todo)} of {len(mine)} slabs of {layout.slab} slices to run (halo {layout.halo}, "
+             f"{len(slabs)} in all, {world} rank(s))", config.progress and rank == 0)
+    scale = getattr(recon, "scale", None)
+    model = getattr(recon, "model", None)
+    if model is not None:
+        with intensity_scale(model, scale):
+            run_tasks(tasks, description=label, workers=config.workers, scheduler=config.scheduler,
+                      progress=config.progress)
+    else:
+        run_tasks(tasks, description=label, workers=config.workers, scheduler=config.scheduler,
+                  progress=config.progress)
+    if rank != 0:
+        return ReconstructResult(config.out, state, fingerprint, rank, world, len(todo), len(slabs), False)
+
+    _wait_for_slabs(out, fingerprint, len(slabs), config)
+    _finish(out, config, fingerprint)
+    return ReconstructResult(config.out, state, fingerprint, rank, world, len(todo), len(slabs), True)
+
+
+def _write_slab(level0, cplx, a: int, b: int, x: torch.Tensor) -> None:
+    """Write output slab ``[a, b)``: whole chunks of level 0 (and of ``complex``)."""
+    if x.is_complex():
+        level0[a:b] = x.abs().to(torch.float32).numpy()
+        if cplx is not None:
+            cplx[a:b] = x.to(torch.complex64).numpy()
+    else:
+        level0[a:b] = x.to(torch.float32).numpy()
+
+
+def _prepare(out: _Output, config, scan, recon, layout: _Layout, settings, fingerprint: str,
+             keep_complex: bool, notes: list[str], world: int) -> str:
+    """Rank 0: create the output, resume it, or clear one of another fingerprint; returns the state."""
+    from pipeline.data.writer import jsonable
+
+    info = out.info()
+    levels = ome.level_shapes(layout.shape, config.pyramid)
+    meta = scan.metadata
+    ome_attrs = ome.multiscales_metadata(meta.voxel_size, meta.units, len(levels),
+                                         name=Path(str(config.out).rstrip("/")).name or "reconstruction")
+    compressors = config.codec.compressors()
+    if info is not None and info.get("kind") == _KIND and info.get("fingerprint") == fingerprint:
+        if info.get("levels") == len(levels):
+            return "already complete" if info.get("complete") else "resumed"
+        # Another pyramid depth: level 0 stands, the other levels are made again.
+        group = out.group("r+")
+        for level in range(1, max(len(levels), int(info.get("levels") or 1))):
+            if str(level) in group:
+                del group[str(level)]
+        for level, shape in enumerate(levels[1:], start=1):
+            ome.create_level(group, str(level), shape, layout.chunks, compressors=compressors)
+        attrs = dict(info)
+        attrs.update(levels=len(levels), levels_complete=[], complete=False)
+        group.attrs.update({"ome": ome_attrs, ATTRS_KEY: jsonable(attrs)})
+        return "resumed"
+    if info is None or info.get("kind") != _KIND:
+        try:
+            existing = out.group("r")
+            foreign = bool(list(existing.keys())) or bool(dict(existing.attrs))
+        except (FileNotFoundError, ScanError):
+            foreign = False
+            _guard_local(str(config.out))
+        if foreign and not config.overwrite:
+            raise ScanError(
+                f"reconstruct: '{config.out}' is a zarr group that recon3d did not write; choose "
+                "another --out or pass --overwrite"
+            )
+        state = "created"
+    else:
+        state = "recomputed"
+    group = out.group("w")  # deletes the old arrays and records: nothing of another run remains
+    group.require_group(RECORDS)
+    for level, shape in enumerate(levels):
+        ome.create_level(group, str(level), shape, layout.chunks, compressors=compressors)
+    if keep_complex:
+        ome.create_level(group, COMPLEX, layout.shape, layout.chunks, dtype="complex64", compressors=compressors)
+    attrs = {
+        "kind": _KIND,
+        "format_version": OUTPUT_FORMAT,
+        "tool": "recon3d reconstruct",
+        "recon3d_version": _version(),
+        "scan": str(config.scan),
+        "modality": scan.modality,
+        "method": config.method,
+        "model": str(config.model) if config.model is not None else None,
+        "fingerprint": fingerprint,
+        "settings": settings,
+        "value": "magnitude" if recon.is_complex else "real",
+        "complex": COMPLEX if keep_complex else None,
+        "intensity_scale": getattr(recon, "scale", None),
+        "receptive_radius": recon.radius,
+        "exact": layout.halo >= recon.radius and not notes,
+        "notes": notes,
+        "slabs": len(layout.slabs()),
+        "levels": len(levels),
+        "levels_complete": [],
+        "run": {"world_size": world, "device": config.device, "workers": config.workers,
+                "scheduler": config.scheduler},
+        "units": meta.units,
+        "voxel_size": list(meta.voxel_size),
+        "created": now_iso(),
+        "complete": False,
+    }
+    # The fingerprint goes in last: the other ranks start writing once they see it.
+    group.attrs.update({"ome": ome_attrs, ATTRS_KEY: jsonable(attrs)})
+    return state
+
+
+def _wait_for_slabs(out: _Output, fingerprint: str, total: int, config: ReconstructConfig) -> None:
+    """Rank 0: wait until every slab's completion record exists (the other ranks' included)."""
+    have = len(out.done(fingerprint))
+    if have >= total:
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold cyan]waiting for the other ranks' slabs"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True),
+                  disable=not config.progress) as bar:
+        task = bar.add_task("wait", total=total, completed=have)
+
+        def ready() -> bool:
+            n = len(out.done(fingerprint))
+            bar.update(task, completed=n)
+            return n >= total
+
+        _poll(ready, timeout_s=config.wait_timeout_s, what="the other ranks' slabs")
+
+
+def _finish(out: _Output, config: ReconstructConfig, fingerprint: str) -> None:
+    """Rank 0, once level 0 is complete: the pyramid (resumable per level), then ``complete``."""
+    from pipeline.data.writer import jsonable, run_tasks
+
+    group = out.group("r+")
+    attrs = dict(dict(group.attrs)[ATTRS_KEY])
+    if attrs.get("fingerprint") != fingerprint:
+        raise ScanError(f"reconstruct: '{config.out}' was re-prepared by another job while this one ran")
+    done = set(attrs.get("levels_complete") or [])
+    for level in range(1, int(attrs["levels"])):
+        if level in done:
+            continue
+        tasks = ome.pyramid_tasks(group[str(level - 1)], group[str(level)], name=f"level{level}")
+        run_tasks(tasks, description=f"pyramid level {level}", workers=config.workers,
+                  scheduler=config.scheduler, progress=config.progress)
+        done.add(level)
+        attrs["levels_complete"] = sorted(done)
+        group.attrs[ATTRS_KEY] = jsonable(attrs)
+    attrs.update(complete=True, completed=now_iso())
+    group.attrs[ATTRS_KEY] = jsonable(attrs)
+
+
+def completion_records(out: str, *, storage_options: Mapping[str, Any] | None = None) -> dict[int, dict[str, Any]]:
+    """The completion records of the output's current fingerprint (slab index → record)."""
+    o = _Output(out, storage_options)
+    info = o.info() or {}
+    if "fingerprint" not in info:
+        return {}
+    return o.read_records(info["fingerprint"])
