@@ -11,10 +11,12 @@ result equals the model applied to the whole volume at once, to float rounding (
 Resuming. A slab is recorded complete (a small object ``records/<fingerprint>/slab_NNNNNN.json``
 in the output store) only after all its chunks are written; a rerun skips recorded slabs. The
 fingerprint hashes the model weights (or the classical method and its parameters), every
-setting that changes the values (slab, halo, tiling, chunks, codec, intensity scale) and the
-scan's identity; an output made with another fingerprint is recomputed from scratch (its arrays
-and records are deleted first), never mixed. Run settings (device, workers, scheduler, number
-of ranks) are not part of it: a job may resume with other ones.
+setting that changes the values (slab, halo, tiling, chunks, codec) and the scan's identity;
+an output made with another fingerprint is recomputed from scratch (its arrays and records are
+deleted first), never mixed. Run settings (device, workers, scheduler, number of ranks) are
+not part of it: a job may resume with other ones. The scan's intensity scale (a function of the
+weights and the scan) is measured once, by rank 0 when it creates the output, and recorded
+there: the other ranks and resumed runs use the recorded value.
 
 Parallelism. Under ``torchrun`` (or with ``RANK``/``WORLD_SIZE`` set by hand) rank ``r`` of
 ``W`` owns the output slabs ``i ≡ r (mod W)``; no process group is needed. Rank 0 prepares the
@@ -24,7 +26,8 @@ complete. Within a rank, slabs run as dask tasks (threads, sync, or a ``dask.dis
 cluster), ``workers`` at a time.
 
 Memory: ``workers`` input slabs with halo, their measurements and the network's activations
-(bounded by its tiling), never the volume.
+(bounded by its tiling), never the volume; see ``docs/output-format.md`` (*Memory*) and
+``benchmarks/reconstruct.py``.
 """
 
 from __future__ import annotations
