@@ -156,3 +156,32 @@ class TreeMemoryMonitor:
     @property
     def peak_above_baseline(self) -> int:
         return max(0, self.peak - self.baseline)
+
+
+def run_monitored_child(argv: list[str], name: str, *, interval: float = 0.2) -> tuple[dict, "TreeMemoryMonitor"]:
+    """Run ``argv`` (a benchmark child) and measure the PSS of its process tree.
+
+    Protocol: the child prints ``READY`` once set up (its footprint then is the baseline),
+    waits for a line on stdin, does the measured work and prints one JSON object.
+    Returns that object and the stopped monitor (``peak``, ``baseline``,
+    ``peak_above_baseline``).
+    """
+    import json
+    import subprocess
+
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    monitor = TreeMemoryMonitor(proc.pid, interval=interval)
+    assert proc.stdout is not None and proc.stdin is not None
+    line = proc.stdout.readline()
+    if line.strip() != "READY":
+        raise RuntimeError(f"child {name} failed to start: {line!r}")
+    monitor.mark_baseline()
+    monitor.start()
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    out = proc.stdout.readline()
+    proc.wait()
+    monitor.stop()
+    if proc.returncode != 0 or not out.strip():
+        raise RuntimeError(f"child {name} failed with exit code {proc.returncode}")
+    return json.loads(out), monitor

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import TreeMemoryMonitor, machine_line, print_table  # noqa: E402
+from _common import machine_line, print_table, run_monitored_child  # noqa: E402
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -136,25 +135,9 @@ def _child(phase: str, scratch: Path, depth: int) -> None:
 
 
 def _run_child(phase: str, scratch: Path, depth: int) -> dict:
-    proc = subprocess.Popen(
+    result, monitor = run_monitored_child(
         [sys.executable, __file__, "--child", phase, "--scratch", str(scratch), "--depth", str(depth)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
-    monitor = TreeMemoryMonitor(proc.pid, interval=0.25)
-    assert proc.stdout is not None and proc.stdin is not None
-    line = proc.stdout.readline()
-    if line.strip() != "READY":
-        raise RuntimeError(f"child {phase} failed to start: {line!r}")
-    monitor.mark_baseline()
-    monitor.start()
-    proc.stdin.write("go\n")
-    proc.stdin.flush()
-    out = proc.stdout.readline()
-    proc.wait()
-    monitor.stop()
-    if proc.returncode != 0 or not out.strip():
-        raise RuntimeError(f"child {phase} failed with exit code {proc.returncode}")
-    result = json.loads(out)
+        phase, interval=0.25)
     result["peak"] = monitor.peak_above_baseline
     result["baseline"] = monitor.baseline
     return result

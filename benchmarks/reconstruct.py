@@ -29,13 +29,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import TreeMemoryMonitor, machine_line, print_table  # noqa: E402
+from _common import machine_line, print_table, run_monitored_child  # noqa: E402
 
 #: Backbone tiles of the model case: 2×2 in-plane tiles, exact (overlap 2 × radius).
 TILE = (32, 144, 144)
@@ -125,26 +124,9 @@ def _child(case: str, scan: str, scratch: Path, workers: int, slab: int) -> None
 
 
 def _run_child(case: str, scan: str, scratch: Path, workers: int, slab: int) -> dict:
-    proc = subprocess.Popen(
+    result, monitor = run_monitored_child(
         [sys.executable, __file__, "--child", case, "--scratch", str(scratch), "--scan", scan,
-         "--workers", str(workers), "--slab", str(slab)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
-    monitor = TreeMemoryMonitor(proc.pid, interval=0.2)
-    assert proc.stdout is not None and proc.stdin is not None
-    line = proc.stdout.readline()
-    if line.strip() != "READY":
-        raise RuntimeError(f"child {case} failed to start: {line!r}")
-    monitor.mark_baseline()
-    monitor.start()
-    proc.stdin.write("go\n")
-    proc.stdin.flush()
-    out = proc.stdout.readline()
-    proc.wait()
-    monitor.stop()
-    if proc.returncode != 0 or not out.strip():
-        raise RuntimeError(f"child {case} failed with exit code {proc.returncode}")
-    result = json.loads(out)
+         "--workers", str(workers), "--slab", str(slab)], case)
     result.update(peak=monitor.peak, idle=monitor.baseline, above=monitor.peak_above_baseline)
     return result
 
