@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -186,11 +187,7 @@ class LinearOperator(nn.Module):
 
     def normal_operator(self) -> "LinearOperator":
         """``Aᴴ A`` as an operator whose forward uses ``_normal`` (cached)."""
-        cached = self.__dict__.get("_normal_op")
-        if cached is None:
-            cached = NormalOperator(self)
-            self.__dict__["_normal_op"] = cached
-        return cached
+        return self._cached("_normal_op", lambda: NormalOperator(self))
 
     def _apply_checked(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
@@ -200,13 +197,35 @@ class LinearOperator(nn.Module):
     @property
     def H(self) -> "LinearOperator":
         """The adjoint operator; ``A.H.H is A``."""
-        cached = self.__dict__.get("_adjoint_op")
-        if cached is None:
-            cached = self._make_adjoint()
-            # Cached outside nn.Module's registry: no module cycle, and A.H.H is A.
-            self.__dict__["_adjoint_op"] = cached
-            cached.__dict__["_adjoint_op"] = self
-        return cached
+        origin = self.__dict__.get("_adjoint_of")
+        if origin is not None:
+            return origin
+        adjoint = self._cached("_adjoint_op", self._make_adjoint)
+        adjoint.__dict__.setdefault("_adjoint_of", self)
+        return adjoint
+
+    def __getstate__(self) -> dict:
+        # Weak references neither pickle nor deep-copy (a copy would share the original's
+        # adjoint): derived operators are rebuilt on demand.
+        state = dict(super().__getstate__())
+        state.pop("_adjoint_op", None)
+        state.pop("_normal_op", None)
+        return state
+
+    def _cached(self, key: str, make) -> "LinearOperator":
+        """A derived operator (adjoint, normal) cached by weak reference.
+
+        The derived operator holds ``self`` strongly (``A.H.H`` returns its origin), ``self``
+        holds it weakly: a strong reference both ways is a cycle that only Python's cyclic
+        GC frees, and an applied operator's buffers (coil maps, tables) then outlive it.
+        Outside nn.Module's registry, so ``state_dict`` and ``.to`` never see it.
+        """
+        ref = self.__dict__.get(key)
+        derived = ref() if ref is not None else None
+        if derived is None:
+            derived = make()
+            self.__dict__[key] = weakref.ref(derived)
+        return derived
 
     # ---------------------------------------------------------------- algebra
     def __matmul__(self, other: object) -> "LinearOperator":

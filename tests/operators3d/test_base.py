@@ -79,6 +79,34 @@ def test_algebra_adjoints_are_structural(ops):
         assert op.H.H is op
 
 
+def test_applied_operators_are_freed_without_the_cycle_collector(ops):
+    """No reference cycle op <-> op.H / op.normal_operator(): an operator and its buffers go
+    as soon as the last reference does, not at the next cyclic GC."""
+    import copy
+    import gc
+    import pickle
+    import weakref
+
+    a, b, _ = ops
+    gc.disable()
+    try:
+        op = (2.0 * a) @ b
+        x = torch.randn(2, 7, dtype=torch.complex128, requires_grad=True)
+        op.adjoint(op(x)).abs().sum().backward()
+        op.normal(x)
+        refs = [weakref.ref(op), weakref.ref(op.H), weakref.ref(op.normal_operator())]
+        del op
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
+    adj = a.H
+    assert adj.H is a and a.H is adj
+    clone = copy.deepcopy(a)
+    assert clone.H is not adj and clone.H.H is clone
+    ones = torch.ones(3, 4, dtype=torch.complex128)
+    assert torch.equal(pickle.loads(pickle.dumps(a)).H(ones), adj(ones))
+
+
 def test_algebra_matches_dense_matrices(ops):
     a, b, c = ops
     x = torch.randn(2, 7, dtype=torch.complex128, generator=torch.Generator().manual_seed(5))
