@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,10 @@ def _deepspeed():
             deepspeed.ops.__compatible_ops__ = {}
     import deepspeed
 
+    # DeepSpeed's ZeRO calls torch's all_gather_into_tensor, deprecated in recent torch: one
+    # FutureWarning per rank per run that says nothing to a user of recon3d.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*is deprecated",
+                            category=FutureWarning)
     return deepspeed
 
 

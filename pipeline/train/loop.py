@@ -199,6 +199,11 @@ class Trainer:
         monitor = Monitor(self.run_dir, enabled=self.ctx.is_main, total_steps=cfg.run.max_steps,
                           start_step=self.step, tensorboard=cfg.logging.tensorboard,
                           progress=cfg.logging.progress)
+        monitor.event("start", self.step,
+                      f"{self.ctx.world_size} rank(s), backend {self.ctx.backend or 'none'}, device "
+                      f"{self.ctx.device}, precision {cfg.deepspeed.precision}, ZeRO {cfg.deepspeed.zero_stage}",
+                      world_size=self.ctx.world_size, backend=self.ctx.backend or "none",
+                      device=str(self.ctx.device), precision=cfg.deepspeed.precision)
         if info is not None:
             how = "same world size" if not universal else f"world size {info.world_size} → {self.ctx.world_size} (universal)"
             monitor.event("resume", self.step, f"resumed from {info.path} ({how}, {load_s:.2f} s)",
