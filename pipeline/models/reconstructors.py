@@ -135,8 +135,7 @@ def scan_intensity_scale(model: nn.Module, slabs) -> float | None:
         if isinstance(rec, UnrolledNetwork) and rec.initial == "adjoint":
             x0 = op.adjoint(yb) / lipschitz(op)
         else:
-            kw = {"sense_iters": rec.sense_iters, "sense_l2": rec.sense_l2} if isinstance(rec, ArtifactRemoval) else {}
-            x0 = initial_estimate(yb, op, rec.initial, **kw)
+            x0 = initial_estimate(yb, op, rec.initial, sense_iters=rec.sense_iters, sense_l2=rec.sense_l2)
         total += float(x0.abs().double().pow(2).sum())
         count += x0.numel()
     if count == 0:
@@ -385,6 +384,8 @@ class UnrolledNetwork(nn.Module):
         step_size: initial ``η`` (gradient DC).
         cg_weight: initial ``λ`` (CG DC).
         cg_iters: CG iterations per DC step.
+        sense_iters, sense_l2: CG iterations and Tikhonov weight ``λ`` of a SENSE initial
+            estimate (as for :class:`ArtifactRemoval`).
     """
 
     def __init__(
@@ -399,6 +400,8 @@ class UnrolledNetwork(nn.Module):
         step_size: float = 1.0,
         cg_weight: float = 0.05,
         cg_iters: int = 10,
+        sense_iters: int = 10,
+        sense_l2: float = 0.0,
     ) -> None:
         super().__init__()
         name = "UnrolledNetwork"
@@ -417,6 +420,8 @@ class UnrolledNetwork(nn.Module):
         self.initial = initial
         self.normalize = normalize
         self.cg_iters = cg_iters
+        self.sense_iters = sense_iters
+        self.sense_l2 = sense_l2
         if shared:
             self.backbones = nn.ModuleList([backbone])
         else:
@@ -449,7 +454,7 @@ class UnrolledNetwork(nn.Module):
         if self.initial == "adjoint":
             x = aty / lip
         else:
-            x = initial_estimate(yb, op, self.initial)
+            x = initial_estimate(yb, op, self.initial, sense_iters=self.sense_iters, sense_l2=self.sense_l2)
         _check_channels(self.backbones[0], x, "UnrolledNetwork")
         scale = _scale_of(self, x)
         for k in range(self.num_iters):

@@ -99,6 +99,11 @@ def test_sense_initial_estimate_and_implicit_gradients():
     op, x, y = _mri()
     model = ArtifactRemoval(Identity2(2), initial="sense", sense_iters=40, normalize=False)
     assert torch.allclose(model(y, op), sense_cg(y, op, num_iters=40, tol=0.0), atol=1e-10)
+    # An unrolled network starts from the SENSE estimate of its own settings (λ, iterations).
+    unrolled = UnrolledNetwork(Identity2(2), num_iters=1, data_consistency="gradient", step_size=1e-12,
+                               initial="sense", sense_iters=30, sense_l2=0.05, normalize=False).double()
+    expected = sense_cg(y, op, l2_weight=0.05, num_iters=30, tol=0.0)
+    assert torch.allclose(unrolled(y, op), expected, atol=1e-8)
     # normal_solve: gradients by implicit differentiation, against the dense solution
     b = op.adjoint(y).detach().requires_grad_()
     lam = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
