@@ -137,6 +137,27 @@ def test_pyramid_levels_are_numpy_means_and_metadata_validates(tmp_path, mri_sca
     assert _info(out)["levels_complete"] == [1, 2, 3]
 
 
+def test_metadata_validates_against_the_official_ngff_schema(tmp_path, mri_scan):
+    """The group's attributes against the OME-Zarr 0.5 JSON Schemas (image and strict_image)
+    published with the NGFF specification, as the ``ngff-zarr`` package bundles them; a
+    broken copy of the same attributes is rejected, so the check can fail."""
+    import jsonschema  # test dependencies (pyproject's "test" extra): never skipped
+    import ngff_zarr
+    out = tmp_path / "v.ome.zarr"
+    _run(mri_scan, out, method="adjoint", pyramid=2, chunks=(2, 4, 4))
+    attrs = json.loads((out / "zarr.json").read_text())["attributes"]
+    for strict in (False, True):
+        ngff_zarr.validate(attrs, version="0.5", model="image", strict=strict)
+    broken = json.loads(json.dumps(attrs))
+    del broken["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    with pytest.raises(jsonschema.ValidationError):
+        ngff_zarr.validate(broken, version="0.5", model="image")
+    broken = json.loads(json.dumps(attrs))
+    broken["ome"]["version"] = "0.4"
+    with pytest.raises(jsonschema.ValidationError):
+        ngff_zarr.validate(broken, version="0.5", model="image")
+
+
 def test_validator_finds_what_breaks_the_specification():
     group = zarr.open_group(store=zarr.storage.MemoryStore(), mode="w", zarr_format=3)
     for level, shape in enumerate([(4, 4, 4), (2, 2, 2)]):
