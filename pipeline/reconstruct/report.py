@@ -16,7 +16,9 @@
 Nothing reads a whole volume: the slices come from the planes themselves (the reference, which
 is chunked along D, chunk by chunk), and the intensity windows are percentiles of a subsample
 (a few evenly spaced z-planes, strided to at most 128 pixels a side). The output goes to
-``TARGET/report/`` unless ``out_dir`` is given.
+``RUN_DIR/report/`` for a run and to the folder ``NAME.report/`` beside an image
+``NAME.ome.zarr`` (not inside it: a folder inside a zarr hierarchy that is not a zarr node
+makes zarr and viewers warn), unless ``out_dir`` is given.
 """
 
 from __future__ import annotations
@@ -474,6 +476,16 @@ def _image_report(target: Any, out_dir: Path, baselines: Sequence[Any], referenc
 
 
 # ============================================================================ entry points
+def default_image_report_dir(image: Path) -> Path:
+    """``NAME.report/`` beside ``NAME.ome.zarr`` (or ``NAME.zarr``, or any other name)."""
+    name = image.name.rstrip("/")
+    for suffix in (".ome.zarr", ".zarr"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    return image.parent / f"{name}.report"
+
+
 def report(
     target: str | Path,
     out_dir: str | Path | None = None,
@@ -487,7 +499,8 @@ def report(
 
     Args:
         target: a run directory (holding ``metrics.jsonl``) or an OME-Zarr image.
-        out_dir: where to write (default ``TARGET/report/``).
+        out_dir: where to write (default: ``RUN_DIR/report/``; for an image ``NAME.ome.zarr``
+            or ``NAME.zarr``, the folder ``NAME.report/`` beside it).
         baselines: other OME-Zarr images of the same volume shown beside it (images only).
         reference: the scan holding the reference (default: the store's ``recon3d.scan``).
         metrics: run :func:`evaluate` on every volume when there is a reference.
@@ -506,7 +519,7 @@ def report(
     is_run = root.is_dir() and (root / "metrics.jsonl").is_file()
     if is_run and baselines:
         raise ValueError(f"'{target}' is a run directory; --baseline applies to OME-Zarr reconstructions")
-    out = Path(out_dir) if out_dir is not None else root / "report"
+    out = Path(out_dir) if out_dir is not None else (root / "report" if is_run else default_image_report_dir(root))
     if is_run:
         out.mkdir(parents=True, exist_ok=True)
         return _run_report(root, out)
@@ -527,10 +540,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="For a run directory: loss, loss parts and validation curves from "
         "metrics.jsonl. For an OME-Zarr reconstruction: central z/y/x slices of the "
         "reconstruction, the baselines, the reference and the absolute errors, and a PSNR/SSIM/NMSE "
-        "table when the scan has a reference. Writes PNGs and report.md into TARGET/report/.",
+        "table when the scan has a reference. Writes PNGs and report.md into RUN_DIR/report/, or "
+        "beside an image NAME.ome.zarr into NAME.report/.",
     )
     p.add_argument("target", help="a run directory or an OME-Zarr reconstruction")
-    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: TARGET/report)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN_DIR/report, or NAME.report/ beside NAME.ome.zarr)")
     p.add_argument("--baseline", nargs="+", action="extend", default=[], metavar="OUT",
                    help="other reconstructions of the same scan to show beside it, on the same "
                    "windows (repeatable)")

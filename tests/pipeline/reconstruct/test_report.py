@@ -121,7 +121,9 @@ def test_image_report_with_baseline(tmp_path, scan, magnitude, monkeypatch):
 def test_image_report_without_reference(tmp_path, magnitude):
     out = write_ome(tmp_path / "out.zarr", magnitude, scan=None)
     result = rp.report(out)
-    assert result.out_dir == Path(out) / "report" and _is_png(result.figures[0])
+    # Beside the image, not inside the zarr hierarchy (zarr would warn about a foreign folder).
+    assert result.out_dir == Path(out).parent / "out.report" and _is_png(result.figures[0])
+    assert not (Path(out) / "report").exists()
     assert result.metrics == [] and "no reference" in result.markdown.read_text()
 
 
