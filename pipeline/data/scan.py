@@ -155,15 +155,27 @@ class ScanArray:
             if check_finite:
                 self._check_finite(out, 0)
             return out
-        parts = []
         cd = self.chunk_depth
-        for index in range(start // cd, (stop - 1) // cd + 1):
+        first, last = start // cd, (stop - 1) // cd
+        out = None
+        # Chunk by chunk into one preallocated array: the peak is the result plus one chunk,
+        # not twice the result (as a concatenation of the parts would be).
+        for index in range(first, last + 1):
             lo, hi = max(start, index * cd), min(stop, (index + 1) * cd)
             part = self._read_chunk(index, lo, hi)
             if check_finite:
                 self._check_finite(part, index)
-            parts.append(part)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=self.d_axis)
+            if first == last:
+                return part
+            if out is None:
+                shape = list(part.shape)
+                shape[self.d_axis] = stop - start
+                out = np.empty(shape, dtype=part.dtype)
+            dst: list[Any] = [slice(None)] * out.ndim
+            dst[self.d_axis] = slice(lo - start, hi - start)
+            out[tuple(dst)] = part
+            del part
+        return out
 
     def _check_finite(self, values: np.ndarray, index: int) -> None:
         if values.dtype.kind not in "fc":
