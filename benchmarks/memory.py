@@ -17,8 +17,9 @@ allocated memory before the step.
 Time: that allocator setting makes every large allocation page-fault afresh, which penalises
 code that allocates per tile (a tiled 64×192×192 EI step took 25.5 s with it and 15.4 s
 without, here). Where a section has a time target (``ei``, ``absolute``), the time comes from
-a second subprocess with the default allocator, as training runs: the median of ``--repeat``
-steps after the first (at least 3 in ``ei``). Elsewhere the time of the memory run is shown,
+a second subprocess with the allocator as ``recon3d train`` sets it
+(``pipeline.allocator.keep_freed_memory``): the median of ``--repeat`` steps after the first
+(at least 3 in ``ei``). Elsewhere the time of the memory run is shown,
 for indication only.
 
 Sections:
@@ -177,8 +178,10 @@ def measure(spec: dict, threads: int, *, timed: bool = False) -> dict:
     The peak comes from a process with ``MALLOC_MMAP_THRESHOLD_`` fixed (freed memory goes
     back to the kernel, so RSS follows live tensors). That setting also makes every large
     allocation page-fault afresh, which penalises code that allocates per tile; with
-    ``timed``, the time comes from a second process with the default allocator (as training
-    runs), the median of ``spec["repeat"]`` steps.
+    ``timed``, the time comes from a second process with the allocator set as ``recon3d
+    train`` sets it (:func:`pipeline.allocator.keep_freed_memory`: freed blocks stay in the
+    heap), the median of ``spec["repeat"]`` steps; ``RECON3D_MALLOC=default`` times glibc's
+    default instead.
     """
     spec = {"device": DEVICE, **spec}
     if spec["device"] != "cpu":  # torch's own allocator statistics: one run gives both
@@ -186,7 +189,7 @@ def measure(spec: dict, threads: int, *, timed: bool = False) -> dict:
     memory = _subprocess({**spec, "repeat": 1}, threads, fixed_mmap=True)
     if not timed:
         return memory
-    timing = _subprocess(spec, threads, fixed_mmap=False)
+    timing = _subprocess({**spec, "train_allocator": True}, threads, fixed_mmap=False)
     return {**memory, "time": timing["time"]}
 
 
@@ -313,7 +316,12 @@ def main() -> None:
     global DEVICE
     DEVICE = args.device
     if args.case:
-        print(json.dumps(run_case(json.loads(args.case))))
+        case = json.loads(args.case)
+        if case.pop("train_allocator", False):
+            from pipeline.allocator import keep_freed_memory
+
+            keep_freed_memory()
+        print(json.dumps(run_case(case)))
         return
     where = machine_line() if args.device == "cpu" else torch.cuda.get_device_name()
     print(f"# benchmarks/memory.py — {where}, device {args.device}")

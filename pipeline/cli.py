@@ -103,8 +103,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pipeline.allocator import keep_freed_memory
     from pipeline.train import load_config, train
 
+    # Every step frees and reallocates the same slab-sized tensors: keep them in the heap
+    # instead of a fresh page-faulted mmap each time (pipeline/allocator.py).
+    keep_freed_memory()
     config = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / args.config.stem
     result = train(config, run_dir, resume=args.resume)

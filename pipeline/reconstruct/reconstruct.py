@@ -44,6 +44,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from pipeline.allocator import malloc_trim, return_freed_memory_to_os
 from pipeline.data.format import ATTRS_KEY, CodecConfig, CTGeometry, ScanError, now_iso, open_group, open_store
 
 from . import ome
@@ -201,37 +202,15 @@ def _version() -> str:
         return "unknown"
 
 
-def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
-    """Make glibc serve allocations of ``threshold`` bytes or more by ``mmap`` (process-wide).
-
-    glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which
-    slab-sized tensors come from heap arenas that keep their pages when the tensors are freed:
-    a job that allocates and frees slabs of varying size then holds hundreds of MiB it does not
-    use. Fixing the threshold returns every large freed block at once, at the price of page
-    faults on every fresh block (benchmarks/reconstruct.py, 4.25 GiB MRI scan, U-Net: peak 264 instead of 408 MiB
-    over idle, 169 instead of 130 s). For job entry points (``recon3d reconstruct --memory
-    lean``, the default), not for library calls. Returns whether it could be set (glibc only).
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold = -3
-        return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
-    except (OSError, AttributeError):
-        return False
-
-
 def _release_memory() -> None:
     """After a slab: free what it left and hand the freed heap pages back to the OS.
 
-    An operator that has been applied sits in a reference cycle with its cached adjoint
-    (``op ↔ op.H``), so a slab's coil maps and measurements would wait for the cyclic
-    collector, which few Python allocations trigger (measured: +100 MiB per slab). And glibc
-    keeps freed slab-sized blocks in its heaps (its mmap threshold rises to 32 MiB after large
-    frees); ``malloc_trim`` returns their pages between slabs without slowing the allocations
-    within one. A full collection costs ~0.1 s in a large process, so it runs at most once a
-    second (slabs of real scans take longer; tiny test slabs would pay it for nothing).
+    glibc keeps freed slab-sized blocks in its heaps (its mmap threshold rises to 32 MiB after
+    large frees); ``malloc_trim`` returns their pages between slabs without slowing the
+    allocations within one. A collection first frees whatever a reference cycle still holds
+    (operators no longer form one with their adjoints, but models and user code may). A full
+    collection costs ~0.1 s in a large process, so it runs at most once a second (slabs of
+    real scans take longer; tiny test slabs would pay it for nothing).
     """
     now = time.monotonic()
     if now - _LAST_FULL_COLLECT[0] < 1.0:
@@ -239,12 +218,7 @@ def _release_memory() -> None:
         return
     _LAST_FULL_COLLECT[0] = now
     gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    malloc_trim()
 
 
 _LAST_FULL_COLLECT = [0.0]
