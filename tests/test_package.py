@@ -59,6 +59,20 @@ def test_quickstart_small(tmp_path):
     assert sum(1 for e in steps if "loss" in e and "event" not in e) == 3
 
 
+def test_quickstart_mri_small(tmp_path):
+    """The MRI path (robust EI, unrolled CG data consistency on SENSE) against SENSE."""
+    out = tmp_path / "qs"
+    rc = main(["quickstart", "--modality", "mri", "--out", str(out), "--shape", "8", "48", "48",
+               "--calibration", "8", "--steps", "2", "--nproc", "2", "--no-progress",
+               "--set", "model.widths=[4,8]"])
+    assert rc in (0, 3)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["metrics"]) == {"network (self-supervised)", "sense (baseline)"}
+    assert all(m["psnr"] > 5 for m in summary["metrics"].values())
+    cfg = (out / "train.yaml").read_text()
+    assert "unrolled" in cfg and "sure" in cfg
+
+
 def test_cli_bad_argument_is_a_clear_error(tmp_path, capsys):
     rc = main(["quickstart", "--out", str(tmp_path), "--modality", "mri", "--acceleration", "0.5"])
     assert rc == 2
