@@ -17,12 +17,20 @@ from typing import Callable
 import torch
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...)."""
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def scan_bytes(path: str) -> int:
+    """Uncompressed bytes of every array of a recon3d scan."""
+    from pipeline.data import inspect_scan
+
+    return sum(a.nbytes for a in inspect_scan(path).arrays)
 
 
 def peak_memory_bytes(fn: Callable[[], object]) -> tuple[int, object]:
@@ -37,9 +45,9 @@ def peak_memory_bytes(fn: Callable[[], object]) -> tuple[int, object]:
         return torch.cuda.max_memory_allocated() - base, out
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
-    base = _status_kib("VmRSS")
+    base = status_kib("VmRSS")
     out = fn()
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return max(0, (peak - base) * 1024), out
 
 

@@ -33,16 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import status_kib  # noqa: E402
 
 MIB = 1 << 20
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _cpu_seconds() -> float:
@@ -80,13 +73,13 @@ def _child(args: argparse.Namespace) -> None:
             continue
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
-        base = _status_kib("VmRSS")
+        base = status_kib("VmRSS")
         t0, c0 = time.perf_counter(), _cpu_seconds()
         code = main(argv)
         seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
         if code:
             raise SystemExit(f"{phase} failed with exit code {code}")
-        peak = _status_kib("VmHWM")
+        peak = status_kib("VmHWM")
         result[phase] = {"seconds": seconds, "cpu": cpu, "peak": (peak - base) * 1024,
                          "base": base * 1024}
     from pipeline.data import open_scan

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_line, print_table, run_monitored_child  # noqa: E402
+from _common import machine_line, print_table, run_monitored_child, scan_bytes  # noqa: E402
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -89,12 +89,6 @@ def _make_stream_scans(scratch: Path, depth: int, ct_size: int) -> None:
                                  i0=1000.0, workers=2, progress=False))
         (scratch / "projections.npy").unlink()
         print(f"(ingested the {ct_size}³ CT stack in {time.perf_counter() - t0:.0f} s)")
-
-
-def _scan_bytes(path: str) -> int:
-    from pipeline.data import inspect_scan
-
-    return sum(a.nbytes for a in inspect_scan(path).arrays)
 
 
 # ----------------------------------------------------------------------------- children
@@ -147,7 +141,7 @@ def _run_child(phase: str, scratch: Path, depth: int) -> dict:
 def memory_section(scratch: Path, depth: int, ct_size: int) -> None:
     rows = []
     sim = _run_child("simulate", scratch, depth)
-    size = _scan_bytes(sim["scan"])
+    size = scan_bytes(sim["scan"])
     rows.append(["simulate mri 8 coils " + f"{depth}×256×256", f"{size / GIB:.2f}", f"{sim['seconds']:.0f}",
                  f"{sim['peak'] / MIB:.0f}", f"**{sim['peak'] / size:.3f}**"])
     angles = v = u = ct_size
@@ -155,7 +149,7 @@ def memory_section(scratch: Path, depth: int, ct_size: int) -> None:
     _projection_file(scratch, angles, v, u)
     print(f"(wrote a {angles}×{v}×{u} float32 projection stack in {time.perf_counter() - t0:.0f} s)")
     ing = _run_child("ingest", scratch, depth)
-    size_ct = _scan_bytes(ing["scan"])
+    size_ct = scan_bytes(ing["scan"])
     rows.append([f"ingest ct .npy {angles}×{v}×{u}", f"{size_ct / GIB:.2f}", f"{ing['seconds']:.0f}",
                  f"{ing['peak'] / MIB:.0f}", f"**{ing['peak'] / size_ct:.3f}**"])
     for worker_type, label in (("thread", "2 reader threads"), ("process", "2 worker processes")):

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_line, print_table, run_monitored_child  # noqa: E402
+from _common import machine_line, print_table, run_monitored_child, scan_bytes  # noqa: E402
 
 #: Backbone tiles of the model case: 2×2 in-plane tiles, exact (overlap 2 × radius).
 TILE = (32, 144, 144)
@@ -72,12 +72,6 @@ def _weights(scratch: Path) -> str:
                     "loss_config": LossConfig(terms=[MCTerm(name="mc")]).model_dump(mode="json"),
                     "modality": "mri", "channels": 2, "step": 0, "source": "benchmarks/reconstruct.py"}, path)
     return str(path)
-
-
-def _scan_bytes(path: str) -> int:
-    from pipeline.data import inspect_scan
-
-    return sum(a.nbytes for a in inspect_scan(path).arrays)
 
 
 # ----------------------------------------------------------------------------- children
@@ -153,7 +147,7 @@ def main() -> None:
     print(machine_line(), f" load {os.getloadavg()[0]:.1f}")
     try:
         scan = _scan(args.scratch, args.depth)
-        size = _scan_bytes(scan)
+        size = scan_bytes(scan)
         voxels = args.depth * 256 * 256
         cases = [c for c in args.cases.split(",") if c]
         results = {}
