@@ -77,6 +77,7 @@ class QuickstartConfig:
 
     @property
     def slab_thickness(self) -> int:
+        """Training slab (and scan chunk) depth; ``--set data.slab_thickness`` takes multiples."""
         return 4
 
     @property
@@ -139,12 +140,12 @@ def _simulate(config: QuickstartConfig, scan: Path) -> None:
     if config.modality == "ct":
         simulate_ct(SimulateCTConfig(out=str(scan), shape=tuple(config.shape), angles=config.angles,
                                      phantom="shepp-logan", photons=config.photons, seed=config.seed,
-                                     chunk_depth=4, progress=config.progress))
+                                     chunk_depth=config.slab_thickness, progress=config.progress))
     else:
         simulate_mri(SimulateMRIConfig(out=str(scan), shape=tuple(config.shape), coils=config.coils,
                                        acceleration=config.acceleration, calibration=config.calibration,
                                        noise_sigma=config.noise_sigma, seed=config.seed,
-                                       chunk_depth=4, progress=config.progress))
+                                       chunk_depth=config.slab_thickness, progress=config.progress))
 
 
 def _train(config: QuickstartConfig, cfg_path: Path, run_dir: Path) -> None:
