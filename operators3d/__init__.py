@@ -52,6 +52,7 @@ from .noise import (
     NoiseModel,
     PoissonGaussianNoise,
     PoissonNoise,
+    TransmissionNoise,
     noise_model_from_dict,
 )
 from .phantoms import ellipsoid_phantom, shepp_logan_3d
@@ -102,6 +103,7 @@ __all__ = [
     "GaussianNoise",
     "PoissonNoise",
     "PoissonGaussianNoise",
+    "TransmissionNoise",
     "noise_model_from_dict",
     "GroupAction",
     "ComposedAction",

@@ -1,4 +1,5 @@
-"""Measurement noise models: Gaussian, Poisson with a gain, and Poisson–Gaussian.
+"""Measurement noise models: Gaussian, Poisson with a gain, Poisson–Gaussian, and the
+transmission (photon-counting) noise of CT line integrals after ``−log``.
 
 Each model is an immutable object (a frozen dataclass) with
 
@@ -33,6 +34,7 @@ __all__ = [
     "GaussianNoise",
     "PoissonNoise",
     "PoissonGaussianNoise",
+    "TransmissionNoise",
     "noise_model_from_dict",
 ]
 
@@ -371,8 +373,65 @@ class PoissonGaussianNoise(NoiseModel):
         return {"kind": self.kind, "gain": self.gain, "sigma": self.sigma}
 
 
+@dataclass(frozen=True)
+class TransmissionNoise(NoiseModel):
+    """Photon-counting noise of transmission CT, seen on the line integrals after ``−log``.
+
+    ``clean`` are line integrals ``p = A x``; the detector counts ``N ~ Poisson(I₀ e^{−p})``
+    photons and the measurement is ``y = −log(max(N, 1)/I₀)`` (a zero count is read as one, as
+    the simulator does). To first order (the delta method) ``y`` is Gaussian around ``p`` with
+    variance ``e^{p}/I₀``: heteroscedastic, larger behind dense material. The SURE losses use
+    that variance (:class:`~pipeline.losses.SureGaussianLoss` accepts this model); robust EI
+    re-measures with :meth:`sample`.
+
+    Shape:
+        ``clean``: any (real); returns the same shape and dtype.
+
+    Math:
+        ``y = −log(max(Poisson(I₀ e^{−p}), 1)/I₀)``, ``Var y ≈ e^{p}/I₀``.
+
+    Args:
+        photons: incident photons per detector pixel ``I₀ > 0``.
+    """
+
+    photons: float
+
+    kind: ClassVar[str] = "transmission_poisson"
+
+    def __post_init__(self) -> None:
+        photons = _parameter(self.photons, "photons", self.name, positive=True)
+        object.__setattr__(self, "photons", photons)
+
+    @classmethod
+    def _parameter_names(cls) -> tuple[str, ...]:
+        return ("photons",)
+
+    def sample(self, clean, *, generator=None, mask=None):
+        """A noisy copy of ``clean`` (line integrals); noise only where ``mask != 0``."""
+        where = f"{self.name}.sample"
+        _check_clean(clean, where, allow_complex=False)
+        _check_generator(generator, clean, where)
+        measured = _measured(mask, clean, where)
+        i0 = self.photons
+        rate = i0 * torch.exp(-clean.detach().to(torch.float64))
+        counts = torch.poisson(rate, generator=generator).clamp_min(1.0)
+        noisy = (-torch.log(counts / i0)).to(clean.dtype)
+        return _finish(clean, noisy, measured)
+
+    def variance(self, clean, *, mask=None):
+        """``e^{p}/I₀`` per entry (the delta method), 0 outside ``mask``."""
+        where = f"{self.name}.variance"
+        _check_clean(clean, where, allow_complex=False)
+        var = torch.exp(clean) / self.photons
+        measured = _measured(mask, clean, where)
+        return var if measured is None else var * measured
+
+    def to_dict(self):
+        return {"kind": self.kind, "photons": self.photons}
+
+
 _KINDS: dict[str, type[NoiseModel]] = {
-    cls.kind: cls for cls in (GaussianNoise, PoissonNoise, PoissonGaussianNoise)
+    cls.kind: cls for cls in (GaussianNoise, PoissonNoise, PoissonGaussianNoise, TransmissionNoise)
 }
 
 

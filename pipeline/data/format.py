@@ -239,6 +239,14 @@ class CTGeometry:
 
 
 # ----------------------------------------------------------------------------- metadata
+def _noise_fields(noise_model: Any, acquisition_noise: Any) -> dict[str, Any]:
+    """The noise fields of stored metadata; a photon count of an older scan is a noise model now."""
+    if (noise_model is None and isinstance(acquisition_noise, dict)
+            and acquisition_noise.get("kind") == "transmission_poisson"):
+        return {"noise_model": dict(acquisition_noise), "acquisition_noise": None}
+    return {"noise_model": noise_model, "acquisition_noise": acquisition_noise}
+
+
 @dataclass(frozen=True)
 class ScanMetadata:
     """Everything under the group attribute ``recon3d``.
@@ -249,10 +257,13 @@ class ScanMetadata:
         geometry: :class:`MRIGeometry` or :class:`CTGeometry`.
         chunk_depth: D-slices per chunk of every array with a ``d`` dimension.
         noise_model: ``NoiseModel.to_dict()`` of the measurement noise when it is one of the
-            operator models (``operators3d.noise_model_from_dict`` reads it), else ``None``.
+            operator models (``operators3d.noise_model_from_dict`` reads it; CT photon counting
+            before ``−log`` is ``{"kind": "transmission_poisson", "photons": I0}``), else
+            ``None``.
         acquisition_noise: how noise entered before the measurements were formed, when no
-            operator noise model describes it (CT photon counting before ``−log``:
-            ``{"kind": "transmission_poisson", "photons": I0}``), else ``None``.
+            operator noise model describes it, else ``None``. Scans written before the
+            transmission model existed kept their photon count here; reading them moves it to
+            ``noise_model``.
         voxel_size: ``(dD, dH, dW)`` in ``units``.
         units: length unit of ``voxel_size`` and the geometry.
         status: ``incomplete`` while a job writes the scan, ``complete`` after.
@@ -339,8 +350,7 @@ class ScanMetadata:
                 volume_shape=tuple(int(s) for s in data["volume_shape"]),  # type: ignore[arg-type]
                 geometry=geometry,
                 chunk_depth=int(data["chunk_depth"]),
-                noise_model=data.get("noise_model"),
-                acquisition_noise=data.get("acquisition_noise"),
+                **_noise_fields(data.get("noise_model"), data.get("acquisition_noise")),
                 voxel_size=tuple(float(v) for v in data.get("voxel_size", (1.0, 1.0, 1.0))),  # type: ignore[arg-type]
                 units=str(data.get("units", "mm")),
                 status=str(data.get("status", "incomplete")),

@@ -564,6 +564,8 @@ def ingest_ct(config: IngestCTConfig) -> JobOutcome:
     Shape:
         source ``(A, V, U)`` → ``measurements (V, A, U)`` float32, ``angles (A,)``.
     """
+    from operators3d import TransmissionNoise
+
     source = ProjectionSource(config.source)
     a, v, u = source.shape
     angles = _angles(config, a)
@@ -589,9 +591,9 @@ def ingest_ct(config: IngestCTConfig) -> JobOutcome:
     geom = CTGeometry(config.geometry, a, (v, u), config.det_spacing, config.voxel_size,
                       config.src_dist, config.det_dist, allow_truncation=True)
     chunk_depth = min(config.chunk_depth or default_chunk_depth(a * u * 4, v), v)
-    acquisition = None if config.photons is None else {"kind": "transmission_poisson", "photons": float(config.photons)}
+    noise = None if config.photons is None else TransmissionNoise(config.photons).to_dict()
     meta = ScanMetadata(modality="ct", volume_shape=vol, geometry=geom, chunk_depth=chunk_depth,
-                        noise_model=None, acquisition_noise=acquisition,
+                        noise_model=noise,
                         voxel_size=(config.voxel_size,) * 3, units=config.units)
     group, state = prepare_scan(config.out, meta, config.parameters(), tool="recon3d ingest ct",
                                 overwrite=config.overwrite, sources=[os.path.abspath(config.source)])

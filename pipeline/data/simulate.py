@@ -302,12 +302,12 @@ def _ct_geometry(config: SimulateCTConfig, shape: tuple[int, int, int]) -> CTGeo
     return CTGeometry("cone", config.angles, (int(v), int(u)), ds, vs, src, det)
 
 
-def _ct_noise(config: SimulateCTConfig):
-    from operators3d import GaussianNoise
+def _ct_noise(config: SimulateCTConfig) -> dict:
+    from operators3d import GaussianNoise, TransmissionNoise
 
     if config.photons is not None:
-        return None, {"kind": "transmission_poisson", "photons": float(config.photons)}
-    return GaussianNoise(config.noise_sigma).to_dict(), None
+        return TransmissionNoise(config.photons).to_dict()
+    return GaussianNoise(config.noise_sigma).to_dict()
 
 
 def _apply_ct_noise(p: torch.Tensor, config: SimulateCTConfig, gen: torch.Generator) -> torch.Tensor:
@@ -337,14 +337,13 @@ def simulate_ct(config: SimulateCTConfig) -> JobOutcome:
     span = math.pi if config.geometry == "parallel" else 2 * math.pi
     angles = np.arange(a, dtype=np.float64) * (span / a)
     chunk_depth = config.chunk_depth or default_chunk_depth(max(a * u, h * w) * 4, max(d, v))
-    noise_model, acquisition = _ct_noise(config)
+    noise_model = _ct_noise(config)
     meta = ScanMetadata(
         modality="ct",
         volume_shape=shape,
         geometry=geom,
         chunk_depth=min(chunk_depth, max(d, v)),
         noise_model=noise_model,
-        acquisition_noise=acquisition,
         voxel_size=(config.voxel_size,) * 3,
         units=config.units,
     )

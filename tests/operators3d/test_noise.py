@@ -18,6 +18,7 @@ from operators3d.noise import (
     NoiseModel,
     PoissonGaussianNoise,
     PoissonNoise,
+    TransmissionNoise,
     noise_model_from_dict,
 )
 
@@ -134,9 +135,47 @@ def test_poisson_mask_and_straight_through_gradient():
     assert torch.equal(g, torch.ones(4))
 
 
+# ------------------------------------------------------------------------- transmission
+@pytest.mark.parametrize("photons", [1e3, 1e5])
+def test_transmission_moments_match_the_delta_method(photons):
+    """``y = −log(N/I₀)``, ``N ~ Poisson(I₀ e^{−p})``: mean ``p + v/2``, variance ``v = e^{p}/I₀``
+    to the order the test resolves (the next terms are ``O(v²)``)."""
+    model = TransmissionNoise(photons)
+    levels = (0.2, 1.5, 3.0)
+    clean = torch.tensor(levels, dtype=torch.float64).repeat_interleave(N // 4).reshape(3, -1)
+    y = model.sample(clean, generator=_gen(11))
+    counts = photons * torch.exp(-y)
+    assert torch.allclose(counts, counts.round(), rtol=0, atol=1e-6 * photons)  # whole photon counts
+    for p, row in zip(levels, y):
+        v = math.exp(p) / photons
+        n = row.numel()
+        assert abs(row.mean().item() - (p + v / 2)) <= 5 * math.sqrt(v / n) + 2 * v**2, (p, row.mean())
+        assert abs(row.var().item() / v - 1) <= 5 * math.sqrt(2 / n) + 3 * v, (p, row.var(), v)
+    assert torch.allclose(model.variance(clean), torch.exp(clean) / photons)
+
+
+def test_transmission_zero_counts_mask_and_gradient():
+    model = TransmissionNoise(10.0)
+    # Far behind dense material nearly every count is 0: read as one photon, y = log(I₀).
+    y = model.sample(torch.full((1000,), 30.0), generator=_gen(12))
+    assert torch.allclose(y, torch.full_like(y, math.log(10.0)))
+    mask = torch.tensor([True, False, True])
+    clean = torch.tensor([0.5, 1.0, 2.0], requires_grad=True)
+    y = model.sample(clean, generator=_gen(), mask=mask)
+    assert y[1].item() == 1.0 and y.dtype == clean.dtype
+    (g,) = torch.autograd.grad(y.sum(), clean)
+    assert torch.equal(g, torch.ones(3))
+    assert torch.equal(model.variance(clean.detach(), mask=mask)[1], torch.tensor(0.0))
+    with pytest.raises(ValueError, match="TransmissionNoise: photons must be finite and > 0"):
+        TransmissionNoise(0.0)
+    with pytest.raises(TypeError, match="TransmissionNoise.sample: expected a real"):
+        model.sample(torch.ones(3, dtype=torch.complex64))
+
+
 # --------------------------------------------------------------- determinism, metadata
 @pytest.mark.parametrize(
-    "model", [GaussianNoise(0.1), PoissonNoise(0.5), PoissonGaussianNoise(0.5, 0.1)]
+    "model",
+    [GaussianNoise(0.1), PoissonNoise(0.5), PoissonGaussianNoise(0.5, 0.1), TransmissionNoise(1e3)],
 )
 def test_seeded_sampling_is_deterministic(model):
     clean = torch.rand(4, 5, 6, generator=_gen(9)) * 10
@@ -147,7 +186,8 @@ def test_seeded_sampling_is_deterministic(model):
 
 
 @pytest.mark.parametrize(
-    "model", [GaussianNoise(0.01), PoissonNoise(0.5), PoissonGaussianNoise(2, 0.1)]
+    "model",
+    [GaussianNoise(0.01), PoissonNoise(0.5), PoissonGaussianNoise(2, 0.1), TransmissionNoise(1e4)],
 )
 def test_dict_round_trip(model):
     data = json.loads(json.dumps(model.to_dict()))
@@ -164,6 +204,7 @@ def test_dict_format_and_errors():
         "gain": 2.0,
         "sigma": 0.1,
     }
+    assert TransmissionNoise(1e4).to_dict() == {"kind": "transmission_poisson", "photons": 1e4}
     with pytest.raises(ValueError, match="noise_model_from_dict: expected kind"):
         noise_model_from_dict({"kind": "laplace", "scale": 1.0})
     with pytest.raises(ValueError, match="missing"):

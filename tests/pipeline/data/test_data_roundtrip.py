@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from operators3d import shepp_logan_3d, simulate_coil_maps
+from operators3d import TransmissionNoise, shepp_logan_3d, simulate_coil_maps
 from pipeline.data import (
     CodecConfig,
     SlabStream,
@@ -103,6 +103,21 @@ def test_simulation_does_not_depend_on_workers_or_sharding(tmp_path):
     assert b.measurements.array.shards is not None
     assert np.array_equal(a.measurements.read(), b.measurements.read())
     assert check_scan(tmp_path / "w1.zarr").ok
+
+
+
+def test_photon_counts_are_the_scans_noise_model(tmp_path):
+    """A CT scan with ``--photons`` records the post-log transmission noise as its noise model
+    (what SURE and robust EI read); metadata of older scans, which kept it as acquisition
+    noise, reads the same."""
+    from pipeline.data.format import ScanMetadata
+
+    make_ct(tmp_path / "t.zarr", photons=1e3)
+    meta = open_scan(tmp_path / "t.zarr").metadata
+    assert meta.noise_model == {"kind": "transmission_poisson", "photons": 1e3}
+    assert meta.noise() == TransmissionNoise(1e3) and meta.acquisition_noise is None
+    legacy = meta.to_dict() | {"noise_model": None, "acquisition_noise": meta.noise_model}
+    assert ScanMetadata.from_dict(legacy) == meta
 
 
 def test_interrupted_simulation_is_incomplete_and_rerun_finishes(tmp_path, monkeypatch):
