@@ -135,16 +135,18 @@ def robust_ei(
 ) -> WeightedSum:
     """Robust EI: ``SURE + α · EI`` with fresh noise from ``noise_model`` in the second pass.
 
-    SURE is :class:`~pipeline.losses.SureGaussianLoss` for Gaussian noise and
-    :class:`~pipeline.losses.SurePoissonLoss` for Poisson and Poisson–Gaussian noise.
+    SURE is :class:`~pipeline.losses.SureGaussianLoss` for Gaussian noise and for the
+    transmission noise of CT line integrals (:class:`~operators3d.TransmissionNoise`, per-entry
+    variances), and :class:`~pipeline.losses.SurePoissonLoss` for Poisson and Poisson–Gaussian
+    noise.
     """
-    from operators3d import GaussianNoise
+    from operators3d import GaussianNoise, TransmissionNoise
 
     from .sure import SureGaussianLoss, SurePoissonLoss
 
     sure: Loss
-    if isinstance(noise_model, GaussianNoise):
-        sure = SureGaussianLoss(sigma=noise_model.sigma, tau=tau, seed=seed)
+    if isinstance(noise_model, (GaussianNoise, TransmissionNoise)):
+        sure = SureGaussianLoss(noise_model=noise_model, tau=tau, seed=seed)
     elif isinstance(noise_model, (PoissonNoise, PoissonGaussianNoise)):
         sure = SurePoissonLoss(gain=noise_model.gain, sigma=noise_model.sigma, tau=tau, seed=seed)
     else:

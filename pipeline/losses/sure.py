@@ -18,8 +18,8 @@ from typing import ClassVar
 
 import torch
 
-from operators3d import GaussianNoise, NoiseModel, PoissonGaussianNoise, PoissonNoise
-from pipeline.models.physics import measurement_mask, num_measured
+from operators3d import GaussianNoise, NoiseModel, PoissonGaussianNoise, PoissonNoise, TransmissionNoise
+from pipeline.models.physics import ImageMetric, measurement_mask, num_measured
 
 from .base import Loss, LossOutput, squared_residual
 
@@ -71,6 +71,18 @@ class SureGaussianLoss(Loss):
     alone, for any (weakly differentiable) reconstructor. Complex entries with variance ``σ²``
     on the real and on the imaginary part count as two real entries each.
 
+    Heteroscedastic noise: with ``noise_model=TransmissionNoise(I₀)`` (CT line integrals after
+    ``−log``, variance ``v = e^{p}/I₀`` to first order) every entry has its own variance, read
+    at the measurement itself (``v̂ = e^{y}/I₀``; ``E v̂ = v (1 + O(v))``), and the noise terms
+    become ``− Σ v̂/m + (2/m) · (v̂ ⊙ b)ᵀ(h(y + τb) − h(y))/τ``.
+
+    ``metric="image"`` (parallel-beam CT): the risk in the metric ``M`` of
+    :class:`~pipeline.models.physics.ImageMetric`, ``‖M^{1/2}(h(y) − A x)‖²/n`` (``n`` voxels),
+    which is the image-domain MSE of the range of ``Aᵀ`` — the error FBP-like reconstructions
+    are judged by — instead of the measurement MSE, dominated by low detector frequencies:
+    ``‖y − h‖²_M/n − Σ M_ii v_i/n + (2/n) · (M(v ⊙ b))ᵀ(h(y + τb) − h(y))/τ`` (generalised SURE,
+    Eldar, IEEE TSP 2009). Its scale is the image's, so it balances an EI term with weight ~1.
+
     Shape:
         ``x_hat``: ``(*batch, *op.domain_shape)``; ``y``: ``(*batch, *op.range_shape)``.
 
@@ -81,9 +93,11 @@ class SureGaussianLoss(Loss):
 
     Args:
         sigma: noise standard deviation (of each part, for complex data); or give
-            ``noise_model`` (a :class:`~operators3d.GaussianNoise`).
+            ``noise_model`` (a :class:`~operators3d.GaussianNoise`, or a
+            :class:`~operators3d.TransmissionNoise` for per-entry variances).
         tau: finite-difference step; default ``tau_rel`` times the RMS of the measured ``y``.
         tau_rel: relative step used when ``tau`` is None.
+        metric: ``"measurement"`` or ``"image"`` (parallel-beam CT).
         seed: seed of the probe generator.
     """
 
@@ -96,14 +110,23 @@ class SureGaussianLoss(Loss):
         noise_model: NoiseModel | None = None,
         tau: float | None = None,
         tau_rel: float = 1e-3,
+        metric: str = "measurement",
         seed: int | None = None,
     ) -> None:
         super().__init__(seed=seed)
-        if noise_model is not None:
+        if metric not in ("measurement", "image"):
+            raise ValueError(f"SureGaussianLoss: metric must be 'measurement' or 'image', got {metric!r}")
+        self.metric = metric
+        self.noise_model = noise_model if isinstance(noise_model, TransmissionNoise) else None
+        if self.noise_model is not None:
+            if sigma is not None:
+                raise ValueError("SureGaussianLoss: give sigma or a TransmissionNoise model, not both")
+            sigma = 0.0  # per-entry variances come from the model
+        elif noise_model is not None:
             if not isinstance(noise_model, GaussianNoise):
                 raise TypeError(
-                    f"SureGaussianLoss: noise_model must be GaussianNoise, got "
-                    f"{type(noise_model).__name__} (use SurePoissonLoss for Poisson noise)"
+                    f"SureGaussianLoss: noise_model must be GaussianNoise or TransmissionNoise, "
+                    f"got {type(noise_model).__name__} (use SurePoissonLoss for Poisson noise)"
                 )
             if sigma is not None and float(sigma) != noise_model.sigma:
                 raise ValueError(
@@ -120,10 +143,13 @@ class SureGaussianLoss(Loss):
         self.tau_rel = float(tau_rel)
 
     def extra_repr(self) -> str:
-        return f"sigma={self.sigma:g}, tau={self.tau}"
+        noise = f"noise_model={self.noise_model}" if self.noise_model is not None else f"sigma={self.sigma:g}"
+        return f"{noise}, tau={self.tau}, metric={self.metric}"
 
     def _loss(self, x_hat, y, op, model) -> LossOutput:
         model = self._require_model(model)
+        if self.metric == "image":
+            return self._image_loss(x_hat, y, op, model)
         _, dev = self.generators(y.device)
         mask = measurement_mask(op)
         m = num_measured(op, y)
@@ -137,12 +163,57 @@ class SureGaussianLoss(Loss):
         if mask is not None:
             probe = probe * mask
         tau = _tau(y, mask, self.tau, self.tau_rel)
-        y_pert, back = _probe_parts(y, op, probe, probe, tau)
-        del probe
+        if self.noise_model is None:
+            y_pert, back = _probe_parts(y, op, probe, probe, tau)
+            del probe
+            div = _divergence(model, y_pert, op, x_hat, back, tau)
+            var = self.sigma**2
+            divergence = (2 * var / m) * div
+            value = residual - real_per_entry * var + divergence
+        else:
+            with torch.no_grad():
+                var = self.noise_model.variance(y.detach(), mask=mask)
+            mean_var = var.sum() / m
+            y_pert, back = _probe_parts(y, op, probe, var * probe, tau)
+            del probe, var
+            div = _divergence(model, y_pert, op, x_hat, back, tau)
+            divergence = (2.0 / m) * div
+            value = residual - mean_var + divergence
+        return LossOutput(
+            value,
+            {
+                self.name: value.detach(),
+                f"{self.name}.residual": residual.detach(),
+                f"{self.name}.divergence": divergence.detach(),
+            },
+        )
+
+
+    def _image_loss(self, x_hat, y, op, model) -> LossOutput:
+        """SURE in the image metric ``M`` (parallel-beam CT): see the class docstring."""
+        metric = ImageMetric(op)
+        if y.is_complex():
+            raise TypeError("SureGaussianLoss: metric='image' needs real CT measurements")
+        _, dev = self.generators(y.device)
+        n = x_hat.numel()
+        r = op(x_hat) - y
+        residual = (r * metric(r)).sum() / n
+        del r
+        with torch.no_grad():
+            if self.noise_model is not None:
+                var = self.noise_model.variance(y.detach())
+            else:
+                var = torch.full_like(y, self.sigma**2)
+            trace = metric.diagonal * var.sum() / n
+        probe = torch.randn(y.shape, generator=dev, dtype=y.dtype, device=y.device)
+        tau = _tau(y, None, self.tau, self.tau_rel)
+        with torch.no_grad():
+            weighted = metric(var * probe)
+        y_pert, back = _probe_parts(y, op, probe, weighted, tau)
+        del probe, weighted, var
         div = _divergence(model, y_pert, op, x_hat, back, tau)
-        var = self.sigma**2
-        divergence = (2 * var / m) * div
-        value = residual - real_per_entry * var + divergence
+        divergence = (2.0 / n) * div
+        value = residual - trace + divergence
         return LossOutput(
             value,
             {

@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 _INITIALS = ("adjoint", "fbp", "sense", "classical")
+#: The ramp windows of an FBP/FDK initial estimate (those of :func:`operators3d.ct.ramp_filter`).
+FBP_FILTERS = ("ram-lak", "shepp-logan", "cosine", "hann")
 _DCS = ("gradient", "cg")
 
 Initial = str | Callable[[torch.Tensor, LinearOperator], torch.Tensor]
@@ -240,6 +242,7 @@ def initial_estimate(
     *,
     sense_iters: int = 10,
     sense_l2: float = 0.0,
+    fbp_filter: str = "ram-lak",
 ) -> torch.Tensor:
     """An initial image from measurements: ``Aᴴy``, FBP/FDK, SENSE, or a callable.
 
@@ -247,7 +250,9 @@ def initial_estimate(
     ``"fbp"`` is :func:`~pipeline.models.physics.filtered_backprojection` (FBP for parallel
     beam, FDK for cone beam, through the matched adjoint); ``"sense"`` solves
     ``(AᴴA + λI) x = Aᴴy`` with :func:`normal_solve` (implicit gradients); ``"classical"``
-    picks FBP/FDK for CT, SENSE for MRI and ``Aᴴy`` otherwise.
+    picks FBP/FDK for CT, SENSE for MRI and ``Aᴴy`` otherwise. ``fbp_filter`` is the ramp's
+    window (``"ram-lak"``, ``"shepp-logan"``, ``"cosine"``, ``"hann"``): a smoother window
+    gives a noisy scan a cleaner start.
 
     Shape:
         ``(*batch, *op.range_shape) → (*batch, *op.domain_shape)``.
@@ -261,14 +266,14 @@ def initial_estimate(
     if kind == "fbp":
         if ct_kind(op) is None:
             raise ValueError(f"initial_estimate: 'fbp' needs a CT operator, got {op.name}")
-        return filtered_backprojection(y, op)
+        return filtered_backprojection(y, op, filter=fbp_filter)
     if kind == "classical":
         from operators3d import MultiCoilMRI
 
         if isinstance(op, MultiCoilMRI):
             return initial_estimate(y, op, "sense", sense_iters=sense_iters, sense_l2=sense_l2)
         if ct_kind(op) is not None:
-            return filtered_backprojection(y, op)
+            return filtered_backprojection(y, op, filter=fbp_filter)
         return op.adjoint(y)
     raise ValueError(f"initial_estimate: kind must be one of {_INITIALS} or a callable, got {kind!r}")
 
@@ -276,6 +281,11 @@ def initial_estimate(
 def _check_initial(initial: Initial, owner: str) -> None:
     if not callable(initial) and initial not in _INITIALS:
         raise ValueError(f"{owner}: initial must be one of {_INITIALS} or a callable, got {initial!r}")
+
+
+def _check_filter(fbp_filter: str, owner: str) -> None:
+    if fbp_filter not in FBP_FILTERS:
+        raise ValueError(f"{owner}: fbp_filter must be one of {FBP_FILTERS}, got {fbp_filter!r}")
 
 
 # ----------------------------------------------------------------------------- reconstructors
@@ -303,6 +313,7 @@ class ArtifactRemoval(nn.Module):
         normalize: scale the backbone's input by the initial estimate's RMS.
         sense_iters: CG iterations of the SENSE estimate.
         sense_l2: Tikhonov weight ``λ`` of the SENSE estimate.
+        fbp_filter: ramp window of an FBP/FDK estimate (:func:`initial_estimate`).
     """
 
     def __init__(
@@ -313,20 +324,24 @@ class ArtifactRemoval(nn.Module):
         normalize: bool = True,
         sense_iters: int = 10,
         sense_l2: float = 0.0,
+        fbp_filter: str = "ram-lak",
     ) -> None:
         super().__init__()
         _check_initial(initial, "ArtifactRemoval")
+        _check_filter(fbp_filter, "ArtifactRemoval")
         self.backbone = backbone
         self.initial = initial
         self.normalize = normalize
         self.sense_iters = sense_iters
         self.sense_l2 = sense_l2
+        self.fbp_filter = fbp_filter
 
     def extra_repr(self) -> str:
         init = self.initial
         if not isinstance(init, str):
             init = getattr(init, "__name__", "callable")
-        return f"initial={init}, normalize={self.normalize}"
+        window = "" if self.fbp_filter == "ram-lak" else f", fbp_filter={self.fbp_filter}"
+        return f"initial={init}, normalize={self.normalize}{window}"
 
     def forward(self, y: torch.Tensor, op: LinearOperator | None) -> torch.Tensor:
         if op is None:  # image mode: y is already an image (a denoiser, e.g. Noise2Inverse)
@@ -341,7 +356,8 @@ class ArtifactRemoval(nn.Module):
             yb, lead = _flatten(y, op, "ArtifactRemoval")
             domain = op.domain_shape
             x0 = initial_estimate(
-                yb, op, self.initial, sense_iters=self.sense_iters, sense_l2=self.sense_l2
+                yb, op, self.initial, sense_iters=self.sense_iters, sense_l2=self.sense_l2,
+                fbp_filter=self.fbp_filter,
             )
         _check_channels(self.backbone, x0, "ArtifactRemoval")
         out = _denoise(self.backbone, x0, _scale_of(self, x0))
@@ -386,6 +402,7 @@ class UnrolledNetwork(nn.Module):
         cg_iters: CG iterations per DC step.
         sense_iters, sense_l2: CG iterations and Tikhonov weight ``λ`` of a SENSE initial
             estimate (as for :class:`ArtifactRemoval`).
+        fbp_filter: ramp window of an FBP/FDK initial estimate.
     """
 
     def __init__(
@@ -402,9 +419,12 @@ class UnrolledNetwork(nn.Module):
         cg_iters: int = 10,
         sense_iters: int = 10,
         sense_l2: float = 0.0,
+        fbp_filter: str = "ram-lak",
     ) -> None:
         super().__init__()
         name = "UnrolledNetwork"
+        _check_filter(fbp_filter, name)
+        self.fbp_filter = fbp_filter
         if not isinstance(num_iters, int) or num_iters < 1:
             raise ValueError(f"{name}: num_iters must be a positive int, got {num_iters!r}")
         if data_consistency not in _DCS:
@@ -454,7 +474,8 @@ class UnrolledNetwork(nn.Module):
         if self.initial == "adjoint":
             x = aty / lip
         else:
-            x = initial_estimate(yb, op, self.initial, sense_iters=self.sense_iters, sense_l2=self.sense_l2)
+            x = initial_estimate(yb, op, self.initial, sense_iters=self.sense_iters,
+                                 sense_l2=self.sense_l2, fbp_filter=self.fbp_filter)
         _check_channels(self.backbones[0], x, "UnrolledNetwork")
         scale = _scale_of(self, x)
         for k in range(self.num_iters):

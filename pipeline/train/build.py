@@ -125,10 +125,11 @@ def build_model(cfg: ModelConfig, facts: ScanFacts, *, precision: str = "fp32") 
     if initial == "sense" and facts.modality != "mri":
         raise ConfigError("model.initial: 'sense' is for MRI scans; use 'fbp' or 'adjoint' for CT")
     if cfg.reconstructor == "artifact_removal":
-        return ArtifactRemoval(backbone, initial=initial, normalize=cfg.normalize)
+        return ArtifactRemoval(backbone, initial=initial, normalize=cfg.normalize, fbp_filter=cfg.fbp_filter)
     u = cfg.unrolled
     return UnrolledNetwork(backbone, num_iters=u.iterations, data_consistency=u.data_consistency,
-                           shared=u.shared, initial=initial, normalize=cfg.normalize, step_size=u.step_size)
+                           shared=u.shared, initial=initial, normalize=cfg.normalize, step_size=u.step_size,
+                           fbp_filter=cfg.fbp_filter)
 
 
 _TRANSFORMS = {"rotate90": "Rotate90", "rotate": "Rotate", "reflect": "Reflect", "shift": "Shift",
@@ -167,9 +168,14 @@ def build_loss(cfg: LossConfig, facts: ScanFacts, *, seed: int) -> Any:
             nm = facts.noise_model
             if nm is None:
                 raise ConfigError(f"{where}: SURE needs scans with a noise model in their metadata")
-            if isinstance(nm, operators3d.GaussianNoise):
-                loss = SureGaussianLoss(noise_model=nm, tau=t.tau, seed=s)
+            if isinstance(nm, (operators3d.GaussianNoise, operators3d.TransmissionNoise)):
+                if t.metric == "image" and (facts.modality, facts.geometry) != ("ct", "parallel"):
+                    raise ConfigError(f"{where}: metric: image needs parallel-beam CT scans")
+                loss = SureGaussianLoss(noise_model=nm, tau=t.tau, metric=t.metric, seed=s)
             else:
+                if t.metric == "image":
+                    raise ConfigError(f"{where}: metric: image needs Gaussian or transmission noise, "
+                                      f"the scans have {nm.kind}")
                 loss = SurePoissonLoss(noise_model=nm, tau=t.tau, seed=s)
         elif t.name == "splitting":
             loss = SplittingLoss(t.rho, seed=s)

@@ -114,6 +114,7 @@ class ModelConfig(_Section):
     checkpoint: Literal["none", "level", "network"] = "none"
     reconstructor: Literal["artifact_removal", "unrolled"] = "artifact_removal"
     initial: Literal["adjoint", "fbp", "sense"] = "adjoint"
+    fbp_filter: Literal["ram-lak", "shepp-logan", "cosine", "hann"] = "ram-lak"  # initial: fbp's window
     normalize: bool = True
     unrolled: UnrolledConfig = UnrolledConfig()
     tile: TileConfig | None = None
@@ -146,10 +147,13 @@ class EITerm(_Term):
 
 
 class SureTerm(_Term):
-    """SURE (Gaussian) / PURE, PG-URE (Poisson, Poisson–Gaussian) with the scan's noise model."""
+    """SURE (Gaussian, and CT transmission noise after −log) / PURE, PG-URE (Poisson,
+    Poisson–Gaussian) with the scan's noise model. ``metric: image`` (parallel-beam CT,
+    Gaussian-type noise) estimates the image-domain error instead of the measurement error."""
 
     name: Literal["sure"]
     tau: float | None = Field(None, gt=0)
+    metric: Literal["measurement", "image"] = "measurement"
 
 
 class SplittingTerm(_Term):

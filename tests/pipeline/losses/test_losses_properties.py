@@ -19,6 +19,7 @@ from operators3d import (
     PoissonNoise,
     Rotate90,
     Shift,
+    TransmissionNoise,
     poisson_disc_mask,
 )
 from pipeline.losses import (
@@ -261,6 +262,116 @@ def test_sure_poisson_unbiased(noise):
     # the test has the power to see a bias: the plain residual fails it
     naive_bias, naive_se = _unbiased(naive, truths)
     assert abs(naive_bias) > 3 * naive_se
+
+
+class _Gain(nn.Module):
+    """A fixed per-entry shrinkage ``f(y) = g ⊙ Aᴴy`` (the Jacobian of ``A f`` is ``diag(g)`` for
+    ``A = I``)."""
+
+    def __init__(self, gain: torch.Tensor) -> None:
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, y, op):
+        return self.gain * op.adjoint(y)
+
+
+def _transmission_mean(p: torch.Tensor, photons: float) -> torch.Tensor:
+    """``E[−log(max(N, 1)/I₀)]``, ``N ~ Poisson(I₀ e^{−p})``, summed over the counts' pmf."""
+    rate = (photons * torch.exp(-p)).reshape(-1, 1)
+    k = torch.arange(0, int(rate.max() + 12 * rate.max().sqrt() + 20), dtype=p.dtype)
+    pmf = torch.exp(k * rate.log() - rate - torch.lgamma(k + 1))
+    return (pmf * -torch.log(k.clamp_min(1) / photons)).sum(-1).reshape(p.shape)
+
+
+def test_sure_transmission_unbiased():
+    """Post-log CT noise: per-entry variances ``e^{y}/I₀`` make SURE unbiased to first order.
+
+    SURE estimates the risk about the measurements' mean, which ``−log`` moves by ``≈ v/2`` off
+    the line integrals; the truth is taken about that mean (computed exactly)."""
+    p = torch.linspace(0.1, 4.0, 72, dtype=torch.float64).reshape(2, 6, 6)  # line integrals
+    op = Identity((2, 6, 6))
+    # trust the long, noisy rays least: the divergence weighs each variance by its own gain
+    model = _Gain(0.1 + 0.85 * p / 4.0)
+    noise = TransmissionNoise(1e4)
+    gen = torch.Generator().manual_seed(5)
+    loss = SureGaussianLoss(noise_model=noise, seed=6)
+    homoscedastic = SureGaussianLoss(sigma=float(noise.variance(p).mean().sqrt()), seed=6)
+    mean = _transmission_mean(p, noise.photons)
+    values, truths, flat = [], [], []
+    for _ in range(1500):
+        y = noise.sample(p, generator=gen)
+        x_hat = model(y, op)
+        values.append(loss(x_hat, y, op, model).total.item())
+        flat.append(homoscedastic(x_hat, y, op, model).total.item())
+        truths.append(float((op(x_hat) - mean).pow(2).mean()))
+    bias, se = _unbiased(values, truths)
+    assert abs(bias) < 3 * se, (bias, se)
+    # the test has the power to see a bias: one variance for every entry fails it
+    flat_bias, flat_se = _unbiased(flat, truths)
+    assert abs(flat_bias) > 3 * flat_se, (flat_bias, flat_se)
+    with pytest.raises(ValueError, match="not both"):
+        SureGaussianLoss(0.1, noise_model=noise)
+
+
+class _FBPSmoother(nn.Module):
+    """A fixed linear reconstructor: a blurred ``Aᵀ R y`` (R the Ram–Lak filter)."""
+
+    def forward(self, y, op):
+        from pipeline.models import filtered_backprojection
+
+        x = filtered_backprojection(y, op)
+        return 0.6 * x + 0.2 * torch.roll(x, 1, -1) + 0.2 * torch.roll(x, -1, -2)
+
+
+def test_image_metric_is_the_image_norm_on_the_range(ct_problem):
+    from pipeline.models.physics import ImageMetric, restrict_measurements
+
+    op, x, _ = ct_problem
+    metric = ImageMetric(op)
+    gen = torch.Generator().manual_seed(7)
+    r, s = (torch.randn(op.range_shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    assert torch.allclose((r * metric(s)).sum(), (metric(r) * s).sum(), rtol=1e-10)  # self-adjoint
+    assert (r * metric(r)).sum() >= 0
+    delta = torch.zeros(op.range_shape, dtype=torch.float64)
+    delta[1, 3, 8] = 1.0
+    assert metric(delta)[1, 3, 8].item() == pytest.approx(metric.diagonal, rel=1e-12)
+    # ‖x‖² = c⟨Ax, R Ax⟩ for a smooth image (FBP inverts A on its range)
+    smooth = torch.exp(-((torch.arange(12.0) - 5.5) ** 2) / 12).double()
+    xs = smooth[None, :, None] * smooth[None, None, :] * torch.ones(4, 1, 1, dtype=torch.float64)
+    p = op(xs)
+    assert (p * metric(p)).sum().item() == pytest.approx(xs.pow(2).sum().item(), rel=0.05)
+    with pytest.raises(ValueError, match="parallel-beam"):
+        ImageMetric(restrict_measurements(op, torch.rand(op.range_shape, generator=gen) < 0.5))
+
+
+def test_sure_image_metric_unbiased(ct_problem):
+    """``metric="image"``: an unbiased estimate of ``‖M^{1/2}(h − Ax)‖²/n``."""
+    from pipeline.models.physics import ImageMetric
+
+    op, x, _ = ct_problem
+    z = op(x[0])
+    noise = GaussianNoise(0.2)
+    model = _FBPSmoother()
+    metric = ImageMetric(op)
+    loss = SureGaussianLoss(noise_model=noise, metric="image", seed=8)
+    plain = SureGaussianLoss(noise_model=noise, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    values, truths, plains = [], [], []
+    for _ in range(600):
+        y = noise.sample(z, generator=gen)
+        x_hat = model(y, op)
+        r = op(x_hat) - z
+        values.append(loss(x_hat, y, op, model).total.item())
+        plains.append(plain(x_hat, y, op, model).total.item())
+        truths.append(float((r * metric(r)).sum()) / x_hat.numel())
+    bias, se = _unbiased(values, truths)
+    assert abs(bias) < 3 * se, (bias, se)
+    # the test has the power to tell the metrics apart
+    other, other_se = _unbiased(plains, truths)
+    assert abs(other) > 3 * other_se, (other, other_se)
+    with pytest.raises(ValueError, match="metric"):
+        SureGaussianLoss(0.1, metric="fourier")
 
 
 def test_sure_poisson_refuses_complex(mri_problem):

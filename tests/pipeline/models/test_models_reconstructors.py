@@ -188,6 +188,29 @@ def test_filtered_backprojection_matches_fbp_and_is_differentiable():
                         rel_tol=1e-10)
 
 
+class _Zero(nn.Module):
+    """A residual-free backbone that returns its input (the reconstructor's initial estimate)."""
+
+    def forward(self, x):
+        return x
+
+
+def test_fbp_window_of_the_initial_estimate():
+    from operators3d.ct import fbp
+
+    op, x, y = _ct(shape=(2, 32, 32), num_angles=90)
+    hann = ArtifactRemoval(_Zero(), initial="fbp", fbp_filter="hann", normalize=False)
+    assert torch.equal(hann(y, op), filtered_backprojection(y, op, filter="hann"))
+    assert float((hann(y, op) - fbp(y, op, filter="hann")).norm() / fbp(y, op, filter="hann").norm()) < 0.1
+    assert not torch.equal(hann(y, op), ArtifactRemoval(_Zero(), initial="fbp", normalize=False)(y, op))
+    unrolled = UnrolledNetwork(_Zero(), num_iters=1, initial="fbp", fbp_filter="cosine", step_size=1e-9,
+                               normalize=False)
+    assert torch.allclose(unrolled(y, op), filtered_backprojection(y, op, filter="cosine"), rtol=1e-6)
+    assert "fbp_filter=hann" in repr(hann)
+    with pytest.raises(ValueError, match="fbp_filter must be one of"):
+        ArtifactRemoval(_Zero(), initial="fbp", fbp_filter="hamming")
+
+
 def test_restrictions_are_buffers_with_matched_adjoints():
     op, x, y = _mri(coils=2)
     gen = torch.Generator().manual_seed(1)

@@ -137,7 +137,7 @@ def test_bf16_engine_trains_and_exports_fp32(tmp_path, tiny_mri):
         assert model(y[None], op).dtype == torch.complex64
 
 
-@pytest.mark.parametrize("case", ["mri-ssdu-unrolled", "ct-n2i", "ct-ei-tiled"])
+@pytest.mark.parametrize("case", ["mri-ssdu-unrolled", "ct-n2i", "ct-ei-tiled", "ct-rei-image"])
 def test_each_loss_family_trains_under_the_engine(tmp_path, tiny_mri, tiny_ct, case):
     """Splitting losses find their adapted model inside the DeepSpeed engine; CT with FBP."""
     from pipeline.train import read_metrics
@@ -149,6 +149,10 @@ def test_each_loss_family_trains_under_the_engine(tmp_path, tiny_mri, tiny_ct, c
     elif case == "ct-n2i":
         cfg = tiny_config(tiny_ct, loss={"terms": [{"name": "n2i", "num_splits": 4}]},
                           model={"initial": "fbp"})
+    elif case == "ct-rei-image":  # robust EI with the image-domain SURE, on a Hann FBP
+        cfg = tiny_config(tiny_ct, model={"initial": "fbp", "fbp_filter": "hann"},
+                          loss={"terms": [{"name": "sure", "metric": "image"},
+                                          {"name": "ei", "transform": "rotate", "noise": True}]})
     else:
         cfg = tiny_config(tiny_ct, model={"initial": "fbp", "tile": {"shape": [2, 16, 16], "overlap": 4}},
                           loss={"terms": [{"name": "mc"}, {"name": "ei", "transform": "rotate90"}]})
