@@ -21,9 +21,12 @@ size and schedule; only the loss differs):
 * classical baselines — MRI: zero-filled ``Aᴴy`` and SENSE by CG (a small grid of Tikhonov
   weights λ and iteration counts, the best on the test volumes reported: an oracle-tuned
   baseline); CT: FBP with the best of four ramp windows (also oracle-tuned);
-* ``ei`` — equivariant imaging (MC + α·EI, random in-plane rotations by any angle);
-* ``rei`` — robust EI (Gaussian SURE + α·EI with fresh noise in the second pass; MRI only,
-  where the noise is Gaussian with known σ; the CT noise is Poisson before ``−log``);
+* ``ei`` — equivariant imaging (MC + α·EI, random in-plane rotations by any angle; α = 1 for
+  MRI, 10⁴ for CT, see :func:`ei_weight`);
+* ``rei`` — robust EI (SURE + α·EI with fresh noise in the second pass). MRI: Gaussian SURE
+  with the known σ. CT: the scan's transmission noise (:class:`operators3d.TransmissionNoise`,
+  variance ``e^{p}/I₀`` per ray) and SURE of the image-domain error (``metric="image"``, GSURE
+  through FBP's ramp metric), α = 1;
 * ``ssdu`` — SSDU (MRI; ρ = 0.4, normalised ℓ₂+ℓ₁, calibration block kept in the input),
   ``n2i`` — Noise2Inverse (CT, 2 angle subsets; evaluation averages over the subsets);
 * ``supervised`` — MSE against the reference.
@@ -33,8 +36,8 @@ it): a residual 2-level :class:`UNet3D` (widths 16, 32) whose last convolution s
 so every method starts from the initial estimate. MRI: :class:`~pipeline.models.UnrolledNetwork`
 with one iteration of CG data consistency (MoDL-style, learned weight λ, 5 CG iterations) on a
 SENSE initial estimate (10 CG iterations); CT: :class:`~pipeline.models.ArtifactRemoval` on a
-differentiable FBP with a Hann window (Noise2Inverse's targets use the same FBP, with 2 angle
-subsets). Each volume has one intensity scale (:func:`~pipeline.models.scan_intensity_scale`),
+differentiable FBP with a Hann window (``fbp_filter="hann"``; Noise2Inverse's targets use
+the same FBP, with 2 angle subsets). Each volume has one intensity scale (:func:`~pipeline.models.scan_intensity_scale`),
 so a slab sees the same scaling as the whole volume. Training draws one random D-slab of
 ``--slab`` slices from a random training volume per step (Adam, learning rate 1e-3
 cosine-decayed to 0); evaluation reconstructs each whole test volume.
@@ -64,11 +67,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import machine_line, print_table  # noqa: E402
 
 CLASSICAL = {"mri": ("zero-filled", "sense"), "ct": ("fbp",)}
-LEARNED = {"mri": ("ei", "rei", "ssdu", "supervised"), "ct": ("ei", "n2i", "supervised")}
+LEARNED = {"mri": ("ei", "rei", "ssdu", "supervised"), "ct": ("ei", "rei", "n2i", "supervised")}
 DEFAULT_METHODS = {"mri": ("zero-filled", "sense", "ei", "rei", "ssdu", "supervised"),
                    "ct": ("fbp", "ei", "n2i", "supervised")}
 SELF_SUPERVISED = ("ei", "rei", "ssdu", "n2i")
 TRAIN_SEED, TEST_SEED = 101, 201
+CT_EI_WEIGHT = 1e4  # see ei_weight()
 
 
 # ----------------------------------------------------------------------------- data
@@ -166,13 +170,12 @@ def build_model(modality: str, args) -> torch.nn.Module:
         if last.bias is not None:
             torch.nn.init.zeros_(last.bias)
     initial = args.mri_initial if modality == "mri" else args.ct_initial
-    if modality == "ct" and initial == "fbp" and args.ct_filter != "ram-lak":
-        initial = _fbp_with(args.ct_filter)
+    window = {"fbp_filter": args.ct_filter} if modality == "ct" else {}
     arch = args.mri_arch if modality == "mri" else args.ct_arch
     if arch == "unrolled":
         return UnrolledNetwork(backbone, num_iters=args.unroll, data_consistency="cg",
-                               initial=initial, cg_iters=args.cg_iters)
-    kw = {"sense_iters": args.sense_iters, "sense_l2": args.sense_l2} if modality == "mri" else {}
+                               initial=initial, cg_iters=args.cg_iters, **window)
+    kw = {"sense_iters": args.sense_iters, "sense_l2": args.sense_l2} if modality == "mri" else window
     return ArtifactRemoval(backbone, initial=initial, **kw)
 
 
@@ -187,9 +190,25 @@ def _fbp_with(window: str):
     return fbp_window
 
 
+def ei_weight(modality: str, method: str, args) -> float:
+    """The EI weight α: ``--ei-weight``, else 1, except ``CT_EI_WEIGHT`` for CT's plain EI.
+
+    The MC term is a mean over measurements and the EI term a mean over voxels, so their
+    balance depends on the operator's scale: MRI's operator is near-unitary (``‖A‖² ≈ 1``), the
+    CT projector sums a ray's voxels (here the MC term's curvature is ``‖A‖²·n/m ≈ 1.7·10⁴``
+    times the EI term's), and α = 1 leaves EI without effect there. CT's robust EI measures
+    its SURE term in the image metric (``metric="image"``), which has the image's scale: α = 1.
+    """
+    if args.ei_weight is not None:
+        return args.ei_weight
+    if modality == "ct" and (method == "ei" or args.ct_sure_metric == "measurement"):
+        return CT_EI_WEIGHT
+    return 1.0
+
+
 def build_loss(modality: str, method: str, args):
     import operators3d
-    from operators3d import GaussianNoise
+    from operators3d import GaussianNoise, TransmissionNoise
     from pipeline.losses import (
         EquivariantImagingLoss,
         MeasurementConsistencyLoss,
@@ -205,13 +224,12 @@ def build_loss(modality: str, method: str, args):
         return SupervisedLoss()
     if method == "ei":
         ei = EquivariantImagingLoss(transform=transform, seed=seed)
-        return MeasurementConsistencyLoss() + args.ei_weight * ei
+        return MeasurementConsistencyLoss() + ei_weight(modality, method, args) * ei
     if method == "rei":
-        if modality != "mri":
-            raise ValueError("rei: only for the Gaussian noise of the MRI scans")
-        noise = GaussianNoise(args.noise_sigma)
+        noise = GaussianNoise(args.noise_sigma) if modality == "mri" else TransmissionNoise(args.photons)
         ei = EquivariantImagingLoss(transform=transform, noise_model=noise, seed=seed + 1)
-        return SureGaussianLoss(sigma=args.noise_sigma, seed=seed) + args.ei_weight * ei
+        metric = "measurement" if modality == "mri" else args.ct_sure_metric
+        return SureGaussianLoss(noise_model=noise, metric=metric, seed=seed) + ei_weight(modality, method, args) * ei
     if method == "ssdu":
         return SSDULoss(rho=args.ssdu_rho, weighted=args.ssdu_weighted, metric=args.ssdu_metric,
                         calibration=args.ssdu_calibration, seed=seed)
@@ -400,8 +418,11 @@ def main(argv=None) -> None:
     g.add_argument("--cg-iters", type=int, default=5, help="CG iterations of each data-consistency step")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--clip", type=float, default=0.0)
-    g.add_argument("--ei-weight", type=float, default=1.0)
+    g.add_argument("--ei-weight", type=float, default=None,
+                   help=f"EI weight α (default: 1, but {CT_EI_WEIGHT:g} for CT's MC + EI, see ei_weight())")
     g.add_argument("--ei-transform", choices=("rotate", "rotate90"), default="rotate")
+    g.add_argument("--ct-sure-metric", choices=("measurement", "image"), default="image",
+                   help="CT robust EI: SURE of the measurement MSE or of the image-domain MSE (GSURE)")
     g.add_argument("--ssdu-rho", type=float, default=0.4)
     g.add_argument("--ssdu-metric", choices=("l1l2", "mse"), default="l1l2")
     g.add_argument("--ssdu-weighted", action="store_true")
