@@ -69,7 +69,7 @@ from _common import machine_line, print_table  # noqa: E402
 CLASSICAL = {"mri": ("zero-filled", "sense"), "ct": ("fbp",)}
 LEARNED = {"mri": ("ei", "rei", "ssdu", "supervised"), "ct": ("ei", "rei", "n2i", "supervised")}
 DEFAULT_METHODS = {"mri": ("zero-filled", "sense", "ei", "rei", "ssdu", "supervised"),
-                   "ct": ("fbp", "ei", "n2i", "supervised")}
+                   "ct": ("fbp", "ei", "rei", "n2i", "supervised")}
 SELF_SUPERVISED = ("ei", "rei", "ssdu", "n2i")
 TRAIN_SEED, TEST_SEED = 101, 201
 CT_EI_WEIGHT = 1e4  # see ei_weight()
