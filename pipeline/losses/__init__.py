@@ -11,7 +11,8 @@ deviation of the real and of the imaginary part each. Formulas: ``METHODS.md``.
 * :class:`EquivariantImagingLoss` — ``‖f(A T_g x̂ (+ n′)) − T_g x̂‖²/n_x`` (EI, robust EI);
   :func:`equivariant_imaging` (MC + EI) and :func:`robust_ei` (SURE + EI with fresh noise).
 * :class:`SureGaussianLoss`, :class:`SurePoissonLoss` — SURE, PURE and PG-URE with a seeded
-  Monte-Carlo divergence.
+  Monte-Carlo divergence; SURE also with per-ray variances (CT transmission noise) and, for
+  parallel-beam CT, of the image-domain error (``metric="image"``, GSURE).
 * :class:`SplittingLoss` (any operator), :class:`SSDULoss` (MRI), :class:`Noise2InverseLoss`
   (CT angle subsets; other operators: entry subsets).
 * :class:`SupervisedLoss` — MSE / L1 against a reference.
