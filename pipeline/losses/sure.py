@@ -56,6 +56,18 @@ def _divergence(model, y_pert, op, x_hat, back, tau) -> torch.Tensor:
     return _real_inner(back, x_pert - x_hat) / tau
 
 
+def _output(name: str, value, residual, divergence) -> LossOutput:
+    """The SURE value with its residual and divergence terms as logged parts."""
+    return LossOutput(
+        value,
+        {
+            name: value.detach(),
+            f"{name}.residual": residual.detach(),
+            f"{name}.divergence": divergence.detach(),
+        },
+    )
+
+
 def _probe_parts(y, op, probe, weighted, tau):
     """``y + τ b`` and ``Aᴴ w``, so that the probe itself need not outlive the second pass."""
     with torch.no_grad():
@@ -163,31 +175,18 @@ class SureGaussianLoss(Loss):
         if mask is not None:
             probe = probe * mask
         tau = _tau(y, mask, self.tau, self.tau_rel)
-        if self.noise_model is None:
-            y_pert, back = _probe_parts(y, op, probe, probe, tau)
-            del probe
-            div = _divergence(model, y_pert, op, x_hat, back, tau)
-            var = self.sigma**2
-            divergence = (2 * var / m) * div
-            value = residual - real_per_entry * var + divergence
-        else:
+        if self.noise_model is None:  # one σ²: it scales the divergence after the fact
+            weighted, noise_mean, factor = probe, real_per_entry * self.sigma**2, 2 * self.sigma**2 / m
+        else:  # a variance per entry weighs the probe
             with torch.no_grad():
                 var = self.noise_model.variance(y.detach(), mask=mask)
-            mean_var = var.sum() / m
-            y_pert, back = _probe_parts(y, op, probe, var * probe, tau)
-            del probe, var
-            div = _divergence(model, y_pert, op, x_hat, back, tau)
-            divergence = (2.0 / m) * div
-            value = residual - mean_var + divergence
-        return LossOutput(
-            value,
-            {
-                self.name: value.detach(),
-                f"{self.name}.residual": residual.detach(),
-                f"{self.name}.divergence": divergence.detach(),
-            },
-        )
-
+            weighted, noise_mean, factor = var * probe, var.sum() / m, 2.0 / m
+            del var
+        y_pert, back = _probe_parts(y, op, probe, weighted, tau)
+        del probe, weighted
+        divergence = factor * _divergence(model, y_pert, op, x_hat, back, tau)
+        value = residual - noise_mean + divergence
+        return _output(self.name, value, residual, divergence)
 
     def _image_loss(self, x_hat, y, op, model) -> LossOutput:
         """SURE in the image metric ``M`` (parallel-beam CT): see the class docstring."""
@@ -214,14 +213,7 @@ class SureGaussianLoss(Loss):
         div = _divergence(model, y_pert, op, x_hat, back, tau)
         divergence = (2.0 / n) * div
         value = residual - trace + divergence
-        return LossOutput(
-            value,
-            {
-                self.name: value.detach(),
-                f"{self.name}.residual": residual.detach(),
-                f"{self.name}.divergence": divergence.detach(),
-            },
-        )
+        return _output(self.name, value, residual, divergence)
 
 
 class SurePoissonLoss(Loss):
@@ -304,11 +296,4 @@ class SurePoissonLoss(Loss):
         div = _divergence(model, y_pert, op, x_hat, back, tau)
         divergence = (2.0 / m) * div
         value = residual - mean_term - self.sigma**2 + divergence
-        return LossOutput(
-            value,
-            {
-                self.name: value.detach(),
-                f"{self.name}.residual": residual.detach(),
-                f"{self.name}.divergence": divergence.detach(),
-            },
-        )
+        return _output(self.name, value, residual, divergence)
