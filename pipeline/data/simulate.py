@@ -312,9 +312,9 @@ def _ct_noise(config: SimulateCTConfig) -> dict:
 
 def _apply_ct_noise(p: torch.Tensor, config: SimulateCTConfig, gen: torch.Generator) -> torch.Tensor:
     if config.photons is not None:
-        i0 = float(config.photons)
-        counts = torch.poisson(i0 * torch.exp(-p.to(torch.float64)), generator=gen)
-        return (-torch.log(counts.clamp_min(1.0) / i0)).to(torch.float32)
+        from operators3d import TransmissionNoise
+
+        return TransmissionNoise(config.photons).sample(p, generator=gen).to(torch.float32)
     if config.noise_sigma > 0:
         return p + config.noise_sigma * torch.randn(p.shape, generator=gen, dtype=p.dtype)
     return p
