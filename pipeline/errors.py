@@ -1,0 +1,84 @@
+"""The errors recon3d raises on purpose, and the exit status each one means.
+
+Every command ends through one mapping (:func:`exit_code`, used by :mod:`pipeline.cli`):
+
+* ``0`` — it did what was asked;
+* ``1`` — a failure (:class:`Recon3dError` and anything unexpected): the job could not finish,
+  e.g. the disk is full or training diverged; what was written so far is consistent;
+* ``2`` — a usage or input error (:class:`InputError`, and ``ValueError`` / ``TypeError`` /
+  ``FileNotFoundError`` raised while checking inputs): the user must change something.
+
+The message of every error here is one line that names the file, path or setting involved and,
+where there is one, the remedy. ``--debug`` (or ``RECON3D_DEBUG=1``) adds the traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+__all__ = [
+    "Recon3dError",
+    "InputError",
+    "UntrustedFileError",
+    "OutputConflictError",
+    "StorageFullError",
+    "exit_code",
+    "storage_error",
+]
+
+
+class Recon3dError(Exception):
+    """A failure recon3d recognised: one-line message, exit status 1."""
+
+    exit_code = 1
+
+
+class InputError(Recon3dError, ValueError):
+    """Bad input or usage (a file, a setting, a target path): exit status 2."""
+
+    exit_code = 2
+
+
+class UntrustedFileError(InputError):
+    """A file that would run code or is not what it claims to be (a crafted or garbage pickle)."""
+
+
+class OutputConflictError(InputError):
+    """An output target that this command must not write (an input, a run, a foreign folder)."""
+
+
+class StorageFullError(Recon3dError):
+    """A write that ran out of space (or quota): names the path and the bytes it needed."""
+
+
+def storage_error(err: OSError, path: str | os.PathLike, needed: int | None = None) -> Exception:
+    """The one-line error for an ``OSError`` met while writing ``path``.
+
+    ``ENOSPC``/``EDQUOT``/``EFBIG`` become :class:`StorageFullError` naming the path, the bytes the
+    write needed and the bytes free there; any other ``OSError`` is returned unchanged.
+    """
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return err
+    free = None
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        pass
+    need = f"{needed} bytes needed" if needed is not None else "more space needed"
+    have = f", {free} bytes free" if free is not None else ""
+    return StorageFullError(f"no space left writing {path} ({need}{have}): {os.strerror(err.errno)}")
+
+
+def exit_code(err: BaseException) -> int:
+    """The exit status of a command that ended with ``err``."""
+    if isinstance(err, Recon3dError):
+        return err.exit_code
+    if isinstance(err, (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return 2
+    return 1
