@@ -28,6 +28,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Self-supervised training and out-of-core reconstruction of large 3D MRI "
         "and CT scans.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also RECON3D_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     quick = sub.add_parser(
@@ -140,49 +142,95 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0 if result.beats_baseline else 3
 
 
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
+    if args.command == "quickstart":
+        return _quickstart(args)
+    if args.command == "train":
+        rc = _train(args)
+        if argv is None:
+            # Run as a program: every file is closed and fsynced by now, and C++ library
+            # teardown at interpreter exit takes 3–8 s here, which would count against the
+            # preemption bound. Called from Python (argv given), return normally.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
+        return rc
+    if args.command == "export":
+        return _export(args)
+    if args.command == "evaluate":
+        from pipeline.reconstruct.evaluate import run_cli as run_evaluate
+
+        return run_evaluate(args)
+    if args.command == "report":
+        from pipeline.reconstruct.report import run_cli as run_report
+
+        return run_report(args)
+    from pipeline.data.cli import COMMANDS as DATA_COMMANDS, run as run_data
+
+    if args.command in DATA_COMMANDS:
+        return run_data(args)
+    from pipeline.reconstruct.cli import COMMANDS as RECONSTRUCT_COMMANDS, run as run_reconstruct
+
+    if args.command in RECONSTRUCT_COMMANDS:
+        return run_reconstruct(args)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) if str(err) else type(err).__name__
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.filename and \
+            str(err.filename) not in text:
+        text = f"{text} ({err.filename})"
+    return text
+
+
+def _quiet_broken_pipe() -> None:
+    # The reader went away (``recon3d inspect | head``): nothing more can be printed, and
+    # Python's own flush at exit would complain again. Point stdout at /dev/null.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``recon3d`` console script."""
+    """Entry point of the ``recon3d`` console script.
+
+    Every command ends through one mapping of exceptions to exit codes
+    (:func:`pipeline.errors.exit_code`: 0 ok, 1 failure, 2 usage or input error) and prints one
+    line ``recon3d COMMAND: error: MESSAGE``; ``--debug`` or ``RECON3D_DEBUG=1`` adds the
+    traceback. Ctrl-C exits 130; a closed output pipe (``| head``) ends quietly.
+    """
+    from pipeline.errors import exit_code
+
     parser = _build_parser()
     args = parser.parse_args(argv)
+    debug = bool(args.debug) or os.environ.get("RECON3D_DEBUG", "") not in ("", "0")
     if args.command is None:
         parser.print_help()
         return 0
+    rc = None
     try:
-        if args.command == "quickstart":
-            return _quickstart(args)
-        if args.command == "train":
-            rc = _train(args)
-            if argv is None:
-                # Run as a program: every file is closed and fsynced by now, and C++ library
-                # teardown at interpreter exit takes 3–8 s here, which would count against the
-                # preemption bound. Called from Python (argv given), return normally.
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(rc)
-            return rc
-        if args.command == "export":
-            return _export(args)
-        if args.command == "evaluate":
-            from pipeline.reconstruct.evaluate import run_cli as run_evaluate
+        rc = _dispatch(parser, args, argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return rc
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        return rc if rc is not None else 128 + 13  # as a shell reports a writer killed by SIGPIPE
+    except KeyboardInterrupt:
+        print(f"recon3d {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # the one place that turns errors into exit codes
+        if debug:
+            import traceback
 
-            return run_evaluate(args)
-        if args.command == "report":
-            from pipeline.reconstruct.report import run_cli as run_report
-
-            return run_report(args)
-        from pipeline.data.cli import COMMANDS as DATA_COMMANDS, run as run_data
-
-        if args.command in DATA_COMMANDS:
-            return run_data(args)
-        from pipeline.reconstruct.cli import COMMANDS as RECONSTRUCT_COMMANDS, run as run_reconstruct
-
-        if args.command in RECONSTRUCT_COMMANDS:
-            return run_reconstruct(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"recon3d {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+            traceback.print_exc()
+        else:
+            hint = "" if exit_code(err) == 2 else " (--debug or RECON3D_DEBUG=1 shows the traceback)"
+            print(f"recon3d {args.command}: error: {_one_line(err)}{hint}", file=sys.stderr)
+        return exit_code(err)
 
 
 if __name__ == "__main__":

@@ -307,6 +307,20 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
     return cls
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: a refused tag (``!!python/...``) or where the syntax broke."""
+    if isinstance(exc, yaml.constructor.ConstructorError) and exc.problem and "tag" in exc.problem:
+        tag = exc.problem.split("tag", 1)[1].strip(" '").replace("tag:yaml.org,2002:", "!!")
+        return (f"the tag {tag} is not allowed: recon3d reads plain YAML only (numbers, strings, "
+                "lists, mappings), never Python objects")
+    where = ""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        where = f" at line {mark.line + 1}, column {mark.column + 1}"
+    problem = getattr(exc, "problem", None) or str(exc)
+    return f"not valid YAML{where}: {' '.join(str(problem).split())}"
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``raw`` with ``key.path=value`` overrides applied (values parsed as YAML)."""
     out = json.loads(json.dumps(raw))
@@ -328,7 +342,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(p, {})
             if not isinstance(node, (dict, list)):
                 raise ConfigError(f"--set {item!r}: {p!r} is not a section")
-        parsed = yaml.safe_load(value) if value.strip() else None
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key.strip()}: {_yaml_problem(exc)}") from None
         if isinstance(node, list):
             try:
                 node[int(parts[-1])] = parsed
@@ -360,7 +377,7 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {name} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {name}: {_yaml_problem(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {name}: the top level must be a mapping of sections")
     raw = apply_overrides(raw, list(overrides or []))
