@@ -96,7 +96,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "config; torch.load(..., weights_only=True) reads it.",
     )
     ex.add_argument("run_dir", type=Path, help="the run directory")
-    ex.add_argument("--out", type=Path, default=None, help="output file (default: RUN_DIR/export/model.pt)")
+    ex.add_argument("--out", type=Path, default=None, help="output file (default: RUN_DIR/export/model.pt); an earlier export there is replaced, "
+                    "any other file never")
     ex.add_argument("--checkpoint", type=Path, default=None,
                     help="a step_* folder to export instead of the latest")
     return parser
