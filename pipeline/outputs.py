@@ -139,7 +139,7 @@ def _zarr_target(path: str, storage_options: Mapping[str, Any] | None) -> Target
     ours = attrs.get(ATTRS_KEY)
     if not members and not attrs:
         return Target(path, "empty", None, "an empty zarr group")
-    if is_scan_attrs(ours) or any(name in members for name in _SCAN_ARRAYS):
+    if is_scan_attrs(ours) or (isinstance(ours, Mapping) and any(name in members for name in _SCAN_ARRAYS)):
         # Checked first, so a scan never passes for an output image whatever else it records.
         by = scan_writer(ours) if isinstance(ours, Mapping) else None
         what = f"a recon3d scan written by {by}" if by else "a recon3d scan"
