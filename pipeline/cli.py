@@ -39,7 +39,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--out to resume. Exit status 3 when the network does not beat the baseline.",
     )
     quick.add_argument("--out", type=Path, default=Path("outputs/quickstart"),
-                       help="output directory (default: outputs/quickstart)")
+                       help="output directory: new, empty, or one an earlier quickstart wrote (resumed) "
+                       "(default: outputs/quickstart)")
     quick.add_argument("--modality", choices=("ct", "mri"), default="ct",
                        help="ct: low-dose parallel beam, FBP baseline; mri: multi-coil, SENSE "
                        "baseline (default: ct)")

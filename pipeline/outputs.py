@@ -23,6 +23,7 @@ reconstruct    an OME-Zarr image                     ``recon3d.written_by``, or 
 export         a weights file                        its ``format`` ``"recon3d-weights-…"``
 report         a folder of PNGs and ``report.md``    the marker file ``.recon3d-report.json``, or
                                                      only ``report.md`` and its known files
+quickstart     a folder of the above + README.md     holding only the names it writes
 =============  ====================================  ==========================================
 
 A scan is always an input (of reconstruct, preprocess and train) to every command but the one
@@ -49,6 +50,7 @@ __all__ = [
     "check_outside",
     "REPORT_MARKER",
     "write_report_marker",
+    "check_job_folder",
     "scan_writer",
     "is_scan_attrs",
 ]
@@ -291,3 +293,25 @@ def write_report_marker(folder: Path, target: Any) -> None:
 
     data = {"written_by": "report", "format": 1, "target": str(target), "written": now_iso()}
     (Path(folder) / REPORT_MARKER).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def check_job_folder(out: Any, command: str, names: Iterable[str]) -> None:
+    """Refuse a job folder (``quickstart --out``) holding anything but the job's own ``names``.
+
+    The job writes plain files (``README.md``, ``summary.json``...) straight into the folder, so
+    a folder with anything else in it is someone else's: refused, whatever it holds.
+
+    Raises:
+        OutputConflictError: ``out`` is a file, or holds entries the job does not write.
+    """
+    p = _local(str(out))
+    if not p.exists():
+        return
+    if not p.is_dir():
+        raise OutputConflictError(f"{command}: --out {out} is a file; choose another --out")
+    foreign = sorted(e.name for e in p.iterdir() if e.name not in set(names))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise OutputConflictError(
+            f"{command}: --out {out} is a folder that recon3d {command} did not write (it holds "
+            f"{shown}); recon3d {command} never writes into it: choose another --out")

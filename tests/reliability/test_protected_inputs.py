@@ -269,3 +269,12 @@ def test_outputs_of_an_older_version_are_still_replaced_by_their_command(capsys,
     (old_report / "mine.txt").write_text("user data\n")  # no longer only a report's files
     _refused(capsys, ["report", str(out), "--out", str(old_report), "--no-metrics"], old_report,
              says="is a non-empty folder that recon3d did not write")
+
+
+def test_quickstart_refuses_a_folder_it_did_not_write(capsys, tmp_path):
+    """quickstart writes README.md and summary.json straight into --out: a user's folder is refused."""
+    folder = _plain_folder(tmp_path / "home")
+    (folder / "README.md").write_text("my own readme\n")
+    _refused(capsys, ["quickstart", "--out", str(folder), "--shape", "8", "16", "16", "--angles", "8",
+                      "--steps", "1", "--nproc", "1", "--no-progress"], folder,
+             says="is a folder that recon3d quickstart did not write")
