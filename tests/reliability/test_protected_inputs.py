@@ -278,3 +278,10 @@ def test_quickstart_refuses_a_folder_it_did_not_write(capsys, tmp_path):
     _refused(capsys, ["quickstart", "--out", str(folder), "--shape", "8", "16", "16", "--angles", "8",
                       "--steps", "1", "--nproc", "1", "--no-progress"], folder,
              says="is a folder that recon3d quickstart did not write")
+
+
+def test_evaluate_json_inside_a_scan_is_refused(capsys, copy, made):
+    """``evaluate --json SCAN/zarr.json`` would replace the scan's metadata with metrics."""
+    scan = copy("sim.zarr")
+    _refused(capsys, ["evaluate", str(made / "rec.ome.zarr"), "--reference", str(scan), "--json",
+                      str(scan / "zarr.json")], scan, says="inside the input")
