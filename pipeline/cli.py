@@ -41,7 +41,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--out to resume. Exit status 3 when the network does not beat the baseline.",
     )
     quick.add_argument("--out", type=Path, default=Path("outputs/quickstart"),
-                       help="output directory (default: outputs/quickstart)")
+                       help="output directory: new, empty, or one an earlier quickstart wrote (resumed) "
+                       "(default: outputs/quickstart)")
     quick.add_argument("--modality", choices=("ct", "mri"), default="ct",
                        help="ct: low-dose parallel beam, FBP baseline; mri: multi-coil, SENSE "
                        "baseline (default: ct)")
@@ -98,7 +99,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "config; torch.load(..., weights_only=True) reads it.",
     )
     ex.add_argument("run_dir", type=Path, help="the run directory")
-    ex.add_argument("--out", type=Path, default=None, help="output file (default: RUN_DIR/export/model.pt)")
+    ex.add_argument("--out", type=Path, default=None, help="output file (default: RUN_DIR/export/model.pt); an earlier export there is replaced, "
+                    "any other file never")
     ex.add_argument("--checkpoint", type=Path, default=None,
                     help="a step_* folder to export instead of the latest")
     return parser

@@ -185,6 +185,11 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
 
     config.validate()
     out = Path(config.out)
+    from pipeline.outputs import check_job_folder
+
+    # It writes README.md etc. straight into --out: only a folder of its own may be reused.
+    check_job_folder(out, "quickstart", ("scan.zarr", "run", "network.ome.zarr", "train.yaml", "report",
+                                         "summary.json", "README.md", "fbp.ome.zarr", "sense.ome.zarr"))
     out.mkdir(parents=True, exist_ok=True)
     result = QuickstartResult(config={k: (str(v) if isinstance(v, Path) else v)
                                       for k, v in asdict(config).items()})

@@ -43,7 +43,9 @@ def _codec_args(p: argparse.ArgumentParser) -> None:
 def _job_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output made with other parameters")
+                   help="replace an output of this same command made with other parameters "
+                   "(simulate: a simulated scan, ingest: an ingested scan, preprocess: its derived "
+                   "arrays); anything else at the target is never replaced")
     g.add_argument("--workers", type=int, default=2, help="slabs processed at once (default: 2)")
     g.add_argument("--scheduler", default="threads", choices=["threads", "sync", "distributed"],
                    help="dask scheduler; 'distributed' uses the active dask.distributed client")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import zarr
 
 from .format import (
     ATTRS_KEY,
@@ -84,6 +85,29 @@ def _spec(name: str, shape: tuple[int, int, int], splits: int, modality: str) ->
     return ArraySpec(name, shape, dtype, ("d", "h", "w"))
 
 
+def _check_derived(scan_path: Any, derived: Any, name: str) -> None:
+    """Refuse to touch ``derived/NAME`` unless it is missing or an array preprocess wrote.
+
+    Preprocess writes only inside the scan's ``derived`` group; ``--overwrite`` recomputes its
+    own arrays (``written_by: "preprocess"``, or the ``status`` and ``parameters`` older
+    versions recorded) and never replaces a group or an array someone else put there.
+    """
+    from pipeline.errors import OutputConflictError
+
+    if name not in derived:
+        return
+    member = derived[name]
+    info = dict(member.attrs).get(ATTRS_KEY) if isinstance(member, zarr.Array) else None
+    ours = isinstance(info, dict) and (
+        info.get("written_by") == "preprocess"
+        or ("written_by" not in info and "parameters" in info and "status" in info))
+    if not ours:
+        what = "an array" if isinstance(member, zarr.Array) else "a group"
+        raise OutputConflictError(
+            f"preprocess: 'derived/{name}' of scan '{scan_path}' is {what} that recon3d preprocess did "
+            "not write; recon3d preprocess never replaces it: move it out of the scan first")
+
+
 def preprocess(config: PreprocessConfig) -> dict[str, str]:
     """Compute the derived outputs; returns ``{output: "created"|"resumed"|"already complete"}``.
 
@@ -110,6 +134,7 @@ def preprocess(config: PreprocessConfig) -> dict[str, str]:
     for name in outputs:
         params = config.parameters(name)
         existing = set(derived.array_keys())
+        _check_derived(scan.path, derived, name)
         state = "created"
         if name in existing and not config.overwrite:
             info = dict(derived[name].attrs).get(ATTRS_KEY) or {}
@@ -123,7 +148,8 @@ def preprocess(config: PreprocessConfig) -> dict[str, str]:
         else:
             spec = _spec(name, shape, config.n2i_splits, modality)
             arr = create_array(derived, spec, chunk_depth=scan.chunk_depth, codec=config.codec, overwrite=True)
-            arr.attrs[ATTRS_KEY] = {"status": "incomplete", "parameters": params, "created": now_iso()}
+            arr.attrs[ATTRS_KEY] = {"status": "incomplete", "parameters": params, "created": now_iso(),
+                                    "written_by": "preprocess"}
         states[name] = state
         if state != "already complete":
             arrays[name] = arr.with_config({"write_empty_chunks": True})

@@ -176,40 +176,49 @@ def prepare_scan(
     """Create the scan group, or reopen an unfinished one made with the same parameters.
 
     Returns ``(group, state)`` with state ``created``, ``resumed`` or ``complete`` (then
-    nothing needs to be written). A scan at ``path`` made with other parameters is an error
-    unless ``overwrite``.
+    nothing needs to be written). Only a scan written by the same command (``tool``'s
+    ``recon3d simulate``/``recon3d ingest``) may be resumed or, with ``overwrite``, replaced;
+    one made with other parameters is an error unless ``overwrite``.
+
+    Raises:
+        OutputConflictError: ``path`` holds anything else (a scan of the other command, an
+            output image, a run, a foreign zarr group, a non-empty folder, a file), or lies
+            inside one of ``sources`` or inside a zarr group: refused with or without
+            ``overwrite``.
     """
+    from pipeline.outputs import check_output
+
+    command = tool.split()[1] if tool.startswith("recon3d ") else tool
+    target = check_output(path, command, inputs=sources, storage_options=storage_options)
     params = jsonable(dict(parameters))
     existing = None
-    try:
-        existing = open_group(path, mode="r", storage_options=storage_options)
-    except (FileNotFoundError, ScanError):
-        existing = None
+    if target.kind != "missing":
+        try:
+            existing = open_group(path, mode="r", storage_options=storage_options)
+        except (FileNotFoundError, ScanError):
+            existing = None
+    if existing is not None and target.kind == "empty":
+        existing = None  # an empty group: nothing to resume or to keep
     if existing is not None and not overwrite:
-        attrs = dict(existing.attrs).get(ATTRS_KEY)
-        if attrs is None:
-            if list(existing.keys()):
-                raise ScanError(
-                    f"scan '{path}': a zarr group that is not a recon3d scan already exists "
-                    "there; choose another --out or pass --overwrite"
-                )
-        else:
-            old = jsonable((attrs.get("provenance") or {}).get("parameters"))
-            if old != params:
-                changed = sorted(
-                    k for k in set(old or {}) | set(params) if (old or {}).get(k) != params.get(k)
-                )
-                raise ScanError(
-                    f"scan '{path}' already exists and was made with other parameters "
-                    f"(differing: {changed}); rerun with the same parameters to finish it, pass "
-                    "--overwrite to replace it, or choose another --out"
-                )
-            group = open_group(path, mode="r+", storage_options=storage_options)
-            return group, "complete" if attrs.get("status") == "complete" else "resumed"
+        attrs = dict(existing.attrs).get(ATTRS_KEY) or {}
+        old = jsonable((attrs.get("provenance") or {}).get("parameters"))
+        if old != params:
+            changed = sorted(
+                k for k in set(old or {}) | set(params) if (old or {}).get(k) != params.get(k)
+            )
+            raise ScanError(
+                f"scan '{path}' already exists and was made with other parameters "
+                f"(differing: {changed}); rerun with the same parameters to finish it, pass "
+                f"--overwrite to replace it (it is an output of recon3d {command}), or choose "
+                "another --out"
+            )
+        group = open_group(path, mode="r+", storage_options=storage_options)
+        return group, "complete" if attrs.get("status") == "complete" else "resumed"
     group = open_group(path, mode="w" if overwrite or existing is not None else "a",
                        storage_options=storage_options)
     provenance = {
         "tool": tool,
+        "written_by": command,
         "recon3d_version": _version(),
         "created": now_iso(),
         "parameters": params,

@@ -65,7 +65,9 @@ def register(subparsers: Any) -> None:
                    help="Blosc compressor of the output, or none (default: zstd)")
     s.add_argument("--clevel", type=int, default=3, help="compression level 0-9 (default: 3)")
     s.add_argument("--overwrite", action="store_true",
-                   help="replace a zarr group at --out that recon3d did not write")
+                   help="accepted for scripts: an earlier reconstruct output at --out made with other "
+                   "settings is recomputed anyway; a scan, a run or anything recon3d reconstruct did "
+                   "not write is never replaced")
     e = rec.add_argument_group("execution")
     e.add_argument("--device", default="auto", help="auto (the rank's GPU if any), cpu, cuda, cuda:N")
     e.add_argument("--workers", type=int, default=1, help="slabs at once in each process (default: 1)")

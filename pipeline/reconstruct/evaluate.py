@@ -522,6 +522,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``recon3d evaluate``: print the metrics, optionally write them as JSON."""
+    if args.json and args.json != "-":
+        from pipeline.outputs import check_outside
+
+        # A --json inside the image, the scan or any zarr group would replace one of its files.
+        check_outside(args.json, "evaluate", [args.out, args.reference], option="--json")
     result = evaluate(args.out, args.reference, mask=args.mask, data_range=args.data_range,
                       object_threshold=args.object_threshold, window=args.window,
                       slab_depth=args.slab_depth, workers=args.workers, scheduler=args.scheduler)

@@ -96,7 +96,9 @@ class ReconstructConfig:
         filter: FBP window; sense_iters, l2_weight: SENSE settings.
         keep_complex: MRI: also write the complex image as the array ``complex``.
         codec: compression of the output arrays.
-        overwrite: replace an existing zarr group at ``out`` that is not a recon3d output.
+        overwrite: kept for scripts: an output of reconstruct made with other settings is
+            recomputed anyway, and anything else at ``out`` (a scan, a run, a foreign group
+            or folder) is refused with or without it.
         device: ``auto`` (the rank's GPU if any, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         workers: slabs in flight at once in this process (threads scheduler).
         scheduler: ``threads``, ``sync`` or ``distributed`` (the active dask client).
@@ -642,13 +644,19 @@ class _Output:
         return out
 
 
-def _guard_local(path: str) -> None:
-    """Refuse to replace a local folder holding something other than a zarr group."""
-    if "://" in path and not path.startswith("file://"):
-        return
-    p = Path(path[len("file://"):] if path.startswith("file://") else path)
-    if p.exists() and (not p.is_dir() or (any(p.iterdir()) and not (p / "zarr.json").exists())):
-        raise ScanError(f"reconstruct: '{path}' exists and is not a zarr group; choose another --out")
+def _guard_local(path: str, config: ReconstructConfig):
+    """Refuse an ``--out`` that reconstruct must not write: returns what is there if it may.
+
+    Allowed: nothing, an empty folder or group, or an earlier output of reconstruct (resumed or
+    recomputed). Refused with or without ``--overwrite``: the scan itself or a path inside it,
+    any other scan, a run directory, a foreign zarr group, a non-empty folder, a file.
+
+    Raises:
+        OutputConflictError: naming what ``path`` is.
+    """
+    from pipeline.outputs import check_output
+
+    return check_output(path, "reconstruct", inputs=[config.scan], storage_options=config.storage_options)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -831,6 +839,11 @@ def _prepare(out: _Output, config, scan, recon, layout: _Layout, settings, finge
     ome_attrs = ome.multiscales_metadata(meta.voxel_size, meta.units, len(levels),
                                          name=Path(str(config.out).rstrip("/")).name or "reconstruction")
     compressors = config.codec.compressors()
+    # Only an output of reconstruct may be resumed or recomputed; a scan, a run, a foreign group
+    # or folder is refused, --overwrite or not (it never replaces an input).
+    target = _guard_local(str(config.out), config)
+    if target.kind != "reconstruction":
+        info = None
     if info is not None and info.get("kind") == _KIND and info.get("fingerprint") == fingerprint:
         if info.get("levels") == len(levels):
             return "already complete" if info.get("complete") else "resumed"
@@ -845,22 +858,12 @@ def _prepare(out: _Output, config, scan, recon, layout: _Layout, settings, finge
         attrs.update(levels=len(levels), levels_complete=[], complete=False)
         group.attrs.update({"ome": ome_attrs, ATTRS_KEY: jsonable(attrs)})
         return "resumed"
-    if info is None or info.get("kind") != _KIND:
-        try:
-            existing = out.group("r")
-            foreign = bool(list(existing.keys())) or bool(dict(existing.attrs))
-        except (FileNotFoundError, ScanError):
-            foreign = False
-            _guard_local(str(config.out))
-        if foreign and not config.overwrite:
-            raise ScanError(
-                f"reconstruct: '{config.out}' is a zarr group that recon3d did not write; choose "
-                "another --out or pass --overwrite"
-            )
-        state = "created"
-    else:
-        state = "recomputed"
+    state = "created" if info is None else "recomputed"
     group = out.group("w")  # deletes the old arrays and records: nothing of another run remains
+    # Marked ours before the arrays exist, so a prepare cut short leaves a group reconstruct may
+    # still replace (and no fingerprint yet: the other ranks keep waiting).
+    group.attrs.update({ATTRS_KEY: {"kind": _KIND, "written_by": "reconstruct", "tool": "recon3d reconstruct",
+                                    "complete": False}})
     group.require_group(RECORDS)
     for level, shape in enumerate(levels):
         ome.create_level(group, str(level), shape, layout.chunks, compressors=compressors)
@@ -868,6 +871,7 @@ def _prepare(out: _Output, config, scan, recon, layout: _Layout, settings, finge
         ome.create_level(group, COMPLEX, layout.shape, layout.chunks, dtype="complex64", compressors=compressors)
     attrs = {
         "kind": _KIND,
+        "written_by": "reconstruct",
         "format_version": OUTPUT_FORMAT,
         "tool": "recon3d reconstruct",
         "recon3d_version": _version(),

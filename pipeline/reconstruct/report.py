@@ -521,15 +521,29 @@ def report(
         raise ValueError(f"'{target}' is a run directory; --baseline applies to OME-Zarr reconstructions")
     out = Path(out_dir) if out_dir is not None else (root / "report" if is_run else default_image_report_dir(root))
     if is_run:
-        out.mkdir(parents=True, exist_ok=True)
+        _claim(out, target, [])
         return _run_report(root, out)
     try:
         open_ome_image(target)
     except ValueError as err:
         raise ValueError(f"'{target}' is neither a run directory (no metrics.jsonl) nor an OME-Zarr "
                          f"image: {err}") from None
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out, target, [target, *baselines, reference])
     return _image_report(target, out, baselines, reference, metrics, workers)
+
+
+def _claim(out: Path, target: Any, inputs: Sequence[Any]) -> None:
+    """Make ``out`` the report folder, refusing one that ``recon3d report`` did not write.
+
+    A report replaces its own earlier folder (marked by ``.recon3d-report.json``); a foreign
+    non-empty folder, a file, a run directory, a zarr group or a path inside an image or scan
+    it reads is refused (:class:`~pipeline.errors.OutputConflictError`).
+    """
+    from pipeline.outputs import check_output, write_report_marker
+
+    check_output(out, "report", inputs=[i for i in inputs if i is not None])
+    out.mkdir(parents=True, exist_ok=True)
+    write_report_marker(out, target)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -544,7 +558,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "beside an image NAME.ome.zarr into NAME.report/.",
     )
     p.add_argument("target", help="a run directory or an OME-Zarr reconstruction")
-    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN_DIR/report, or NAME.report/ beside NAME.ome.zarr)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN_DIR/report, or NAME.report/ beside NAME.ome.zarr); "
+                   "a report replaces its own earlier folder, never a folder it did not write")
     p.add_argument("--baseline", nargs="+", action="extend", default=[], metavar="OUT",
                    help="other reconstructions of the same scan to show beside it, on the same "
                    "windows (repeatable)")

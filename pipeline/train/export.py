@@ -42,8 +42,15 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, checkpoint
 
     Returns:
         The path written (default ``RUN_DIR/export/model.pt``).
+
+    Raises:
+        OutputConflictError: ``out`` holds something other than an earlier export (a
+            checkpoint, a config, any other file, a folder) or lies inside the checkpoints.
     """
     run_dir = Path(run_dir)
+    path = Path(out) if out is not None else run_dir / "export" / "model.pt"
+    # Checked before anything is read: a refused target costs nothing and loses nothing.
+    _check_target(path, Path(checkpoint) if checkpoint is not None else run_dir / "checkpoints")
     info = read_checkpoint(checkpoint if checkpoint is not None else run_dir / "checkpoints")
     state = _state_dict(info)
     expected = info.manifest["param_shapes"]
@@ -60,12 +67,27 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, checkpoint
         "step": info.step,
         "source": str(info.path),
     }
-    path = Path(out) if out is not None else run_dir / "export" / "model.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
     return path
+
+
+def _check_target(path: Path, checkpoints: Path) -> None:
+    """Refuse an export target that is not an earlier export (or vacant), or lies in the checkpoints.
+
+    An export replaces an earlier export file (its ``format`` says so); a checkpoint, a
+    config, any other file or a folder is refused, and so is a path inside the checkpoint
+    folders it reads (:class:`~pipeline.errors.OutputConflictError`).
+    """
+    from pipeline.errors import OutputConflictError
+    from pipeline.outputs import check_output
+
+    target = check_output(path, "export", inputs=[checkpoints])
+    if target.kind == "empty":
+        raise OutputConflictError(f"export: --out {path} is a folder; give the weights file to write, "
+                                  f"e.g. {path / 'model.pt'}")
 
 
 def load_exported(path: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:

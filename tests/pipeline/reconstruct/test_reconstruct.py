@@ -12,6 +12,7 @@ import torch
 import zarr
 
 from pipeline.data import ScanError, open_scan
+from pipeline.errors import OutputConflictError
 from pipeline.reconstruct import ReconstructConfig, completion_records, open_ome, reconstruct, validate_ome
 from pipeline.reconstruct.ome import downsample_mean, multiscales_metadata, ngff_unit
 from reconstruct_helpers import MRI_SHAPE, save_model, whole_volume
@@ -261,7 +262,7 @@ def test_errors_name_what_to_change(tmp_path, mri_scan):
         ReconstructConfig(scan=mri_scan, out=str(tmp_path / "x"))
     with pytest.raises(ValueError, match="for CT scans"):
         _run(mri_scan, tmp_path / "x", method="fbp")
-    with pytest.raises(ScanError, match="did not write"):
+    with pytest.raises(OutputConflictError, match="is a recon3d scan"):
         _run(mri_scan, mri_scan, method="adjoint")  # never overwrite a scan
     with pytest.raises(ValueError, match="multiple of the output chunk depth"):
         _run(mri_scan, tmp_path / "y", method="adjoint", slab=3)
@@ -270,7 +271,7 @@ def test_errors_name_what_to_change(tmp_path, mri_scan):
         _run(mri_scan, tmp_path / "z", model=str(norm))
     (tmp_path / "notzarr").mkdir()
     (tmp_path / "notzarr" / "keep.txt").write_text("user data")
-    with pytest.raises(ScanError, match="not a zarr group"):
+    with pytest.raises(OutputConflictError, match="non-empty folder that recon3d did not write"):
         _run(mri_scan, tmp_path / "notzarr", method="adjoint")
     assert (tmp_path / "notzarr" / "keep.txt").exists()
 
