@@ -1,0 +1,213 @@
+"""One place where recon3d reads torch files: never with a pickle that can run code.
+
+A ``.pt`` file is a pickle, and an ordinary ``torch.load`` runs whatever a crafted pickle asks
+for (``os.system``, ``eval``...) before any check of ours sees the result. Every file recon3d
+reads — its per-rank training state, DeepSpeed's shards, the universal-checkpoint files, the
+ZeRO merge, an exported ``model.pt`` — goes through :func:`load`, which uses torch's
+weights-only unpickler (tensors, numbers, strings, lists, tuples, dicts) plus the few harmless
+DeepSpeed types its optimizer files hold (:data:`ALLOWED`). DeepSpeed calls ``torch.load``
+itself, with ``weights_only=False``; :func:`deepspeed_loads` routes those calls through
+:func:`load` for the duration of recon3d's load/convert/merge calls.
+
+A file that needs any other pickle global is refused before the global is even looked up, with
+an :class:`~pipeline.errors.UntrustedFileError` naming the file and the global; a file that is
+not a torch file at all (random bytes, truncated, empty) is refused naming the file.
+
+The allow-list was found by saving checkpoints with ZeRO 0, 1, 2 and 3 in fp32 and bf16, and
+their universal conversions, and listing what
+``torch.serialization.get_unsafe_globals_in_checkpoint`` reports: DeepSpeed's loss-scaler
+objects, the ZeRO stage enum and the ``fragment_address`` dataclass. None of them runs code when
+rebuilt: the scalers and the dataclass are rebuilt by ``__new__`` plus a ``__dict__`` update (no
+``__setstate__``), the enum by a lookup of its value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import pickletools
+import threading
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UntrustedFileError
+
+__all__ = ["ALLOWED", "load", "deepspeed_loads", "pickle_globals"]
+
+_REAL_LOAD = torch.load
+_ADVICE = ("a checkpoint must hold only tensors and plain values; do not load files from "
+           "untrusted sources")
+
+
+def _allowed() -> list[Any]:
+    """The DeepSpeed types its checkpoint files hold (imported lazily: DeepSpeed is heavy)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+#: Names of the types allowed beyond torch's own weights-only set (for messages and tests).
+ALLOWED = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def _name(f: Any) -> str:
+    if isinstance(f, (str, os.PathLike)):
+        return str(f)
+    return str(getattr(f, "name", repr(f)))
+
+
+def _pickle_bytes(path: str) -> list[bytes]:
+    """The pickle streams of a torch file (``data.pkl`` of a zip file, or the whole file)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                return [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
+        with open(path, "rb") as f:
+            return [f.read()]
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return []
+
+
+def pickle_globals(path: str | os.PathLike) -> list[str]:
+    """Every global (``module.name``) the pickles of a torch file would import, read statically.
+
+    Nothing is unpickled: the opcodes are only listed (``pickletools``), so this is safe on any
+    file. Used to name what a refused file asks for.
+    """
+    found: list[str] = []
+    for data in _pickle_bytes(str(path)):
+        strings: list[str] = []
+        memo: dict[int, Any] = {}
+        try:
+            for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+                if op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str) and "UNICODE" in op.name or op.name in ("STRING", "SHORT_BINSTRING", "BINSTRING"):
+                    strings.append(str(arg))
+                elif op.name == "MEMOIZE" and strings:
+                    memo[len(memo)] = strings[-1]
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                    memo[int(arg)] = strings[-1]
+                elif op.name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
+                    strings.append(memo[int(arg)])
+                if op.name == "STOP":
+                    break
+        except Exception:  # a garbled stream: what was listed up to the damage is still useful
+            pass
+    return list(dict.fromkeys(found))
+
+
+def _refused(path: str) -> list[str]:
+    """The globals of ``path`` that neither torch's weights-only set nor :data:`ALLOWED` holds."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    allowed = set(_get_allowed_globals()) | set(ALLOWED)
+    return [g for g in pickle_globals(path) if g not in allowed]
+
+
+def _error(path: str, err: BaseException, hint: str | None) -> UntrustedFileError:
+    bad = _refused(path) if isinstance(err, pickle.UnpicklingError) else []
+    if bad:
+        names = ", ".join(f"'{g}'" for g in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        which = "the pickle global" if len(bad) == 1 else "the pickle globals"
+        extra = f"; {hint}" if hint else ""
+        return UntrustedFileError(f"refusing to load {path}: it needs {which} {names}, which recon3d does not "
+                                  f"allow ({_ADVICE}){extra}")
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, pickle.UnpicklingError) and reason.startswith("Weights only load failed"):
+        reason = "its pickle uses instructions a checkpoint never holds"
+    elif isinstance(err, EOFError):
+        reason = "the file ends early (empty?)"
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    return UntrustedFileError(f"{path} is not a readable checkpoint ({size} bytes; {reason[:160]}): it is truncated, "
+                              "empty or not a file torch.save wrote; restore it from a copy or resume from another "
+                              "checkpoint")
+
+
+# Errors torch raises for a file that is not a well-formed torch file. A RuntimeError is one only
+# when it comes from the zip reader (others, e.g. a CUDA map_location, are real errors to keep).
+def _unreadable(err: BaseException) -> bool:
+    if isinstance(err, (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, UnicodeDecodeError)):
+        return True
+    if isinstance(err, RuntimeError):
+        text = str(err)
+        return "PytorchStreamReader" in text or "zip archive" in text or "invalid header" in text
+    return isinstance(err, (ValueError, KeyError, IndexError, TypeError)) and "magic number" in str(err).lower()
+
+
+def load(f: str | os.PathLike | Any, map_location: Any = "cpu", *, hint: str | None = None, **kwargs: Any) -> Any:
+    """``torch.load(f, weights_only=True)`` with :data:`ALLOWED`, and one-line refusals.
+
+    Args:
+        f: the file (path or binary file object).
+        map_location: as for ``torch.load``.
+        hint: appended to the refusal of a file that needs a disallowed global (e.g. that a
+            file of an older recon3d cannot be loaded safely).
+        **kwargs: passed to ``torch.load`` (``mmap``...); ``weights_only`` is always ``True``
+            and ``pickle_module`` is refused.
+
+    Raises:
+        UntrustedFileError: the file needs a pickle global outside the allow-list, or is not a
+            readable torch file. Nothing in it has run.
+        FileNotFoundError: no such file.
+    """
+    kwargs.pop("weights_only", None)
+    if kwargs.pop("pickle_module", None) not in (None, pickle):
+        raise UntrustedFileError(f"refusing to load {_name(f)} with a custom pickle module")
+    path = _name(f)
+    try:
+        with torch.serialization.safe_globals(_allowed()):
+            return _REAL_LOAD(f, map_location=map_location, weights_only=True, **kwargs)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as err:
+        if _unreadable(err):
+            raise _error(path, err, hint) from None
+        raise
+
+
+_patch_lock = threading.RLock()
+_patch_depth = 0
+
+
+@contextlib.contextmanager
+def deepspeed_loads() -> Iterator[None]:
+    """Within this block, every ``torch.load`` (DeepSpeed's included) goes through :func:`load`.
+
+    DeepSpeed 0.19 calls ``torch.load(..., weights_only=False)`` in its checkpoint engine,
+    ``zero_to_fp32``, ``ds_to_universal`` and ``universal_checkpoint``; all of them look the
+    function up on the ``torch`` module at call time, so replacing the attribute covers them.
+    Re-entrant; the original is restored when the outermost block ends.
+    """
+    global _patch_depth
+
+    def wrapped(f, map_location=None, pickle_module=None, *, weights_only=None, **kwargs):
+        return load(f, map_location, pickle_module=pickle_module, **kwargs)
+
+    with _patch_lock:
+        if _patch_depth == 0:
+            torch.load = wrapped  # type: ignore[assignment]
+        _patch_depth += 1
+    try:
+        yield
+    finally:
+        with _patch_lock:
+            _patch_depth -= 1
+            if _patch_depth == 0:
+                torch.load = _REAL_LOAD  # type: ignore[assignment]
+
