@@ -30,7 +30,7 @@ import pickle
 import pickletools
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -120,15 +120,16 @@ def _refused(path: str) -> list[str]:
     return [g for g in pickle_globals(path) if g not in allowed]
 
 
-def _error(path: str, err: BaseException, hint: str | None) -> UntrustedFileError:
+def _error(path: str, err: BaseException, hints: Mapping[str, str] | None) -> UntrustedFileError:
     bad = _refused(path) if isinstance(err, pickle.UnpicklingError) else []
     if bad:
         names = ", ".join(f"'{g}'" for g in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         which = "the pickle global" if len(bad) == 1 else "the pickle globals"
+        hint = next((text for prefix, text in (hints or {}).items() if all(g.startswith(prefix) for g in bad)), None)
         extra = f"; {hint}" if hint else ""
         return UntrustedFileError(f"refusing to load {path}: it needs {which} {names}, which recon3d does not "
                                   f"allow ({_ADVICE}){extra}")
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
     if isinstance(err, pickle.UnpicklingError) and reason.startswith("Weights only load failed"):
         reason = "its pickle uses instructions a checkpoint never holds"
     elif isinstance(err, EOFError):
@@ -150,14 +151,15 @@ def _unreadable(err: BaseException) -> bool:
     return isinstance(err, (ValueError, KeyError, IndexError, TypeError)) and "magic number" in str(err).lower()
 
 
-def load(f: str | os.PathLike | Any, map_location: Any = "cpu", *, hint: str | None = None, **kwargs: Any) -> Any:
+def load(f: str | os.PathLike | Any, map_location: Any = "cpu", *, hints: Mapping[str, str] | None = None,
+         **kwargs: Any) -> Any:
     """``torch.load(f, weights_only=True)`` with :data:`ALLOWED`, and one-line refusals.
 
     Args:
         f: the file (path or binary file object).
         map_location: as for ``torch.load``.
-        hint: appended to the refusal of a file that needs a disallowed global (e.g. that a
-            file of an older recon3d cannot be loaded safely).
+        hints: ``{prefix: text}``: ``text`` is appended to the refusal of a file whose disallowed
+            globals all start with ``prefix`` (e.g. ``numpy``: a file of an older recon3d).
         **kwargs: passed to ``torch.load`` (``mmap``...); ``weights_only`` is always ``True``
             and ``pickle_module`` is refused.
 
@@ -177,7 +179,7 @@ def load(f: str | os.PathLike | Any, map_location: Any = "cpu", *, hint: str | N
         raise
     except Exception as err:
         if _unreadable(err):
-            raise _error(path, err, hint) from None
+            raise _error(path, err, hints) from None
         raise
 
 

@@ -266,7 +266,10 @@ class CheckpointManager:
     def _expected_bytes(self, engine) -> int | None:
         """About what a save needs: the last complete save's size, else 4× the weights (weights,
         fp32 master copy, two Adam moments)."""
-        last = self.latest() if (self.directory / "latest").is_file() else None
+        try:
+            last = self.latest()
+        except (CheckpointError, OSError, ValueError):  # only an estimate: never mask the save's error
+            last = None
         if last is not None and last.manifest.get("bytes"):
             return int(last.manifest["bytes"])
         module = getattr(engine, "module", None)
@@ -308,7 +311,7 @@ class CheckpointManager:
         path = info.path / OWN / f"rank_{rank:05d}.pt"
         if not path.is_file():
             raise CheckpointError(f"checkpoint {info.path}: the state of rank {rank} is missing ({path})")
-        state = safe_load(path, map_location="cpu", hint=_OLD_RANK_FILE)
+        state = safe_load(path, map_location="cpu", hints={"numpy.": _OLD_RANK_FILE})
         if not isinstance(state, dict) or state.get("format") != RANK_FORMAT:
             raise CheckpointError(f"checkpoint {info.path}: {path} is not a recon3d rank state of format "
                                   f"{RANK_FORMAT} ({_OLD_RANK_FILE})")
