@@ -29,6 +29,7 @@ import os
 import pickle
 import pickletools
 import threading
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -89,22 +90,32 @@ def pickle_globals(path: str | os.PathLike) -> list[str]:
     """
     found: list[str] = []
     for data in _pickle_bytes(str(path)):
-        strings: list[str] = []
-        memo: dict[int, Any] = {}
+        strings: list[str] = []  # the strings pushed so far (STACK_GLOBAL takes the last two)
+        memo: dict[int, str] = {}  # memoised strings, for a STACK_GLOBAL that reuses one
+        memo_count = 0
+        previous: str | None = None  # the string the previous opcode pushed, if it pushed one
         try:
             for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+                pushed = None
                 if op.name == "GLOBAL":
                     found.append(str(arg).replace(" ", "."))
                 elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
                     found.append(f"{strings[-2]}.{strings[-1]}")
-                elif isinstance(arg, str) and "UNICODE" in op.name or op.name in ("STRING", "SHORT_BINSTRING", "BINSTRING"):
-                    strings.append(str(arg))
-                elif op.name == "MEMOIZE" and strings:
-                    memo[len(memo)] = strings[-1]
-                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
-                    memo[int(arg)] = strings[-1]
+                elif isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
+                    pushed = str(arg)
+                    strings.append(pushed)
+                elif op.name == "MEMOIZE":
+                    if previous is not None:
+                        memo[memo_count] = previous
+                    memo_count += 1
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and previous is not None:
+                    memo[int(arg)] = previous
                 elif op.name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
-                    strings.append(memo[int(arg)])
+                    pushed = memo[int(arg)]
+                    strings.append(pushed)
+                if op.name in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
+                    pushed = previous  # memoising leaves the string on the stack
+                previous = pushed
                 if op.name == "STOP":
                     break
         except Exception:  # a garbled stream: what was listed up to the damage is still useful
@@ -131,9 +142,9 @@ def _error(path: str, err: BaseException, hints: Mapping[str, str] | None) -> Un
                                   f"allow ({_ADVICE}){extra}")
     reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
     if isinstance(err, pickle.UnpicklingError) and reason.startswith("Weights only load failed"):
-        reason = "its pickle uses instructions a checkpoint never holds"
+        reason = "neither a torch zip archive nor a pickle of tensors and plain values"
     elif isinstance(err, EOFError):
-        reason = "the file ends early (empty?)"
+        reason = "it is empty or ends early"
     size = os.path.getsize(path) if os.path.isfile(path) else None
     return UntrustedFileError(f"{path} is not a readable checkpoint ({size} bytes; {reason[:160]}): it is truncated, "
                               "empty or not a file torch.save wrote; restore it from a copy or resume from another "
@@ -173,7 +184,9 @@ def load(f: str | os.PathLike | Any, map_location: Any = "cpu", *, hints: Mappin
         raise UntrustedFileError(f"refusing to load {_name(f)} with a custom pickle module")
     path = _name(f)
     try:
-        with torch.serialization.safe_globals(_allowed()):
+        with torch.serialization.safe_globals(_allowed()), warnings.catch_warnings():
+            # torch warns about a protocol other than 2 before refusing or reading it: noise here.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return _REAL_LOAD(f, map_location=map_location, weights_only=True, **kwargs)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise

@@ -267,3 +267,38 @@ def test_rank_state_round_trip_without_pickle_globals(tmp_path):
     with pytest.raises(UntrustedFileError, match="numpy") as info:
         load(old, hints={"numpy.": _OLD_RANK_FILE})
     assert str(old) in str(info.value) and "older" in str(info.value)
+
+
+def test_allow_list_covers_deepspeed_files_and_nothing_runs_code(base):
+    """Every global a real ZeRO-2 checkpoint needs is in the allow-list (so resume keeps
+    working), and the allow-list names exactly the classes it registers, none of them callable
+    in a way that runs code (no functions, no builtins)."""
+    import inspect
+
+    from pipeline.safeload import ALLOWED, _allowed, load
+
+    files = sorted(base["run"].rglob("*.pt"))
+    assert any("optim_states" in f.name for f in files)
+    needed = set()
+    for f in files:
+        needed |= set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f)))
+        load(f)
+    assert needed <= set(ALLOWED) and needed
+    classes = _allowed()
+    assert {f"{c.__module__}.{c.__qualname__}" for c in classes} == set(ALLOWED)
+    assert all(inspect.isclass(c) and "__setstate__" not in vars(c) and "__reduce__" not in vars(c) for c in classes)
+
+
+def test_pickle_globals_names_stack_global_of_protocol_5(tmp_path):
+    """A crafted file written with pickle protocol 5 (STACK_GLOBAL, memoised strings) is named too."""
+    import pickle
+
+    from pipeline.safeload import load, pickle_globals
+
+    path = tmp_path / "p5.pt"
+    marker = tmp_path / "MARKER"
+    path.write_bytes(pickle.dumps([_Marker(marker), _Marker(marker)], protocol=5))
+    assert pickle_globals(path) == ["posix.system"]
+    with pytest.raises(UntrustedFileError, match="'posix.system'"):
+        load(path)
+    assert not marker.exists()
