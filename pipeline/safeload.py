@@ -73,13 +73,21 @@ def _name(f: Any) -> str:
 def _pickle_bytes(path: str) -> list[bytes]:
     """The pickle streams of a torch file (``data.pkl`` of a zip file, or the whole file)."""
     try:
-        if zipfile.is_zipfile(path):
+        if _is_zip(path):
             with zipfile.ZipFile(path) as z:
                 return [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
         with open(path, "rb") as f:
             return [f.read()]
-    except (OSError, zipfile.BadZipFile, RuntimeError):
+    except Exception:  # a damaged archive (bad names, CRCs, multi-disk records...): nothing to list
         return []
+
+
+def _is_zip(path: str) -> bool:
+    """Whether ``path`` is a zip archive (``zipfile.is_zipfile`` itself raises on some damage)."""
+    try:
+        return os.path.isfile(path) and zipfile.is_zipfile(path)
+    except Exception:
+        return False
 
 
 def pickle_globals(path: str | os.PathLike) -> list[str]:
@@ -140,8 +148,9 @@ def _error(path: str, err: BaseException, hints: Mapping[str, str] | None) -> Un
         extra = f"; {hint}" if hint else ""
         return UntrustedFileError(f"refusing to load {path}: it needs {which} {names}, which recon3d does not "
                                   f"allow ({_ADVICE}){extra}")
-    reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
-    if isinstance(err, pickle.UnpicklingError) and reason.startswith("Weights only load failed"):
+    text = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
+    reason = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    if isinstance(err, pickle.UnpicklingError) and text.startswith("Weights only load failed"):
         reason = "neither a torch zip archive nor a pickle of tensors and plain values"
     elif isinstance(err, EOFError):
         reason = "it is empty or ends early"
@@ -151,15 +160,20 @@ def _error(path: str, err: BaseException, hints: Mapping[str, str] | None) -> Un
                               "checkpoint")
 
 
-# Errors torch raises for a file that is not a well-formed torch file. A RuntimeError is one only
-# when it comes from the zip reader (others, e.g. a CUDA map_location, are real errors to keep).
+# What torch raises for a file that is not a well-formed torch file: its unpickler and zip
+# reader fail on damage with almost any exception type (UnpicklingError, EOFError, KeyError,
+# IndexError, UnicodeDecodeError, BadZipFile, RuntimeErrors of the C++ reader...). A RuntimeError
+# can also be a real error that is not the file's fault (a CUDA map_location on a machine without
+# CUDA, memory): those are kept; OSErrors (permissions, I/O) stay what they are too.
+_ENVIRONMENT = ("CUDA", "cuda", "device", "out of memory", "map_location")
+
+
 def _unreadable(err: BaseException) -> bool:
-    if isinstance(err, (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, UnicodeDecodeError)):
-        return True
+    if isinstance(err, OSError) or not isinstance(err, Exception):
+        return False
     if isinstance(err, RuntimeError):
-        text = str(err)
-        return "PytorchStreamReader" in text or "zip archive" in text or "invalid header" in text
-    return isinstance(err, (ValueError, KeyError, IndexError, TypeError)) and "magic number" in str(err).lower()
+        return not any(m in str(err) for m in _ENVIRONMENT)
+    return True
 
 
 def load(f: str | os.PathLike | Any, map_location: Any = "cpu", *, hints: Mapping[str, str] | None = None,

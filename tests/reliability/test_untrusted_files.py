@@ -9,6 +9,7 @@ The crafted pickles would create a marker file if they were ever unpickled norma
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -181,7 +182,7 @@ def test_crafted_export_refused_by_reconstruct(base, tmp_path, capsys):
 
 def _garbage(path: Path, kind: str) -> None:
     if kind == "random":
-        path.write_bytes(os.urandom(4096))
+        path.write_bytes(random.Random(0).randbytes(4096))
     elif kind == "empty":
         path.write_bytes(b"")
     else:  # a torch file cut in half
@@ -302,3 +303,29 @@ def test_pickle_globals_names_stack_global_of_protocol_5(tmp_path):
     with pytest.raises(UntrustedFileError, match="'posix.system'"):
         load(path)
     assert not marker.exists()
+
+
+def test_any_damage_is_one_refusal(tmp_path):
+    """300 damaged files (random bytes, flipped bytes, cut anywhere): each is read fine or
+    refused with UntrustedFileError, never another exception (IndexError, BadZipFile, ...)."""
+    from pipeline.safeload import load
+
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.arange(50.0), "meta": [1, 2.0, "x"], "n": {"i": torch.ones(3, dtype=torch.int64)}}, good)
+    data = good.read_bytes()
+    rng = random.Random(0)
+    path = tmp_path / "bad.pt"
+    for i in range(300):
+        if i % 3 == 0:
+            damaged = rng.randbytes(rng.choice([1, 7, 100, 4096]))
+        elif i % 3 == 1:
+            damaged = bytearray(data)
+            for _ in range(rng.randint(1, 8)):
+                damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        else:
+            damaged = data[: rng.randrange(len(data))]
+        path.write_bytes(bytes(damaged))
+        try:
+            load(path)
+        except UntrustedFileError as err:
+            assert str(path) in str(err) and "\n" not in str(err)
