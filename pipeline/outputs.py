@@ -167,11 +167,11 @@ def _is_report_folder(p: Path) -> bool:
 
 
 def _is_export_file(p: Path) -> bool:
-    import torch
+    from pipeline.safeload import load
 
     try:
-        # weights_only: a crafted pickle is never run while we look at it.
-        payload = torch.load(p, map_location="cpu", weights_only=True)
+        # weights-only (pipeline.safeload): a crafted pickle is never run while we look at it.
+        payload = load(p, map_location="cpu")
     except Exception:  # noqa: BLE001 - anything unreadable is simply not an export
         return False
     return isinstance(payload, Mapping) and str(payload.get("format", "")).startswith(_EXPORT_PREFIX)

@@ -364,8 +364,14 @@ def retile(model: torch.nn.Module, tile: tuple[int, int, int] | None, overlap: i
 
 
 def _weights_digest(path: Path) -> tuple[str, dict[str, Any]]:
-    """sha256 of an export's weights (names, dtypes, shapes, values) and configs."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    """sha256 of an export's weights (names, dtypes, shapes, values) and configs.
+
+    The file is read weights-only and checked (:func:`pipeline.train.export.read_export`): a
+    crafted pickle, a garbage file or weights with NaN/Inf are refused here, before any slab.
+    """
+    from pipeline.train.export import read_export
+
+    payload = read_export(path)
     h = hashlib.sha256()
     for name in sorted(payload["state_dict"]):
         t = payload["state_dict"][name].detach().contiguous().cpu()

@@ -23,10 +23,17 @@ stream continues from the global sample position the old ranks had reached toget
 of the epoch is skipped or repeated), but the samples are dealt to the new ranks in a new
 pattern and each step now takes ``world_size`` samples; RNG states cannot be mapped between
 rank counts, so each rank's RNGs and loss generators are reseeded from (seed, step, rank).
+
+Every file of a checkpoint is read without running pickled code (:mod:`pipeline.safeload`): the
+per-rank state holds only tensors and plain values (numpy's RNG state is stored as a tensor of
+its key plus numbers), and DeepSpeed's own loads go through the same weights-only reader. A save
+that fails (disk full, an error in DeepSpeed's writer) removes its temporary files and its
+partial step folder, leaves ``latest`` on the previous complete save and ends with one line.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -39,12 +46,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import Recon3dError, storage_error
+from ..safeload import load as safe_load
 from .distributed import DistContext, barrier
 
 __all__ = ["CheckpointManager", "CheckpointInfo", "CheckpointError", "rng_state", "set_rng_state", "tag_of"]
 
 MANIFEST = "manifest.json"
 OWN = "recon3d"
+#: The per-rank state's format: 2 holds only tensors and plain values (1 pickled numpy objects).
+RANK_FORMAT = 2
+_OLD_RANK_FILE = ("a rank file of a recon3d older than safe checkpoints holds numpy objects and cannot be loaded "
+                  "safely: resume from a checkpoint saved by this version, or start a new run")
 
 
 class CheckpointError(ValueError):
@@ -56,15 +69,29 @@ def tag_of(step: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states (torch, numpy, python, CUDA) as tensors and plain values.
+
+    numpy's state tuple holds an ``ndarray``, which a weights-only load refuses; its key is
+    stored as an int64 tensor (the uint32 values, exactly) and the rest as numbers.
+    """
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"bit_generator": str(name), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states of :func:`rng_state`."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    npy = state["numpy"]
+    np.random.set_state((npy["bit_generator"], npy["key"].numpy().astype(np.uint32), int(npy["pos"]),
+                         int(npy["has_gauss"]), float(npy["cached_gaussian"])))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -91,21 +118,70 @@ class CheckpointInfo:
         return int(self.manifest["step"])
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nest of dicts/lists/tuples (what a save of it needs, about)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+# torch.save's C++ writer reports a failed write as a RuntimeError without an errno
+# ("file write failed", "basic_ios::clear"): what a full disk looks like from there.
+_WRITE_FAILED = ("file write failed", "basic_ios::clear", "No space left", "unexpected pos")
+
+
+def _write_error(err: BaseException, path: Path, needed: int | None) -> BaseException:
+    """The one-line error of a failed checkpoint write to ``path`` (``err`` itself if not a write failure)."""
+    if isinstance(err, OSError):
+        out = storage_error(err, path, needed)
+        if out is not err:
+            return out
+        return Recon3dError(f"checkpoint save failed writing {path}: {err.strerror or err}")
+    if isinstance(err, RuntimeError) and any(m in str(err) for m in _WRITE_FAILED):
+        probe = path if path.exists() else path.parent
+        try:
+            free = shutil.disk_usage(probe if probe.exists() else path.parents[1]).free
+        except OSError:
+            free = None
+        if free is not None and (needed is None or free < max(needed, 1 << 20)):
+            return storage_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path, needed)
+        return Recon3dError(f"checkpoint save failed writing {path}: {str(err).strip().splitlines()[0][:200]}")
+    return err
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        mapped = _write_error(err, path, len(data))
+        if mapped is err:
+            raise
+        raise mapped from err
 
 
 def _torch_save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        mapped = _write_error(err, path, _tensor_bytes(obj))
+        if mapped is err:
+            raise
+        raise mapped from err
 
 
 def read_checkpoint(path: str | Path) -> CheckpointInfo:
@@ -155,27 +231,65 @@ class CheckpointManager:
         tag = tag_of(step)
         path = self.directory / tag
         own = path / OWN
-        if self.ctx.is_main:
+        try:
+            if self.ctx.is_main:
+                own.mkdir(parents=True, exist_ok=True)
+                (own / MANIFEST).unlink(missing_ok=True)  # a re-save of this step is incomplete until done
+            barrier(self.ctx)
+            try:
+                save_engine(engine, self.directory, tag)
+            except Exception as err:
+                mapped = _write_error(err, path, self._expected_bytes(engine))
+                if mapped is err:
+                    raise
+                raise mapped from err
             own.mkdir(parents=True, exist_ok=True)
-            (own / MANIFEST).unlink(missing_ok=True)  # a re-save of this step is incomplete until done
-        barrier(self.ctx)
-        save_engine(engine, self.directory, tag)
-        own.mkdir(parents=True, exist_ok=True)
-        _torch_save_atomic(rank_state, own / f"rank_{self.ctx.rank:05d}.pt")
-        barrier(self.ctx)
-        nbytes = 0
-        if self.ctx.is_main:
-            missing = [r for r in range(self.ctx.world_size) if not (own / f"rank_{r:05d}.pt").is_file()]
-            if missing:
-                raise CheckpointError(f"save {path}: the state files of ranks {missing} are missing")
-            nbytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-            body = dict(manifest, step=step, world_size=self.ctx.world_size, tag=tag, bytes=nbytes,
-                        saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            _atomic_write(own / MANIFEST, json.dumps(body, indent=1).encode())
-            _atomic_write(self.directory / "latest", tag.encode())
-            self._prune(keep=tag)
-        barrier(self.ctx)
+            _torch_save_atomic(dict(rank_state, format=RANK_FORMAT), own / f"rank_{self.ctx.rank:05d}.pt")
+            barrier(self.ctx)
+            nbytes = 0
+            if self.ctx.is_main:
+                missing = [r for r in range(self.ctx.world_size) if not (own / f"rank_{r:05d}.pt").is_file()]
+                if missing:
+                    raise CheckpointError(f"save {path}: the state files of ranks {missing} are missing")
+                nbytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                body = dict(manifest, step=step, world_size=self.ctx.world_size, tag=tag, bytes=nbytes,
+                            saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                _atomic_write(own / MANIFEST, json.dumps(body, indent=1).encode())
+                _atomic_write(self.directory / "latest", tag.encode())
+                self._prune(keep=tag)
+            barrier(self.ctx)
+        except BaseException:
+            self._discard_partial(tag)
+            raise
         return path, time.perf_counter() - t0, nbytes
+
+    def _expected_bytes(self, engine) -> int | None:
+        """About what a save needs: the last complete save's size, else 4× the weights (weights,
+        fp32 master copy, two Adam moments)."""
+        try:
+            last = self.latest()
+        except (CheckpointError, OSError, ValueError):  # only an estimate: never mask the save's error
+            last = None
+        if last is not None and last.manifest.get("bytes"):
+            return int(last.manifest["bytes"])
+        module = getattr(engine, "module", None)
+        if module is None:
+            return None
+        return 4 * sum(p.numel() * 4 for p in module.parameters())
+
+    def _discard_partial(self, tag: str) -> None:
+        """Remove what a failed save of ``tag`` left: never a complete save or the one ``latest`` names.
+
+        Frees the space a full disk needs back and leaves no ``.tmp`` files; only rank 0 removes
+        the folder (the others may still be writing into it until they fail too).
+        """
+        path = self.directory / tag
+        for tmp in list(path.rglob(".*.tmp*")) + list(self.directory.glob(".latest.tmp*")):
+            tmp.unlink(missing_ok=True)
+        latest = self.directory / "latest"
+        named = latest.read_text().strip() if latest.is_file() else None
+        if self.ctx.is_main and named != tag and not (path / OWN / MANIFEST).is_file():
+            shutil.rmtree(path, ignore_errors=True)
 
     def _prune(self, keep: str) -> None:
         complete = sorted(p for p in self.directory.glob("step_*") if p.is_dir() and not p.name.endswith(".universal")
@@ -197,7 +311,11 @@ class CheckpointManager:
         path = info.path / OWN / f"rank_{rank:05d}.pt"
         if not path.is_file():
             raise CheckpointError(f"checkpoint {info.path}: the state of rank {rank} is missing ({path})")
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = safe_load(path, map_location="cpu", hints={"numpy.": _OLD_RANK_FILE})
+        if not isinstance(state, dict) or state.get("format") != RANK_FORMAT:
+            raise CheckpointError(f"checkpoint {info.path}: {path} is not a recon3d rank state of format "
+                                  f"{RANK_FORMAT} ({_OLD_RANK_FILE})")
+        return state
 
     # ------------------------------------------------------------------ universal
     def universal(self, info: CheckpointInfo) -> Path:

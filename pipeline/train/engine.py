@@ -11,6 +11,10 @@ On CPU, DeepSpeed would compile a shared-memory all-reduce kernel on first use (
 more on a fresh machine) and probe a compiler for every op it knows; recon3d uses torch
 optimizers and gloo collectives, which need neither, so the probe is skipped unless
 ``RECON3D_DEEPSPEED_OPS=1``.
+
+DeepSpeed reads its files with ``torch.load(..., weights_only=False)``, which would run a
+crafted pickle; every load, conversion and merge here runs inside
+:func:`pipeline.safeload.deepspeed_loads`, so those reads are weights-only too.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..safeload import deepspeed_loads
 from .config import ExperimentConfig
 from .distributed import DistContext
 
@@ -101,8 +106,9 @@ def save_engine(engine, directory: Path, tag: str) -> None:
 
 def load_engine(engine, directory: Path, tag: str) -> None:
     """Load model and optimizer shards saved at ``directory/tag`` (same world size, or universal)."""
-    path, _ = engine.load_checkpoint(str(directory), tag=tag, load_module_strict=True,
-                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+    with deepspeed_loads():
+        path, _ = engine.load_checkpoint(str(directory), tag=tag, load_module_strict=True,
+                                         load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint at {directory}/{tag}")
 
@@ -119,7 +125,8 @@ def convert_to_universal(src: Path, dst: Path) -> None:
     args = types.SimpleNamespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1,
                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
                                  inject_missing_state=True)
-    ds_to_universal(args)
+    with deepspeed_loads():
+        ds_to_universal(args)
 
 
 def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -127,7 +134,8 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> dict[str, torch.T
     _deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    with deepspeed_loads():
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
 
 
 def full_state(engine) -> dict[str, dict[str, torch.Tensor]]:

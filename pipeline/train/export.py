@@ -6,6 +6,9 @@ numbers, lists and dicts, so ``torch.load(path, weights_only=True)`` reads it an
 :func:`load_exported` rebuilds the model without DeepSpeed or a process group. ZeRO shards
 are merged with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (a function: its
 ``zero_to_fp32.py`` script needs extra packages).
+
+Nothing read here can run code: the shards, the merge and the export are read weights-only
+(:mod:`pipeline.safeload`), and a model whose weights hold NaN or Inf is refused when loaded.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InputError
+from ..safeload import load as safe_load
 from .checkpoint import CheckpointInfo, read_checkpoint
 
-__all__ = ["export_run", "load_exported", "EXPORT_FORMAT"]
+__all__ = ["export_run", "load_exported", "read_export", "check_finite", "EXPORT_FORMAT"]
 
 EXPORT_FORMAT = "recon3d-weights-1"
 
@@ -28,7 +33,7 @@ def _state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
         files = sorted(info.path.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise FileNotFoundError(f"{info.path}: no mp_rank_*_model_states.pt")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        state = safe_load(files[0], map_location="cpu")["module"]
     else:
         from .engine import consolidated_state_dict
 
@@ -90,14 +95,44 @@ def _check_target(path: Path, checkpoints: Path) -> None:
                                   f"e.g. {path / 'model.pt'}")
 
 
+def check_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse weights that hold NaN or Inf (a diverged run): names the file and the parameters.
+
+    Raises:
+        InputError: some floating-point tensor of ``state`` is not finite.
+    """
+    bad = [k for k, v in state.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise InputError(f"{path}: the weights hold NaN or Inf (parameters {', '.join(bad[:3])}{more}): the run "
+                         "diverged; retrain with a lower learning rate or gradient clipping, or use an earlier "
+                         "checkpoint")
+
+
+def read_export(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The payload of an exported file, read weights-only and checked (format, finite weights).
+
+    Raises:
+        UntrustedFileError: the file needs a pickle global or is not a torch file.
+        InputError: not a recon3d export, or weights with NaN/Inf.
+    """
+    payload = safe_load(path, map_location=map_location)
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise InputError(f"{path}: not a recon3d export (format {found!r}); make one with `recon3d export RUN_DIR`")
+    if not isinstance(payload.get("state_dict"), dict):
+        raise InputError(f"{path}: a recon3d export without a state_dict; export the run again")
+    check_finite(payload["state_dict"], path)
+    return payload
+
+
 def load_exported(path: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:
     """The model of an exported file, in eval mode (``model(y, op)``), built without DeepSpeed."""
     from .build import ScanFacts, build_model, wrap_for_loss
     from .config import LossConfig, MCTerm, ModelConfig
 
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if payload.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path}: not a recon3d export (format {payload.get('format')!r})")
+    payload = read_export(path, map_location=map_location)
     facts = ScanFacts(payload["modality"], "", None, int(payload["channels"]))
     model = build_model(ModelConfig.model_validate(payload["model_config"]), facts)
     loss_cfg = LossConfig.model_validate(payload["loss_config"])
