@@ -31,6 +31,7 @@ from .format import (
     ScanError,
     ScanMetadata,
     d_axis_of,
+    metadata_error,
     missing_chunks,
     open_group,
     specs_for,
@@ -246,6 +247,18 @@ class Scan:
                 "has not finished; rerun the same command to finish it (`recon3d inspect --check` "
                 "lists what is missing)"
             )
+        try:
+            self._open_arrays()
+        except ScanError:
+            raise
+        except Exception as err:  # an array's zarr.json that zarr cannot read (JSON, fields)
+            raise metadata_error(self.path, err, storage_options=self._storage_options) from None
+        self._mask_tensor: torch.Tensor | None = None
+        self._angles_tensor: torch.Tensor | None = None
+        self._ct_operator = None
+        self._ct_slab_ops: dict[int, Any] = {}
+
+    def _open_arrays(self) -> None:
         self._arrays: dict[str, ScanArray] = {}
         specs = specs_for(self.metadata)
         members = set(self.group.array_keys())
@@ -280,10 +293,10 @@ class Scan:
                         f"{self.metadata.chunk_depth} along D, whole elsewhere), got {chunks}"
                     )
             self._arrays[name] = ScanArray(arr, name, self.path)
-        self._mask_tensor: torch.Tensor | None = None
-        self._angles_tensor: torch.Tensor | None = None
-        self._ct_operator = None
-        self._ct_slab_ops: dict[int, Any] = {}
+        if "derived" in set(self.group.group_keys()):
+            # Reads every derived array's zarr.json now, so a corrupt one fails at open (named),
+            # not later in the middle of a job.
+            self.derived_names()
 
     def _agreement_hint(self, name: str) -> str:
         meta = self.metadata
@@ -355,7 +368,7 @@ class Scan:
         out = []
         for name in sorted(group.array_keys()):
             info = dict(group[name].attrs).get(ATTRS_KEY, {})
-            if info.get("status") == "complete":
+            if isinstance(info, dict) and info.get("status") == "complete":
                 out.append(name)
         return out
 
