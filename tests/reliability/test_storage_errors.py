@@ -161,6 +161,24 @@ def test_disk_full_while_simulating(tmp_path, ct_scan, monkeypatch, capsys):
         np.testing.assert_array_equal(zarr.open_array(out / name)[...], zarr.open_array(Path(ct_scan) / name)[...])
 
 
+def test_disk_full_while_preprocessing(tmp_path, scan_copy, monkeypatch):
+    from pipeline.data import PreprocessConfig, preprocess
+
+    config = PreprocessConfig(scan=scan_copy, outputs=("fbp",), workers=1, scheduler="sync", progress=False)
+    _no_space_after(monkeypatch, 1)
+    with pytest.raises(StorageFullError, match=rf"no space left writing {scan_copy}/derived/fbp/c/\S+ \(\d+ bytes needed"):
+        preprocess(config)
+    fbp = Path(scan_copy) / "derived" / "fbp"
+    assert json.loads((fbp / "zarr.json").read_text())["attributes"]["recon3d"]["status"] != "complete"
+    assert _leftovers(Path(scan_copy)) == []
+    monkeypatch.undo()
+    assert preprocess(config) == {"fbp": "resumed"}
+    whole = tmp_path / "whole.zarr"
+    shutil.copytree(Path(scan_copy), whole, ignore=shutil.ignore_patterns("derived"))
+    preprocess(PreprocessConfig(scan=str(whole), outputs=("fbp",), workers=1, scheduler="sync", progress=False))
+    np.testing.assert_array_equal(open_scan(scan_copy).derived("fbp").read(), open_scan(str(whole)).derived("fbp").read())
+
+
 def test_disk_full_while_writing_the_reconstruction(tmp_path, ct_scan, monkeypatch, capsys):
     out = tmp_path / "rec.ome.zarr"
     argv = ["reconstruct", "--method", "fbp", "--scan", ct_scan, "--out", str(out), "--chunks", "2", "16", "16",
