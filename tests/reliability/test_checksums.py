@@ -148,3 +148,23 @@ def test_without_checksum_a_flip_that_decodes_goes_unnoticed(tmp_path):
     assert check_scan(plain).problems == []  # passes: the corruption is silent
     after = open_scan(plain).measurements.read(slice(2, 4))
     assert np.isfinite(after).all() and not np.array_equal(before, after)
+
+
+def test_flipped_byte_in_an_output_level_stops_the_pyramid(tmp_path):
+    """A level-0 chunk of the output damaged before the next level is built: named, not averaged."""
+    import zarr
+
+    from pipeline.reconstruct import ome
+
+    group = zarr.open_group(str(tmp_path / "out.ome.zarr"), mode="w", zarr_format=3)
+    level0 = ome.create_level(group, "0", (4, 8, 8), (2, 8, 8), compressors=CodecConfig().compressors())
+    level1 = ome.create_level(group, "1", (2, 4, 4), (1, 4, 4), compressors=CodecConfig().compressors())
+    level0[...] = np.arange(4 * 8 * 8, dtype=np.float32).reshape(4, 8, 8)
+    target = tmp_path / "out.ome.zarr" / "0" / "c" / "1" / "0" / "0"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    tasks = ome.pyramid_tasks(level0, level1, name="level1")
+    tasks[0].fn()  # the chunk block over the intact level-0 chunk
+    with pytest.raises(ome.OMEError, match=r"z 2:4, y 0:8, x 0:8 under level chunk \(1, 0, 0\) of 'level1' cannot be decoded"):
+        tasks[1].fn()
