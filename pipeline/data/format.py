@@ -10,6 +10,9 @@ integrity primitives everything else relies on:
   exist, and raises :class:`MissingChunkError` naming the scan, the array and the chunk index.
   Float arrays also use NaN as their fill value, so anything that slips past (an inner chunk
   missing from a shard) is caught by the finite check.
+* **checksums.** Every chunk carries a CRC32C by default (:class:`CodecConfig`), which zarr
+  checks on each read: a flipped byte that still decodes raises :class:`CorruptChunkError`
+  instead of reaching training or a reconstruction as plausible numbers.
 * **completion.** A writer creates the scan with ``status: "incomplete"``, writes whole stored
   objects (zarr writes each one atomically on local stores and object stores) and sets
   ``status: "complete"`` at the end. A stored object exists only once fully written, so on a

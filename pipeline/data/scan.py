@@ -134,9 +134,16 @@ class ScanArray:
         try:
             return np.asarray(self.array[tuple(sel)])
         except Exception as err:  # codecs raise RuntimeError, ValueError, TypeError...
+            where = self.where(index if self.d_axis is not None else None)
+            if "checksum" in str(err).lower():
+                # zarr's crc32c codec: the stored bytes changed after they were written.
+                raise CorruptChunkError(
+                    f"{where}: cannot be decoded: its CRC32C checksum does not match ({err}); the "
+                    "chunk changed after it was written (a flipped bit, a bad disk or copy): "
+                    "restore it, or rewrite the scan with the command that made it"
+                ) from None
             raise CorruptChunkError(
-                f"{self.where(index if self.d_axis is not None else None)}: cannot be decoded "
-                f"({type(err).__name__}: {err}); the chunk is truncated or corrupt"
+                f"{where}: cannot be decoded ({type(err).__name__}: {err}); the chunk is truncated or corrupt"
             ) from None
 
     def read(self, d_slice: slice | None = None, *, check_finite: bool = True) -> np.ndarray:
