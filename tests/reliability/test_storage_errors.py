@@ -161,6 +161,25 @@ def test_disk_full_while_simulating(tmp_path, ct_scan, monkeypatch, capsys):
         np.testing.assert_array_equal(zarr.open_array(out / name)[...], zarr.open_array(Path(ct_scan) / name)[...])
 
 
+@pytest.mark.parametrize("after, array", [(1, "_ingest/sino"), (27, "measurements")],
+                         ids=["in-the-temporary-pass", "in-the-final-pass"])
+def test_disk_full_while_ingesting(tmp_path, monkeypatch, after, array):
+    from pipeline.data import IngestCTConfig, ingest_ct
+
+    p = np.random.default_rng(1).uniform(0, 1, size=(9, 6, 10)).astype(np.float32)
+    np.save(tmp_path / "p.npy", p)
+    config = IngestCTConfig(source=str(tmp_path / "p.npy"), out=str(tmp_path / "ct.zarr"), log=False, chunk_depth=2,
+                            block_bytes=6 * 10 * 4 * 3, workers=1, scheduler="sync", progress=False)
+    _no_space_after(monkeypatch, after)
+    # 9 angles in blocks of 3 fill 25 chunks of the temporary sinogram first, then the scan's.
+    with pytest.raises(StorageFullError, match=rf"no space left writing {tmp_path}/ct.zarr/{array}/c/\S+ \(\d+ bytes needed"):
+        ingest_ct(config)
+    assert _status(tmp_path / "ct.zarr") == "incomplete" and _leftovers(tmp_path) == []
+    monkeypatch.undo()
+    assert ingest_ct(config).state == "resumed"
+    np.testing.assert_array_equal(open_scan(config.out).measurements.read(), p.transpose(1, 0, 2))
+
+
 def test_disk_full_while_preprocessing(tmp_path, scan_copy, monkeypatch):
     from pipeline.data import PreprocessConfig, preprocess
 
