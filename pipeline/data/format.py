@@ -592,6 +592,12 @@ def open_group(path: Any, *, mode: str = "r", storage_options: Mapping[str, Any]
     except Exception as err:  # zarr raises several kinds for a missing or non-v3 group
         if mode in ("r", "r+"):
             raise metadata_error(path, err, storage_options=storage_options) from None
+        if mode == "a":
+            # Opening to resume reads the existing metadata: a corrupt zarr.json is named too
+            # (other errors, e.g. permissions, stay as they are).
+            found = metadata_error(path, err, storage_options=storage_options)
+            if "metadata file" in str(found):
+                raise found from None
         raise
 
 

@@ -95,6 +95,17 @@ def test_unreadable_zarr_json_names_the_file_and_the_scan(tmp_path, scan_copy, c
     assert code == 2 and len(err) == 1 and named in err[0], err
 
 
+def test_writing_into_a_scan_with_a_corrupt_zarr_json_names_it(scan_copy, capsys):
+    """A rerun of simulate on a scan whose group metadata broke: refused, the file named."""
+    _truncate(Path(scan_copy) / "zarr.json")
+    argv = ["simulate", "ct", "--shape", *map(str, SHAPE), "--angles", "12", "--chunk-depth", "2",
+            "--workers", "1", "--no-progress", "--out", scan_copy]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"metadata file '{scan_copy}/zarr.json' is not readable: invalid JSON" in err[0], err
+    assert (Path(scan_copy) / "measurements" / "c").is_dir()  # nothing was deleted
+
+
 @pytest.mark.parametrize("change, expected", [
     (lambda a: a.pop("recon3d"), "no 'recon3d' attributes; not a recon3d scan"),
     (lambda a: a["recon3d"].update(geometry=5), "malformed 'recon3d' attributes in its zarr.json"),
