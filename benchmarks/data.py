@@ -1,7 +1,7 @@
 """Data benchmarks (issue 4): stream throughput, peak memory on a ≥ 4 GiB scan, codecs.
 
-    .venv/bin/python benchmarks/data.py [--section codec|stream|memory|all] [--scratch DIR]
-        [--depth 512] [--ct-size 1024] [--keep]
+    .venv/bin/python benchmarks/data.py [--section codec|stream|memory|checksum|all] [--scratch DIR]
+        [--depth 512] [--ct-size 1024] [--crc-depth 64] [--crc-ct-size 384] [--repeats 7] [--keep]
 
 * **stream** — decompressed MB/s that :class:`pipeline.data.SlabStream` delivers to the loop
   (measurements plus the operator's coil maps for MRI) with 2 reader threads
@@ -17,9 +17,16 @@
   4 GiB projection stack, and one full pass of the stream over the simulated scan (2 reader
   threads; 2 worker processes), relative to the scan size (target ≤ 1/8). Each runs in a
   fresh subprocess.
-* **codec** — compression ratio and decode MB/s of the default codec (Blosc zstd level 3 with
-  byte shuffle) against uncompressed chunks, on simulated CT (Poisson noise) and MRI
-  (Gaussian noise, 4× mask) measurements.
+* **codec** — compression ratio and decode MB/s of the default compressor (Blosc zstd level 3
+  with byte shuffle; without the CRC32C, which the checksum section measures) against
+  uncompressed chunks, on simulated CT (Poisson noise) and MRI (Gaussian noise, 4× mask)
+  measurements.
+* **checksum** — the cost of the CRC32C every chunk carries by default: the zarr sequential
+  read and the 2-reader-thread stream (MB/s and CPU s per GB) of the same MRI and CT scans
+  with and without it (twins copied chunk by chunk, so they differ only in the codec),
+  alternated over ``--repeats`` passes in one run (best pass MB/s and median CPU s per GB;
+  target: within 5 %), and the
+  CRC32C and Blosc decode rates that explain the ratio. Needs ~3 GiB of scratch.
 
 Scratch data go to ``--scratch`` (default ``/tmp/recon3d-bench-data``) and are deleted at the
 end unless ``--keep`` (a later ``--section stream --keep`` run reuses them); the script checks
@@ -258,7 +265,8 @@ def _recode(scan, name: str, codec, dest: Path, depth: int) -> tuple[object, obj
     sel[axis] = slice(0, shape[axis])
     data = src[tuple(sel)]
     out = []
-    for label, cfg in (("default", CodecConfig()), ("none", CodecConfig(compressor="none"))):
+    for label, cfg in (("default", CodecConfig(checksum=False)),
+                       ("none", CodecConfig(compressor="none", checksum=False))):
         g = zarr.open_group(dest / f"{name}-{label}.zarr", mode="w")
         arr = g.create_array("a", shape=tuple(shape), chunks=src.chunks, dtype=src.dtype,
                              compressors=cfg.compressors(), dimension_names=src.metadata.dimension_names)
@@ -308,14 +316,156 @@ def codec_section(scratch: Path) -> None:
                 ["measurements", "MiB", "ratio", "decode MB/s zstd", "read MB/s none", "zstd / none"], rows)
 
 
+def _twin(src_path: Path, dst_path: Path, *, checksum: bool) -> None:
+    """A copy of a scan whose arrays differ only in the CRC32C codec (same data, chunks, Blosc).
+
+    Copies chunk by chunk, so the pair differs in nothing but the checksum: the comparison
+    is not blurred by two simulations or two ingest runs.
+    """
+    import zarr
+
+    from pipeline.data.format import CodecConfig
+
+    src = zarr.open_group(str(src_path), mode="r")
+    dst = zarr.open_group(str(dst_path), mode="w", zarr_format=3)
+    dst.attrs.update(dict(src.attrs))
+    codec = CodecConfig(checksum=checksum)
+    for name in src.array_keys():
+        a = src[name]
+        b = dst.create_array(name, shape=a.shape, chunks=a.chunks, dtype=a.dtype, fill_value=a.fill_value,
+                             compressors=codec.compressors(), dimension_names=a.metadata.dimension_names,
+                             config={"write_empty_chunks": True})
+        names = a.metadata.dimension_names
+        if names is None or "d" not in names:
+            b[...] = a[...]
+            continue
+        axis = list(names).index("d")
+        step = a.chunks[axis]
+        for d0 in range(0, a.shape[axis], step):
+            sel = [slice(None)] * a.ndim
+            sel[axis] = slice(d0, d0 + step)
+            b[tuple(sel)] = a[tuple(sel)]
+
+
+def _crc_and_decode_rates(path: Path) -> tuple[float, float, float]:
+    """GB/s of CRC32C over the stored bytes of the measurements' chunks, of Blosc decoding them,
+    and the compression ratio: what a checksum costs next to the decode it rides on."""
+    import google_crc32c
+    import numcodecs
+    import zarr
+
+    arr = zarr.open_group(str(path), mode="r")["measurements"]
+    root = path / "measurements" / "c"
+    blobs = [p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()][:32]
+    payloads = [b[:-4] for b in blobs]
+    stored = sum(len(b) for b in payloads)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        for b in payloads:
+            google_crc32c.value(b)
+    crc = 5 * stored / (time.perf_counter() - t0) / 1e9
+    blosc = numcodecs.Blosc()
+    t0 = time.perf_counter()
+    raw = 0
+    for b in payloads:
+        raw += len(blosc.decode(b))
+    dec = raw / (time.perf_counter() - t0) / 1e9
+    del arr
+    return crc, dec, raw / stored
+
+
+def checksum_section(scratch: Path, depth: int, ct_size: int, repeats: int) -> None:
+    """Read and stream rates of the same scans with and without CRC32C, alternated in one run."""
+    import statistics
+
+    from pipeline.data import IngestCTConfig, SimulateMRIConfig, ingest_ct, open_scan, simulate_mri
+
+    base = scratch / "crc"
+    base.mkdir(parents=True, exist_ok=True)
+    mri_src, ct_src = base / "mri_src.zarr", base / "ct_src.zarr"
+    t0 = time.perf_counter()
+    if not mri_src.exists():
+        simulate_mri(SimulateMRIConfig(out=str(mri_src), shape=(depth, 256, 256), coils=8, acceleration=4.0,
+                                       calibration=24, noise_sigma=0.05, seed=0, workers=2, progress=False))
+    if not ct_src.exists():
+        _projection_file(base, ct_size, ct_size, ct_size)
+        ingest_ct(IngestCTConfig(source=str(base / "projections.npy"), out=str(ct_src), i0=1000.0, workers=2,
+                                 progress=False))
+        (base / "projections.npy").unlink()
+    cases = [(f"MRI 8 coils {depth}×256², chunk 2 slices", mri_src, ["measurements", "coil_maps"]),
+             (f"CT ingested {ct_size}³ stack, chunk ≈ 8 MiB", ct_src, ["measurements"])]
+    for _, src, _ in cases:
+        for label, flag in (("crc", True), ("plain", False)):
+            if not (base / f"{src.stem}-{label}.zarr").exists():
+                _twin(src, base / f"{src.stem}-{label}.zarr", checksum=flag)
+    print(f"(made the scans and their twins in {time.perf_counter() - t0:.0f} s)")
+    rows, cpu_rows, pass_rows, why_rows = [], [], [], []
+    for name, src, arrays in cases:
+        paths = {label: base / f"{src.stem}-{label}.zarr" for label in ("crc", "plain")}
+        seq: dict[str, list[float]] = {"crc": [], "plain": []}
+        thr: dict[str, list[float]] = {"crc": [], "plain": []}
+        seq_cpu: dict[str, list[float]] = {"crc": [], "plain": []}
+        thr_cpu: dict[str, list[float]] = {"crc": [], "plain": []}
+        gib = 0.0
+        for label in ("plain", "crc"):  # warm-up (page cache, thread pools, imports), untimed
+            _stream_pass(str(paths[label]), 2, "thread")
+        for rep in range(repeats):
+            # Alternate the order each repeat, so a load change during the run hits both alike.
+            for label in (("crc", "plain") if rep % 2 == 0 else ("plain", "crc")):
+                scan = open_scan(paths[label])
+                nbytes, seconds, cpu_s = _sequential_read(scan, arrays)
+                seq[label].append(nbytes / seconds / 1e6)
+                seq_cpu[label].append(cpu_s / (nbytes / 1e9))
+                st_bytes, st_s, st_cpu = _stream_pass(str(paths[label]), 2, "thread")
+                if st_bytes != nbytes:
+                    raise RuntimeError(f"{name}: the stream delivered {st_bytes} bytes, zarr read {nbytes}")
+                thr[label].append(st_bytes / st_s / 1e6)
+                thr_cpu[label].append(st_cpu / (st_bytes / 1e9))
+                gib = nbytes / GIB
+        # MB/s: the best pass of each (the one other jobs on the machine disturbed least);
+        # CPU s per GB: the median (CPU time moves much less with load than wall time).
+        best = {k: {lab: max(v[lab]) for lab in v} for k, v in (("seq", seq), ("thr", thr))}
+        med = {k: {lab: statistics.median(v[lab]) for lab in v} for k, v in (("seq", seq_cpu), ("thr", thr_cpu))}
+        rows.append([name, f"{gib:.2f}", f"{best['seq']['plain']:.0f}", f"{best['seq']['crc']:.0f}",
+                     f"**{best['seq']['crc'] / best['seq']['plain']:.3f}**", f"{best['thr']['plain']:.0f}",
+                     f"{best['thr']['crc']:.0f}", f"**{best['thr']['crc'] / best['thr']['plain']:.3f}**"])
+        cpu_rows.append([name, f"{med['seq']['plain']:.2f}", f"{med['seq']['crc']:.2f}",
+                         f"**{med['seq']['crc'] / med['seq']['plain']:.3f}**",
+                         f"{med['thr']['plain']:.2f}", f"{med['thr']['crc']:.2f}",
+                         f"**{med['thr']['crc'] / med['thr']['plain']:.3f}**"])
+        pass_rows.append([name, " ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(seq["plain"], seq["crc"])),
+                          " ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(thr["plain"], thr["crc"]))])
+        crc_rate, dec_rate, ratio = _crc_and_decode_rates(paths["crc"])
+        why_rows.append([name, f"{ratio:.2f}", f"{crc_rate:.1f}", f"{dec_rate:.2f}",
+                         f"{dec_rate / ratio / crc_rate:.3f}"])
+    print_table(f"Checksum cost: the same scans with and without CRC32C (best of {repeats} alternated "
+                "passes; ratio with / without, target ≥ 0.95)",
+                ["scan", "GiB read", "zarr sequential MB/s without", "with", "ratio",
+                 "stream 2 threads MB/s without", "with", "ratio"], rows)
+    print_table(f"CPU seconds per GB delivered (median of {repeats}; less load-sensitive than MB/s; "
+                "ratio with / without, target ≤ 1.05)",
+                ["scan", "sequential without", "with", "ratio", "stream 2 threads without", "with", "ratio"],
+                cpu_rows)
+    print_table("Each pass, MB/s without/with (in run order)", ["scan", "zarr sequential", "stream 2 threads"],
+                pass_rows)
+    print_table("Why: CRC32C runs over the stored (compressed) bytes, Blosc decodes to the raw bytes",
+                ["scan", "compression ratio", "CRC32C GB/s (stored)", "Blosc decode GB/s (raw)",
+                 "CRC time / decode time"], why_rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--section", default="all", choices=["codec", "stream", "memory", "all"])
+    parser.add_argument("--section", default="all", choices=["codec", "stream", "memory", "checksum", "all"])
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/recon3d-bench-data"))
     parser.add_argument("--depth", type=int, default=512, help="D of the simulated MRI scan (512: 4.25 GiB)")
     parser.add_argument("--ct-size", type=int, default=1024,
                         help="A = V = U of the ingested projection stack (1024: 4 GiB)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch scans")
+    parser.add_argument("--crc-depth", type=int, default=64,
+                        help="checksum section: D of its MRI scan (64: 0.5 GiB read per pass)")
+    parser.add_argument("--crc-ct-size", type=int, default=384,
+                        help="checksum section: A = V = U of its CT stack (384: 216 MiB)")
+    parser.add_argument("--repeats", type=int, default=7, help="checksum section: alternated passes")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -323,6 +473,8 @@ def main() -> None:
         return
     args.scratch.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.scratch).free
+    if args.section == "checksum" and free < 4 * GIB:
+        raise SystemExit(f"benchmarks/data.py: the checksum section needs ~3 GiB free in {args.scratch}")
     if args.section in ("memory", "stream", "all") and free < 16 * GIB:
         raise SystemExit(f"benchmarks/data.py: needs ~14 GiB free in {args.scratch}, has {free / GIB:.1f}")
     print(machine_line())
@@ -333,6 +485,8 @@ def main() -> None:
             stream_section(args.scratch, args.depth, args.ct_size)
         if args.section in ("codec", "all"):
             codec_section(args.scratch)
+        if args.section in ("checksum", "all"):
+            checksum_section(args.scratch, args.crc_depth, args.crc_ct_size, args.repeats)
     finally:
         if not args.keep:
             shutil.rmtree(args.scratch, ignore_errors=True)

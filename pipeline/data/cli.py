@@ -35,7 +35,11 @@ def _codec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clevel", type=int, default=3, help="compression level 0-9 (default: 3)")
     g.add_argument("--shuffle", default="shuffle", choices=["shuffle", "bitshuffle", "noshuffle"],
                    help="Blosc shuffle (default: shuffle)")
-    g.add_argument("--checksum", action="store_true", help="append a CRC32C to every chunk")
+    g.add_argument("--checksum", dest="checksum", action="store_true", default=True,
+                   help="append a CRC32C to every chunk, so a flipped bit is found on read "
+                   "(the default; accepted for old command lines)")
+    g.add_argument("--no-checksum", dest="checksum", action="store_false",
+                   help="leave the CRC32C out (a flipped bit that still decodes then goes unnoticed)")
     g.add_argument("--shard-chunks", type=int, default=0,
                    help="chunks per shard along D (zarr sharding, for object stores; default: off)")
 
@@ -290,11 +294,16 @@ def run(args: argparse.Namespace) -> int:
     Errors a user can fix (bad input, a scan that fails its checks) are printed as one line
     naming the scan, array and chunk, with exit code 2.
     """
+    from pipeline.errors import Recon3dError, exit_code
+
     from .format import ScanError
 
     handlers = {"simulate": _simulate, "ingest": _ingest, "inspect": _inspect, "preprocess": _preprocess}
     try:
         return handlers[args.command](args)
+    except Recon3dError as err:  # a scan that fails its checks (2), a full disk (1)...
+        print(f"recon3d {args.command}: error: {err}", file=sys.stderr)
+        return exit_code(err)
     except (ScanError, ValueError, TypeError, FileNotFoundError, ImportError) as err:
         print(f"recon3d {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -10,6 +10,9 @@ integrity primitives everything else relies on:
   exist, and raises :class:`MissingChunkError` naming the scan, the array and the chunk index.
   Float arrays also use NaN as their fill value, so anything that slips past (an inner chunk
   missing from a shard) is caught by the finite check.
+* **checksums.** Every chunk carries a CRC32C by default (:class:`CodecConfig`), which zarr
+  checks on each read: a flipped byte that still decodes raises :class:`CorruptChunkError`
+  instead of reaching training or a reconstruction as plausible numbers.
 * **completion.** A writer creates the scan with ``status: "incomplete"``, writes whole stored
   objects (zarr writes each one atomically on local stores and object stores) and sets
   ``status: "complete"`` at the end. A stored object exists only once fully written, so on a
@@ -32,6 +35,8 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from pipeline.errors import InputError, storage_error
+
 __all__ = [
     "FORMAT_VERSION",
     "ATTRS_KEY",
@@ -46,6 +51,8 @@ __all__ = [
     "ArraySpec",
     "open_store",
     "open_group",
+    "bad_metadata",
+    "metadata_error",
     "create_array",
     "d_axis_of",
     "stored_depth_of",
@@ -64,8 +71,12 @@ TARGET_CHUNK_BYTES = 8 << 20
 
 
 # ----------------------------------------------------------------------------- errors
-class ScanError(ValueError):
-    """A scan is malformed, incomplete or unreadable; the message names scan, array, chunk."""
+class ScanError(InputError):
+    """A scan is malformed, incomplete or unreadable; the message names scan, array, chunk.
+
+    An :class:`~pipeline.errors.InputError` (exit status 2, still a ``ValueError``): the user
+    must restore or rewrite the scan.
+    """
 
 
 class MissingChunkError(ScanError):
@@ -98,7 +109,9 @@ class CodecConfig:
             ``blosclz``) or ``none`` for uncompressed chunks.
         clevel: compression level, 0–9.
         shuffle: ``shuffle`` (byte shuffle, default), ``bitshuffle`` or ``noshuffle``.
-        checksum: append a CRC32C per chunk (detects bit flips that still decode).
+        checksum: append a CRC32C per chunk (the zarr v3 ``crc32c`` codec, last in the codec
+            list), so a flipped bit is found on read even where the chunk still decodes.
+            On by default; ``False`` (``--no-checksum``) leaves it out.
         shard_chunks: when > 0, store this many chunks along D per shard (zarr sharding, for
             object stores that dislike many small objects); 0 for one object per chunk.
     """
@@ -106,7 +119,7 @@ class CodecConfig:
     compressor: str = "zstd"
     clevel: int = 3
     shuffle: str = "shuffle"
-    checksum: bool = False
+    checksum: bool = True
     shard_chunks: int = 0
 
     def __post_init__(self) -> None:
@@ -359,8 +372,13 @@ class ScanMetadata:
             )
         except ScanError as err:
             raise ScanError(f"{where}: {err}") from None
-        except (KeyError, TypeError, ValueError) as err:
-            raise ScanError(f"{where}: malformed '{ATTRS_KEY}' attributes ({type(err).__name__}: {err})") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            # A field missing or of the wrong type (a string for a shape, a number for the
+            # geometry...): one line, not the traceback of whichever conversion met it.
+            raise ScanError(
+                f"{where}: malformed '{ATTRS_KEY}' attributes in its zarr.json "
+                f"({type(err).__name__}: {err}); restore the file or rewrite the scan"
+            ) from None
 
 
 # ----------------------------------------------------------------------------- arrays
@@ -424,20 +442,147 @@ def _is_url(path: Any) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+def _local_store_class():
+    """``LocalStore`` whose writes turn a full disk into one line naming the file and bytes.
+
+    zarr writes every object to a temporary file and renames it into place (removing the
+    temporary file when the write fails), so a failed write leaves no torn chunk; this class
+    only changes the error: ``ENOSPC``/``EDQUOT``/``EFBIG`` become
+    :class:`~pipeline.errors.StorageFullError` naming the object's path and its encoded size.
+    """
+    from zarr.storage import LocalStore
+
+    class CheckedLocalStore(LocalStore):
+        async def _set(self, key: str, value, exclusive: bool = False) -> None:
+            try:
+                return await super()._set(key, value, exclusive=exclusive)
+            except OSError as err:
+                _raise_storage(err, self.root / key, value)
+
+        def set_sync(self, key: str, value) -> None:
+            try:
+                return super().set_sync(key, value)
+            except OSError as err:
+                _raise_storage(err, self.root / key, value)
+
+    return CheckedLocalStore
+
+
+def _raise_storage(err: OSError, path: Any, value: Any) -> None:
+    try:
+        needed = len(value)
+    except TypeError:
+        needed = None
+    mapped = storage_error(err, path, needed)
+    if mapped is err:
+        raise err
+    raise mapped from None
+
+
+_CHECKED_LOCAL_STORE = None
+
+
 def open_store(path: Any, *, read_only: bool, storage_options: Mapping[str, Any] | None = None):
-    """A zarr store for a local folder or an fsspec URL (``s3://``, ``gs://``, ``memory://``...)."""
-    from zarr.storage import FsspecStore, LocalStore
+    """A zarr store for a local folder or an fsspec URL (``s3://``, ``gs://``, ``memory://``...).
+
+    A local store raises :class:`~pipeline.errors.StorageFullError` (path and bytes) when the
+    disk fills up while writing an object.
+    """
+    global _CHECKED_LOCAL_STORE
+    from zarr.storage import FsspecStore
 
     if _is_url(path):
         return FsspecStore.from_url(str(path), read_only=read_only, storage_options=dict(storage_options or {}))
     text = str(path)
     if text.startswith("file://"):
         text = text[len("file://") :]
-    return LocalStore(text, read_only=read_only)
+    if _CHECKED_LOCAL_STORE is None:
+        _CHECKED_LOCAL_STORE = _local_store_class()
+    return _CHECKED_LOCAL_STORE(text, read_only=read_only)
+
+
+def _metadata_problem(doc_bytes: bytes) -> str | None:
+    """Why a ``zarr.json`` is not valid zarr v3 metadata (``None`` when it is)."""
+    import json
+
+    try:
+        doc = json.loads(doc_bytes)
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"invalid JSON: {err}"
+    if not isinstance(doc, dict):
+        return f"a JSON object is required, got {type(doc).__name__}"
+    if doc.get("zarr_format") != 3:
+        return f"zarr_format must be 3, got {doc.get('zarr_format')!r}"
+    kind = doc.get("node_type")
+    try:
+        if kind == "array":
+            from zarr.core.metadata.v3 import ArrayV3Metadata
+
+            ArrayV3Metadata.from_dict(dict(doc))
+        elif kind == "group":
+            from zarr.core.group import GroupMetadata
+
+            GroupMetadata.from_dict(dict(doc))
+        else:
+            return f"node_type must be 'array' or 'group', got {kind!r}"
+    except Exception as err:  # zarr raises ValueError, TypeError, KeyError... for bad fields
+        return f"not valid zarr v3 {kind} metadata ({type(err).__name__}: {err})"
+    if not isinstance(doc.get("attributes", {}), dict):
+        return "'attributes' must be a JSON object"
+    return None
+
+
+def bad_metadata(store: Any) -> tuple[str, str] | None:
+    """The first ``zarr.json`` of a store that is not valid zarr v3 metadata: ``(key, why)``.
+
+    Used on the error path only: it lists the store and parses every metadata document.
+    """
+    from zarr.core.buffer import default_buffer_prototype
+
+    async def _scan() -> tuple[str, str] | None:
+        keys = sorted([k async for k in store.list_prefix("")], key=lambda k: (k.count("/"), k))
+        for key in keys:
+            if key.rsplit("/", 1)[-1] != "zarr.json":
+                continue
+            buf = await store.get(key, prototype=default_buffer_prototype())
+            if buf is None:
+                continue
+            why = _metadata_problem(buf.to_bytes())
+            if why is not None:
+                return key, why
+        return None
+
+    return sync(_scan())
+
+
+def metadata_error(path: Any, err: BaseException, *, storage_options: Mapping[str, Any] | None = None,
+                   what: str = "scan") -> ScanError:
+    """The one-line error for zarr metadata of ``path`` that zarr could not read.
+
+    Names the ``zarr.json`` at fault (the group's or an array's) and the scan, and says what
+    to do; falls back to zarr's own message when every document parses.
+    """
+    try:
+        found = bad_metadata(open_store(path, read_only=True, storage_options=storage_options))
+    except Exception:  # the store itself is unreadable: report zarr's error below
+        found = None
+    if found is not None:
+        key, why = found
+        sep = "" if str(path).endswith("/") else "/"
+        return ScanError(
+            f"{what} '{path}': metadata file '{path}{sep}{key}' is not readable: {why}; the file is "
+            "truncated or corrupt: restore it, or rewrite the scan with the command that made it"
+        )
+    return ScanError(f"{what} '{path}': not a readable zarr v3 group ({type(err).__name__}: {err})")
 
 
 def open_group(path: Any, *, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> zarr.Group:
-    """Open (``r``, ``r+``) or create (``a``, ``w``) the zarr v3 group of a scan."""
+    """Open (``r``, ``r+``) or create (``a``, ``w``) the zarr v3 group of a scan.
+
+    Raises:
+        FileNotFoundError: no group at ``path``.
+        ScanError: (``r``, ``r+``) a ``zarr.json`` that is not valid zarr v3 metadata (named).
+    """
     read_only = mode == "r"
     store = open_store(path, read_only=read_only, storage_options=storage_options)
     try:
@@ -445,8 +590,14 @@ def open_group(path: Any, *, mode: str = "r", storage_options: Mapping[str, Any]
     except FileNotFoundError:
         raise FileNotFoundError(f"scan '{path}': no zarr group there") from None
     except Exception as err:  # zarr raises several kinds for a missing or non-v3 group
-        if mode == "r":
-            raise ScanError(f"scan '{path}': not a readable zarr v3 group ({type(err).__name__}: {err})") from None
+        if mode in ("r", "r+"):
+            raise metadata_error(path, err, storage_options=storage_options) from None
+        if mode == "a":
+            # Opening to resume reads the existing metadata: a corrupt zarr.json is named too
+            # (other errors, e.g. permissions, stay as they are).
+            found = metadata_error(path, err, storage_options=storage_options)
+            if "metadata file" in str(found):
+                raise found from None
         raise
 
 

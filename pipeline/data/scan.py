@@ -31,6 +31,7 @@ from .format import (
     ScanError,
     ScanMetadata,
     d_axis_of,
+    metadata_error,
     missing_chunks,
     open_group,
     specs_for,
@@ -133,9 +134,16 @@ class ScanArray:
         try:
             return np.asarray(self.array[tuple(sel)])
         except Exception as err:  # codecs raise RuntimeError, ValueError, TypeError...
+            where = self.where(index if self.d_axis is not None else None)
+            if "checksum" in str(err).lower():
+                # zarr's crc32c codec: the stored bytes changed after they were written.
+                raise CorruptChunkError(
+                    f"{where}: cannot be decoded: its CRC32C checksum does not match ({err}); the "
+                    "chunk changed after it was written (a flipped bit, a bad disk or copy): "
+                    "restore it, or rewrite the scan with the command that made it"
+                ) from None
             raise CorruptChunkError(
-                f"{self.where(index if self.d_axis is not None else None)}: cannot be decoded "
-                f"({type(err).__name__}: {err}); the chunk is truncated or corrupt"
+                f"{where}: cannot be decoded ({type(err).__name__}: {err}); the chunk is truncated or corrupt"
             ) from None
 
     def read(self, d_slice: slice | None = None, *, check_finite: bool = True) -> np.ndarray:
@@ -246,6 +254,18 @@ class Scan:
                 "has not finished; rerun the same command to finish it (`recon3d inspect --check` "
                 "lists what is missing)"
             )
+        try:
+            self._open_arrays()
+        except ScanError:
+            raise
+        except Exception as err:  # an array's zarr.json that zarr cannot read (JSON, fields)
+            raise metadata_error(self.path, err, storage_options=self._storage_options) from None
+        self._mask_tensor: torch.Tensor | None = None
+        self._angles_tensor: torch.Tensor | None = None
+        self._ct_operator = None
+        self._ct_slab_ops: dict[int, Any] = {}
+
+    def _open_arrays(self) -> None:
         self._arrays: dict[str, ScanArray] = {}
         specs = specs_for(self.metadata)
         members = set(self.group.array_keys())
@@ -280,10 +300,10 @@ class Scan:
                         f"{self.metadata.chunk_depth} along D, whole elsewhere), got {chunks}"
                     )
             self._arrays[name] = ScanArray(arr, name, self.path)
-        self._mask_tensor: torch.Tensor | None = None
-        self._angles_tensor: torch.Tensor | None = None
-        self._ct_operator = None
-        self._ct_slab_ops: dict[int, Any] = {}
+        if "derived" in set(self.group.group_keys()):
+            # Reads every derived array's zarr.json now, so a corrupt one fails at open (named),
+            # not later in the middle of a job.
+            self.derived_names()
 
     def _agreement_hint(self, name: str) -> str:
         meta = self.metadata
@@ -355,7 +375,7 @@ class Scan:
         out = []
         for name in sorted(group.array_keys()):
             info = dict(group[name].attrs).get(ATTRS_KEY, {})
-            if info.get("status") == "complete":
+            if isinstance(info, dict) and info.get("status") == "complete":
                 out.append(name)
         return out
 

@@ -64,6 +64,8 @@ def register(subparsers: Any) -> None:
     s.add_argument("--codec", default="zstd", choices=["zstd", "lz4", "lz4hc", "zlib", "blosclz", "none"],
                    help="Blosc compressor of the output, or none (default: zstd)")
     s.add_argument("--clevel", type=int, default=3, help="compression level 0-9 (default: 3)")
+    s.add_argument("--no-checksum", action="store_true",
+                   help="leave out the CRC32C the output's chunks carry by default (pyramid levels too)")
     s.add_argument("--overwrite", action="store_true",
                    help="accepted for scripts: an earlier reconstruct output at --out made with other "
                    "settings is recomputed anyway; a scan, a run or anything recon3d reconstruct did "
@@ -94,7 +96,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
         slab=args.slab, halo=args.halo, chunks=tuple(args.chunks) if args.chunks else None,
         tile=tuple(args.tile) if args.tile else None, overlap=args.overlap, filter=args.filter,
         sense_iters=args.sense_iters, l2_weight=args.l2_weight, keep_complex=not args.no_complex,
-        codec=CodecConfig(compressor=args.codec, clevel=args.clevel), overwrite=args.overwrite,
+        codec=CodecConfig(compressor=args.codec, clevel=args.clevel,
+                          checksum=not args.no_checksum), overwrite=args.overwrite,
         device=args.device, workers=args.workers, scheduler=args.scheduler,
         progress=not args.no_progress, wait_timeout_s=args.wait_timeout,
     )
@@ -111,14 +114,16 @@ def _reconstruct(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     """Run a parsed reconstruction sub-command; returns the exit code (2 for errors a user can fix)."""
     from pipeline.data.format import ScanError
+    from pipeline.errors import Recon3dError, exit_code
 
     try:
         return {"reconstruct": _reconstruct}[args.command](args)
-    except (ScanError, ValueError, TypeError, FileNotFoundError, ImportError, TimeoutError) as err:
+    except (Recon3dError, ScanError, ValueError, TypeError, FileNotFoundError, ImportError, TimeoutError) as err:
         rank = os.environ.get("RANK")
         who = f" (rank {rank})" if rank not in (None, "0") else ""
         print(f"recon3d {args.command}{who}: error: {err}", file=sys.stderr)
-        return 2
+        # A full disk is a failure (1), a scan that fails its checks an input error (2).
+        return exit_code(err) if isinstance(err, Recon3dError) else 2
 
 
 def main(argv: list[str] | None = None) -> int:

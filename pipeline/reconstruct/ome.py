@@ -205,7 +205,14 @@ def pyramid_tasks(source: zarr.Array, target: zarr.Array, *, name: str) -> list:
                     z1 = min(z0 + cz, target.shape[0])
                     y1 = min(y0 + cy, target.shape[1])
                     x1 = min(x0 + cx, target.shape[2])
-                    block = source[2 * z0 : 2 * z1, 2 * y0 : 2 * y1, 2 * x0 : 2 * x1]
+                    try:
+                        block = source[2 * z0 : 2 * z1, 2 * y0 : 2 * y1, 2 * x0 : 2 * x1]
+                    except (ValueError, RuntimeError, TypeError) as err:  # a CRC32C or decode failure
+                        raise OMEError(
+                            f"'{source.store_path}': the region z {2 * z0}:{2 * z1}, y {2 * y0}:{2 * y1}, "
+                            f"x {2 * x0}:{2 * x1} under level chunk ({z0}, {y0}, {x0}) of '{name}' cannot be "
+                            f"decoded ({type(err).__name__}: {err}); remove the output and rerun the command"
+                        ) from None
                     target[z0:z1, y0:y1, x0:x1] = downsample_mean(np.asarray(block))
 
                 tasks.append(SlabTask(f"{name}-{z0}-{y0}-{x0}", work, []))

@@ -79,7 +79,9 @@ def test_inspect_reports_layout(mri_scan, ct_scan):
     assert arrays["measurements"].shape == (c, *MRI_SHAPE)
     assert arrays["measurements"].chunks == (c, 2, *MRI_SHAPE[1:])
     assert arrays["measurements"].objects_present == arrays["measurements"].objects_total == 5
-    assert "blosc(zstd" in arrays["measurements"].codecs[-1]
+    # bytes → Blosc zstd → CRC32C (the default checksum, last so it covers the stored bytes)
+    assert "blosc(zstd" in arrays["measurements"].codecs[-2]
+    assert arrays["measurements"].codecs[-1] == "crc32c"
     assert 2.2 < mri.summary["acceleration"] < 2.8
     ct = inspect_scan(ct_scan)
     assert {a.name for a in ct.arrays} == {"measurements", "angles", "reference"}
