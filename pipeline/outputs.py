@@ -133,9 +133,10 @@ def _zarr_target(path: str, storage_options: Mapping[str, Any] | None) -> Target
         group = open_group(path, mode="r", storage_options=storage_options)
     except FileNotFoundError:
         return None
-    except ValueError:
-        # A zarr.json recon3d cannot read (not v3, invalid JSON): not ours to replace.
-        return Target(path, "zarr", None, "a zarr group recon3d cannot read")
+    except ValueError as err:
+        # A zarr.json recon3d cannot read (not v3, invalid JSON): not ours to replace. The
+        # reason (which metadata file, what is wrong with it) is part of the refusal.
+        return Target(path, "zarr", None, f"a zarr group recon3d cannot read ({err})")
     attrs = dict(group.attrs)
     members = list(group.keys())
     ours = attrs.get(ATTRS_KEY)
