@@ -131,16 +131,18 @@ def pickle_globals(path: str | os.PathLike) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _refused(path: str) -> list[str]:
-    """The globals of ``path`` that neither torch's weights-only set nor :data:`ALLOWED` holds."""
+def _refused(path: str, also_allow: list[Any] | tuple[Any, ...] = ()) -> list[str]:
+    """The globals of ``path`` that neither torch's weights-only set, :data:`ALLOWED` nor
+    ``also_allow`` holds."""
     from torch._weights_only_unpickler import _get_allowed_globals
 
-    allowed = set(_get_allowed_globals()) | set(ALLOWED)
+    allowed = set(_get_allowed_globals()) | set(ALLOWED) | {f"{g.__module__}.{g.__qualname__}" for g in also_allow}
     return [g for g in pickle_globals(path) if g not in allowed]
 
 
-def _error(path: str, err: BaseException, hints: Mapping[str, str] | None) -> UntrustedFileError:
-    bad = _refused(path) if isinstance(err, pickle.UnpicklingError) else []
+def _error(path: str, err: BaseException, hints: Mapping[str, str] | None,
+           also_allow: list[Any] | tuple[Any, ...] = ()) -> UntrustedFileError:
+    bad = _refused(path, also_allow) if isinstance(err, pickle.UnpicklingError) else []
     if bad:
         names = ", ".join(f"'{g}'" for g in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         which = "the pickle global" if len(bad) == 1 else "the pickle globals"
@@ -176,8 +178,24 @@ def _unreadable(err: BaseException) -> bool:
     return True
 
 
+def numpy_array_globals() -> list[Any]:
+    """The pickle globals a plain numpy array needs (``ndarray``, ``dtype``, ``_reconstruct``).
+
+    Rebuilding an array runs no code of the file's choosing: ``_reconstruct`` makes an empty
+    ``ndarray`` of an allowed class and ``__setstate__`` fills its buffer (an object array's items
+    go through the same restricted unpickler). torch documents this list for numpy arrays.
+    """
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, *{type(np.dtype(t)) for t in ("uint32", "int64", "float64")}]
+
+
 def load(f: str | os.PathLike | Any, map_location: Any = "cpu", *, hints: Mapping[str, str] | None = None,
-         **kwargs: Any) -> Any:
+         also_allow: list[Any] | tuple[Any, ...] = (), **kwargs: Any) -> Any:
     """``torch.load(f, weights_only=True)`` with :data:`ALLOWED`, and one-line refusals.
 
     Args:
@@ -185,6 +203,8 @@ def load(f: str | os.PathLike | Any, map_location: Any = "cpu", *, hints: Mappin
         map_location: as for ``torch.load``.
         hints: ``{prefix: text}``: ``text`` is appended to the refusal of a file whose disallowed
             globals all start with ``prefix`` (e.g. ``numpy``: a file of an older recon3d).
+        also_allow: further harmless globals for this one file (e.g. :func:`numpy_array_globals`
+            for the rank files of an older recon3d).
         **kwargs: passed to ``torch.load`` (``mmap``...); ``weights_only`` is always ``True``
             and ``pickle_module`` is refused.
 
@@ -198,7 +218,7 @@ def load(f: str | os.PathLike | Any, map_location: Any = "cpu", *, hints: Mappin
         raise UntrustedFileError(f"refusing to load {_name(f)} with a custom pickle module")
     path = _name(f)
     try:
-        with torch.serialization.safe_globals(_allowed()), warnings.catch_warnings():
+        with torch.serialization.safe_globals([*_allowed(), *also_allow]), warnings.catch_warnings():
             # torch warns about a protocol other than 2 before refusing or reading it: noise here.
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return _REAL_LOAD(f, map_location=map_location, weights_only=True, **kwargs)
@@ -206,7 +226,7 @@ def load(f: str | os.PathLike | Any, map_location: Any = "cpu", *, hints: Mappin
         raise
     except Exception as err:
         if _unreadable(err):
-            raise _error(path, err, hints) from None
+            raise _error(path, err, hints, also_allow) from None
         raise
 
 

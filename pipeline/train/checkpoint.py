@@ -47,17 +47,18 @@ import numpy as np
 import torch
 
 from ..errors import Recon3dError, storage_error
-from ..safeload import load as safe_load
+from ..safeload import load as safe_load, numpy_array_globals
 from .distributed import DistContext, barrier
 
 __all__ = ["CheckpointManager", "CheckpointInfo", "CheckpointError", "rng_state", "set_rng_state", "tag_of"]
 
 MANIFEST = "manifest.json"
 OWN = "recon3d"
-#: The per-rank state's format: 2 holds only tensors and plain values (1 pickled numpy objects).
+#: The per-rank state's format: 2 holds only tensors and plain values; 1 (no ``format`` key, older
+#: recon3d) pickled numpy's RNG state tuple, read with numpy's array globals only and converted.
 RANK_FORMAT = 2
-_OLD_RANK_FILE = ("a rank file of a recon3d older than safe checkpoints holds numpy objects and cannot be loaded "
-                  "safely: resume from a checkpoint saved by this version, or start a new run")
+_OLD_RANK_FILE = ("a rank file of a recon3d older than safe checkpoints may hold numpy arrays only; this one asks "
+                  "for more: resume from a checkpoint saved by this version, or start a new run")
 
 
 class CheckpointError(ValueError):
@@ -95,6 +96,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _from_format_1(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A rank state of an older recon3d (numpy's RNG state as its pickled tuple) in format 2."""
+    rng = state.get("rng")
+    npy = rng.get("numpy") if isinstance(rng, dict) else None
+    if not (isinstance(npy, tuple) and len(npy) == 5 and isinstance(npy[1], np.ndarray)):
+        raise CheckpointError(f"{path}: not a recon3d rank state (no numpy RNG state of the older format)")
+    name, key, pos, has_gauss, cached = npy
+    numpy_state = {"bit_generator": str(name), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+                   "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    return dict(state, rng=dict(rng, numpy=numpy_state), format=RANK_FORMAT)
 
 
 @dataclass(frozen=True)
@@ -311,7 +324,10 @@ class CheckpointManager:
         path = info.path / OWN / f"rank_{rank:05d}.pt"
         if not path.is_file():
             raise CheckpointError(f"checkpoint {info.path}: the state of rank {rank} is missing ({path})")
-        state = safe_load(path, map_location="cpu", hints={"numpy.": _OLD_RANK_FILE})
+        state = safe_load(path, map_location="cpu", hints={"numpy.": _OLD_RANK_FILE},
+                          also_allow=numpy_array_globals())
+        if isinstance(state, dict) and "format" not in state:
+            state = _from_format_1(state, path)
         if not isinstance(state, dict) or state.get("format") != RANK_FORMAT:
             raise CheckpointError(f"checkpoint {info.path}: {path} is not a recon3d rank state of format "
                                   f"{RANK_FORMAT} ({_OLD_RANK_FILE})")
