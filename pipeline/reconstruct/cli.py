@@ -75,8 +75,9 @@ def register(subparsers: Any) -> None:
                    help="lean (default): freed buffers of 1 MiB or more go back to the OS at once "
                    "(peak RSS about 40%% lower, about 30%% slower on CPU in benchmarks/reconstruct.py); "
                    "fast: the C allocator's default")
-    e.add_argument("--wait-timeout", type=float, default=24 * 3600.0,
-                   help="seconds a rank waits for the others (default: 86400)")
+    e.add_argument("--wait-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="seconds a rank waits for the others (rank 0 for their slabs, they for rank 0's "
+                   "preparation) before it stops and names what is missing (default: 600)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -109,14 +110,16 @@ def _reconstruct(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     """Run a parsed reconstruction sub-command; returns the exit code (2 for errors a user can fix)."""
     from pipeline.data.format import ScanError
+    from pipeline.errors import Recon3dError, exit_code
 
     try:
         return {"reconstruct": _reconstruct}[args.command](args)
-    except (ScanError, ValueError, TypeError, FileNotFoundError, ImportError, TimeoutError) as err:
+    except (Recon3dError, ScanError, ValueError, TypeError, FileNotFoundError, ImportError, TimeoutError) as err:
         rank = os.environ.get("RANK")
         who = f" (rank {rank})" if rank not in (None, "0") else ""
         print(f"recon3d {args.command}{who}: error: {err}", file=sys.stderr)
-        return 2
+        # 1 for a job that could not finish (a wait that timed out, a lease lost), 2 for input errors.
+        return exit_code(err) if isinstance(err, Recon3dError) else 2
 
 
 def main(argv: list[str] | None = None) -> int:
