@@ -18,12 +18,22 @@ not part of it: a job may resume with other ones. The scan's intensity scale (a 
 weights and the scan) is measured once, by rank 0 when it creates the output, and recorded
 there: the other ranks and resumed runs use the recorded value.
 
+A record counts only if its content carries the whole fingerprint: the output is marked (and
+found) complete only when every slab has such a record.
+
+One writer per output. Rank 0 takes the output's lease (:mod:`pipeline.reconstruct.lease`: a
+heartbeat object beside ``out``) before it looks at the output and releases it at the end; a
+job of another owner is refused at once (:class:`~pipeline.errors.OutputConflictError`), a
+stale lease (a killed job) is taken over, and every rank checks before each slab that its job
+still holds it.
+
 Parallelism. Under ``torchrun`` (or with ``RANK``/``WORLD_SIZE`` set by hand) rank ``r`` of
 ``W`` owns the output slabs ``i ≡ r (mod W)``; no process group is needed. Rank 0 prepares the
-output (the others wait until its attributes carry their fingerprint), and after its own slabs
-waits until the records of *all* slabs exist, then builds the pyramid and marks the output
-complete. Within a rank, slabs run as dask tasks (threads, sync, or a ``dask.distributed``
-cluster), ``workers`` at a time.
+output (the others wait until its attributes carry their fingerprint and their job holds the
+lease), and after its own slabs waits until the records of *all* slabs exist, then builds the
+pyramid and marks the output complete. Waits end after ``wait_timeout_s`` (10 min by default)
+with a message naming what is missing. Within a rank, slabs run as dask tasks (threads, sync,
+or a ``dask.distributed`` cluster), ``workers`` at a time.
 
 Memory: ``workers`` input slabs with halo, their measurements and the network's activations
 (bounded by its tiling), never the volume; see ``docs/output-format.md`` (*Memory*) and
