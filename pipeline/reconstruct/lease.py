@@ -65,7 +65,13 @@ class LeaseLostError(Recon3dError):
 
 
 def job_id() -> str | None:
-    """The id shared by the ranks of one launched job, or ``None`` for a job started by hand."""
+    """The id shared by the ranks of one launched job, or ``None`` for a job started by hand.
+
+    A single-process job has none (``WORLD_SIZE`` unset or 1): a ``MASTER_PORT`` exported in a
+    shell for every job must not make two separate jobs look like one.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
     run = os.environ.get("TORCHELASTIC_RUN_ID")
     if run and run != "none":
         return f"torchelastic:{run}"
