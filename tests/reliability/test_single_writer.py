@@ -248,3 +248,52 @@ def test_other_rank_refuses_at_once_when_another_job_holds_the_lease(tmp_path, s
     with pytest.raises(OutputConflictError, match="being written by another job.*fingerprint efefefefefef"):
         reconstruct(_config(scan, out, wait_timeout_s=120.0))
     assert time.monotonic() - start < 30
+
+
+def _contend(out: str, n: int = 8) -> list:
+    """``n`` threads take the lease of ``out`` at the same instant; returns the winners' leases."""
+    from pipeline.reconstruct.lease import Lease
+
+    barrier, won, refused = threading.Barrier(n), [], []
+
+    def take() -> None:
+        lease = Lease(out, "12" * 32, heartbeat_s=5.0, stale_s=30.0)
+        barrier.wait()
+        try:
+            won.append(lease.acquire(say=lambda message: None))
+        except OutputConflictError:
+            refused.append(lease)
+
+    threads = [threading.Thread(target=take) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) + len(refused) == n
+    return won
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["free", "stale"])
+def test_lease_is_taken_by_exactly_one_of_many_contenders(tmp_path, stale):
+    out = tmp_path / "contended.ome.zarr"
+    if stale:  # a killed job's lease: every contender tries to take it over at once
+        _write_lease(out, fingerprint="ab" * 32, heartbeat=time.time() - 100)
+    won = _contend(str(out))
+    assert len(won) == 1
+    assert read_lease(str(out)).token == won[0].token
+    won[0].release()
+    assert read_lease(str(out)) is None
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temporary or stale files left
+
+
+def test_lease_on_an_fsspec_store_refuses_a_second_owner():
+    from pipeline.reconstruct.lease import Lease
+
+    out = f"memory://leases/{time.time_ns()}/out.ome.zarr"
+    first = Lease(out, "34" * 32, heartbeat_s=5.0, stale_s=30.0).acquire()
+    with pytest.raises(OutputConflictError, match="being written by another job"):
+        Lease(out, "56" * 32, heartbeat_s=5.0, stale_s=30.0).acquire()
+    assert read_lease(out).token == first.token
+    first.release()
+    assert read_lease(out) is None
+    Lease(out, "56" * 32, heartbeat_s=5.0, stale_s=30.0).acquire().release()
