@@ -895,13 +895,14 @@ def _run(config: ReconstructConfig, out: _Output, recon, scan, layout: _Layout, 
     if isinstance(recon, _Network):
         recon.scale = info.get("intensity_scale")
     if info.get("complete") and info.get("fingerprint") == fingerprint:
-        if rank != 0:
-            return ReconstructResult(config.out, state, fingerprint, rank, world, 0, len(slabs), True)
         if out.done(fingerprint) >= set(range(len(slabs))):
-            return ReconstructResult(config.out, "already complete", fingerprint, rank, world, 0, len(slabs), True)
-        # Marked complete, but a record is missing or not of this fingerprint: finish it again.
-        state = "resumed"
-        _reopen(out, info)
+            return ReconstructResult(config.out, "already complete" if rank == 0 else state, fingerprint, rank,
+                                     world, 0, len(slabs), True)
+        # Marked complete, but a record is missing or not of this fingerprint: every rank
+        # computes its slabs without a valid record again, rank 0 then the pyramid.
+        if rank == 0:
+            state = "resumed"
+            _reopen(out, info)
 
     group = out.group("r+")
     level0 = group["0"]

@@ -191,7 +191,8 @@ def test_wait_for_other_ranks_times_out_naming_the_missing_slabs(tmp_path, scan,
     assert WAIT_TIMEOUT_S <= 600
     from pipeline.cli import _build_parser
 
-    assert _build_parser().parse_args(["reconstruct", "--method", "fbp", "--scan", "s", "--out", "o"]).wait_timeout <= 600
+    parsed = _build_parser().parse_args(["reconstruct", "--method", "fbp", "--scan", "s", "--out", "o"])
+    assert parsed.wait_timeout <= 600
     out = tmp_path / "wait.ome.zarr"
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
