@@ -298,3 +298,17 @@ def test_lease_on_an_fsspec_store_refuses_a_second_owner():
     first.release()
     assert read_lease(out) is None
     Lease(out, "56" * 32, heartbeat_s=5.0, stale_s=30.0).acquire().release()
+
+
+def test_cli_wait_timeout_is_a_failure_and_a_conflict_an_input_error(tmp_path, scan, monkeypatch, capsys):
+    from pipeline.reconstruct.cli import main
+
+    out = tmp_path / "cli.ome.zarr"
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["reconstruct", *_args(scan, out), "--wait-timeout", "0.5"]) == 1  # the job could not finish
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("recon3d reconstruct: error: reconstruct: gave up after"), err
+    _write_lease(out, fingerprint="ab" * 32, heartbeat=time.time())
+    assert main(["reconstruct", *_args(scan, out)]) == 2  # the user must wait or choose another --out
+    assert "being written by another job" in capsys.readouterr().err
