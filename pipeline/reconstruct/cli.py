@@ -79,8 +79,9 @@ def register(subparsers: Any) -> None:
                    help="lean (default): freed buffers of 1 MiB or more go back to the OS at once "
                    "(peak RSS about 40%% lower, about 30%% slower on CPU in benchmarks/reconstruct.py); "
                    "fast: the C allocator's default")
-    e.add_argument("--wait-timeout", type=float, default=24 * 3600.0,
-                   help="seconds a rank waits for the others (default: 86400)")
+    e.add_argument("--wait-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="seconds a rank waits for the others (rank 0 for their slabs, they for rank 0's "
+                   "preparation) before it stops and names what is missing (default: 600)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -121,9 +122,11 @@ def run(args: argparse.Namespace) -> int:
     except (Recon3dError, ScanError, ValueError, TypeError, FileNotFoundError, ImportError, TimeoutError) as err:
         rank = os.environ.get("RANK")
         who = f" (rank {rank})" if rank not in (None, "0") else ""
-        print(f"recon3d {args.command}{who}: error: {err}", file=sys.stderr)
-        # A full disk is a failure (1), a scan that fails its checks an input error (2).
-        return exit_code(err) if isinstance(err, Recon3dError) else 2
+        print(f"recon3d {args.command}{who}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        # 1 for a job that could not finish (a full disk, a wait that timed out, a lease lost),
+        # 2 for input errors (a scan that fails its checks, a target it must not write, a
+        # missing optional package).
+        return 2 if isinstance(err, ImportError) else exit_code(err)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,12 +18,22 @@ not part of it: a job may resume with other ones. The scan's intensity scale (a 
 weights and the scan) is measured once, by rank 0 when it creates the output, and recorded
 there: the other ranks and resumed runs use the recorded value.
 
+A record counts only if its content carries the whole fingerprint: the output is marked (and
+found) complete only when every slab has such a record.
+
+One writer per output. Rank 0 takes the output's lease (:mod:`pipeline.reconstruct.lease`: a
+heartbeat object beside ``out``) before it looks at the output and releases it at the end; a
+job of another owner is refused at once (:class:`~pipeline.errors.OutputConflictError`), a
+stale lease (a killed job) is taken over, and every rank checks before each slab that its job
+still holds it.
+
 Parallelism. Under ``torchrun`` (or with ``RANK``/``WORLD_SIZE`` set by hand) rank ``r`` of
 ``W`` owns the output slabs ``i ≡ r (mod W)``; no process group is needed. Rank 0 prepares the
-output (the others wait until its attributes carry their fingerprint), and after its own slabs
-waits until the records of *all* slabs exist, then builds the pyramid and marks the output
-complete. Within a rank, slabs run as dask tasks (threads, sync, or a ``dask.distributed``
-cluster), ``workers`` at a time.
+output (the others wait until its attributes carry their fingerprint and their job holds the
+lease), and after its own slabs waits until the records of *all* slabs exist, then builds the
+pyramid and marks the output complete. Waits end after ``wait_timeout_s`` (10 min by default)
+with a message naming what is missing. Within a rank, slabs run as dask tasks (threads, sync,
+or a ``dask.distributed`` cluster), ``workers`` at a time.
 
 Memory: ``workers`` input slabs with halo, their measurements and the network's activations
 (bounded by its tiling), never the volume; see ``docs/output-format.md`` (*Memory*) and
@@ -46,8 +56,10 @@ import torch
 
 from pipeline.allocator import malloc_trim, return_freed_memory_to_os
 from pipeline.data.format import ATTRS_KEY, CodecConfig, CTGeometry, ScanError, now_iso, open_group, open_store
+from pipeline.errors import Recon3dError
 
 from . import ome
+from .lease import HEARTBEAT_S, STALE_S, Lease, LeaseLostError, check_joined, read_lease
 
 __all__ = [
     "ReconstructConfig",
@@ -58,6 +70,8 @@ __all__ = [
     "retile",
     "rank_and_world",
     "completion_records",
+    "WaitTimeoutError",
+    "WAIT_TIMEOUT_S",
     "return_freed_memory_to_os",
     "METHODS",
     "OUTPUT_FORMAT",
@@ -67,6 +81,8 @@ OUTPUT_FORMAT = 1
 METHODS = ("adjoint", "fbp", "fdk", "sense")
 RECORDS = "records"
 COMPLEX = "complex"
+# Minutes, not a day: a rank that waits this long is waiting for one that died or was refused.
+WAIT_TIMEOUT_S = 600.0
 _KIND = "reconstruction"
 
 
@@ -104,7 +120,12 @@ class ReconstructConfig:
         scheduler: ``threads``, ``sync`` or ``distributed`` (the active dask client).
         progress: rich progress bars on stderr.
         wait_timeout_s: how long rank 0 waits for the other ranks' slabs (and they for rank
-            0's preparation) before giving up (rerunning resumes).
+            0's preparation) before giving up with a message naming what is missing (rerunning
+            resumes).
+        lease_heartbeat_s, lease_stale_s: how often rank 0 renews the output's lease, and the
+            heartbeat age after which another job takes it over (default: the environment's
+            ``RECON3D_LEASE_HEARTBEAT_S`` / ``RECON3D_LEASE_STALE_S``, else 10 s and 60 s;
+            see :mod:`pipeline.reconstruct.lease`).
         storage_options: fsspec options of ``scan`` and ``out`` URLs.
     """
 
@@ -128,7 +149,9 @@ class ReconstructConfig:
     workers: int = 1
     scheduler: str = "threads"
     progress: bool = True
-    wait_timeout_s: float = 24 * 3600.0
+    wait_timeout_s: float = WAIT_TIMEOUT_S
+    lease_heartbeat_s: float | None = None
+    lease_stale_s: float | None = None
     storage_options: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -146,6 +169,8 @@ class ReconstructConfig:
             raise ValueError(f"reconstruct: --chunks must be 3 positive ints (D H W), got {self.chunks}")
         if self.tile is not None and (len(self.tile) != 3 or min(self.tile) < 0):
             raise ValueError(f"reconstruct: --tile must be 3 ints >= 0 (D H W), got {self.tile}")
+        if not float(self.wait_timeout_s) > 0:
+            raise ValueError(f"reconstruct: --wait-timeout must be > 0 seconds, got {self.wait_timeout_s}")
         if self.scheduler not in ("threads", "sync", "distributed"):
             raise ValueError(
                 f"reconstruct: --scheduler must be threads, sync or distributed, got {self.scheduler!r}"
@@ -230,12 +255,19 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _poll(ready: Callable[[], bool], *, timeout_s: float, what: str) -> None:
+class WaitTimeoutError(Recon3dError, TimeoutError):
+    """A rank waited ``--wait-timeout`` seconds for another one: a failure (exit status 1)."""
+
+
+def _poll(ready: Callable[[], bool], *, timeout_s: float, what: str,
+          missing: Callable[[], str] | None = None) -> None:
+    """Wait until ``ready()``; ``missing()`` adds what is still missing to the timeout's message."""
     delay, start = 0.2, time.monotonic()
     while not ready():
         if time.monotonic() - start > timeout_s:
-            raise TimeoutError(f"reconstruct: gave up after {timeout_s:.0f} s waiting for {what}; "
-                               "rerun the same command to resume")
+            detail = f" ({missing()})" if missing is not None else ""
+            raise WaitTimeoutError(f"reconstruct: gave up after {timeout_s:.0f} s waiting for {what}{detail}; "
+                                   "rerun the same command to resume, or raise --wait-timeout")
         time.sleep(delay)
         delay = min(delay * 1.5, 2.0)
 
@@ -613,7 +645,8 @@ class _Output:
     def _prefix(fingerprint: str) -> str:
         return f"{RECORDS}/{fingerprint[:32]}/"
 
-    def done(self, fingerprint: str) -> set[int]:
+    def recorded(self, fingerprint: str) -> set[int]:
+        """The slabs that have a record object under ``fingerprint``'s prefix (content unchecked)."""
         from zarr.core.sync import sync
 
         prefix = self._prefix(fingerprint)
@@ -628,25 +661,51 @@ class _Output:
                 out.add(int(name[5:-5]))
         return out
 
-    def record(self, fingerprint: str, index: int, info: dict[str, Any]) -> None:
-        """Mark slab ``index`` complete (after its chunks are written): one atomic object."""
+    def _read(self, fingerprint: str, index: int) -> dict[str, Any] | None:
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
         key = f"{self._prefix(fingerprint)}slab_{index:06d}.json"
-        data = json.dumps(info, sort_keys=True).encode()
+        buf = sync(self.store.get(key, prototype=default_buffer_prototype()))
+        if buf is None:
+            return None
+        try:
+            value = json.loads(buf.to_bytes())
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def done(self, fingerprint: str, verified: set[int] | None = None) -> set[int]:
+        """The slabs recorded complete **with** ``fingerprint``: the record exists and carries it.
+
+        The key prefix holds only 32 hex digits of the fingerprint, and a record may come from
+        an older recon3d or another writer, so each record's content is checked. ``verified``
+        (updated in place) caches the slabs already checked: records are written once.
+        """
+        verified = set() if verified is None else verified
+        for index in self.recorded(fingerprint) - verified:
+            record = self._read(fingerprint, index)
+            if record is not None and record.get("fingerprint") == fingerprint:
+                verified.add(index)
+        return set(verified)
+
+    def record(self, fingerprint: str, index: int, info: dict[str, Any]) -> None:
+        """Mark slab ``index`` complete (after its chunks are written): one atomic object that
+        carries the output's fingerprint."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        key = f"{self._prefix(fingerprint)}slab_{index:06d}.json"
+        data = json.dumps({**info, "fingerprint": fingerprint}, sort_keys=True).encode()
         sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
 
     def read_records(self, fingerprint: str) -> dict[int, dict[str, Any]]:
         """Every completion record of ``fingerprint`` (for inspection and tests)."""
-        from zarr.core.buffer import default_buffer_prototype
-        from zarr.core.sync import sync
-
         out = {}
         for index in sorted(self.done(fingerprint)):
-            key = f"{self._prefix(fingerprint)}slab_{index:06d}.json"
-            buf = sync(self.store.get(key, prototype=default_buffer_prototype()))
-            out[index] = json.loads(buf.to_bytes())
+            record = self._read(fingerprint, index)
+            if record is not None:
+                out[index] = record
         return out
 
 
@@ -721,11 +780,13 @@ def reconstruct(config: ReconstructConfig) -> ReconstructResult:
     Raises:
         ScanError: an unreadable scan, or ``out`` holding something else.
         ValueError: settings that do not fit the scan or the model.
-        TimeoutError: a rank waited longer than ``wait_timeout_s`` for the others.
+        OutputConflictError: another job holds the output's lease (or, on a rank other than 0,
+            another job's rank 0 does).
+        LeaseLostError: another job took the lease over while this one wrote.
+        WaitTimeoutError: a rank waited longer than ``wait_timeout_s`` for the others.
     """
     from pipeline.data import open_scan
-    from pipeline.data.writer import jsonable, run_tasks
-    from pipeline.models import intensity_scale
+    from pipeline.data.writer import jsonable
 
     rank, world = rank_and_world()
     device = _device(config.device)
@@ -754,8 +815,70 @@ def reconstruct(config: ReconstructConfig) -> ReconstructResult:
         notes.append(f"halo {layout.halo} < receptive radius {recon.radius}: slab edges differ from the whole volume")
     out = _Output(config.out, config.storage_options)
     slabs = layout.slabs()
-    mine = [i for i in range(len(slabs)) if i % world == rank]
+    heartbeat_s, stale_s = _lease_times(config)
+    if rank != 0:
+        return _run(config, out, recon, scan, layout, slabs, settings, fingerprint, keep_complex, notes,
+                    rank, world, None, stale_s)
+    # One writer per output: rank 0 holds the output's lease from before it looks at the output
+    # until it is complete (or this job fails); another job is refused, a stale lease taken over.
+    lease = Lease(config.out, fingerprint, heartbeat_s=heartbeat_s, stale_s=stale_s,
+                  storage_options=config.storage_options)
+    with lease.acquire():
+        return _run(config, out, recon, scan, layout, slabs, settings, fingerprint, keep_complex, notes,
+                    rank, world, lease, stale_s)
 
+
+def _lease_times(config: ReconstructConfig) -> tuple[float, float]:
+    """``(heartbeat_s, stale_s)`` of the output's lease: the config's, else the environment's."""
+    def pick(value: float | None, env: str, default: float) -> float:
+        if value is not None:
+            return float(value)
+        text = os.environ.get(env)
+        try:
+            return float(text) if text else default
+        except ValueError:
+            raise ValueError(f"reconstruct: {env}={text!r} must be a number of seconds") from None
+
+    stale = pick(config.lease_stale_s, "RECON3D_LEASE_STALE_S", STALE_S)
+    # A heartbeat left at its default beats often enough for a shortened stale age.
+    return pick(config.lease_heartbeat_s, "RECON3D_LEASE_HEARTBEAT_S", min(HEARTBEAT_S, stale / 4)), stale
+
+
+def _missing(out: _Output, fingerprint: str, total: int, verified: set[int] | None = None) -> str:
+    """The slabs without a record carrying ``fingerprint``, in words (for timeout messages)."""
+    done = out.done(fingerprint, verified)
+    missing = [i for i in range(total) if i not in done]
+    foreign = sorted(out.recorded(fingerprint) & set(missing))
+    text = (f"{len(missing)} of {total} slabs have no record with fingerprint {fingerprint[:12]}: "
+            f"{', '.join(map(str, missing[:20]))}{' ...' if len(missing) > 20 else ''}")
+    if foreign:
+        text += f" (slabs {', '.join(map(str, foreign[:20]))} have a record of another fingerprint)"
+    return text
+
+
+def _check_lease(out: str, fingerprint: str, token: str, storage_options) -> None:
+    """Before a slab is written: this job's rank 0 must still hold the output's lease.
+
+    Stateless (it reads the lease and compares its token), so it also runs in the worker
+    processes of ``--scheduler distributed``.
+    """
+    info = read_lease(out, storage_options)
+    if info is None or info.token != token:
+        who = "was removed (rank 0 ended)" if info is None else f"was taken over by {info.describe()}"
+        raise LeaseLostError(f"reconstruct: stopped writing '{out}': this job's lease {who} (this job's "
+                             f"fingerprint {fingerprint[:12]}); rerun the command once the other job has "
+                             "finished, or choose another --out")
+
+
+def _run(config: ReconstructConfig, out: _Output, recon, scan, layout: _Layout, slabs, settings,
+         fingerprint: str, keep_complex: bool, notes: list[str], rank: int, world: int,
+         lease: Lease | None, stale_s: float) -> ReconstructResult:
+    """The job once rank 0 holds the lease: prepare (or wait for rank 0), the slabs, the finish."""
+    from pipeline.data.writer import SlabTask, run_tasks
+    from pipeline.models import intensity_scale
+
+    mine = [i for i in range(len(slabs)) if i % world == rank]
+    token = None
     if rank == 0:
         if isinstance(recon, _Network):
             before = out.info() or {}
@@ -765,23 +888,35 @@ def reconstruct(config: ReconstructConfig) -> ReconstructResult:
         state = _prepare(out, config, scan, recon, layout, settings, fingerprint, keep_complex, notes, world)
     else:
         seen: dict[str, Any] = {}
+        held: list = [None]
 
         def prepared() -> bool:
+            # Refuses at once if a live lease belongs to another job or fingerprint.
+            ready, held[0] = check_joined(config.out, fingerprint, stale_s=stale_s,
+                                          storage_options=config.storage_options)
             seen.update(out.info() or {})
-            return seen.get("fingerprint") == fingerprint
+            return ready and seen.get("fingerprint") == fingerprint
 
-        try:
-            _poll(prepared, timeout_s=config.wait_timeout_s, what=f"rank 0 to prepare {config.out}")
-        except TimeoutError as err:
-            raise TimeoutError(f"{err} (its fingerprint is {str(seen.get('fingerprint'))[:12]}, this rank's "
-                               f"{fingerprint[:12]}: every rank must get the same settings and scan path)") from None
+        def why() -> str:
+            lease_text = f"its lease: {held[0].describe()}" if held[0] is not None else "no live lease"
+            return (f"the output's fingerprint is {str(seen.get('fingerprint'))[:12]}, this rank's "
+                    f"{fingerprint[:12]}; {lease_text}; every rank must get the same settings and scan path")
+
+        _poll(prepared, timeout_s=config.wait_timeout_s, what=f"rank 0 to prepare {config.out}", missing=why)
+        token = held[0].token
         state = "joined"
     info = out.info() or {}
     if isinstance(recon, _Network):
         recon.scale = info.get("intensity_scale")
     if info.get("complete") and info.get("fingerprint") == fingerprint:
-        return ReconstructResult(config.out, "already complete" if rank == 0 else state, fingerprint, rank, world,
-                                 0, len(slabs), True)
+        if out.done(fingerprint) >= set(range(len(slabs))):
+            return ReconstructResult(config.out, "already complete" if rank == 0 else state, fingerprint, rank,
+                                     world, 0, len(slabs), True)
+        # Marked complete, but a record is missing or not of this fingerprint: every rank
+        # computes its slabs without a valid record again, rank 0 then the pyramid.
+        if rank == 0:
+            state = "resumed"
+            _reopen(out, info)
 
     group = out.group("r+")
     level0 = group["0"]
@@ -790,17 +925,21 @@ def reconstruct(config: ReconstructConfig) -> ReconstructResult:
     todo = [i for i in mine if i not in done]
     run_id = uuid.uuid4().hex
 
+    if lease is not None:
+        token = lease.token
+    path, options = config.out, config.storage_options
+
     def work(i: int) -> None:
         a, b = slabs[i]
         lo, hi = layout.input_range(a, b)
+        _check_lease(path, fingerprint, token, options)  # never write into an output another job took
         x = recon(lo, hi)[a - lo : b - lo]
+        _check_lease(path, fingerprint, token, options)
         _write_slab(level0, cplx, a, b, x)
         out.record(fingerprint, i, {"slab": i, "d": [a, b], "input": [lo, hi], "rank": rank, "run": run_id,
                                     "written": now_iso()})
         del x
         _release_memory()
-
-    from pipeline.data.writer import SlabTask
 
     tasks = [SlabTask(f"slab{i}", (lambda i=i: work(i)), []) for i in todo]
     label = f"reconstruct {'rank ' + str(rank) + ' ' if world > 1 else ''}slabs"
@@ -819,9 +958,20 @@ def reconstruct(config: ReconstructConfig) -> ReconstructResult:
     if rank != 0:
         return ReconstructResult(config.out, state, fingerprint, rank, world, len(todo), len(slabs), False)
 
-    _wait_for_slabs(out, fingerprint, len(slabs), config)
-    _finish(out, config, fingerprint)
+    _wait_for_slabs(out, fingerprint, len(slabs), config, lease)
+    _finish(out, config, fingerprint, len(slabs), lease)
     return ReconstructResult(config.out, state, fingerprint, rank, world, len(todo), len(slabs), True)
+
+
+def _reopen(out: _Output, info: dict[str, Any]) -> None:
+    """Clear ``complete`` (and the pyramid's progress) of an output whose records do not all
+    carry its fingerprint: the slabs without one are computed again, then the pyramid."""
+    from pipeline.data.writer import jsonable
+
+    attrs = dict(info)
+    attrs.update(complete=False, levels_complete=[])
+    attrs.pop("completed", None)
+    out.group("r+").attrs[ATTRS_KEY] = jsonable(attrs)
 
 
 def _write_slab(level0, cplx, a: int, b: int, x: torch.Tensor) -> None:
@@ -908,9 +1058,12 @@ def _prepare(out: _Output, config, scan, recon, layout: _Layout, settings, finge
     return state
 
 
-def _wait_for_slabs(out: _Output, fingerprint: str, total: int, config: ReconstructConfig) -> None:
-    """Rank 0: wait until every slab's completion record exists (the other ranks' included)."""
-    have = len(out.done(fingerprint))
+def _wait_for_slabs(out: _Output, fingerprint: str, total: int, config: ReconstructConfig,
+                    lease: Lease | None = None) -> None:
+    """Rank 0: wait until every slab's completion record exists and carries ``fingerprint``
+    (the other ranks' included); stops at once if another job takes the output's lease."""
+    verified: set[int] = set()
+    have = len(out.done(fingerprint, verified))
     if have >= total:
         return
     from rich.console import Console
@@ -922,21 +1075,29 @@ def _wait_for_slabs(out: _Output, fingerprint: str, total: int, config: Reconstr
         task = bar.add_task("wait", total=total, completed=have)
 
         def ready() -> bool:
-            n = len(out.done(fingerprint))
+            if lease is not None:
+                lease.check()
+            n = len(out.done(fingerprint, verified))
             bar.update(task, completed=n)
             return n >= total
 
-        _poll(ready, timeout_s=config.wait_timeout_s, what="the other ranks' slabs")
+        _poll(ready, timeout_s=config.wait_timeout_s, what=f"the other ranks' slabs of {config.out}",
+              missing=lambda: _missing(out, fingerprint, total, verified) + "; check the other ranks' logs")
 
 
-def _finish(out: _Output, config: ReconstructConfig, fingerprint: str) -> None:
-    """Rank 0, once level 0 is complete: the pyramid (resumable per level), then ``complete``."""
+def _finish(out: _Output, config: ReconstructConfig, fingerprint: str, total: int,
+            lease: Lease | None = None) -> None:
+    """Rank 0, once level 0 is complete: the pyramid (resumable per level), then ``complete`` —
+    only if every slab's record carries the output's fingerprint and this job holds the lease."""
     from pipeline.data.writer import jsonable, run_tasks
 
     group = out.group("r+")
     attrs = dict(dict(group.attrs)[ATTRS_KEY])
     if attrs.get("fingerprint") != fingerprint:
         raise ScanError(f"reconstruct: '{config.out}' was re-prepared by another job while this one ran")
+    if not out.done(fingerprint) >= set(range(total)):
+        raise Recon3dError(f"reconstruct: '{config.out}' not marked complete: {_missing(out, fingerprint, total)}; "
+                           "rerun the same command to compute them")
     done = set(attrs.get("levels_complete") or [])
     for level in range(1, int(attrs["levels"])):
         if level in done:
@@ -947,6 +1108,8 @@ def _finish(out: _Output, config: ReconstructConfig, fingerprint: str) -> None:
         done.add(level)
         attrs["levels_complete"] = sorted(done)
         group.attrs[ATTRS_KEY] = jsonable(attrs)
+    if lease is not None:
+        lease.check()
     attrs.update(complete=True, completed=now_iso())
     group.attrs[ATTRS_KEY] = jsonable(attrs)
 
