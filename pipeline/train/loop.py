@@ -257,7 +257,7 @@ class Trainer:
                     result.losses.append(record["loss"])
                     warning = growth.update(record["loss"])
                     if warning:
-                        monitor.event("warning", self.step, warning, kind="loss_growth", loss=record["loss"],
+                        monitor.event("warning", self.step, warning, what="loss_growth", loss=record["loss"],
                                       smallest_loss=growth.smallest)
                     if self.step % cfg.logging.every == 0 or self.step == cfg.run.max_steps:
                         monitor.log_step(record)
@@ -309,7 +309,7 @@ class Trainer:
         message = (f"training diverged at step {step}: {', '.join(record['nonfinite'])} not finite ({values}); "
                    f"nothing of this step was saved; {last}; {remedy}")
         monitor.log_step(record)
-        monitor.event("diverged", step, message, message=message, nonfinite_keys=record["nonfinite"],
+        monitor.event("diverged", step, message, error=message, nonfinite_keys=record["nonfinite"],
                       last_checkpoint=str(info.path) if info else None)
         raise DivergenceError(message)
 
