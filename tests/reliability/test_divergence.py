@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("train_fixtures", ROOT / "tests/pipeline/train/conftest.py")
@@ -92,7 +93,7 @@ class _Injected:
         return getattr(self.inner, name)
 
 
-def _fit(cfg: dict, run: Path, scale):
+def _fit(cfg: dict, run: Path, scale, wrapper=None):
     """A single-process Trainer whose loss of step k is multiplied by ``scale(k)``."""
     from pipeline.train import Trainer, load_config
     from pipeline.train.distributed import init_distributed, shutdown_distributed
@@ -100,7 +101,7 @@ def _fit(cfg: dict, run: Path, scale):
     ctx = init_distributed("cpu", timeout_s=60)
     try:
         trainer = Trainer(load_config(cfg), run, ctx)
-        trainer.loss = _Injected(trainer.loss, scale)
+        trainer.loss = (wrapper or _Injected)(trainer.loss, scale)
         return trainer.fit(None)
     finally:
         shutdown_distributed()
@@ -133,7 +134,7 @@ def test_sgd_blowup_stops_before_saving(tmp_path, scan, stage):
     assert not any(r.get("event") == "checkpoint" and r["step"] >= 2 for r in lines)
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_nan_injected_at_step_4_is_caught_there(tmp_path, scan, stage):
     from pipeline.train.loop import DivergenceError
 
@@ -151,6 +152,38 @@ def test_nan_injected_at_step_4_is_caught_there(tmp_path, scan, stage):
 
     logged, events, unreadable = read_run_log(run / "metrics.jsonl")
     assert unreadable == 0 and logged[-1]["loss"] is None
+
+
+class _NaNGrad(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_nan_gradient_with_a_finite_loss_is_caught(tmp_path, scan, stage):
+    """Only the gradient norm is NaN: ZeRO 0 norms p.grad itself, ZeRO 2/3 read DeepSpeed's norm."""
+    from pipeline.losses.base import LossOutput
+    from pipeline.train.loop import DivergenceError
+
+    calls = []
+
+    class NaNGradAt3(_Injected):
+        def __call__(self, *args):
+            calls.append(1)
+            out = self.inner(*args)
+            return LossOutput(_NaNGrad.apply(out.total), out.parts) if len(calls) == 3 else out
+
+    cfg = tiny_config(scan, run={"max_steps": 6}, deepspeed={"zero_stage": stage}, checkpoint={"every": 2})
+    with pytest.raises(DivergenceError, match=r"diverged at step 3: grad_norm not finite \(loss [0-9.e-]+,"):
+        _fit(cfg, tmp_path / "run", lambda k: 1.0, wrapper=NaNGradAt3)
+    assert _saved_steps(tmp_path / "run") == [2]
 
 
 def test_cli_exits_1_with_one_line(tmp_path, scan):
