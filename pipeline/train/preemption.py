@@ -31,6 +31,11 @@ import time
 __all__ = ["StopRequest", "ParentWatch", "under_torchrun"]
 
 
+# The parent this process started under, read as early as the package is imported: an agent
+# that dies during the (long) set-up before the watch starts is still noticed.
+_FIRST_PARENT = os.getppid()
+
+
 def under_torchrun() -> bool:
     """Whether this process is a worker started by torchrun's elastic agent."""
     return any(k.startswith("TORCHELASTIC_") for k in os.environ)
@@ -93,7 +98,7 @@ class ParentWatch:
         self.enabled = enabled
         self.poll_s = poll_s
         self.exit_after_s = exit_after_s
-        self.parent = os.getppid()
+        self.parent = _FIRST_PARENT
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
 
