@@ -516,20 +516,26 @@ def train(config: ExperimentConfig, run_dir: str | Path, *, resume: str | None =
         config: the experiment.
         run_dir: the run directory.
         resume: ``"auto"`` or a checkpoint path (see :meth:`Trainer.find_resume`).
-        restart: start over in a run directory that holds checkpoints; they (and
-            ``metrics.jsonl``) are renamed ``*.replaced-YYYYmmdd-HHMMSS``, not deleted.
+        restart: start over in a run directory that holds checkpoints (at step 0, or from a
+            ``resume`` path outside this run); they, ``metrics.jsonl`` and ``tensorboard/`` are
+            renamed ``*.replaced-YYYYmmdd-HHMMSS``, not deleted.
 
     Raises:
-        InputError: ``run_dir`` holds checkpoints and neither ``resume`` nor ``restart`` is
-            given (checked on every rank before any work).
+        InputError: ``run_dir`` holds checkpoints and neither ``resume`` (of this run) nor
+            ``restart`` is given (checked on every rank before any work).
         DivergenceError: a step's loss or gradient norm was NaN/Inf.
     """
     run_dir = Path(run_dir)
-    if resume is not None and restart:
-        raise InputError("--restart starts over and --resume continues: give one of them")
     directory, last = checkpoints_in(config, run_dir)
-    if resume is None and last is not None and not restart:
-        raise InputError(f"{run_dir} holds checkpoints up to step {last} (in {directory}): use --resume auto "
+    # A checkpoint given by path that lies outside this run's checkpoints would continue a run
+    # from elsewhere on top of this one's saves (its `latest` moving back and forth).
+    foreign = resume not in (None, "auto") and directory.resolve() not in Path(resume).resolve().parents \
+        and Path(resume).resolve() != directory.resolve()
+    if restart and (resume == "auto" or (resume is not None and not foreign)):
+        raise InputError(f"--restart starts over and --resume {resume} continues this run: give one of them")
+    if last is not None and not restart and (resume is None or foreign):
+        also = f" (--resume {resume} is another run's checkpoint)" if foreign else ""
+        raise InputError(f"{run_dir} holds checkpoints up to step {last} (in {directory}){also}: use --resume auto "
                          "to continue, --restart to start over (the old checkpoints are kept, renamed), "
                          "or --run-dir elsewhere")
     ctx = init_distributed(config.run.device, timeout_s=config.deepspeed.timeout_s)

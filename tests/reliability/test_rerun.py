@@ -120,3 +120,19 @@ def test_resume_with_a_longer_schedule_says_what_changes(trained, capsys):
     from pipeline.train import read_metrics
 
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 13))
+
+
+def test_resume_from_another_run_into_this_one_is_refused(trained, tmp_path, capsys):
+    """--resume PATH of another run on top of this run's checkpoints would mix two runs."""
+    run, cfg = trained
+    other = tmp_path / "other"
+    assert _cli(str(cfg), "--run-dir", str(other), "--set", "run.max_steps=3") == 0
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert _cli(str(cfg), "--run-dir", str(run), "--resume", str(other / "checkpoints")) == 2
+    assert "another run's checkpoint" in capsys.readouterr().err
+    assert _snapshot(run) == before
+    # A step of this run itself is allowed: an explicit rewind to step 3, trained on to step 4.
+    assert _cli(str(cfg), "--run-dir", str(run), "--resume", str(run / "checkpoints" / "step_00000003"),
+                "--set", "run.max_steps=4") == 0
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000004"
