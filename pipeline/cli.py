@@ -81,7 +81,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="train a reconstruction network on scans (alone or under torchrun)",
         description="Train the model of an experiment config with DeepSpeed. Run it alone or "
         "under torchrun (--nproc_per_node, --nnodes) unchanged; gloo on CPU, NCCL on GPU. "
-        "SIGTERM or SIGUSR1 saves at the next step and exits 0.",
+        "SIGTERM or SIGUSR1 (or the death of the torchrun agent) saves at the next step and exits 0. "
+        "A step with a NaN/Inf loss or gradient norm stops the run without saving it (exit 1). "
+        "A run directory that holds checkpoints needs --resume auto (continue) or --restart.",
     )
     tr.add_argument("config", type=Path, help="experiment YAML (examples: launch/configs/)")
     tr.add_argument("--run-dir", type=Path, default=None,
@@ -89,6 +91,10 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", default=None, metavar="auto|PATH",
                     help="'auto': continue from the run's latest checkpoint if there is one; "
                     "PATH: a checkpoints directory or a step_* folder")
+    tr.add_argument("--restart", action="store_true",
+                    help="start over at step 0 in a run directory that holds checkpoints; its "
+                    "checkpoints/, metrics.jsonl and tensorboard/ are renamed *.replaced-DATE-TIME "
+                    "(kept, not deleted)")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set optimizer.lr=3e-4 (repeatable)")
 
@@ -115,7 +121,7 @@ def _train(args: argparse.Namespace) -> int:
     keep_freed_memory()
     config = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / args.config.stem
-    result = train(config, run_dir, resume=args.resume)
+    result = train(config, run_dir, resume=args.resume, restart=args.restart)
     how = f"stopped by {result.stopped_by}" if result.stopped_by else "done"
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"recon3d train: {how} at step {result.step}; checkpoint {result.checkpoint}", file=sys.stderr)

@@ -167,7 +167,8 @@ def _train(config: QuickstartConfig, cfg_path: Path, run_dir: Path) -> None:
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"training exited with status {proc.returncode}; rerun the quickstart with "
-                           f"the same --out to resume from its last checkpoint ({run_dir})")
+                           f"the same --out to resume from its last checkpoint ({run_dir}); if it "
+                           "diverged (the line above says so), add e.g. --set optimizer.lr=1e-4 first")
 
 
 def _timed(result: QuickstartResult, name: str, fn: Callable[[], Any]) -> Any:

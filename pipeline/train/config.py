@@ -54,12 +54,20 @@ class RunConfig(_Section):
     ``max_steps`` counts optimizer steps (a step takes ``gradient_accumulation_steps``
     micro-batches on every rank). ``seed`` seeds the model's initialisation, the stream's order
     and the losses' generators.
+
+    A step whose loss, loss parts or gradient norm is NaN/Inf always stops the run (exit 1,
+    nothing of that step saved). ``loss_growth_warning`` is the factor by which the loss may grow
+    over the smallest |loss| seen after 5 warm-up steps before a ``warning`` event (and a line
+    on stderr) says training may be diverging; it warns again at each further tenfold, never
+    stops the run; 0 disables it.
     """
 
     max_steps: int = Field(100, ge=1)
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch threads per rank (None: torch's default)")
+    loss_growth_warning: float = Field(1000.0, ge=0, description="warn when the loss grows by this factor "
+                                       "over its smallest value after warm-up (0: never)")
 
 
 class DataConfig(_Section):

@@ -4,11 +4,27 @@
 ``gradient_accumulation_steps`` slabs on every rank, each: ``x̂ = engine(y, op)``,
 ``loss(x̂, y, op, engine)`` (EI and SURE run the engine again inside the loss), backward and
 DeepSpeed's step. The learning rate is a function of the step. At each step boundary the ranks
-agree on whether a stop was requested (SIGTERM/SIGUSR1); if so they save and return.
+agree on whether a stop was requested (SIGTERM/SIGUSR1, or the torchrun agent died); if so they
+save and return.
+
+Divergence: the all-reduce that averages each step's loss values over the ranks also carries
+whether this rank saw a NaN/Inf in its loss, its loss parts or the gradient norm, so every rank
+learns of a non-finite step in the same collective and they stop together, without saving that
+step (:class:`DivergenceError`, exit status 1). The gradient norm is DeepSpeed's global norm
+where it computes one (ZeRO 1–3, which norm their partitions in ``step()``; bf16/fp16
+optimizers), else (ZeRO 0 in fp32) the norm of the all-reduced ``p.grad`` taken here before
+``engine.step()``. Under fp16 an overflowing gradient is the loss scaler's business (DeepSpeed
+skips the step and lowers the scale), so only the loss is checked there.
+
+A run directory that holds checkpoints is never restarted silently: without ``--resume`` the
+job is refused (``--restart`` moves the old checkpoints and log aside and starts over).
 """
 
 from __future__ import annotations
 
+import math
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +34,20 @@ import torch
 import torch.distributed as dist
 
 from . import build
-from .checkpoint import CheckpointError, CheckpointInfo, CheckpointManager, read_checkpoint, rng_state, set_rng_state
+from .checkpoint import (MANIFEST, OWN, CheckpointError, CheckpointInfo, CheckpointManager, read_checkpoint,
+                         rng_state, set_rng_state)
 from .config import ConfigError, ExperimentConfig, dump_config
-from .distributed import DistContext, any_rank, init_distributed, shutdown_distributed
-from .monitor import Monitor
-from .preemption import StopRequest
+from .distributed import DistContext, any_rank, barrier, init_distributed, shutdown_distributed
+from .monitor import LossGrowthWatch, Monitor
+from .preemption import ParentWatch, StopRequest, under_torchrun
+from pipeline.errors import InputError, Recon3dError
 from pipeline.models import intensity_scale
 
-__all__ = ["TrainResult", "train", "Trainer"]
+__all__ = ["TrainResult", "train", "Trainer", "DivergenceError", "checkpoints_in", "schedule_changes"]
+
+
+class DivergenceError(Recon3dError):
+    """A training step whose loss or gradient norm is NaN/Inf: the run stopped without saving it."""
 
 
 @dataclass
@@ -85,6 +107,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(ckpt_dir, ctx, keep_last=cfg.checkpoint.keep_last)
         self.engine = None
         self.step = 0
+        self._grad_norm_here: bool | None = None
 
     # ------------------------------------------------------------------ resume
     def find_resume(self, resume: str | None) -> CheckpointInfo | None:
@@ -115,6 +138,7 @@ class Trainer:
             "precision": self.config.deepspeed.precision,
             "modality": self.facts.modality,
             "channels": self.facts.channels,
+            "config": self.config.model_dump(mode="json"),  # what a resume compares against
         }
 
     def rank_state(self) -> dict[str, Any]:
@@ -166,13 +190,14 @@ class Trainer:
         while True:
             yield from self.stream
 
-    def _reduce_mean(self, values: list[float]) -> list[float]:
-        if self.ctx.world_size == 1:
-            return values
+    def _reduce_mean(self, values: list[float | torch.Tensor]) -> list[float]:
+        """The mean over the ranks of each value (floats or 0-d tensors): one all-reduce, one copy."""
         dev = self.ctx.device if self.ctx.backend == "nccl" else torch.device("cpu")
-        t = torch.tensor(values, dtype=torch.float64, device=dev)
-        dist.all_reduce(t)
-        return (t / self.ctx.world_size).tolist()
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(dev).reshape(()) for v in values])
+        if self.ctx.world_size > 1:
+            dist.all_reduce(t)
+            t = t / self.ctx.world_size
+        return t.tolist()
 
     def save(self, monitor: Monitor, reason: str) -> Path:
         path, seconds, nbytes = self.checkpoints.save(self.engine, self.step, self.rank_state(), self.manifest())
@@ -193,6 +218,7 @@ class Trainer:
             t0 = time.perf_counter()
             self.restore(info)
             load_s = time.perf_counter() - t0
+        changes = schedule_changes(self._saved_config(info), cfg, self.step) if info is not None else []
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.resolved.yaml").write_text(dump_config(cfg))
@@ -209,19 +235,30 @@ class Trainer:
             monitor.event("resume", self.step, f"resumed from {info.path} ({how}, {load_s:.2f} s)",
                           path=str(info.path), seconds=load_s, bytes=int(info.manifest.get("bytes", 0)),
                           world_size_saved=info.world_size)
+            for line in changes:
+                monitor.event("config_change", self.step, line)
         result = TrainResult(self.run_dir, self.step, None)
         last_saved = self.step if info is not None else None
         samples = self._samples()
         accum = cfg.deepspeed.gradient_accumulation_steps
+        growth = LossGrowthWatch(cfg.run.loss_growth_warning)
         try:
-            with StopRequest() as stop:
+            with StopRequest() as stop, ParentWatch(stop, enabled=under_torchrun()):
                 while self.step < cfg.run.max_steps:
                     if any_rank(stop.requested, self.ctx):
                         result.stopped_by = stop.signal_name or "signal on another rank"
                         break
                     record = self._train_step(samples, accum)
+                    if "nonfinite" in record:
+                        # Every rank has the same reduced flag: all raise here, before any save
+                        # (this step's weights and moments are poisoned, and so is the end save).
+                        self._diverged(record, monitor)
                     self.step += 1
                     result.losses.append(record["loss"])
+                    warning = growth.update(record["loss"])
+                    if warning:
+                        monitor.event("warning", self.step, warning, what="loss_growth", loss=record["loss"],
+                                      smallest_loss=growth.smallest)
                     if self.step % cfg.logging.every == 0 or self.step == cfg.run.max_steps:
                         monitor.log_step(record)
                     if cfg.validation.scans and self.step % cfg.validation.every == 0:
@@ -241,6 +278,41 @@ class Trainer:
         result.step = self.step
         return result
 
+    def _saved_config(self, info: CheckpointInfo) -> dict[str, Any] | None:
+        """The resolved config the resumed checkpoint was trained with (manifest, else the run's YAML)."""
+        if isinstance(info.manifest.get("config"), dict):
+            return info.manifest["config"]
+        path = self.run_dir / "config.resolved.yaml"
+        if path.is_file():
+            import yaml
+
+            try:
+                saved = yaml.safe_load(path.read_text())
+            except yaml.YAMLError:
+                return None
+            return saved if isinstance(saved, dict) else None
+        return None
+
+    def _diverged(self, record: dict[str, Any], monitor: Monitor) -> None:
+        """Log the non-finite step and raise :class:`DivergenceError` (on every rank alike)."""
+        step = record["step"]
+        try:
+            info = self.checkpoints.latest()
+        except CheckpointError:
+            info = None
+        last = f"the last good checkpoint is {info.path} (step {info.step})" if info else "no checkpoint saved yet"
+        values = ", ".join([f"loss {record['loss']:.4g}"] + [f"{k} {v:.4g}" for k, v in record["parts"].items()]
+                           + ([f"grad norm {record['grad_norm']:.4g}"] if "grad_norm" in record else []))
+        remedy = ("lower optimizer.lr (now {:g}) or set deepspeed.gradient_clipping (e.g. 1.0), then "
+                  .format(self.config.optimizer.lr)
+                  + ("continue with --resume auto" if info else "rerun"))
+        message = (f"training diverged at step {step}: {', '.join(record['nonfinite'])} not finite ({values}); "
+                   f"nothing of this step was saved; {last}; {remedy}")
+        monitor.log_step(record)
+        monitor.event("diverged", step, message, error=message, nonfinite_keys=record["nonfinite"],
+                      last_checkpoint=str(info.path) if info else None)
+        raise DivergenceError(message)
+
     def _train_step(self, samples: Iterator[Any], accum: int) -> dict[str, Any]:
         from .build import learning_rate
 
@@ -252,7 +324,8 @@ class Trainer:
         voxels = 0
         total = 0.0
         parts: dict[str, float] = {}
-        for _ in range(accum):
+        grad_norm: torch.Tensor | float | None = None
+        for i in range(accum):
             tw = time.perf_counter()
             sample = next(samples)
             wait += time.perf_counter() - tw
@@ -262,24 +335,63 @@ class Trainer:
                 x_hat = self.engine(y, op)
                 out = self.loss(x_hat, y, op, self.engine)
                 self.engine.backward(out.total)
+            if i == accum - 1 and self._own_grad_norm():
+                grad_norm = self._local_grad_norm()  # before step() clips or zeroes the grads
             self.engine.step()
             voxels += x_hat.numel()
             total += float(out.total.detach()) / accum
             for k, v in out.parts.items():
                 parts[k] = parts.get(k, 0.0) + float(v.detach()) / accum
+        if grad_norm is None and self.config.deepspeed.precision != "fp16":
+            grad_norm = self.engine.get_global_grad_norm()  # None where DeepSpeed computed none
         seconds = time.perf_counter() - t0
         names = sorted(parts)
-        reduced = self._reduce_mean([total, wait / seconds, voxels / seconds] + [parts[k] for k in names])
-        return {
+        # This rank's finiteness rides in the all-reduce the step does anyway: no extra sync.
+        bad = 0.0 if all(math.isfinite(v) for v in [total, *parts.values()]) else 1.0
+        values: list[float | torch.Tensor] = [total, wait / seconds, voxels / seconds, bad]
+        if grad_norm is not None:
+            g = torch.as_tensor(grad_norm, dtype=torch.float64)
+            values[3] = (~torch.isfinite(g)).to(torch.float64) + bad  # stays on g's device
+            values.append(g)
+        reduced = self._reduce_mean(values + [parts[k] for k in names])
+        first = 5 if grad_norm is not None else 4
+        record: dict[str, Any] = {
             "step": self.step + 1,
             "loss": reduced[0],
             "loss_rank0": total,
-            "parts": dict(zip(names, reduced[3:])),
+            "parts": dict(zip(names, reduced[first:])),
             "lr": lr,
             "step_s": seconds,
             "data_wait_fraction": reduced[1],
             "voxels_per_s": reduced[2] * self.ctx.world_size,
         }
+        if grad_norm is not None:
+            record["grad_norm"] = reduced[4]
+        if reduced[3] > 0 or not math.isfinite(reduced[0]):
+            nonfinite = [k for k in ("loss", "grad_norm") if k in record and not math.isfinite(record[k])]
+            nonfinite += [f"parts.{k}" for k, v in record["parts"].items() if not math.isfinite(v)]
+            record["nonfinite"] = nonfinite or ["on another rank"]
+        return record
+
+    def _own_grad_norm(self) -> bool:
+        """Whether DeepSpeed computes no gradient norm, so the loop must (ZeRO 0 in fp32).
+
+        ZeRO 1–3 norm their gradient partitions in ``step()`` (globally, all-reduced), as do the
+        bf16/fp16 optimizers; a plain torch optimizer under ZeRO 0 does not, but there ``p.grad``
+        holds the full gradient, already averaged over the ranks by ``backward()``. (Under ZeRO-3
+        ``p.grad`` is not the full gradient, so it must never be normed here.)
+        """
+        if self._grad_norm_here is None:
+            self._grad_norm_here = (self.config.deepspeed.zero_stage == 0
+                                    and not hasattr(self.engine.optimizer, "_global_grad_norm"))
+        return self._grad_norm_here
+
+    def _local_grad_norm(self) -> torch.Tensor:
+        """The 2-norm of the model's gradients as a 0-d tensor on the device (no host sync)."""
+        grads = [p.grad.detach() for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), dtype=torch.float64)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
 
     def _scale_for(self, path: str | None) -> float | None:
         if path is None:
@@ -332,11 +444,108 @@ class Trainer:
         return metrics
 
 
-def train(config: ExperimentConfig, run_dir: str | Path, *, resume: str | None = None) -> TrainResult:
-    """Run (or continue) a training job on this rank; every rank of the job calls it."""
+def checkpoints_in(config: ExperimentConfig, run_dir: str | Path) -> tuple[Path, int | None]:
+    """The run's checkpoints directory and its highest saved step (``None``: no save there).
+
+    The highest complete save (with its manifest) counts, as ``--resume auto`` would take it;
+    where only interrupted saves exist, the highest of those (they are still a run's work).
+    """
+    directory = Path(config.checkpoint.dir) if config.checkpoint.dir else Path(run_dir) / "checkpoints"
+    complete, partial = [], []
+    if directory.is_dir():
+        for p in directory.glob("step_*"):
+            digits = p.name[len("step_"):]
+            if p.is_dir() and digits.isdigit():
+                (complete if (p / OWN / MANIFEST).is_file() else partial).append(int(digits))
+    found = complete or partial
+    return directory, max(found) if found else None
+
+
+def _move_aside(config: ExperimentConfig, run_dir: Path) -> list[str]:
+    """``--restart``: rename the old checkpoints and log out of the way (nothing is deleted)."""
+    directory, _ = checkpoints_in(config, run_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for old in (directory, run_dir / "metrics.jsonl", run_dir / "tensorboard"):
+        if old.exists():
+            new = old.with_name(f"{old.stem}.replaced-{stamp}{old.suffix}")
+            shutil.move(str(old), str(new))
+            moved.append(f"{old} → {new}")
+    return moved
+
+
+def schedule_changes(saved: dict[str, Any] | None, config: ExperimentConfig, step: int) -> list[str]:
+    """Lines that say which run/schedule/optimizer settings a resume changes and what the LR does.
+
+    Args:
+        saved: the resolved config the checkpoint was trained with (``None``: unknown, no lines).
+        config: the config resuming it.
+        step: the step it resumes at.
+    """
+    from .build import learning_rate
+
+    if not saved:
+        return []
+    new = config.model_dump(mode="json")
+    diffs = []
+    for section in ("run", "schedule", "optimizer"):
+        old_s, new_s = saved.get(section) or {}, new.get(section) or {}
+        for key in sorted(set(old_s) | set(new_s)):
+            if key in old_s and old_s.get(key) != new_s.get(key):
+                diffs.append(f"{section}.{key} {old_s.get(key)} → {new_s.get(key)}")
+    if not diffs:
+        return []
+    try:
+        old_cfg = ExperimentConfig.model_validate({**new, **{k: saved[k] for k in ("run", "schedule", "optimizer")
+                                                              if isinstance(saved.get(k), dict)}})
+    except Exception:  # a config of an older version: say what changed, not the LR effect
+        return [f"resumed with changed settings: {'; '.join(diffs)}"]
+    lr_old, lr_new = learning_rate(old_cfg, step), learning_rate(config, step)
+    effect = f"lr at step {step} is {lr_new:.3g} (was {lr_old:.3g})"
+    if config.schedule.name == "cosine":
+        effect = (f"the cosine schedule now decays to {config.optimizer.lr * config.schedule.min_lr_ratio:.3g} "
+                  f"at step {config.run.max_steps}; " + effect)
+    return [f"resumed with changed settings: {'; '.join(diffs)}: {effect}"]
+
+
+def train(config: ExperimentConfig, run_dir: str | Path, *, resume: str | None = None,
+          restart: bool = False) -> TrainResult:
+    """Run (or continue) a training job on this rank; every rank of the job calls it.
+
+    Args:
+        config: the experiment.
+        run_dir: the run directory.
+        resume: ``"auto"`` or a checkpoint path (see :meth:`Trainer.find_resume`).
+        restart: start over in a run directory that holds checkpoints (at step 0, or from a
+            ``resume`` path outside this run); they, ``metrics.jsonl`` and ``tensorboard/`` are
+            renamed ``*.replaced-YYYYmmdd-HHMMSS``, not deleted.
+
+    Raises:
+        InputError: ``run_dir`` holds checkpoints and neither ``resume`` (of this run) nor
+            ``restart`` is given (checked on every rank before any work).
+        DivergenceError: a step's loss or gradient norm was NaN/Inf.
+    """
+    run_dir = Path(run_dir)
+    directory, last = checkpoints_in(config, run_dir)
+    # A checkpoint given by path that lies outside this run's checkpoints would continue a run
+    # from elsewhere on top of this one's saves (its `latest` moving back and forth).
+    foreign = resume not in (None, "auto") and directory.resolve() not in Path(resume).resolve().parents \
+        and Path(resume).resolve() != directory.resolve()
+    if restart and (resume == "auto" or (resume is not None and not foreign)):
+        raise InputError(f"--restart starts over and --resume {resume} continues this run: give one of them")
+    if last is not None and not restart and (resume is None or foreign):
+        also = f" (--resume {resume} is another run's checkpoint)" if foreign else ""
+        raise InputError(f"{run_dir} holds checkpoints up to step {last} (in {directory}){also}: use --resume auto "
+                         "to continue, --restart to start over (the old checkpoints are kept, renamed), "
+                         "or --run-dir elsewhere")
     ctx = init_distributed(config.run.device, timeout_s=config.deepspeed.timeout_s)
     try:
-        trainer = Trainer(config, Path(run_dir), ctx)
+        if restart and last is not None:
+            if ctx.is_main:
+                for line in _move_aside(config, run_dir):
+                    print(f"[recon3d] --restart: moved {line}", file=sys.stderr, flush=True)
+            barrier(ctx)  # no rank looks at the run directory before the old run is out of it
+        trainer = Trainer(config, run_dir, ctx)
         return trainer.fit(resume)
     finally:
         shutdown_distributed()

@@ -2,20 +2,85 @@
 
 Only rank 0 writes. ``metrics.jsonl`` holds one JSON object per logged step with at least
 ``step`` and ``loss`` (plus the loss parts, learning rate, step time, voxels/s and the fraction
-of the step spent waiting for data); validation and checkpoint events are objects with an
-``event`` key. A resumed run appends, dropping any lines past the resumed step first, so the
-file always reads as one run.
+of the step spent waiting for data); validation, checkpoint, ``warning`` and ``diverged``
+events are objects with an ``event`` key. A resumed run appends, dropping any lines past the
+resumed step first, so the file always reads as one run.
+
+Every line is strict JSON (``json.loads(line, parse_constant=...)`` never meets ``NaN`` or
+``Infinity``): a value that is not finite is written as ``null`` and its key is listed in the
+record's ``"nonfinite"`` field (dotted for nested keys, e.g. ``["loss", "parts.mc"]``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Monitor", "read_metrics"]
+__all__ = ["Monitor", "read_metrics", "finite_record", "LossGrowthWatch"]
+
+
+def finite_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with every non-finite float replaced by ``None`` and listed in ``"nonfinite"``.
+
+    ``json.dumps`` would write ``NaN``/``Infinity``, which strict JSON readers (``jq``, browsers,
+    ``json.loads(..., parse_constant=...)``) reject; ``null`` plus the list of keys keeps the line
+    valid and says what was there.
+    """
+    bad: list[str] = []
+
+    def clean(value: Any, key: str) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+        if isinstance(value, float) and not math.isfinite(value):
+            bad.append(key)
+            return None
+        return value
+
+    out = clean(record, "")
+    if bad:
+        out["nonfinite"] = sorted(set(bad) | set(record.get("nonfinite", [])))
+    return out
+
+
+class LossGrowthWatch:
+    """Warns when the loss grows by ``factor`` over the smallest |loss| seen after warm-up.
+
+    The first ``warmup`` steps are not watched (an initial transient is not growth). After a
+    warning the threshold rises tenfold, so a run that keeps blowing up warns once per further
+    decade, not every step. ``factor`` 0 disables the watch.
+    """
+
+    def __init__(self, factor: float, warmup: int = 5) -> None:
+        self.factor = factor
+        self.warmup = warmup
+        self.seen = 0
+        self.smallest: float | None = None
+        self.threshold: float | None = None  # the factor over the smallest that warns next
+
+    def update(self, loss: float) -> str | None:
+        """Feed one step's (finite) loss; returns the warning text when it crosses the threshold."""
+        if not self.factor or not math.isfinite(loss):
+            return None
+        self.seen += 1
+        if self.seen <= self.warmup:
+            return None
+        a = abs(loss)
+        if self.smallest is None or a < self.smallest:
+            self.smallest = a
+        if self.smallest <= 0:
+            return None
+        growth = a / self.smallest
+        limit = self.threshold or self.factor
+        if growth < limit:
+            return None
+        self.threshold = limit * 10
+        return (f"the loss grew {growth:.3g}x over its smallest value {self.smallest:.4g} "
+                f"(now {loss:.4g}; run.loss_growth_warning is {self.factor:g}): training may be diverging; "
+                "consider a lower optimizer.lr or deepspeed.gradient_clipping")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -80,11 +145,11 @@ class Monitor:
     def log_step(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(finite_record(record), allow_nan=False) + "\n")
         step = record["step"]
         if self._tb is not None:
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"train/{key}", value, step)
         if self._bar is not None:
             self._bar.n = step
@@ -94,14 +159,14 @@ class Monitor:
             self._bar.refresh()
 
     def event(self, kind: str, step: int, message: str, **fields: Any) -> None:
-        """A validation or checkpoint event: a JSONL record and a line on stderr."""
+        """An event (validation, checkpoint, warning, diverged, ...): a JSONL record and a line on stderr."""
         if not self.enabled:
             return
         rec = {"event": kind, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
-        self._file.write(json.dumps(rec) + "\n")
+        self._file.write(json.dumps(finite_record(rec), allow_nan=False) + "\n")
         if self._tb is not None:
             for key, value in fields.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
         line = f"[recon3d] step {step}: {message}"
         if self._bar is not None:
