@@ -198,6 +198,46 @@ class _Local:
         self._write(tmp, data, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         os.replace(tmp, self.path)
 
+    #: A takeover lock older than this (its holder was killed between two syscalls) is cleared.
+    TAKEOVER_STALE_S = 30.0
+
+    def take_over(self, token: str, data: bytes) -> bool:
+        """Replace the lease that carries ``token`` (``""``: an unreadable one) by ``data``.
+
+        Contenders for a stale lease first create a takeover lock (exclusive create, one wins);
+        the winner checks that the lease is still the stale one and replaces it in one
+        ``os.replace``, so the lease name is never empty and a fresh ``create`` can never slip in
+        between (removing the stale lease and creating a new one let two of three simultaneous
+        contenders both believe they held it). ``False``: another contender got there first.
+        """
+        lock = f"{self.path}.takeover"
+        try:
+            self._write(lock, str(os.getpid()).encode(), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            self._clear_stale_lock(lock)
+            return False
+        try:
+            current = self.read()
+            if current is None:
+                return False
+            info = LeaseInfo.parse(current)
+            if (info.token if info is not None else "") != token:
+                return False
+            self.replace(data)
+            return True
+        finally:
+            os.unlink(lock)
+
+    def _clear_stale_lock(self, lock: str) -> None:
+        try:
+            if time.time() - os.stat(lock).st_mtime < self.TAKEOVER_STALE_S:
+                return
+            grave = f"{lock}.{uuid.uuid4().hex}.stale"
+            os.rename(lock, grave)
+            os.unlink(grave)
+        except FileNotFoundError:
+            pass
+
     def remove_if(self, token: str) -> bool:
         """Remove the lease if it still carries ``token``; ``False`` if another one was there.
 
@@ -253,6 +293,12 @@ class _Remote:
     def replace(self, data: bytes) -> None:
         with self.fs.open(self.path, "wb") as f:
             f.write(data)
+
+    def take_over(self, token: str, data: bytes) -> bool:
+        """Remove the stale lease carrying ``token``; the caller's next ``create`` competes for
+        the name (object stores have no rename: write-if-absent is the arbiter here)."""
+        self.remove_if(token)
+        return False
 
     def remove_if(self, token: str) -> bool:
         data = self.read()
@@ -345,15 +391,23 @@ class Lease:
             other = LeaseInfo.parse(data)
             if other is None:
                 say(f"replacing the unreadable lease {self.path}")
-                self.storage.remove_if("")
-                continue
-            ours = other.job is not None and other.job == job_id()
-            if not (ours or other.stale(self.stale_s)):
-                raise self._conflict(other)
-            why = "an earlier attempt of this job" if ours else (
-                "its process is gone" if other.owner_gone() else f"no heartbeat for {other.age():.0f} s")
-            say(f"taking over the stale lease of '{self.out}' ({other.describe()}: {why})")
-            self.storage.remove_if(other.token)
+                stale_token = ""
+            else:
+                ours = other.job is not None and other.job == job_id()
+                if not (ours or other.stale(self.stale_s)):
+                    raise self._conflict(other)
+                why = "an earlier attempt of this job" if ours else (
+                    "its process is gone" if other.owner_gone() else f"no heartbeat for {other.age():.0f} s")
+                say(f"taking over the stale lease of '{self.out}' ({other.describe()}: {why})")
+                stale_token = other.token
+            self.acquired = time.time()
+            if self.storage.take_over(stale_token, self._payload()):
+                back = self.storage.read()
+                info = None if back is None else LeaseInfo.parse(back)
+                if info is not None and info.token == self.token:
+                    self.held = True
+                    self._start()
+                    return self
         raise OutputConflictError(f"reconstruct: could not take the lease {self.path} of '{self.out}': other "
                                   "jobs keep taking it; wait for them, or choose another --out")
 
