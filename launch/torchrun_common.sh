@@ -5,7 +5,8 @@
 # Retries. torchrun runs with --max-restarts=0 (its in-place restart failed or hung with gloo);
 # when it exits non-zero the whole job is started again, with a fresh rendezvous and
 # `--resume auto`, at most MAX_RESTARTS times, RETRY_DELAY seconds apart. Every attempt resumes
-# from the run's latest complete checkpoint, so a crash costs the steps since that save.
+# from the run's latest complete checkpoint, so a crash costs the steps since that save. A run
+# that diverged (its last metrics.jsonl event) is not retried: it would diverge again.
 #
 # Signals. SIGTERM or SIGUSR1 asks for a stop: every rank saves at the next step boundary and
 # exits 0 (pipeline/train/preemption.py), the script does not retry and exits 0 (or torchrun's
@@ -109,6 +110,26 @@ sys.exit(0 if step >= cfg.run.max_steps else 1)
 PY
 }
 
+# recon3d_run_diverged RUN_DIR: whether the run's last event is a divergence (a retry would resume
+# from the same checkpoint with the same settings and diverge again).
+recon3d_run_diverged() {
+    "$RECON3D_PYTHON" - "$1" <<'PY'
+import json
+import sys
+from pathlib import Path
+
+log = Path(sys.argv[1]) / "metrics.jsonl"
+last = None
+if log.is_file():
+    for line in log.read_text().splitlines():
+        try:
+            last = json.loads(line)
+        except ValueError:
+            continue
+sys.exit(0 if isinstance(last, dict) and last.get("event") == "diverged" else 1)
+PY
+}
+
 # recon3d_train_with_retries CONFIG RUN_DIR [recon3d train options...]
 #   with the torchrun rendezvous options in the array TORCHRUN_RDZV (set by the caller).
 recon3d_train_with_retries() {
@@ -171,6 +192,10 @@ recon3d_train_with_retries() {
         fi
         if [[ -n $_LAUNCH_STOP ]]; then
             _launch_log "SIG$_LAUNCH_STOP received but torchrun exited with $rc (no save since the last checkpoint); not retrying"
+            return "$rc"
+        fi
+        if recon3d_run_diverged "$run_dir"; then
+            _launch_log "attempt $attempt: training diverged (see $run_dir/metrics.jsonl); not retrying — lower optimizer.lr or set deepspeed.gradient_clipping, then rerun"
             return "$rc"
         fi
         if [[ $attempt -gt $MAX_RESTARTS ]]; then

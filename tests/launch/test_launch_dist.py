@@ -10,6 +10,7 @@ first test is the reference loss sequence of the others (same world size, same c
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -270,3 +271,20 @@ def test_sbatch_saves_before_the_time_limit_and_requeues(config, tmp_path, jobs)
     assert 2 <= stopped_at < MAX_STEPS, job.text()
     assert "stopped by SIGUSR1 after saving" in job.text()
     assert requests.read_text().split() == ["requeue", "4242"]
+
+
+def test_a_diverged_run_is_not_retried(config, tmp_path, jobs):
+    """A run that stopped on a non-finite step exits 1, and the retry loop does not start it
+    again (it would resume from the same checkpoint with the same settings and diverge again)."""
+    cfg = yaml.safe_load(config.read_text())
+    cfg["optimizer"] = {"name": "sgd", "lr": 1e6}
+    diverging = tmp_path / "diverging.yaml"
+    diverging.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    job = jobs(LOCAL, diverging, run, tmp_path / "job.log", NPROC_PER_NODE="2", MAX_RESTARTS="2")
+    assert job.wait() != 0, job.text()
+    text = job.text()
+    assert "training diverged" in text and "not retrying" in text, text
+    assert "attempt 2" not in text, text
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert events[-1]["event"] == "diverged"
