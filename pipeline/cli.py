@@ -185,14 +185,6 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: l
     return 2
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) if str(err) else type(err).__name__
-    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.filename and \
-            str(err.filename) not in text:
-        text = f"{text} ({err.filename})"
-    return text
-
-
 def _quiet_broken_pipe() -> None:
     # The reader went away (``recon3d inspect | head``): nothing more can be printed, and
     # Python's own flush at exit would complain again. Point stdout at /dev/null.
@@ -211,11 +203,26 @@ def main(argv: list[str] | None = None) -> int:
     line ``recon3d COMMAND: error: MESSAGE``; ``--debug`` or ``RECON3D_DEBUG=1`` adds the
     traceback. Ctrl-C exits 130; a closed output pipe (``| head``) ends quietly.
     """
-    from pipeline.errors import exit_code
-
     parser = _build_parser()
     args = parser.parse_args(argv)
     debug = bool(args.debug) or os.environ.get("RECON3D_DEBUG", "") not in ("", "0")
+    before = os.environ.get("RECON3D_DEBUG")
+    if debug:
+        # The sub-commands that report their own errors (and child processes) read it too;
+        # restored afterwards, so main() called from Python leaves the environment as it was.
+        os.environ["RECON3D_DEBUG"] = "1"
+    try:
+        return _main(parser, args, argv, debug)
+    finally:
+        if before is None:
+            os.environ.pop("RECON3D_DEBUG", None)
+        else:
+            os.environ["RECON3D_DEBUG"] = before
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None, debug: bool) -> int:
+    from pipeline.errors import report_error
+
     if args.command is None:
         parser.print_help()
         return 0
@@ -231,14 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recon3d {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # the one place that turns errors into exit codes
-        if debug:
-            import traceback
-
-            traceback.print_exc()
-        else:
-            hint = "" if exit_code(err) == 2 else " (--debug or RECON3D_DEBUG=1 shows the traceback)"
-            print(f"recon3d {args.command}: error: {_one_line(err)}{hint}", file=sys.stderr)
-        return exit_code(err)
+        return report_error(err, args.command, debug=debug)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sys
 from pathlib import Path
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "OutputConflictError",
     "StorageFullError",
     "exit_code",
+    "report_error",
     "storage_error",
 ]
 
@@ -82,3 +84,37 @@ def exit_code(err: BaseException) -> int:
     if isinstance(err, (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return 2
     return 1
+
+
+def _one_line(err: BaseException, command: str) -> str:
+    text = " ".join(str(err).split()) if str(err) else type(err).__name__
+    if isinstance(err, KeyError) and str(err):
+        text = f"KeyError: {text}"
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.filename and \
+            str(err.filename) not in text:
+        text = f"{text} ({err.filename})"
+    # Messages raised for the Python API start with the function's name; the line already
+    # says "recon3d COMMAND: error:".
+    return text[len(command) + 2:] if text.startswith(f"{command}: ") else text
+
+
+def report_error(err: BaseException, command: str, *, debug: bool | None = None) -> int:
+    """Print ``err`` as one line ``recon3d COMMAND: error: ...`` on stderr; return its exit code.
+
+    A rank other than 0 of a torchrun job says which rank it is. Failures (exit 1) add a hint
+    that ``--debug`` shows the traceback; with ``debug`` (default: ``RECON3D_DEBUG`` set and not
+    ``0``) the traceback is printed instead.
+    """
+    code = exit_code(err)
+    if debug is None:
+        debug = os.environ.get("RECON3D_DEBUG", "") not in ("", "0")
+    if debug:
+        import traceback
+
+        traceback.print_exception(type(err), err, err.__traceback__)
+        return code
+    rank = os.environ.get("RANK")
+    who = f" (rank {rank})" if rank not in (None, "", "0") else ""
+    hint = " (--debug or RECON3D_DEBUG=1 shows the traceback)" if code == 1 else ""
+    print(f"recon3d {command}{who}: error: {_one_line(err, command)}{hint}", file=sys.stderr)
+    return code

@@ -294,19 +294,19 @@ def run(args: argparse.Namespace) -> int:
     Errors a user can fix (bad input, a scan that fails its checks) are printed as one line
     naming the scan, array and chunk, with exit code 2.
     """
-    from pipeline.errors import Recon3dError, exit_code
+    from pipeline.errors import Recon3dError, report_error
 
     from .format import ScanError
 
     handlers = {"simulate": _simulate, "ingest": _ingest, "inspect": _inspect, "preprocess": _preprocess}
     try:
         return handlers[args.command](args)
-    except Recon3dError as err:  # a scan that fails its checks (2), a full disk (1)...
-        print(f"recon3d {args.command}: error: {err}", file=sys.stderr)
-        return exit_code(err)
-    except (ScanError, ValueError, TypeError, FileNotFoundError, ImportError) as err:
-        print(f"recon3d {args.command}: error: {err}", file=sys.stderr)
+    except ImportError as err:  # a missing optional package (h5py, tifffile): the user installs it
+        report_error(err, args.command)
         return 2
+    except (Recon3dError, ScanError, ValueError, TypeError, FileNotFoundError) as err:
+        # a scan that fails its checks or a bad value (2), a full disk (1)
+        return report_error(err, args.command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
@@ -115,18 +114,17 @@ def _reconstruct(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     """Run a parsed reconstruction sub-command; returns the exit code (2 for errors a user can fix)."""
     from pipeline.data.format import ScanError
-    from pipeline.errors import Recon3dError, exit_code
+    from pipeline.errors import Recon3dError, report_error
 
     try:
         return {"reconstruct": _reconstruct}[args.command](args)
-    except (Recon3dError, ScanError, ValueError, TypeError, FileNotFoundError, ImportError, TimeoutError) as err:
-        rank = os.environ.get("RANK")
-        who = f" (rank {rank})" if rank not in (None, "0") else ""
-        print(f"recon3d {args.command}{who}: error: {' '.join(str(err).split())}", file=sys.stderr)
+    except ImportError as err:  # a missing optional package: the user installs it
+        report_error(err, args.command)
+        return 2
+    except (Recon3dError, ScanError, ValueError, TypeError, FileNotFoundError, TimeoutError) as err:
         # 1 for a job that could not finish (a full disk, a wait that timed out, a lease lost),
-        # 2 for input errors (a scan that fails its checks, a target it must not write, a
-        # missing optional package).
-        return 2 if isinstance(err, ImportError) else exit_code(err)
+        # 2 for input errors (a scan that fails its checks, a target it must not write)
+        return report_error(err, args.command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,3 +131,14 @@ def test_closed_pipe_ends_quietly(tmp_path):
         os.close(write_end)
     assert proc.stderr == ""
     assert proc.returncode in (0, 141)
+
+
+def test_debug_reaches_sub_commands_and_leaves_the_environment_as_it_was(tmp_path, monkeypatch, capsys):
+    """``--debug`` also shows the traceback of errors a sub-command reports itself (reconstruct,
+    the data commands), and ``main()`` called from Python does not leave RECON3D_DEBUG set."""
+    monkeypatch.delenv("RECON3D_DEBUG", raising=False)
+    rc = cli.main(["--debug", "inspect", str(tmp_path / "missing.zarr")])
+    assert rc == 2 and "Traceback (most recent call last)" in capsys.readouterr().err
+    assert "RECON3D_DEBUG" not in os.environ
+    assert cli.main(["inspect", str(tmp_path / "missing.zarr")]) == 2
+    assert "Traceback" not in capsys.readouterr().err

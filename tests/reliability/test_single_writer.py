@@ -308,7 +308,7 @@ def test_cli_wait_timeout_is_a_failure_and_a_conflict_an_input_error(tmp_path, s
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["reconstruct", *_args(scan, out), "--wait-timeout", "0.5"]) == 1  # the job could not finish
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("recon3d reconstruct: error: reconstruct: gave up after"), err
+    assert len(err) == 1 and err[0].startswith("recon3d reconstruct: error: gave up after"), err
     _write_lease(out, fingerprint="ab" * 32, heartbeat=time.time())
     assert main(["reconstruct", *_args(scan, out)]) == 2  # the user must wait or choose another --out
     assert "being written by another job" in capsys.readouterr().err
