@@ -376,11 +376,8 @@ class Lease:
         for _ in range(5):
             self.acquired = time.time()
             if self.storage.create(self._payload()):
-                back = self.storage.read()
-                info = None if back is None else LeaseInfo.parse(back)
-                if info is not None and info.token == self.token:
-                    self.held = True
-                    self._start()
+                info = self._hold_if_ours()
+                if self.held:
                     return self
                 if info is not None:  # a non-atomic store let another job write after us
                     raise self._conflict(info)
@@ -402,14 +399,20 @@ class Lease:
                 stale_token = other.token
             self.acquired = time.time()
             if self.storage.take_over(stale_token, self._payload()):
-                back = self.storage.read()
-                info = None if back is None else LeaseInfo.parse(back)
-                if info is not None and info.token == self.token:
-                    self.held = True
-                    self._start()
+                self._hold_if_ours()
+                if self.held:
                     return self
         raise OutputConflictError(f"reconstruct: could not take the lease {self.path} of '{self.out}': other "
                                   "jobs keep taking it; wait for them, or choose another --out")
+
+    def _hold_if_ours(self) -> LeaseInfo | None:
+        """Read the lease back after writing it; if it carries our token, hold it (start beating)."""
+        back = self.storage.read()
+        info = None if back is None else LeaseInfo.parse(back)
+        if info is not None and info.token == self.token:
+            self.held = True
+            self._start()
+        return info
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._beat, name=f"recon3d-lease {self.out}", daemon=True)

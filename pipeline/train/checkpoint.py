@@ -41,7 +41,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -166,35 +166,29 @@ def _write_error(err: BaseException, path: Path, needed: int | None) -> BaseExce
     return err
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], None], needed: int) -> None:
+    """``write(tmp)`` then fsync and rename onto ``path``: the file is whole or absent, and a
+    failure leaves no temporary file and ends in one line (a full disk names the bytes)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        mapped = _write_error(err, path, len(data))
-        if mapped is err:
-            raise
-        raise mapped from err
-
-
-def _torch_save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        mapped = _write_error(err, path, _tensor_bytes(obj))
+        mapped = _write_error(err, path, needed)
         if mapped is err:
             raise
         raise mapped from err
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_bytes(data), len(data))
+
+
+def _torch_save_atomic(obj: Any, path: Path) -> None:
+    _write_atomic(path, lambda tmp: torch.save(obj, tmp), _tensor_bytes(obj))
 
 
 def read_checkpoint(path: str | Path) -> CheckpointInfo:

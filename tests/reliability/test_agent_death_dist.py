@@ -5,7 +5,6 @@ save (so a retry launcher never finds two jobs in one run directory).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -18,21 +17,8 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("train_fixtures", ROOT / "tests/pipeline/train/conftest.py")
-train_fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_fixtures)
-tiny_config, write_config = train_fixtures.tiny_config, train_fixtures.write_config
+from training_helpers import scan, tiny_config, train_fixtures, write_config  # noqa: F401
 
-
-@pytest.fixture(scope="module")
-def scan(tmp_path_factory) -> str:
-    """An 8×16×16 MRI scan, 2 coils, chunks of 2 slices."""
-    from pipeline.data import SimulateMRIConfig, simulate_mri
-
-    out = tmp_path_factory.mktemp("scans") / "mri.zarr"
-    simulate_mri(SimulateMRIConfig(shape=(8, 16, 16), coils=2, acceleration=4, calibration=4, chunk_depth=2,
-                                   seed=0, noise_sigma=0.01, out=str(out), progress=False))
-    return str(out)
 
 
 def _steps(metrics: Path) -> list[int]:

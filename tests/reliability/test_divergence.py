@@ -8,7 +8,6 @@ is wrapped to inject values; the CLI case and the 2-rank case run in subprocesse
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,37 +17,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("train_fixtures", ROOT / "tests/pipeline/train/conftest.py")
-train_fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_fixtures)
-tiny_config, write_config = train_fixtures.tiny_config, train_fixtures.write_config
+from training_helpers import reset_deepspeed_groups as _reset_deepspeed_groups, scan, tiny_config, train_fixtures, write_config  # noqa: F401
 
 
-@pytest.fixture(scope="module")
-def scan(tmp_path_factory) -> str:
-    """An 8×16×16 MRI scan, 2 coils, chunks of 2 slices."""
-    from pipeline.data import SimulateMRIConfig, simulate_mri
-
-    out = tmp_path_factory.mktemp("scans") / "mri.zarr"
-    simulate_mri(SimulateMRIConfig(shape=(8, 16, 16), coils=2, acceleration=4, calibration=4, chunk_depth=2,
-                                   seed=0, noise_sigma=0.01, out=str(out), progress=False))
-    return str(out)
-
-
-_GROUPS_INITIAL: dict = {}
-
-
-def _reset_deepspeed_groups() -> None:
-    """Several DeepSpeed engines in one process: DeepSpeed caches its process groups in module
-    globals, which point at a destroyed group once a run has called ``destroy_process_group``;
-    put them back as they were before any engine."""
-    from deepspeed.utils import groups
-
-    if not _GROUPS_INITIAL:
-        _GROUPS_INITIAL.update({k: v for k, v in vars(groups).items() if k.startswith("_") and k[1:2].isupper()
-                                and (v is None or v == {})})
-    for k, v in _GROUPS_INITIAL.items():
-        setattr(groups, k, {} if isinstance(v, dict) else v)
 
 
 @pytest.fixture(autouse=True)

@@ -5,41 +5,13 @@ the old checkpoints kept under another name); a resume that changes the schedule
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("train_fixtures", ROOT / "tests/pipeline/train/conftest.py")
-train_fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_fixtures)
-tiny_config, write_config = train_fixtures.tiny_config, train_fixtures.write_config
+from training_helpers import reset_deepspeed_groups as _reset_deepspeed_groups, scan, tiny_config, train_fixtures, write_config  # noqa: F401
 
-_GROUPS_INITIAL: dict = {}
-
-
-def _reset_deepspeed_groups() -> None:
-    """DeepSpeed caches its process groups in module globals, stale once a run destroyed its
-    process group; several in-process runs need them as they were before any engine."""
-    from deepspeed.utils import groups
-
-    if not _GROUPS_INITIAL:
-        _GROUPS_INITIAL.update({k: v for k, v in vars(groups).items() if k.startswith("_") and k[1:2].isupper()
-                                and (v is None or v == {})})
-    for k, v in _GROUPS_INITIAL.items():
-        setattr(groups, k, {} if isinstance(v, dict) else v)
-
-
-@pytest.fixture(scope="module")
-def scan(tmp_path_factory) -> str:
-    """An 8×16×16 MRI scan, 2 coils, chunks of 2 slices."""
-    from pipeline.data import SimulateMRIConfig, simulate_mri
-
-    out = tmp_path_factory.mktemp("scans") / "mri.zarr"
-    simulate_mri(SimulateMRIConfig(shape=(8, 16, 16), coils=2, acceleration=4, calibration=4, chunk_depth=2,
-                                   seed=0, noise_sigma=0.01, out=str(out), progress=False))
-    return str(out)
 
 
 def _cli(*args: str) -> int:
