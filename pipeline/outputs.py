@@ -288,6 +288,24 @@ def check_output(out: Any, command: str, *, inputs: Iterable[Any] = (),
     return target
 
 
+def check_run_dir(run_dir: Any, *, inputs: Iterable[Any] = ()) -> Target:
+    """The guard of ``recon3d train --run-dir``: a new or empty folder, an earlier run, or a plain
+    folder (a user's experiment folder holding its YAML); never a scan, an output or a file,
+    nor a path inside one of ``inputs`` (the scans it reads) or inside any zarr group.
+
+    Raises:
+        OutputConflictError: the run directory would be written into something recon3d must not
+            touch (training writes ``checkpoints/``, ``metrics.jsonl`` and the resolved config).
+    """
+    target = classify(run_dir)
+    if target.kind not in ("missing", "empty", "run", "folder"):
+        raise OutputConflictError(
+            f"train: --run-dir {run_dir} is {target.what}; recon3d train never writes into it: "
+            "choose another --run-dir")
+    check_outside(run_dir, "train", inputs, option="--run-dir")
+    return target
+
+
 def write_report_marker(folder: Path, target: Any) -> None:
     """Mark ``folder`` as written by ``recon3d report`` (so a later report may replace it)."""
     from pipeline.data.format import now_iso

@@ -523,9 +523,13 @@ def train(config: ExperimentConfig, run_dir: str | Path, *, resume: str | None =
     Raises:
         InputError: ``run_dir`` holds checkpoints and neither ``resume`` (of this run) nor
             ``restart`` is given (checked on every rank before any work).
+        OutputConflictError: ``run_dir`` is a scan, an output, a file, or inside a scan.
         DivergenceError: a step's loss or gradient norm was NaN/Inf.
     """
+    from pipeline.outputs import check_run_dir
+
     run_dir = Path(run_dir)
+    check_run_dir(run_dir, inputs=[*config.data.scans, *config.validation.scans])
     directory, last = checkpoints_in(config, run_dir)
     # A checkpoint given by path that lies outside this run's checkpoints would continue a run
     # from elsewhere on top of this one's saves (its `latest` moving back and forth).

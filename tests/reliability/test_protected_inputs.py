@@ -285,3 +285,37 @@ def test_evaluate_json_inside_a_scan_is_refused(capsys, copy, made):
     scan = copy("sim.zarr")
     _refused(capsys, ["evaluate", str(made / "rec.ome.zarr"), "--reference", str(scan), "--json",
                       str(scan / "zarr.json")], scan, says="inside the input")
+
+
+# ----------------------------------------------------------------------------- train
+@pytest.mark.parametrize("kind", ["scan", "reconstruction", "foreign group", "inside the scan", "a file"])
+def test_train_run_dir_never_lands_in_a_scan_or_an_output(capsys, copy, made, tmp_path, kind):
+    """``train --run-dir`` would write checkpoints/, metrics.jsonl and the resolved config into
+    it: a scan, an output, a foreign group, a path inside the scan and a file are refused before
+    any work; the scans it reads are untouched."""
+    import yaml
+
+    scan = copy("sim.zarr")
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({"data": {"scans": [str(scan)], "slab_thickness": 2},
+                                      "model": {"widths": [4, 8]}, "run": {"max_steps": 1}}))
+    run, target, says = {
+        "scan": (scan, scan, "is a recon3d scan"),
+        "reconstruction": (copy("rec.ome.zarr"),) * 2 + ("is a reconstruction written by recon3d reconstruct",),
+        "foreign group": (_foreign_group(tmp_path / "g.zarr"),) * 2 + ("zarr group that recon3d did not write",),
+        "inside the scan": (scan / "run", scan, "inside the input"),
+        "a file": (config, config, "a file"),
+    }[kind]
+    err = _refused(capsys, ["train", str(config), "--run-dir", str(run)], target, says=says)
+    assert "--run-dir" in err and not (scan / "run").exists()
+
+
+def test_train_run_dir_may_be_a_users_experiment_folder(made, tmp_path):
+    """A plain folder that holds the user's YAML is a fine run directory (only checked here:
+    the guard passes; training itself is covered elsewhere)."""
+    from pipeline.outputs import check_run_dir
+
+    folder = _plain_folder(tmp_path / "exp1")
+    assert check_run_dir(folder, inputs=[made / "sim.zarr"]).kind == "folder"
+    assert check_run_dir(tmp_path / "new").kind == "missing"
+    assert check_run_dir(_run_dir(tmp_path / "old")).kind == "run"
