@@ -47,6 +47,7 @@ class ScanFacts:
     geometry: str  # "cartesian" | "parallel" | "cone"
     noise_model: Any  # operators3d NoiseModel or None
     channels: int  # real channels of an image at the network's boundary
+    without_reference: tuple[str, ...] = ()  # scans with no reference array (supervised needs one)
 
 
 def scan_facts(paths: list[str], *, storage_options: dict[str, Any] | None = None, what: str = "data.scans") -> ScanFacts:
@@ -65,7 +66,7 @@ def scan_facts(paths: list[str], *, storage_options: dict[str, Any] | None = Non
             raise ConfigError(f"{what}[{i}]: cannot open scan {path!r}: {exc}") from None
         meta = scan.metadata
         geometry = "cartesian" if scan.modality == "mri" else meta.geometry.kind
-        facts.append((scan.modality, geometry, meta.noise_model, path))
+        facts.append((scan.modality, geometry, meta.noise_model, path, scan.reference is not None))
     modalities = {f[0] for f in facts}
     if len(modalities) > 1:
         raise ConfigError(f"{what}: scans of one modality only, got {sorted(modalities)}")
@@ -76,7 +77,8 @@ def scan_facts(paths: list[str], *, storage_options: dict[str, Any] | None = Non
 
         noise_model = noise_model_from_dict(facts[0][2])
     modality, geometry = facts[0][0], facts[0][1]
-    return ScanFacts(modality, geometry, noise_model, 2 if modality == "mri" else 1)
+    return ScanFacts(modality, geometry, noise_model, 2 if modality == "mri" else 1,
+                     without_reference=tuple(str(f[3]) for f in facts if not f[4]))
 
 
 def _to_parameter_dtype(module: nn.Module, args: tuple) -> tuple:
@@ -145,6 +147,7 @@ def build_loss(cfg: LossConfig, facts: ScanFacts, *, seed: int) -> Any:
         Noise2InverseLoss,
         SplittingLoss,
         SSDULoss,
+        SupervisedLoss,
         SureGaussianLoss,
         SurePoissonLoss,
         WeightedSum,
@@ -179,6 +182,13 @@ def build_loss(cfg: LossConfig, facts: ScanFacts, *, seed: int) -> Any:
                 loss = SurePoissonLoss(noise_model=nm, tau=t.tau, seed=s)
         elif t.name == "splitting":
             loss = SplittingLoss(t.rho, seed=s)
+        elif t.name == "supervised":
+            if facts.without_reference:
+                raise ConfigError(
+                    f"{where}: needs the scans' reference array, and {facts.without_reference[0]} has none "
+                    f"({len(facts.without_reference)} scan(s) without one); simulated scans carry it, measured "
+                    "ones do not: train those with a self-supervised term")
+            loss = SupervisedLoss(metric=t.metric)
         elif t.name == "ssdu":
             if facts.modality != "mri":
                 raise ConfigError(f"{where}: SSDU splits MRI k-space; use n2i or splitting for CT")
@@ -222,8 +232,9 @@ def scan_scale(model: nn.Module, path: str, *, thickness: int | None, max_slabs:
     return scan_intensity_scale(model, pairs())
 
 
-def build_stream(cfg: DataConfig, *, seed: int, rank: int, world_size: int):
-    """This rank's :class:`~pipeline.data.SlabStream` over the training scans."""
+def build_stream(cfg: DataConfig, *, seed: int, rank: int, world_size: int, include_reference: bool = False):
+    """This rank's :class:`~pipeline.data.SlabStream` over the training scans (with each slab's
+    reference in ``meta["reference"]`` when ``include_reference``: a supervised term)."""
     from pipeline.data import SlabStream, SlabStreamConfig
 
     stream_cfg = SlabStreamConfig(
@@ -231,7 +242,7 @@ def build_stream(cfg: DataConfig, *, seed: int, rank: int, world_size: int):
         image_arrays=tuple(cfg.image_arrays), crop_shape=cfg.crop_shape,
         crops_per_scan=cfg.crops_per_scan, shuffle=cfg.shuffle, seed=seed,
         num_workers=cfg.num_workers, worker_type=cfg.worker_type, prefetch_factor=cfg.prefetch_factor,
-        storage_options=dict(cfg.storage_options),
+        storage_options=dict(cfg.storage_options), include_reference=include_reference,
     )
     try:
         return SlabStream(stream_cfg, rank=rank, world_size=world_size)

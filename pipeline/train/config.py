@@ -182,7 +182,16 @@ class N2ITerm(_Term):
     target: Literal["reconstruction", "measurement"] = "reconstruction"
 
 
-Term = Annotated[Union[MCTerm, EITerm, SureTerm, SplittingTerm, SSDUTerm, N2ITerm],
+class SupervisedTerm(_Term):
+    """MSE (or L1) against the scan's ``reference`` array — simulated scans only. Not a
+    self-supervised loss: it measures the gap a self-supervised recipe leaves to a network
+    trained with ground truth, through the same command."""
+
+    name: Literal["supervised"]
+    metric: Literal["mse", "l1"] = "mse"
+
+
+Term = Annotated[Union[MCTerm, EITerm, SureTerm, SplittingTerm, SSDUTerm, N2ITerm, SupervisedTerm],
                  Field(discriminator="name")]
 
 
@@ -289,9 +298,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-_TERM_TAGS = {"mc", "ei", "sure", "splitting", "ssdu", "n2i"}
+_TERM_TAGS = {"mc", "ei", "sure", "splitting", "ssdu", "n2i", "supervised"}
 _TERM_TYPES = {"mc": MCTerm, "ei": EITerm, "sure": SureTerm, "splitting": SplittingTerm,
-               "ssdu": SSDUTerm, "n2i": N2ITerm}
+               "ssdu": SSDUTerm, "n2i": N2ITerm, "supervised": SupervisedTerm}
 
 
 def _section_at(loc: tuple) -> type[BaseModel] | None:

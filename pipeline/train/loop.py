@@ -89,6 +89,9 @@ class Trainer:
             vf = build.scan_facts(cfg.validation.scans, what="validation.scans")
             if vf.modality != self.facts.modality:
                 raise ConfigError(f"validation.scans are {vf.modality}, training scans {self.facts.modality}")
+            if vf.without_reference and any(t.name == "supervised" for t in cfg.loss.terms):
+                raise ConfigError(f"validation.scans: the supervised loss term needs a reference array, and "
+                                  f"{vf.without_reference[0]} has none; validate on simulated scans")
         precision = cfg.deepspeed.precision
         torch.manual_seed(build.derived_seed(cfg.run.seed, "init"))  # identical on every rank
         model = build.build_model(cfg.model, self.facts, precision=precision)
@@ -102,7 +105,8 @@ class Trainer:
                 self.scales[str(path)] = build.scan_scale(self.model, path, thickness=cfg.data.slab_thickness,
                                                           storage_options=cfg.data.storage_options)
         self.stream = build.build_stream(cfg.data, seed=build.derived_seed(cfg.run.seed, "stream"),
-                                         rank=ctx.rank, world_size=ctx.world_size)
+                                         rank=ctx.rank, world_size=ctx.world_size,
+                                         include_reference=self.loss.needs_reference)
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.checkpoints = CheckpointManager(ckpt_dir, ctx, keep_last=cfg.checkpoint.keep_last)
         self.engine = None
@@ -333,7 +337,7 @@ class Trainer:
             op = sample.op.to(self.ctx.device) if sample.op is not None else None
             with intensity_scale(self.engine.module, self._scale_for(sample.meta.get("scan"))):
                 x_hat = self.engine(y, op)
-                out = self.loss(x_hat, y, op, self.engine)
+                out = self.loss(x_hat, y, op, self.engine, reference=self._reference(sample.meta))
                 self.engine.backward(out.total)
             if i == accum - 1 and self._own_grad_norm():
                 grad_norm = self._local_grad_norm()  # before step() clips or zeroes the grads
@@ -393,6 +397,12 @@ class Trainer:
             return torch.zeros((), dtype=torch.float64)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
 
+    def _reference(self, meta: dict[str, Any]) -> torch.Tensor | None:
+        """The sample's reference (a batch of one) for a supervised term, else ``None``."""
+        if not self.loss.needs_reference:
+            return None
+        return meta["reference"].unsqueeze(0).to(self.ctx.device)
+
     def _scale_for(self, path: str | None) -> float | None:
         if path is None:
             return None
@@ -426,7 +436,10 @@ class Trainer:
                 y, op = y.unsqueeze(0).to(self.ctx.device), op.to(self.ctx.device)
                 with intensity_scale(self.engine.module, self._scale_for(scan.path)):
                     x_hat = self.engine(y, op)
-                    sums[3] += float(self.loss(x_hat, y, op, self.engine).total)
+                    reference = None
+                    if self.loss.needs_reference:
+                        reference = scan.reference.read_torch(d_slice).unsqueeze(0).to(self.ctx.device)
+                    sums[3] += float(self.loss(x_hat, y, op, self.engine, reference=reference).total)
                 if scan.reference is not None:
                     ref = scan.reference.read_torch(d_slice)
                     sums[0] += psnr(x_hat[0].cpu(), ref)
