@@ -245,3 +245,22 @@ def test_cli(tmp_path, out, scan, recon, reference, capsys):
     m = _torch(mag > 0.1 * mag.max())
     assert saved["psnr"] == pytest.approx(psnr(_torch(recon), _torch(reference), mask=m, data_range=1.5), rel=1e-12)
     assert saved["data_range"] == 1.5 and saved["mask"] == "object"
+
+
+def test_cli_reports_the_object_next_to_the_volume(tmp_path, out, scan, capsys):
+    """Without --mask the command reports the whole volume and the object (the support mask),
+    each with its data range; --no-object reports the volume only."""
+    parser = argparse.ArgumentParser(prog="recon3d")
+    ev.add_parser(parser.add_subparsers(dest="command"))
+    assert ev.run_cli(parser.parse_args(["evaluate", out, "--reference", scan, "--json", str(tmp_path / "m.json")])) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "m.json").read_text())
+    whole, obj = ev.evaluate(out, scan), ev.evaluate(out, scan, mask="object")
+    assert saved["psnr"] == whole["psnr"] and saved["mask"] is None
+    assert saved["object"]["psnr"] == obj["psnr"] and saved["object"]["mask_voxels"] == obj["mask_voxels"]
+    assert obj["mask_voxels"] < whole["mask_voxels"]
+    lines = [line for line in printed.splitlines() if "PSNR" in line]
+    assert len(lines) == 2 and lines[0].lstrip().startswith("volume:") and lines[1].lstrip().startswith("object (")
+    assert f"{obj['psnr']:.4f}" in lines[1] and all("R = " in line for line in lines)
+    assert ev.run_cli(parser.parse_args(["evaluate", out, "--reference", scan, "--no-object"])) == 0
+    assert len([line for line in capsys.readouterr().out.splitlines() if "PSNR" in line]) == 1
