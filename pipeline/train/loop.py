@@ -337,7 +337,7 @@ class Trainer:
             op = sample.op.to(self.ctx.device) if sample.op is not None else None
             with intensity_scale(self.engine.module, self._scale_for(sample.meta.get("scan"))):
                 x_hat = self.engine(y, op)
-                out = self.loss(x_hat, y, op, self.engine, reference=self._reference(sample.meta))
+                out = self.loss(x_hat, y, op, self.engine, **self._reference(sample.meta))
                 self.engine.backward(out.total)
             if i == accum - 1 and self._own_grad_norm():
                 grad_norm = self._local_grad_norm()  # before step() clips or zeroes the grads
@@ -397,11 +397,12 @@ class Trainer:
             return torch.zeros((), dtype=torch.float64)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
 
-    def _reference(self, meta: dict[str, Any]) -> torch.Tensor | None:
-        """The sample's reference (a batch of one) for a supervised term, else ``None``."""
+    def _reference(self, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``{"reference": the sample's reference}`` (a batch of one) for a supervised term, else
+        ``{}``: self-supervised losses are called without it."""
         if not self.loss.needs_reference:
-            return None
-        return meta["reference"].unsqueeze(0).to(self.ctx.device)
+            return {}
+        return {"reference": meta["reference"].unsqueeze(0).to(self.ctx.device)}
 
     def _scale_for(self, path: str | None) -> float | None:
         if path is None:
@@ -436,10 +437,10 @@ class Trainer:
                 y, op = y.unsqueeze(0).to(self.ctx.device), op.to(self.ctx.device)
                 with intensity_scale(self.engine.module, self._scale_for(scan.path)):
                     x_hat = self.engine(y, op)
-                    reference = None
+                    ref = {}
                     if self.loss.needs_reference:
-                        reference = scan.reference.read_torch(d_slice).unsqueeze(0).to(self.ctx.device)
-                    sums[3] += float(self.loss(x_hat, y, op, self.engine, reference=reference).total)
+                        ref = {"reference": scan.reference.read_torch(d_slice).unsqueeze(0).to(self.ctx.device)}
+                    sums[3] += float(self.loss(x_hat, y, op, self.engine, **ref).total)
                 if scan.reference is not None:
                     ref = scan.reference.read_torch(d_slice)
                     sums[0] += psnr(x_hat[0].cpu(), ref)
