@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-from training_helpers import scan, tiny_config, train_fixtures, write_config  # noqa: F401
+from reliability_helpers import scan, tiny_config, train_fixtures, write_config  # noqa: F401
 
 
 

@@ -23,15 +23,11 @@ import zarr
 
 from pipeline.cli import main
 from pipeline.data import check_scan
+from reliability_helpers import cli_env
 
-ROOT = Path(__file__).resolve().parents[2]
 SIM = ["simulate", "ct", "--shape", "24", "48", "48", "--angles", "48", "--chunk-depth", "2", "--seed", "0",
        "--no-progress", "--workers", "1"]
 NUM_CHUNKS = 12  # 24 slices in chunks of 2
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
 
 def _chunks(folder: Path) -> int:
@@ -44,7 +40,7 @@ def _kill_when(args: list[str], chunk_folder: Path, at_least: int, cwd: Path, ti
 
     Returns whether the process was killed (False: it finished first).
     """
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     try:
@@ -62,7 +58,7 @@ def _kill_when(args: list[str], chunk_folder: Path, at_least: int, cwd: Path, ti
 
 
 def _rerun(args: list[str], cwd: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=cli_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-from training_helpers import reset_deepspeed_groups as _reset_deepspeed_groups, scan, tiny_config, train_fixtures, write_config  # noqa: F401
+from reliability_helpers import reset_deepspeed_groups as _reset_deepspeed_groups, scan, tiny_config, train_fixtures, write_config  # noqa: F401
 
 
 

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from pipeline.errors import InputError, UntrustedFileError
+from reliability_helpers import cli_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,18 +41,9 @@ def _craft(path: Path, marker: Path, *, like: Path | None = None) -> None:
     torch.save({**body, "payload": _Marker(marker)} if isinstance(body, dict) else _Marker(marker), path)
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
-    return env
-
-
 def _cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-                          timeout=240, env=_env(), cwd=ROOT)
+                          timeout=240, env=cli_env(), cwd=ROOT)
 
 
 def _error_line(text: str, command: str) -> str:

@@ -1,10 +1,11 @@
-"""Shared by the training cases of ``tests/reliability``: the tiny-config helpers of
-``tests/pipeline/train/conftest.py``, a tiny MRI scan, and DeepSpeed's cached process groups
-put back between in-process runs."""
+"""Shared by the cases of ``tests/reliability``: the environment of a ``recon3d`` subprocess, the
+tiny-config helpers of ``tests/pipeline/train/conftest.py``, a tiny MRI scan, and DeepSpeed's
+cached process groups put back between in-process runs."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,17 @@ _spec = importlib.util.spec_from_file_location("train_fixtures", ROOT / "tests/p
 train_fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train_fixtures)
 tiny_config, write_config = train_fixtures.tiny_config, train_fixtures.write_config
+
+def cli_env() -> dict[str, str]:
+    """The environment of a ``python -m pipeline.cli`` child: this checkout first on the path,
+    one thread, and no torchrun variables leaking in from a launcher."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    return env
+
 
 _GROUPS_INITIAL: dict = {}
 
