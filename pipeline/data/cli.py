@@ -9,6 +9,7 @@ Examples::
         --seed 0 --out scans/brain.zarr
     recon3d simulate ct --shape 128 256 256 --angles 360 --phantom foam --photons 1e4 \\
         --seed 0 --out scans/foam.zarr
+    recon3d simulate ct --shape 16 96 128 --phantom anatomy-crop --seed 201 --out scans/head.zarr
     recon3d ingest mri kspace.h5 --out scans/subject1.zarr
     recon3d ingest ct projections/ --flat flat.tif --dark dark.tif --out scans/sample.zarr
     recon3d inspect scans/foam.zarr --check
@@ -24,6 +25,11 @@ from typing import Any
 __all__ = ["register", "run", "COMMANDS"]
 
 COMMANDS = ("simulate", "ingest", "inspect", "preprocess")
+
+_PHANTOM_HELP = ("a named phantom: shepp-logan, ellipsoids, foam, or the held-out realistic ones "
+                 "anatomy (head), industrial (CT sample), organs (abdomen), each also as NAME-crop "
+                 "(magnified 1.5x so that it crosses the edges of the field of view); "
+                 "or a .npy / zarr volume (default: shepp-logan)")
 
 
 def _codec_args(p: argparse.ArgumentParser) -> None:
@@ -79,8 +85,7 @@ def register(subparsers: Any) -> None:
     mri.add_argument("--calibration", type=int, default=24, help="calibration block side (default: 24)")
     mri.add_argument("--mask", default="poisson", choices=["poisson", "gaussian"],
                      help="variable-density mask kind (default: poisson)")
-    mri.add_argument("--phantom", default="shepp-logan",
-                     help="shepp-logan, ellipsoids, foam, or a .npy / zarr volume (default: shepp-logan)")
+    mri.add_argument("--phantom", default="shepp-logan", help=_PHANTOM_HELP)
     mri.add_argument("--noise-sigma", type=float, default=0.0,
                      help="complex Gaussian noise σ per real/imaginary part (default: 0)")
     mri.add_argument("--no-phase", action="store_true", help="keep the image real (no smooth phase)")
@@ -96,8 +101,7 @@ def register(subparsers: Any) -> None:
                     help="volume shape (default: 32 128 128, or the phantom file's)")
     ct.add_argument("--angles", type=int, default=180, help="number of angles (default: 180)")
     ct.add_argument("--geometry", default="parallel", choices=["parallel", "cone"])
-    ct.add_argument("--phantom", default="shepp-logan",
-                    help="shepp-logan, ellipsoids, foam, or a .npy / zarr volume (default: shepp-logan)")
+    ct.add_argument("--phantom", default="shepp-logan", help=_PHANTOM_HELP)
     ct.add_argument("--attenuation", type=float, default=4.0,
                     help="line integral through the full width of value-1 material (default: 4)")
     noise = ct.add_mutually_exclusive_group()
@@ -199,10 +203,11 @@ def _outcome(outcome) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from .phantoms import PHANTOMS
     from .simulate import SimulateCTConfig, SimulateMRIConfig, simulate_ct, simulate_mri
 
     shape = tuple(args.shape) if args.shape is not None else None
-    if shape is None and args.phantom in ("shepp-logan", "ellipsoids", "foam"):
+    if shape is None and args.phantom in PHANTOMS:
         shape = (32, 128, 128)
     common = dict(out=args.out, shape=shape, phantom=args.phantom, seed=args.seed,
                   chunk_depth=args.chunk_depth, codec=_codec(args), units=args.units,

@@ -11,6 +11,12 @@ Sources:
 * ``shepp-logan``: :data:`operators3d.phantoms.SHEPP_LOGAN_3D`.
 * ``ellipsoids``: a body ellipsoid with seeded random inner ellipsoids (values clipped to ≥ 0).
 * ``foam``: a cylinder of value 1 with seeded random spherical pores (value 0), for CT.
+* ``anatomy``, ``industrial``, ``organs``: realistic seeded phantoms (a head with folded cortex,
+  skull, ventricles and vessels; an industrial-CT sample with pores, fibres and cracks; an
+  abdomen with organs, fat, spine and ribs), evaluated row by row from analytic random fields
+  (:mod:`pipeline.data.phantom_family`). ``NAME-crop`` is the same object magnified by
+  :data:`~pipeline.data.phantom_family.CROP_ZOOM` so that it crosses the edges of the field of
+  view; ``make_volume_source(..., zoom=z)`` sets any magnification.
 * a file: ``.npy`` (read per slab) or a zarr array (or a scan, whose ``reference`` is used).
 """
 
@@ -36,9 +42,23 @@ __all__ = [
     "smooth_phase_slab",
     "derive_seed",
     "PHANTOMS",
+    "TUNING_PHANTOMS",
+    "HELD_OUT_PHANTOMS",
 ]
 
-PHANTOMS = ("shepp-logan", "ellipsoids", "foam")
+#: The realistic family of :mod:`pipeline.data.phantom_family` (names without ``-crop``).
+_FAMILY_NAMES = ("anatomy", "industrial", "organs")
+
+#: Every named phantom ``make_volume_source`` and ``recon3d simulate --phantom`` accept.
+PHANTOMS = ("shepp-logan", "ellipsoids", "foam", *_FAMILY_NAMES, *(f"{n}-crop" for n in _FAMILY_NAMES))
+
+#: The phantoms the recipes (loss weights, learning rates, step counts in ``launch/configs`` and
+#: ``benchmarks/quality.py``) are tuned on. Quality claims are checked on HELD_OUT_PHANTOMS.
+TUNING_PHANTOMS = ("ellipsoids",)
+
+#: A held-out set that is not the tuning set (issue 14.2): realistic structure the tuning
+#: phantoms lack, inside the field of view and (``-crop``) crossing its edges.
+HELD_OUT_PHANTOMS = (*_FAMILY_NAMES, *(f"{n}-crop" for n in _FAMILY_NAMES))
 
 
 def derive_seed(seed: int, *keys: Any) -> int:
@@ -197,15 +217,25 @@ def _open_volume_file(path: str) -> ArrayVolume:
 
 
 def make_volume_source(
-    phantom: str, shape: Sequence[int] | None, *, seed: int, num_features: int | None = None
+    phantom: str,
+    shape: Sequence[int] | None,
+    *,
+    seed: int,
+    num_features: int | None = None,
+    zoom: float | None = None,
 ) -> VolumeSource:
     """The volume named by ``phantom`` (a name in :data:`PHANTOMS` or a file path).
 
     Args:
-        phantom: ``shepp-logan``, ``ellipsoids``, ``foam``, or a ``.npy`` / zarr path.
+        phantom: ``shepp-logan``, ``ellipsoids``, ``foam``, ``anatomy``, ``industrial``,
+            ``organs`` (each of the last three also as ``NAME-crop``), or a ``.npy`` / zarr path.
         shape: ``(D, H, W)``; required for analytic phantoms, checked against files.
-        seed: draws the random ellipsoids or foam pores.
-        num_features: the number of random ellipsoids (default 12) or pores (default 300).
+        seed: draws the random ellipsoids, foam pores, or the realistic phantom (``NAME`` and
+            ``NAME-crop`` of one seed are the same object).
+        num_features: the number of random ellipsoids (default 12), foam pores (default 300),
+            anatomy vessel trees (16), industrial pores (500) or organs bowel loops (24).
+        zoom: magnification of ``anatomy`` / ``industrial`` / ``organs`` about the centre of the
+            field of view (default 1, or 1.5 for ``NAME-crop``); not accepted for the others.
     """
     if phantom in PHANTOMS:
         if shape is None:
@@ -213,6 +243,17 @@ def make_volume_source(
         dims = tuple(int(s) for s in shape)
         if len(dims) != 3 or any(s < 1 for s in dims):
             raise ValueError(f"shape must be three positive sizes (D, H, W), got {dims}")
+        kind = phantom.removesuffix("-crop")
+        if kind in _FAMILY_NAMES:
+            from .phantom_family import CROP_ZOOM, make_family_phantom
+
+            if zoom is None:
+                zoom = CROP_ZOOM if phantom.endswith("-crop") else 1.0
+            rng = np.random.default_rng(derive_seed(seed, "phantom", kind))
+            return make_family_phantom(phantom, kind, dims, rng, seed=seed, num_features=num_features,
+                                       zoom=float(zoom))
+        if zoom is not None:
+            raise ValueError(f"zoom applies to {', '.join(_FAMILY_NAMES)}, not to {phantom!r}")
         rng = np.random.default_rng(derive_seed(seed, "phantom", phantom))
         if phantom == "shepp-logan":
             return AnalyticPhantom(dims, tuple(tuple(r) for r in SHEPP_LOGAN_3D), "shepp-logan")

@@ -56,7 +56,9 @@ class SimulateMRIConfig:
         acceleration: target ``H·W / count(mask)`` of the 2D (ky, kz) mask.
         calibration: side of the fully sampled centre block.
         mask: ``poisson`` (variable-density Poisson disc) or ``gaussian``.
-        phantom: ``shepp-logan``, ``ellipsoids``, ``foam`` or a ``.npy`` / zarr path.
+        phantom: a name of :data:`~pipeline.data.phantoms.PHANTOMS` (``shepp-logan``,
+            ``ellipsoids``, ``foam``, ``anatomy``, ``industrial``, ``organs``, ``NAME-crop``)
+            or a ``.npy`` / zarr path.
         noise_sigma: σ of the complex Gaussian noise, per real and imaginary part (absolute,
             in k-space units; the orthonormal FFT keeps image and k-space scales equal).
         phase: multiply the phantom by a smooth phase (a real image is an unrealistic prior).
@@ -117,7 +119,9 @@ class SimulateCTConfig:
         angles: number of projection angles ``A`` (uniform over ``[0, π)`` for parallel beam,
             ``[0, 2π)`` for cone beam).
         geometry: ``parallel`` or ``cone``.
-        phantom: ``shepp-logan``, ``ellipsoids``, ``foam`` or a ``.npy`` / zarr path.
+        phantom: a name of :data:`~pipeline.data.phantoms.PHANTOMS` (``shepp-logan``,
+            ``ellipsoids``, ``foam``, ``anatomy``, ``industrial``, ``organs``, ``NAME-crop``)
+            or a ``.npy`` / zarr path.
         attenuation: the line integral through the full width of value-1 material; the
             reference (attenuation per unit length) is the phantom times
             ``attenuation / (W · voxel_size)``.
