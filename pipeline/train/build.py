@@ -30,6 +30,7 @@ __all__ = [
     "build_optimizer",
     "learning_rate",
     "cast_to_parameters",
+    "zero_last_convolution",
 ]
 
 
@@ -106,6 +107,19 @@ def cast_to_parameters(backbone: nn.Module) -> nn.Module:
     return backbone
 
 
+def zero_last_convolution(backbone: nn.Module) -> None:
+    """Zero the weights and bias of ``backbone``'s last convolution (a residual backbone is then
+    the identity, so the reconstructor starts at its initial estimate)."""
+    head = getattr(backbone, "head", None)  # UNet3D's output convolution
+    convs = [head] if isinstance(head, nn.Conv3d) else [m for m in backbone.modules() if isinstance(m, nn.Conv3d)]
+    if not convs:
+        raise ConfigError(f"model.start_at_initial: {type(backbone).__name__} has no convolution to zero")
+    with torch.no_grad():
+        convs[-1].weight.zero_()
+        if convs[-1].bias is not None:
+            convs[-1].bias.zero_()
+
+
 def build_model(cfg: ModelConfig, facts: ScanFacts, *, precision: str = "fp32") -> nn.Module:
     """The reconstructor ``model(y, op)`` described by ``cfg`` for scans like ``facts``."""
     from pipeline.models import ArtifactRemoval, DnCNN3D, TiledBackbone, UNet3D, UnrolledNetwork
@@ -118,6 +132,8 @@ def build_model(cfg: ModelConfig, facts: ScanFacts, *, precision: str = "fp32") 
     else:
         backbone = DnCNN3D(ch, ch, width=cfg.dncnn_width, depth=cfg.dncnn_depth,
                            activation=cfg.activation, residual=cfg.residual)
+    if cfg.start_at_initial:
+        zero_last_convolution(backbone)
     if precision != "fp32":
         backbone = cast_to_parameters(backbone)
     if cfg.tile is not None:

@@ -124,8 +124,17 @@ class ModelConfig(_Section):
     initial: Literal["adjoint", "fbp", "sense"] = "adjoint"
     fbp_filter: Literal["ram-lak", "shepp-logan", "cosine", "hann"] = "ram-lak"  # initial: fbp's window
     normalize: bool = True
+    # Zero the backbone's last convolution: the residual network then starts exactly at its
+    # initial estimate (FBP, SENSE...) and training can only move away from it where the loss asks.
+    start_at_initial: bool = False
     unrolled: UnrolledConfig = UnrolledConfig()
     tile: TileConfig | None = None
+
+    @model_validator(mode="after")
+    def _start(self) -> "ModelConfig":
+        if self.start_at_initial and not self.residual:
+            raise ValueError("start_at_initial needs residual: true (a zeroed non-residual network outputs 0)")
+        return self
 
     @field_validator("widths")
     @classmethod

@@ -161,3 +161,29 @@ def test_each_loss_family_trains_under_the_engine(tmp_path, tiny_mri, tiny_ct, c
     run_job(1, ["train", str(write_config(tmp_path / "c.yaml", cfg)), "--run-dir", str(run)])
     losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dncnn"])
+def test_start_at_initial_makes_the_network_its_initial_estimate(tiny_ct, backbone):
+    """``model.start_at_initial``: the residual backbone's last convolution is zeroed, so the
+    untrained model returns exactly its initial estimate (FBP here); without it, it does not."""
+    from pipeline.data import open_scan
+    from pipeline.models.reconstructors import initial_estimate
+    from pipeline.train.build import build_model, scan_facts
+
+    facts = scan_facts([tiny_ct])
+    y, op = open_scan(tiny_ct).slab(slice(0, 4))
+    y = y.unsqueeze(0)
+    outputs = {}
+    for start in (True, False):
+        cfg = load_config(tiny_config(tiny_ct, model={"backbone": backbone, "initial": "fbp", "fbp_filter": "hann",
+                                                      "widths": [4, 8], "dncnn_width": 4,
+                                                      "start_at_initial": start}))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            outputs[start] = build_model(cfg.model, facts)(y, op)
+    x0 = initial_estimate(y, op, "fbp", fbp_filter="hann")
+    torch.testing.assert_close(outputs[True], x0, rtol=1e-5, atol=1e-6 * float(x0.abs().max()))
+    assert (outputs[False] - x0).abs().max() > 1e-3 * x0.abs().max()
+    with pytest.raises(ConfigError, match="start_at_initial needs residual"):
+        load_config(tiny_config(tiny_ct, model={"start_at_initial": True, "residual": False}))
