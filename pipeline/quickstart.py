@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 import yaml
 
+from pipeline.errors import Recon3dError
+
 MODALITIES = ("ct", "mri")
 
 
@@ -96,35 +98,38 @@ class QuickstartResult:
     beats_baseline: bool = False
 
 
+RECIPES = Path(__file__).resolve().parent.parent / "launch" / "configs"
+RECIPE_FILES = {"ct": "ct_n2i.yaml", "mri": "mri_rei.yaml"}
+
+
 def train_config(config: QuickstartConfig, scan: str) -> dict[str, Any]:
     """The self-supervised recipe trained by the quickstart (written to ``OUT/train.yaml``).
 
-    CT: Noise2Inverse (Hendriksen, Pelt & Batenburg 2020) with K = 2 angle subsets: a residual
-    3D U-Net maps the FBP of every other angle to the FBP of the remaining ones; the noise of
-    the two halves is independent, so the network learns the noise-free image; inference
-    averages the two. (K = 4 learnt more slowly here: 25.76 against 26.21 dB after 300 steps;
-    at 60 angles the held-out subset's streaks dominate its FBP, and Noise2Inverse then
-    does not beat FBP — see BENCHMARKS.md, issue 7.) MRI: robust EI (SURE with the scan's
-    noise σ + EI with fresh noise, Chen et al. 2022), the U-Net followed by one CG
-    data-consistency step on a SENSE initial estimate — the recipe that beat SENSE by 3.2 dB in
-    ``benchmarks/quality.py``.
+    The shipped recipe file (``launch/configs``, :data:`RECIPE_FILES`) — the same file
+    ``recon3d train`` and ``benchmarks/quality.py`` read — with the job's own scan, steps,
+    threads, checkpointing and logging. CT: Noise2Inverse (Hendriksen, Pelt & Batenburg 2020)
+    with K = 2 angle subsets: a residual 3D U-Net maps the FBP of every other angle to the FBP
+    of the remaining ones; the noise of the two halves is independent, so the network learns
+    the noise-free image; inference averages the two (``ct_n2i.yaml``). MRI: robust EI (SURE
+    with the scan's noise σ + EI with fresh noise, Chen et al. 2022), the U-Net followed by one
+    CG data-consistency step on a SENSE initial estimate (``mri_rei.yaml``).
     """
+    path = RECIPES / RECIPE_FILES[config.modality]
+    if not path.is_file():
+        raise Recon3dError(f"quickstart: the recipe {path} is missing (run from a clone of the repository)")
+    recipe = yaml.safe_load(path.read_text())
     threads = max(1, (os.cpu_count() or 1) // config.nproc)
-    if config.modality == "ct":
-        terms = [{"name": "n2i", "num_splits": 2, "target": "reconstruction"}]
-        model = {"reconstructor": "artifact_removal", "initial": "fbp"}
-    else:
-        terms = [{"name": "sure"}, {"name": "ei", "transform": "rotate", "noise": True}]
-        model = {"reconstructor": "unrolled", "initial": "sense",
-                 "unrolled": {"iterations": 1, "data_consistency": "cg"}}
+    schedule = dict(recipe.get("schedule", {}))
+    if "warmup_steps" in schedule:
+        schedule["warmup_steps"] = min(int(schedule["warmup_steps"]), config.steps // 10)
     return {
         "run": {"max_steps": config.steps, "seed": config.seed, "threads": threads},
         "data": {"scans": [scan], "slab_thickness": config.slab_thickness, "num_workers": 1},
-        "model": {"backbone": "unet", "widths": [16, 32], **model},
-        "loss": {"terms": terms},
-        "optimizer": {"name": "adam", "lr": 1e-3},
-        "schedule": {"name": "cosine", "warmup_steps": min(20, config.steps // 10), "min_lr_ratio": 0.05},
-        "deepspeed": {"zero_stage": 2, "precision": "fp32", "gradient_clipping": 1.0},
+        "model": recipe["model"],
+        "loss": recipe["loss"],
+        "optimizer": recipe["optimizer"],
+        "schedule": schedule,
+        "deepspeed": recipe["deepspeed"],
         "checkpoint": {"every": max(1, min(50, config.steps // 4)), "keep_last": 2},
         "logging": {"progress": config.progress, "tensorboard": False},
     }
