@@ -354,13 +354,9 @@ def reconstruct(model: torch.nn.Module, test: list[Volume]) -> list[torch.Tensor
 def initial_estimates(model: torch.nn.Module, test: list[Volume]) -> list[torch.Tensor]:
     """The network's own input (its initial estimate: FBP with the recipe's window, SENSE...)."""
     from pipeline.models import ArtifactRemoval, UnrolledNetwork
-    from pipeline.models.reconstructors import initial_estimate
 
     rec = next(m for m in model.modules() if isinstance(m, (ArtifactRemoval, UnrolledNetwork)))
-    kw = {"sense_iters": rec.sense_iters, "sense_l2": rec.sense_l2}
-    if getattr(rec, "fbp_filter", None) is not None:
-        kw["fbp_filter"] = rec.fbp_filter
-    return [initial_estimate(v.y.unsqueeze(0), v.op, rec.initial, **kw)[0] for v in test]
+    return [rec.initial_image(v.y.unsqueeze(0), v.op)[0] for v in test]
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -134,10 +134,7 @@ def scan_intensity_scale(model: nn.Module, slabs) -> float | None:
     total, count = 0.0, 0
     for y, op in slabs:
         yb, _ = _flatten(y, op, "scan_intensity_scale")
-        if isinstance(rec, UnrolledNetwork) and rec.initial == "adjoint":
-            x0 = op.adjoint(yb) / lipschitz(op)
-        else:
-            x0 = initial_estimate(yb, op, rec.initial, sense_iters=rec.sense_iters, sense_l2=rec.sense_l2)
+        x0 = rec.initial_image(yb, op)
         total += float(x0.abs().double().pow(2).sum())
         count += x0.numel()
     if count == 0:
@@ -343,6 +340,18 @@ class ArtifactRemoval(nn.Module):
         window = "" if self.fbp_filter == "ram-lak" else f", fbp_filter={self.fbp_filter}"
         return f"initial={init}, normalize={self.normalize}{window}"
 
+    def initial_image(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
+        """The backbone's input before scaling: this model's initial estimate (its own window,
+        SENSE settings...). Whoever computes the input outside :meth:`forward` (the staged
+        out-of-core reconstruction, the intensity scale) must call this, so that the network
+        never sees another estimate than the one it was trained on.
+
+        Shape:
+            ``(*batch, *op.range_shape)`` → ``(*batch, *op.domain_shape)``.
+        """
+        return initial_estimate(y, op, self.initial, sense_iters=self.sense_iters, sense_l2=self.sense_l2,
+                                fbp_filter=self.fbp_filter)
+
     def forward(self, y: torch.Tensor, op: LinearOperator | None) -> torch.Tensor:
         if op is None:  # image mode: y is already an image (a denoiser, e.g. Noise2Inverse)
             if y.ndim < 3:
@@ -355,10 +364,7 @@ class ArtifactRemoval(nn.Module):
         else:
             yb, lead = _flatten(y, op, "ArtifactRemoval")
             domain = op.domain_shape
-            x0 = initial_estimate(
-                yb, op, self.initial, sense_iters=self.sense_iters, sense_l2=self.sense_l2,
-                fbp_filter=self.fbp_filter,
-            )
+            x0 = self.initial_image(yb, op)
         _check_channels(self.backbone, x0, "ArtifactRemoval")
         out = _denoise(self.backbone, x0, _scale_of(self, x0))
         return out.reshape(lead + domain)
@@ -463,6 +469,18 @@ class UnrolledNetwork(nn.Module):
         i = 0 if self.shared else k
         return self.backbones[i], self.log_step[i].exp()
 
+    def initial_image(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
+        """The first iterate before scaling: ``Aᴴy/L`` or this model's initial estimate (see
+        :meth:`ArtifactRemoval.initial_image`).
+
+        Shape:
+            ``(*batch, *op.range_shape)`` → ``(*batch, *op.domain_shape)``.
+        """
+        if self.initial == "adjoint":
+            return op.adjoint(y) / lipschitz(op)
+        return initial_estimate(y, op, self.initial, sense_iters=self.sense_iters, sense_l2=self.sense_l2,
+                                fbp_filter=self.fbp_filter)
+
     def forward(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
         if op is None:
             raise ValueError(
@@ -474,8 +492,7 @@ class UnrolledNetwork(nn.Module):
         if self.initial == "adjoint":
             x = aty / lip
         else:
-            x = initial_estimate(yb, op, self.initial, sense_iters=self.sense_iters,
-                                 sense_l2=self.sense_l2, fbp_filter=self.fbp_filter)
+            x = self.initial_image(yb, op)
         _check_channels(self.backbones[0], x, "UnrolledNetwork")
         scale = _scale_of(self, x)
         for k in range(self.num_iters):

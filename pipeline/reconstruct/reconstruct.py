@@ -595,12 +595,11 @@ class _Network:
             y, op = self.read(lo, hi)
             y, op = y.unsqueeze(0).to(self.device), op.to(self.device)
             return self.model(y, op)[0].cpu()
-        from pipeline.models import initial_estimate
-
         parts = []
         for a in range(lo, hi, self.piece):
             y, op = self.read(a, min(a + self.piece, hi))
-            parts.append(initial_estimate(y.unsqueeze(0).to(self.device), op.to(self.device), self.model.initial))
+            # the model's own initial estimate (its FBP window...): the network's training input
+            parts.append(self.model.initial_image(y.unsqueeze(0).to(self.device), op.to(self.device)))
             del y, op
         x0 = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-3)
         del parts
