@@ -417,6 +417,8 @@ def run_modality(modality: str, args, scratch: Path, device: torch.device) -> di
             except LookupError as exc:
                 print(f"[{modality}] {method}: skipped ({exc})", flush=True)
                 continue
+        elif args.no_transfer:
+            continue
         else:
             path, cfg = recipe(modality, method, args)
             model, train_s, curve = train(cfg, facts, train_vols, device, curve_vols=curve_vols,
@@ -560,6 +562,8 @@ def main(argv=None) -> None:
                    help="held-out volumes: all, none, or phantom names (NAME or NAME@DxHxW)")
     p.add_argument("--per-scan", action="store_true",
                    help="also train every learned method on each held-out scan itself")
+    p.add_argument("--no-transfer", action="store_true",
+                   help="skip the transfer protocol's training (with --per-scan: only per-scan figures)")
     p.add_argument("--curve-every", type=int, default=0, help="score the evaluated volumes every K steps")
     p.add_argument("--shape", type=int, nargs=3, default=(16, 128, 128))
     p.add_argument("--chunk-depth", type=int, default=4)
