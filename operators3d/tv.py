@@ -103,24 +103,26 @@ class FiniteDifference(LinearOperator):
         return x
 
 
-def _project(v: torch.Tensor, radius: torch.Tensor, dv: torch.Tensor | None):
-    """Project each voxel's gradient vector (dim −4, real and imaginary parts together) onto
-    the ball of ``radius``; with ``dv``, also the derivative of the projection along ``dv``.
+def _project_(v: torch.Tensor, radius: torch.Tensor, count: int) -> None:
+    """In place: project each voxel's gradient vector of ``v[:count]`` (dim −4, real and
+    imaginary parts together) onto the ball of ``radius``; ``v[count:]`` (if any) becomes the
+    derivative of that projection along it.
 
     Math:
         ``Π(v) = v · min(1, μ/|v|)``; ``DΠ(v)·dv = dv`` inside, ``(μ/|v|)(dv − v Re⟨v, dv⟩/|v|²)``
         outside.
     """
-    mag = v.abs().square().sum(dim=-4, keepdim=True).sqrt()
-    scale = torch.clamp(radius / mag.clamp_min(torch.finfo(mag.dtype).tiny), max=1.0)
-    out = v * scale
-    if dv is None:
-        return out, None
-    inner = (v.conj() * dv).real if v.is_complex() else v * dv
-    inner = inner.sum(dim=-4, keepdim=True)
-    outside = mag > radius
-    corr = torch.where(outside, inner / mag.clamp_min(torch.finfo(mag.dtype).tiny).square(), torch.zeros_like(mag))
-    return out, scale * (dv - v * corr)
+    prim = v[:count]
+    mag = prim.abs().square().sum(dim=-4, keepdim=True).sqrt_()
+    tiny = torch.finfo(mag.dtype).tiny
+    scale = torch.clamp(radius / mag.clamp_min(tiny), max=1.0)
+    if v.shape[0] > count:
+        tan = v[count:]
+        inner = (prim.conj() * tan).real if prim.is_complex() else prim * tan
+        inner = inner.sum(dim=-4, keepdim=True)
+        corr = torch.where(mag > radius, inner / mag.clamp_min(tiny).square(), torch.zeros_like(mag))
+        tan.sub_(prim * corr).mul_(scale)
+    prim.mul_(scale)
 
 
 @dataclass
@@ -245,50 +247,39 @@ def tv_pdhg(
     def start(v: torch.Tensor) -> torch.Tensor:
         if initial is None:
             return torch.zeros((count,) + op.domain_shape, dtype=dtype, device=y.device)
-        return initial(v).to(dtype).expand((count,) + op.domain_shape).clone()
+        return initial(v).to(dtype).expand((count,) + op.domain_shape)
 
-    x = start(y)
+    # The iterates and their derivatives are stacked along the batch dim (primal first), so
+    # every linear step is one operator call and the loop allocates few new tensors.
+    parts = [start(y)] + ([start(tangent)] if with_tangent else [])
+    x = torch.cat(parts).contiguous()
+    del parts
     x_bar = x.clone()
-    q = torch.zeros((count,) + y.shape, dtype=y.dtype, device=y.device)
-    p = torch.zeros((count, 3) + op.domain_shape, dtype=dtype, device=y.device)
-    if with_tangent:
-        dx = start(tangent)
-        dx_bar = dx.clone()
-        dq = torch.zeros_like(q)
-        dp = torch.zeros_like(p)
+    data = torch.cat([y.expand((count,) + y.shape)] + ([tangent.expand((count,) + y.shape)] if with_tangent else []))
+    q = torch.zeros_like(data)
+    p = torch.zeros((x.shape[0], 3) + op.domain_shape, dtype=dtype, device=y.device)
     tau, sd, sg = steps.tau, steps.sigma_data, steps.sigma_grad
-    damp = 1.0 / (1.0 + sd / w.clamp_min(torch.finfo(w.dtype).tiny)) if torch.is_tensor(w) else 1.0 / (1.0 + sd / w)
+    damp = 1.0 / (1.0 + sd / w.clamp_min(torch.finfo(w.dtype).tiny))
     out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for k in range(1, marks[-1] + 1):
-        if with_tangent:
-            both = op(torch.cat([x_bar, dx_bar]))
-            ax, dax = both[:count], both[count:]
-            del both
-            dq = (dq + sd * (dax - tangent)) * damp
-        else:
-            ax = op(x_bar)
-        q = (q + sd * (ax - y)) * damp
+        ax = op(x_bar)
+        q = ax.sub_(data).mul_(sd).add_(q).mul_(damp)  # (q + σ(A x̄ − y)) / (1 + σ/w)
         del ax
-        p, dp_new = _project(p + sg * grad(x_bar), radius, (dp + sg * grad(dx_bar)) if with_tangent else None)
-        if with_tangent:
-            dp = dp_new
-            back = op.adjoint(torch.cat([q, dq]))
-            x_new = x - tau * (back[:count] + grad.adjoint(p))
-            dx_new = dx - tau * (back[count:] + grad.adjoint(dp))
-            del back
-            if nonnegative:
-                dx_new = dx_new * (x_new > 0)
-                x_new = x_new.clamp_min(0)
-            dx_bar = 2 * dx_new - dx
-            dx = dx_new
-        else:
-            x_new = x - tau * (op.adjoint(q) + grad.adjoint(p))
-            if nonnegative:
-                x_new = x_new.clamp_min(0)
-        x_bar = 2 * x_new - x
+        v = grad(x_bar).mul_(sg).add_(p)
+        _project_(v, radius, count)
+        p = v
+        back = op.adjoint(q)
+        back.add_(grad.adjoint(p))
+        x_new = back.mul_(-tau).add_(x)  # x − τ(Aᴴq + ∇ᵀp)
+        del back
+        if nonnegative:
+            if with_tangent:
+                x_new[count:].mul_(x_new[:count] > 0)
+            x_new[:count].clamp_(min=0)
+        x_bar = x.mul_(-1).add_(x_new, alpha=2)  # 2x⁺ − x, in the old buffer
         x = x_new
         if progress is not None:
             progress(k)
         if k in marks:
-            out[k] = (x.clone(), dx.clone() if with_tangent else None)
+            out[k] = (x[:count].clone(), x[count:].clone() if with_tangent else None)
     return out
