@@ -33,6 +33,7 @@ def ramp_filter(
     spacing: float,
     filter: str = "ram-lak",
     *,
+    cutoff: float = 1.0,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
@@ -43,11 +44,19 @@ def ramp_filter(
 
     Math:
         ``h(0) = 1/(4 Δ²)``, ``h(nΔ) = −1/(π n Δ)²`` for odd ``n``, 0 for even ``n``;
-        response ``Δ · DFT(h) · window(f)``, ``f`` in cycles per sample; windows:
+        response ``Δ · DFT(h) · window(f / c)`` for ``f ≤ c/2`` and 0 above, ``f`` in cycles
+        per sample, ``c`` the cutoff as a fraction of the Nyquist frequency (1: none); windows:
         Ram–Lak 1, Shepp–Logan ``sinc(f)``, cosine ``cos(π f)``, Hann ``(1 + cos(2π f)) / 2``.
+
+    Args:
+        num: detector columns of a row; spacing: their pitch.
+        filter: the window, one of :data:`FILTERS`.
+        cutoff: ``0 < c ≤ 1``: the window is stretched to end at ``c`` times the Nyquist
+            frequency, and the response is zero above (a lower cutoff smooths more).
     """
     if filter not in FILTERS:
         raise ValueError(f"ramp_filter: filter must be one of {FILTERS}, got {filter!r}")
+    _check_cutoff(cutoff, "ramp_filter")
     size = _padded_size(num)
     n = torch.cat((torch.arange(0, size // 2 + 1), torch.arange(-(size // 2) + 1, 0))).to(
         torch.float64
@@ -57,25 +66,33 @@ def ramp_filter(
     odd = n.remainder(2) == 1
     h[odd] = -1.0 / (math.pi * n[odd]) ** 2
     response = torch.fft.rfft(h).real / spacing  # Δ · (1/Δ²) · DFT(h with Δ = 1)
-    f = torch.fft.rfftfreq(size, dtype=torch.float64)
+    f = torch.fft.rfftfreq(size, dtype=torch.float64) / cutoff
     if filter == "shepp-logan":
         response = response * torch.sinc(f)
     elif filter == "cosine":
         response = response * torch.cos(math.pi * f)
     elif filter == "hann":
         response = response * 0.5 * (1 + torch.cos(2 * math.pi * f))
+    if cutoff < 1.0:
+        response = torch.where(f <= 0.5, response, torch.zeros_like(response))
     return response.to(device=device, dtype=dtype)
 
 
-def _filter_rows(p: torch.Tensor, spacing: float, filter: str) -> torch.Tensor:
+def _check_cutoff(cutoff: float, owner: str) -> None:
+    if not (isinstance(cutoff, (int, float)) and 0.0 < float(cutoff) <= 1.0):
+        raise ValueError(f"{owner}: cutoff must be in (0, 1] (a fraction of Nyquist), got {cutoff!r}")
+
+
+def _filter_rows(p: torch.Tensor, spacing: float, filter: str, cutoff: float = 1.0) -> torch.Tensor:
     num = p.shape[-1]
-    response = ramp_filter(num, spacing, filter, dtype=p.dtype, device=p.device)
+    response = ramp_filter(num, spacing, filter, cutoff=cutoff, dtype=p.dtype, device=p.device)
     size = _padded_size(num)
     spectrum = torch.fft.rfft(p, n=size, dim=-1)
     return torch.fft.irfft(spectrum * response, n=size, dim=-1)[..., :num]
 
 
-def fbp(sinogram: torch.Tensor, op: ParallelBeamCT, filter: str = "ram-lak") -> torch.Tensor:
+def fbp(sinogram: torch.Tensor, op: ParallelBeamCT, filter: str = "ram-lak", *,
+        cutoff: float = 1.0) -> torch.Tensor:
     """Filtered backprojection for parallel beam.
 
     Geometry: that of ``op`` (rays along ``(−sin θ, cos θ)``, columns along ``(cos θ, sin θ)``);
@@ -93,6 +110,8 @@ def fbp(sinogram: torch.Tensor, op: ParallelBeamCT, filter: str = "ram-lak") -> 
         sinogram: float32/float64 parallel-beam data of ``op``.
         op: the :class:`ParallelBeamCT` that measured it.
         filter: ``"ram-lak"``, ``"shepp-logan"``, ``"cosine"`` or ``"hann"``.
+        cutoff: the window's end as a fraction of the Nyquist frequency (see
+            :func:`ramp_filter`; 1: the plain window).
 
     Returns a tensor without gradient (a fixed reconstruction of the data).
     """
@@ -100,8 +119,9 @@ def fbp(sinogram: torch.Tensor, op: ParallelBeamCT, filter: str = "ram-lak") -> 
         raise TypeError(f"fbp: op must be a ParallelBeamCT, got {type(op).__name__}")
     if filter not in FILTERS:
         raise ValueError(f"fbp: filter must be one of {FILTERS}, got {filter!r}")
+    _check_cutoff(cutoff, "fbp")
     op.check_input(sinogram, adjoint=True)
-    q = _filter_rows(sinogram, op.geometry.det_spacing, filter)
+    q = _filter_rows(sinogram, op.geometry.det_spacing, filter, cutoff)
     return op.backproject(q, method="linear").mul_(math.pi / op.num_angles)
 
 

@@ -66,8 +66,9 @@ def cone_operator(meta: ScanMetadata, angles: torch.Tensor):
     )
 
 
-def fbp_slab(sinogram: torch.Tensor, op: Any, *, filter: str = "ram-lak") -> torch.Tensor:
-    """Filtered back-projection of a slab through ``operators3d.ct.fbp``.
+def fbp_slab(sinogram: torch.Tensor, op: Any, *, filter: str = "ram-lak", cutoff: float = 1.0) -> torch.Tensor:
+    """Filtered back-projection of a slab through ``operators3d.ct.fbp`` (``cutoff``: the
+    window's end as a fraction of Nyquist, :func:`operators3d.ct.ramp_filter`).
 
     Shape:
         ``(d, A, U) → (d, H, W)``.
@@ -76,4 +77,4 @@ def fbp_slab(sinogram: torch.Tensor, op: Any, *, filter: str = "ram-lak") -> tor
         from operators3d.ct import fbp
     except ImportError as err:
         raise ScanError(f"FBP needs operators3d.ct.fbp, which this installation lacks ({err})") from None
-    return fbp(sinogram, op, filter=filter)
+    return fbp(sinogram, op, filter=filter, cutoff=cutoff)

@@ -112,8 +112,10 @@ def run_tasks(
     threads_before = torch.get_num_threads()
     if scheduler == "threads":
         # Dask runs `workers` tasks at once; share the cores between them instead of
-        # letting each task's torch ops spawn a full pool.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        # letting each task's torch ops spawn a full pool — never more threads than the
+        # process had (OMP_NUM_THREADS=1 stays 1: on a shared machine 2 spinning threads per
+        # op made the iterative methods 20x slower).
+        torch.set_num_threads(max(1, min(threads_before, (os.cpu_count() or 1) // workers)))
     try:
         with bar:
             handle = bar.add_task(description, total=len(tasks), completed=done_before)

@@ -7,6 +7,8 @@ Examples::
 
     recon3d reconstruct --model runs/mri_ei --scan scans/brain.zarr --out recon/brain.ome.zarr --pyramid 3
     recon3d reconstruct --method sense --scan scans/brain.zarr --out recon/brain_sense.ome.zarr
+    recon3d reconstruct --method tv --scan scans/foam.zarr --out recon/foam_tv.ome.zarr   # weight chosen by SURE
+    recon3d reconstruct --method fbp --filter hann --filter-cutoff 0.8 --scan scans/foam.zarr --out recon/f.ome.zarr
     torchrun --standalone --nproc_per_node=4 -m pipeline.cli reconstruct --model runs/ct_n2i \\
         --scan scans/foam.zarr --out recon/foam.ome.zarr          # rank r owns slabs i ≡ r mod 4
 """
@@ -36,8 +38,9 @@ def register(subparsers: Any) -> None:
     what = rec.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", default=None, metavar="RUN_DIR|WEIGHTS",
                       help="a training run directory (exported first if needed) or an exported weights file")
-    what.add_argument("--method", default=None, choices=["adjoint", "fbp", "fdk", "sense"],
-                      help="a classical reconstruction instead of a model")
+    what.add_argument("--method", default=None, choices=["adjoint", "fbp", "fdk", "sense", "tv"],
+                      help="a classical reconstruction instead of a model: adjoint, fbp (parallel-beam "
+                      "CT), fdk (cone beam), sense (MRI), tv (total variation; parallel-beam CT and MRI)")
     rec.add_argument("--scan", required=True, help="the scan (folder or fsspec URL)")
     rec.add_argument("--out", required=True, help="the OME-Zarr image to write (folder or fsspec URL)")
     rec.add_argument("--pyramid", type=int, default=1, metavar="N",
@@ -54,10 +57,29 @@ def register(subparsers: Any) -> None:
                    help="run the backbone on tiles of this shape (overrides the model's; 0 0 0: untiled)")
     g.add_argument("--overlap", type=int, default=None,
                    help="tile overlap (default: twice the receptive radius, which is exact)")
-    c = rec.add_argument_group("classical methods")
-    c.add_argument("--filter", default="ram-lak", help="FBP window (default: ram-lak)")
-    c.add_argument("--sense-iters", type=int, default=20, help="SENSE CG iterations (default: 20)")
-    c.add_argument("--l2-weight", type=float, default=1e-3, help="SENSE Tikhonov weight (default: 1e-3)")
+    c = rec.add_argument_group(
+        "classical methods",
+        "Each 'auto' value (the default) is chosen without a reference before the first slab: the "
+        "candidates run on --calibration-slabs evenly spaced D-blocks and the one of least "
+        "estimated error, from the scan's noise model, is used for every slab and recorded in the "
+        "output (docs/classical.md). FBP and TV: SURE of the measurement error; SENSE: GSURE of "
+        "the image error. A number fixes the value (the others stay auto).")
+    c.add_argument("--filter", default="auto", choices=["auto", "ram-lak", "shepp-logan", "cosine", "hann"],
+                   help="FBP window (default: auto)")
+    c.add_argument("--filter-cutoff", type=_auto_or(float), default=None, metavar="auto|F",
+                   help="FBP window end as a fraction of Nyquist, 0 < F <= 1 (default: auto with "
+                   "--filter auto, else 1; auto tries 1, 0.8, 0.6, 0.5, 0.4)")
+    c.add_argument("--sense-iters", type=_auto_or(int), default="auto", metavar="auto|N",
+                   help="SENSE CG iterations (default: auto among 5, 10, 20, 40)")
+    c.add_argument("--l2-weight", type=_auto_or(float), default="auto", metavar="auto|L",
+                   help="SENSE Tikhonov weight (default: auto among 1e-4..1 x ||AᴴA|| in 1-2-5 steps)")
+    c.add_argument("--tv-weight", type=_auto_or(float), default="auto", metavar="auto|MU",
+                   help="TV weight of min ½||Ax - y||²_w + MU TV(x) (default: auto, around the "
+                   "noise's scale; needs the scan's noise model)")
+    c.add_argument("--tv-iters", type=_auto_or(int), default="auto", metavar="auto|N",
+                   help="TV (PDHG) iterations (default: auto among 25, 50, 100)")
+    c.add_argument("--calibration-slabs", type=int, default=3, metavar="K",
+                   help="D-blocks the auto calibration reads, evenly spaced (default: 3)")
     s = rec.add_argument_group("output")
     s.add_argument("--no-complex", action="store_true", help="MRI: do not keep the complex image")
     s.add_argument("--codec", default="zstd", choices=["zstd", "lz4", "lz4hc", "zlib", "blosclz", "none"],
@@ -84,6 +106,20 @@ def register(subparsers: Any) -> None:
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _auto_or(kind: type):
+    """An argparse type: the word ``auto`` or a number of ``kind``."""
+    def parse(text: str):
+        if text == "auto":
+            return text
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected auto or {kind.__name__}, got {text!r}") from None
+
+    parse.__name__ = f"auto|{kind.__name__}"
+    return parse
+
+
 def _reconstruct(args: argparse.Namespace) -> int:
     from pipeline.data.format import CodecConfig
 
@@ -95,7 +131,9 @@ def _reconstruct(args: argparse.Namespace) -> int:
         scan=args.scan, out=args.out, model=args.model, method=args.method, pyramid=args.pyramid,
         slab=args.slab, halo=args.halo, chunks=tuple(args.chunks) if args.chunks else None,
         tile=tuple(args.tile) if args.tile else None, overlap=args.overlap, filter=args.filter,
-        sense_iters=args.sense_iters, l2_weight=args.l2_weight, keep_complex=not args.no_complex,
+        filter_cutoff=args.filter_cutoff, sense_iters=args.sense_iters, l2_weight=args.l2_weight,
+        tv_weight=args.tv_weight, tv_iters=args.tv_iters, calibration_slabs=args.calibration_slabs,
+        keep_complex=not args.no_complex,
         codec=CodecConfig(compressor=args.codec, clevel=args.clevel,
                           checksum=not args.no_checksum), overwrite=args.overwrite,
         device=args.device, workers=args.workers, scheduler=args.scheduler,

@@ -78,7 +78,10 @@ __all__ = [
 ]
 
 OUTPUT_FORMAT = 1
-METHODS = ("adjoint", "fbp", "fdk", "sense")
+METHODS = ("adjoint", "fbp", "fdk", "sense", "tv")
+AUTO = "auto"
+#: Input slices added on each side of a slab for TV (3D TV couples neighbouring slices).
+TV_HALO = 2
 RECORDS = "records"
 COMPLEX = "complex"
 # Minutes, not a day: a rank that waits this long is waiting for one that died or was refused.
@@ -98,8 +101,9 @@ class ReconstructConfig:
             checkpoint) or an exported weights file. Exclusive with ``method``.
         method: a classical reconstruction: ``adjoint`` (MRI zero-filled ``Aᴴy``, CT
             backprojection), ``fbp`` (parallel-beam CT; FDK for cone beam), ``fdk`` (cone
-            beam: the scan's ``derived/fbp`` from ``recon3d preprocess``) or ``sense`` (MRI,
-            CG per slab).
+            beam: the scan's ``derived/fbp`` from ``recon3d preprocess``), ``sense`` (MRI,
+            CG per slab) or ``tv`` (parallel-beam CT and MRI: TV-regularised least squares by
+            PDHG per slab, with a halo of ``TV_HALO`` slices).
         pyramid: resolution levels (level ``l`` is the 2× mean of level ``l − 1``).
         slab: output slab thickness along D, a multiple of the output chunk depth (default:
             one chunk for classical methods; for a model the smallest multiple ≥ 2·halo).
@@ -109,7 +113,15 @@ class ReconstructConfig:
         tile: run the model's backbone on tiles of this ``(D, H, W)`` (overrides the model's
             own tiling); ``(0, 0, 0)`` removes the model's tiling.
         overlap: tile overlap (default ``2 × radius``: exact).
-        filter: FBP window; sense_iters, l2_weight: SENSE settings.
+        filter, filter_cutoff: FBP window and its cutoff (a fraction of Nyquist); sense_iters,
+            l2_weight: SENSE's CG iterations and Tikhonov weight; tv_weight, tv_iters: TV's
+            weight and PDHG iterations. ``"auto"`` (the default of each) chooses the value
+            without a reference from the scan's noise model on ``calibration_slabs`` evenly
+            spaced D-blocks before the first slab (``pipeline.reconstruct.classical``,
+            ``docs/classical.md``); the choice is recorded in the output (``calibration``)
+            and reused when the job resumes. ``filter_cutoff=None``: auto with an auto
+            window, else 1.
+        calibration_slabs: how many D-blocks the calibration reads (default 3).
         keep_complex: MRI: also write the complex image as the array ``complex``.
         codec: compression of the output arrays.
         overwrite: kept for scripts: an output of reconstruct made with other settings is
@@ -139,9 +151,13 @@ class ReconstructConfig:
     chunks: tuple[int, int, int] | None = None
     tile: tuple[int, int, int] | None = None
     overlap: int | None = None
-    filter: str = "ram-lak"
-    sense_iters: int = 20
-    l2_weight: float = 1e-3
+    filter: str = AUTO
+    filter_cutoff: float | str | None = None
+    sense_iters: int | str = AUTO
+    l2_weight: float | str = AUTO
+    tv_weight: float | str = AUTO
+    tv_iters: int | str = AUTO
+    calibration_slabs: int = 3
     keep_complex: bool = True
     codec: CodecConfig = field(default_factory=CodecConfig)
     overwrite: bool = False
@@ -171,10 +187,36 @@ class ReconstructConfig:
             raise ValueError(f"reconstruct: --tile must be 3 ints >= 0 (D H W), got {self.tile}")
         if not float(self.wait_timeout_s) > 0:
             raise ValueError(f"reconstruct: --wait-timeout must be > 0 seconds, got {self.wait_timeout_s}")
+        _check_classical(self)
         if self.scheduler not in ("threads", "sync", "distributed"):
             raise ValueError(
                 f"reconstruct: --scheduler must be threads, sync or distributed, got {self.scheduler!r}"
             )
+
+
+def _check_classical(config: "ReconstructConfig") -> None:
+    """The classical settings: ``auto`` or a value in range, with a message naming the option."""
+    from operators3d.ct import FILTERS
+
+    if config.filter not in (AUTO,) + tuple(FILTERS):
+        raise ValueError(f"reconstruct: --filter must be auto or one of {FILTERS}, got {config.filter!r}")
+    checks = (("filter_cutoff", "--filter-cutoff", lambda v: 0 < float(v) <= 1, "in (0, 1]"),
+              ("l2_weight", "--l2-weight", lambda v: float(v) >= 0, ">= 0"),
+              ("tv_weight", "--tv-weight", lambda v: float(v) >= 0, ">= 0"),
+              ("sense_iters", "--sense-iters", lambda v: int(v) >= 1 and int(v) == float(v), "an integer >= 1"),
+              ("tv_iters", "--tv-iters", lambda v: int(v) >= 1 and int(v) == float(v), "an integer >= 1"))
+    for name, flag, ok, what in checks:
+        value = getattr(config, name)
+        if value is None or value == AUTO:
+            continue
+        try:
+            good = not isinstance(value, bool) and ok(value)
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise ValueError(f"reconstruct: {flag} must be auto or {what}, got {value!r}")
+    if int(config.calibration_slabs) < 1:
+        raise ValueError(f"reconstruct: --calibration-slabs must be >= 1, got {config.calibration_slabs}")
 
 
 @dataclass
@@ -453,49 +495,153 @@ class _SlabReader:
 
 
 class _Classical:
-    """A classical reconstruction of each input slab (no D coupling: halo 0)."""
+    """A classical reconstruction of each input slab (no D coupling: halo 0; TV: a halo of
+    ``TV_HALO`` slices), with its parameters given or chosen by a calibration (``auto``)."""
 
-    radius, multiple, notes = 0, 1, []
+    multiple = 1
 
     def __init__(self, scan, config: ReconstructConfig, device: torch.device) -> None:
         geom = scan.metadata.geometry
         m = config.method
         mri = scan.modality == "mri"
+        cone = isinstance(geom, CTGeometry) and geom.kind == "cone"
         if m == "sense" and not mri:
-            raise ValueError("reconstruct: --method sense is for MRI scans; use fbp (or fdk) for CT")
+            raise ValueError("reconstruct: --method sense is for MRI scans; use fbp (or fdk, tv) for CT")
         if m in ("fbp", "fdk") and mri:
-            raise ValueError(f"reconstruct: --method {m} is for CT scans; use adjoint or sense for MRI")
+            raise ValueError(f"reconstruct: --method {m} is for CT scans; use adjoint, sense or tv for MRI")
         if m == "fdk" and isinstance(geom, CTGeometry) and geom.kind == "parallel":
             raise ValueError("reconstruct: --method fdk is for cone-beam scans; use fbp for parallel beam")
-        if m == "adjoint" and isinstance(geom, CTGeometry) and geom.kind == "cone":
+        if m == "adjoint" and cone:
             raise ValueError("reconstruct: a cone-beam slab has no operator of its own; use --method fdk")
+        if m == "tv" and cone:
+            raise ValueError("reconstruct: --method tv runs slab by slab, which cone-beam rays do not allow "
+                             "(a ray crosses slabs); use --method fdk")
         self.scan, self.method, self.device = scan, m, device
         self.read = _SlabReader(scan)
         self.config = config
         self.is_complex = mri
+        self.noise = scan.metadata.noise()
+        self.radius = TV_HALO if m == "tv" else 0
+        self.notes = ([f"3D TV couples neighbouring slices: each slab is solved with a halo of {TV_HALO} "
+                       "slices (default), close to but not equal to the whole volume's solution"]
+                      if m == "tv" else [])
+        c = config
+        cutoff = c.filter_cutoff if c.filter_cutoff is not None else (AUTO if c.filter == AUTO else 1.0)
+        given: dict[str, Any] = {}
+        if m == "fbp":
+            given = {"filter": c.filter, "cutoff": cutoff}
+        elif m == "sense":
+            given = {"l2_weight": c.l2_weight, "iterations": c.sense_iters}
+        elif m == "tv":
+            given = {"tv_weight": c.tv_weight, "iterations": c.tv_iters}
+        self.given = {k: (v if v == AUTO else (int(v) if k == "iterations" else
+                                               v if k == "filter" else float(v))) for k, v in given.items()}
+        self.params: dict[str, Any] = dict(self.given)
+        self.calibration: dict[str, Any] | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(v == AUTO for v in self.given.values())
 
     def describe(self) -> dict[str, Any]:
-        params: dict[str, Any] = {"method": self.method}
-        if self.method == "fbp":
-            params["filter"] = self.config.filter
-        if self.method == "sense":
-            params.update(iterations=self.config.sense_iters, l2_weight=self.config.l2_weight)
+        # What is hashed: the settings as given ("auto" for a chosen value) and how the choice is
+        # made; the chosen values are recorded in the attributes (``calibration``) and reused.
+        params: dict[str, Any] = {"method": self.method, **self.given}
+        if self.needs_calibration:
+            from .classical import CALIBRATION_VERSION
+
+            params["calibration"] = {"version": CALIBRATION_VERSION, "slabs": int(self.config.calibration_slabs)}
         return params
+
+    def parameters(self) -> dict[str, Any]:
+        """The values every slab uses (given or chosen)."""
+        return dict(self.params)
+
+    def calibrate(self, say: Callable[[str], None]) -> None:
+        """Choose the ``auto`` values on a few D-blocks of the scan (rank 0, before any slab)."""
+        from . import classical as cl
+
+        given, scan = self.given, self.scan
+        depth = int(scan.metadata.volume_shape[0])
+        mri = scan.modality == "mri"
+        thickness = {"fbp": 4, "sense": 1, "tv": 2 if mri else 4}[self.method]
+        blocks = cl.calibration_blocks(depth, int(self.config.calibration_slabs), thickness)
+        variance = None
+        if self.noise is not None:
+            variance = cl.measurement_variance(self.noise, torch.zeros(1))
+        if variance is None or (self.method == "sense" and torch.is_tensor(variance)):
+            self.calibration = self._fallback(say)
+        else:
+            data = cl.calibration_data(scan, self.read, blocks, self.device)
+            if self.method == "fbp":
+                record = cl.select_fbp(
+                    data, self.noise,
+                    windows=cl.FBP_WINDOWS if given["filter"] == AUTO else (given["filter"],),
+                    cutoffs=cl.FBP_CUTOFFS if given["cutoff"] == AUTO else (given["cutoff"],), say=say)
+            elif self.method == "sense":
+                fixed = given["l2_weight"] != AUTO
+                record = cl.select_sense(
+                    data, self.noise, weights=[given["l2_weight"]] if fixed else cl.SENSE_WEIGHTS,
+                    relative=not fixed,
+                    iterations=cl.SENSE_ITERATIONS if given["iterations"] == AUTO else (given["iterations"],),
+                    say=say)
+            else:
+                record = cl.select_tv(
+                    data, self.noise, cl.tv_problem(scan),
+                    iterations=cl.TV_ITERATIONS if given["iterations"] == AUTO else (given["iterations"],),
+                    weight=None if given["tv_weight"] == AUTO else given["tv_weight"], say=say)
+            del data
+            self.calibration = record
+        self.apply_calibration(self.calibration)
+        chosen = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in self.calibration["chosen"].items())
+        say(f"calibration ({self.calibration['criterion']}, {self.calibration.get('seconds', 0):.0f} s): {chosen}")
+
+    def _fallback(self, say: Callable[[str], None]) -> dict[str, Any]:
+        """No usable noise model: the former fixed defaults (TV has none: its weight must be given)."""
+        why = ("the scan records no noise model" if self.noise is None
+               else f"its noise model ({self.noise.to_dict()}) has no estimate here")
+        if self.method == "tv" and self.given["tv_weight"] == AUTO:
+            raise ValueError(f"reconstruct: --tv-weight auto needs the scan's noise model, and {why}; "
+                             "give --tv-weight (and --tv-iters)")
+        defaults = {"filter": "ram-lak", "cutoff": 1.0, "l2_weight": 1e-3, "iterations": 20 if self.method == "sense" else 100}
+        chosen = {k: (defaults[k] if v == AUTO else v) for k, v in self.given.items()}
+        say(f"no reference-free choice: {why}; using {chosen}")
+        return {"version": None, "method": self.method, "criterion": "none", "reason": why,
+                "chosen": chosen, "candidates": []}
+
+    def apply_calibration(self, record: Mapping[str, Any] | None) -> None:
+        """Use a calibration's choice (this job's, or the one recorded in the output)."""
+        if not self.needs_calibration:
+            return
+        if not record or "chosen" not in record:
+            raise ScanError("reconstruct: the output records no calibration for its auto parameters; "
+                            "rerun with --overwrite or another --out")
+        self.calibration = dict(record)
+        for key, value in self.given.items():
+            if value == AUTO:
+                self.params[key] = record["chosen"][key]
 
     @torch.no_grad()
     def __call__(self, lo: int, hi: int) -> torch.Tensor:
         y, op = self.read(lo, hi)
         y, op = y.to(self.device), op.to(self.device)
+        p = self.params
         if self.method == "adjoint":
             x = op.adjoint(y)
         elif self.method == "fbp":
             from pipeline.data.ct_ops import fbp_slab
 
-            x = fbp_slab(y, op, filter=self.config.filter)
-        else:
+            x = fbp_slab(y, op, filter=p["filter"], cutoff=float(p["cutoff"]))
+        elif self.method == "sense":
             from operators3d import sense_cg
 
-            x = sense_cg(y, op, l2_weight=self.config.l2_weight, num_iters=self.config.sense_iters)
+            x = sense_cg(y, op, l2_weight=float(p["l2_weight"]), num_iters=int(p["iterations"]))
+        else:
+            from .classical import tv_problem, tv_reconstruct
+
+            x = tv_reconstruct(y, op, tv_problem(self.scan), self.noise, float(p["tv_weight"]),
+                               int(p["iterations"]))
         return x.cpu()
 
 
@@ -884,6 +1030,18 @@ def _run(config: ReconstructConfig, out: _Output, recon, scan, layout: _Layout, 
             same = before.get("kind") == _KIND and before.get("fingerprint") == fingerprint
             # A resumed output keeps the scale its first slabs were computed with.
             recon.scale = before.get("intensity_scale") if same else recon.measure_scale()
+        if isinstance(recon, _Classical) and recon.needs_calibration:
+            before = out.info() or {}
+            same = before.get("kind") == _KIND and before.get("fingerprint") == fingerprint
+            # A resumed output keeps the parameters its first slabs were computed with.
+            if same and before.get("calibration"):
+                recon.apply_calibration(before["calibration"])
+                _say(f"parameters recorded in the output: {recon.parameters()}", config.progress)
+            else:
+                from pipeline.allocator import heap_for_small_work
+
+                with heap_for_small_work():  # thousands of small solver temporaries
+                    recon.calibrate(lambda text: _say(text, config.progress))
         state = _prepare(out, config, scan, recon, layout, settings, fingerprint, keep_complex, notes, world)
     else:
         seen: dict[str, Any] = {}
@@ -907,6 +1065,8 @@ def _run(config: ReconstructConfig, out: _Output, recon, scan, layout: _Layout, 
     info = out.info() or {}
     if isinstance(recon, _Network):
         recon.scale = info.get("intensity_scale")
+    if isinstance(recon, _Classical) and recon.needs_calibration:
+        recon.apply_calibration(info.get("calibration"))  # every rank: rank 0's recorded choice
     if info.get("complete") and info.get("fingerprint") == fingerprint:
         if out.done(fingerprint) >= set(range(len(slabs))):
             return ReconstructResult(config.out, "already complete" if rank == 0 else state, fingerprint, rank,
@@ -1039,6 +1199,8 @@ def _prepare(out: _Output, config, scan, recon, layout: _Layout, settings, finge
         "value": "magnitude" if recon.is_complex else "real",
         "complex": COMPLEX if keep_complex else None,
         "intensity_scale": getattr(recon, "scale", None),
+        "parameters": recon.parameters() if isinstance(recon, _Classical) else None,
+        "calibration": getattr(recon, "calibration", None),
         "receptive_radius": recon.radius,
         "exact": layout.halo >= recon.radius and not notes,
         "notes": notes,
