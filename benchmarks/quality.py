@@ -180,7 +180,9 @@ def _cli_reconstruction(method: str, v: Volume, scratch: Path) -> tuple[torch.Te
         run_reconstruct(ReconstructConfig(scan=str(v.path), out=str(out), method=method, progress=False))
     x = torch.from_numpy(np.asarray(open_ome(str(out))[...]))
     info = dict(zarr.open_group(str(out), mode="r").attrs).get("recon3d", {})
-    return x, dict(info.get("settings", {}).get("reconstructor", {}))
+    params = dict(info.get("settings", {}).get("reconstructor", {}))
+    params.update((info.get("calibration") or {}).get("chosen", {}))  # what "auto" chose
+    return x, params
 
 
 @torch.no_grad()
