@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/classical.py --methods fbp,sense,tv \\
         [--scratch DIR] [--cases NAME,...] [--json FILE]
 
-For each simulated scan (16×128×128; CT parallel beam with photon-counting noise, MRI 8 coils
+For each simulated scan (16×128×128, and the held-out family of ``benchmarks/quality.py``:
+``--cases held-out``; CT parallel beam with photon-counting noise, MRI 8 coils
 Poisson-disc with complex Gaussian noise; made here when missing) it runs the ``recon3d``
 commands in this process: ``reconstruct`` with the auto default and with every value of the
 grid the calibration searches, then ``evaluate`` (PSNR over the whole volume against the
@@ -44,6 +45,19 @@ MRI_CASES = {
     "mri-r6-s0.01-foam": (6, 0.01, "foam"),
 }
 TV_DEFAULT = ("ct-a60-i1e4", "mri-r6-s0.01")
+# The held-out family of benchmarks/quality.py (never used to tune anything), at its settings
+# (CT 60 views, I0 = 10^4; MRI 6x, sigma 0.01): name -> (phantom, shape); seeds 301, 302, ...
+HELD_OUT = {
+    "anatomy": ("anatomy", (16, 128, 128)),
+    "anatomy-112x96": ("anatomy", (16, 112, 96)),
+    "anatomy-crop": ("anatomy-crop", (16, 128, 128)),
+    "industrial": ("industrial", (16, 128, 128)),
+    "organs": ("organs", (16, 128, 128)),
+}
+for _k, (_name, (_ph, _shape)) in enumerate(HELD_OUT.items()):
+    CT_CASES[f"ct-held-{_name}"] = (60, 1e4, _ph, _shape, 301 + _k)
+    MRI_CASES[f"mri-held-{_name}"] = (6, 0.01, _ph, _shape, 301 + _k)
+HELD_OUT_CASES = tuple(c for c in (*CT_CASES, *MRI_CASES) if "-held-" in c)
 
 
 def _cli(*argv: str) -> None:
@@ -58,12 +72,14 @@ def scan(scratch: Path, name: str) -> str:
     path = scratch / f"{name}.zarr"
     if (path / "zarr.json").exists():
         return str(path)
-    common = ["--shape", "16", "128", "128", "--seed", "1", "--out", str(path), "--no-progress"]
+    case = CT_CASES.get(name) or MRI_CASES[name]
+    shape, seed = (case[3], case[4]) if len(case) > 3 else ((16, 128, 128), 1)
+    common = ["--shape", *map(str, shape), "--seed", str(seed), "--out", str(path), "--no-progress"]
     if name in CT_CASES:
-        angles, photons, phantom = CT_CASES[name]
+        angles, photons, phantom = case[:3]
         _cli("simulate", "ct", "--angles", str(angles), "--photons", str(photons), "--phantom", phantom, *common)
     else:
-        accel, sigma, phantom = MRI_CASES[name]
+        accel, sigma, phantom = case[:3]
         _cli("simulate", "mri", "--coils", "8", "--acceleration", str(accel), "--calibration", "20",
              "--noise-sigma", str(sigma), "--phantom", phantom, *common)
     return str(path)
@@ -134,8 +150,8 @@ def _fmt(setting: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default="fbp,sense,tv")
-    parser.add_argument("--cases", default=None, help="comma-separated case names (default: all of each method; "
-                        f"tv: {', '.join(TV_DEFAULT)})")
+    parser.add_argument("--cases", default=None, help="comma-separated case names, or 'held-out' for the held-out "
+                        f"family (default: all of each method; tv: {', '.join(TV_DEFAULT)})")
     parser.add_argument("--scratch", default=None, help="folder for scans and outputs (default: a temporary one)")
     parser.add_argument("--json", default=None, help="write every result (with the grids) here")
     args = parser.parse_args(argv)
@@ -144,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for method in args.methods.split(","):
         if args.cases:
-            names = [c for c in args.cases.split(",")]
+            names = [n for c in args.cases.split(",") for n in (HELD_OUT_CASES if c == "held-out" else [c])]
+            unknown = sorted(set(names) - set(CT_CASES) - set(MRI_CASES))
+            if unknown:
+                parser.error(f"unknown --cases {unknown}; choose from {sorted({*CT_CASES, *MRI_CASES})} or held-out")
         else:
             names = list(TV_DEFAULT) if method == "tv" else list(CT_CASES if method == "fbp" else MRI_CASES)
         for name in names:

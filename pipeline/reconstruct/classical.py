@@ -68,12 +68,17 @@ _SEED = 20240614
 def calibration_blocks(depth: int, count: int, thickness: int) -> list[tuple[int, int]]:
     """``count`` D-blocks of ``thickness`` slices centred at ``(k + ½) · depth / count``.
 
-    Evenly spaced and deterministic (the same for every rank and every rerun); blocks that
-    would coincide (a thin volume) are kept once.
+    Evenly spaced and deterministic (the same for every rank and every rerun). A volume too
+    thin for ``count`` disjoint blocks is calibrated on as a whole (one block ``(0, depth)``):
+    overlapping blocks would count slices twice, and their stack would be deeper than the
+    scan, which the scan's operator does not describe.
     """
-    thickness = max(1, min(int(thickness), int(depth)))
+    depth, count = int(depth), max(1, int(count))
+    thickness = max(1, min(int(thickness), depth))
+    if count * thickness > depth:
+        return [(0, depth)]
     out: list[tuple[int, int]] = []
-    for k in range(max(1, int(count))):
+    for k in range(count):
         centre = (k + 0.5) * depth / count
         a = int(round(centre - thickness / 2))
         a = max(0, min(depth - thickness, a))

@@ -123,14 +123,20 @@ def test_flipped_byte_stops_training_reads(flipped):
     assert isinstance(info.value, InputError)
 
 
-def test_flipped_byte_stops_reconstruct(tmp_path, flipped, capsys):
+@pytest.mark.parametrize("window", [["--filter", "ram-lak"], []], ids=["given window", "auto window"])
+def test_flipped_byte_stops_reconstruct(tmp_path, flipped, capsys, window):
+    """Met while writing slabs (a given window), or already while choosing the window (auto:
+    the calibration blocks cover the whole of this thin scan), before any output exists."""
     out = tmp_path / "rec.ome.zarr"
-    code = main(["reconstruct", "--method", "fbp", "--scan", flipped, "--out", str(out), "--no-progress"])
+    code = main(["reconstruct", "--method", "fbp", "--scan", flipped, "--out", str(out), "--no-progress", *window])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("recon3d reconstruct: error: "), err
     assert f"scan '{flipped}': array 'measurements': {CHUNK}" in err[0]
-    assert not json.loads((out / "zarr.json").read_text())["attributes"]["recon3d"].get("complete")
+    if window:
+        assert not json.loads((out / "zarr.json").read_text())["attributes"]["recon3d"].get("complete")
+    else:
+        assert not out.exists()
 
 
 def test_without_checksum_a_flip_that_decodes_goes_unnoticed(tmp_path):

@@ -211,3 +211,15 @@ def test_cli_parses_auto_and_numbers(tmp_path, noisy_ct, capsys):
         main(["reconstruct", "--method", "sense", "--l2-weight", "lots", "--scan", noisy_ct, "--out", "o"])
     with pytest.raises(ValueError, match="--tv-iters"):
         ReconstructConfig(scan=noisy_ct, out=str(tmp_path / "x"), method="tv", tv_iters=0)
+
+
+def test_calibration_blocks_never_overlap():
+    assert classical.calibration_blocks(64, 3, 4) == [(9, 13), (30, 34), (51, 55)]
+    assert classical.calibration_blocks(8, 3, 4) == [(0, 8)]  # too thin for 3 disjoint blocks: the whole
+    assert classical.calibration_blocks(4, 2, 2) == [(0, 2), (2, 4)]
+    for depth in range(1, 40):
+        for count in (1, 2, 3):
+            for thickness in (1, 2, 4, 8):
+                blocks = classical.calibration_blocks(depth, count, thickness)
+                covered = [d for a, b in blocks for d in range(a, b)]
+                assert len(covered) == len(set(covered)) and all(0 <= d < depth for d in covered)
