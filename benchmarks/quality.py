@@ -475,6 +475,8 @@ def _merge(rs: list[dict]) -> dict:
 def report_set(title: str, modality: str, results: dict, classical_results: dict) -> dict:
     """The table of one volume set and issue 14's targets on each of its volumes."""
     classical_m = [m for m in CLASSICAL[modality] if m in classical_results]
+    if not results and not classical_m:  # nothing measured on this set (e.g. --no-transfer, learned only)
+        return {}
     vols = next(iter({**classical_results, **results}.values()))["volumes"]
     n = len(vols)
     best_classical = [max((classical_results[m]["psnr_per_volume"][i] for m in classical_m), default=None)

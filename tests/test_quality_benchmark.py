@@ -47,3 +47,17 @@ def test_quality_reads_the_shipped_recipes_and_reports_both_sets(tmp_path, capsy
     (recipes / "ct_rei.yaml").write_text(text)
     other = _run(tmp_path, "--recipe-dir", str(recipes))["ct"]["sets"]["held_out"]["rei"]["psnr"]
     assert other != pytest.approx(held["rei"]["psnr"], abs=1e-4)
+
+
+def test_per_scan_alone_reports_without_classical_rows(tmp_path, capsys):
+    """``--per-scan --no-transfer`` with learned methods only: the transfer sets are empty and
+    are skipped, not a crash after the training (it was, with a StopIteration)."""
+    import quality
+
+    out = tmp_path / "q.json"
+    quality.main(["--modality", "ct", "--shape", "4", "32", "32", "--steps", "2", "--volumes", "1",
+                  "--train-volumes", "1", "--held-out", "anatomy@4x32x32", "--methods", "supervised",
+                  "--per-scan", "--no-transfer", "--scratch", str(tmp_path / "scr"), "--json", str(out)])
+    res = json.loads(out.read_text())["ct"]
+    assert res["per_scan"]["supervised"]["volumes"] == ["anatomy 4x32x32"]
+    assert "per scan" in capsys.readouterr().out
