@@ -46,9 +46,16 @@ def test_quickstart_small(tmp_path):
     rc = main(args)
     assert rc in (0, 3)  # 3: the network (3 steps) does not beat the baseline
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["metrics"]) == {"network (self-supervised)", "fbp (baseline)"}
+    assert set(summary["metrics"]) == {"network (self-supervised)", "fbp (baseline)", "tv (baseline)"}
     assert all(m["psnr"] > 5 and 0 < m["ssim"] <= 1 for m in summary["metrics"].values())
     assert summary["beats_baseline"] == (rc == 0)
+    # TV, the strongest classical method on this phantom, is shown and compared, with its auto parameters
+    psnr = {k: m["psnr"] for k, m in summary["metrics"].items()}
+    assert summary["best_classical"] == max(("fbp (baseline)", "tv (baseline)"), key=psnr.get)
+    assert summary["beats_best_classical"] == (psnr["network (self-supervised)"] > psnr[summary["best_classical"]])
+    readme = (out / "README.md").read_text()
+    assert " TV (" in readme and " FBP (" in readme
+    assert "chosen" in json.loads((out / "tv.ome.zarr" / "zarr.json").read_text())["attributes"]["recon3d"]["calibration"]
     for key in ("scan", "run", "network", "baseline", "report", "training_report"):
         assert Path(summary["files"][key]).exists(), key
     assert list((out / "report").glob("*.png")) and list((out / "report" / "training").glob("*.png"))
@@ -71,7 +78,7 @@ def test_quickstart_mri_small(tmp_path):
                "--set", "model.widths=[4,8]"])
     assert rc in (0, 3)
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["metrics"]) == {"network (self-supervised)", "sense (baseline)"}
+    assert set(summary["metrics"]) == {"network (self-supervised)", "sense (baseline)", "tv (baseline)"}
     assert all(m["psnr"] > 5 for m in summary["metrics"].values())
     cfg = yaml.safe_load((out / "train.yaml").read_text())
     shipped = yaml.safe_load((ROOT / "launch" / "configs" / "mri_rei.yaml").read_text())
