@@ -24,6 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import HELD_OUT, HELD_OUT_SEED  # noqa: E402  (the held-out family: one definition)
+
 CT_CASES = {
     # name: (angles, photons, phantom)
     "ct-a60-i1e4": (60, 1e4, "ellipsoids"),
@@ -46,17 +49,13 @@ MRI_CASES = {
 }
 TV_DEFAULT = ("ct-a60-i1e4", "mri-r6-s0.01")
 # The held-out family of benchmarks/quality.py (never used to tune anything), at its settings
-# (CT 60 views, I0 = 10^4; MRI 6x, sigma 0.01): name -> (phantom, shape); seeds 301, 302, ...
-HELD_OUT = {
-    "anatomy": ("anatomy", (16, 128, 128)),
-    "anatomy-112x96": ("anatomy", (16, 112, 96)),
-    "anatomy-crop": ("anatomy-crop", (16, 128, 128)),
-    "industrial": ("industrial", (16, 128, 128)),
-    "organs": ("organs", (16, 128, 128)),
-}
-for _k, (_name, (_ph, _shape)) in enumerate(HELD_OUT.items()):
-    CT_CASES[f"ct-held-{_name}"] = (60, 1e4, _ph, _shape, 301 + _k)
-    MRI_CASES[f"mri-held-{_name}"] = (6, 0.01, _ph, _shape, 301 + _k)
+# (CT 60 views, I0 = 10^4; MRI 6x, sigma 0.01) and seeds; its default shape where it gives none.
+_DEFAULT_SHAPE = (16, 128, 128)
+for _k, (_ph, _shape) in enumerate(HELD_OUT):
+    _shape = tuple(_shape or _DEFAULT_SHAPE)
+    _name = _ph if _shape == _DEFAULT_SHAPE else f"{_ph}-{_shape[1]}x{_shape[2]}"
+    CT_CASES[f"ct-held-{_name}"] = (60, 1e4, _ph, _shape, HELD_OUT_SEED + _k)
+    MRI_CASES[f"mri-held-{_name}"] = (6, 0.01, _ph, _shape, HELD_OUT_SEED + _k)
 HELD_OUT_CASES = tuple(c for c in (*CT_CASES, *MRI_CASES) if "-held-" in c)
 
 

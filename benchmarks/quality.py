@@ -150,18 +150,20 @@ def load(path: Path, modality: str, device: torch.device, name: str | None = Non
     return Volume(name or path.stem, y.to(device), op.to(device), ref.to(device), modality, path=path)
 
 
-def held_out_specs(args) -> list[tuple[str, tuple[int, int, int]]]:
-    """The held-out ``(phantom, shape)`` pairs selected by ``--held-out``."""
+def held_out_specs(args) -> list[tuple[str, tuple[int, int, int], int]]:
+    """The held-out ``(phantom, shape, seed)`` selected by ``--held-out``; the seed is
+    ``HELD_OUT_SEED`` plus the volume's place in :data:`HELD_OUT`, so a volume is the same
+    whichever others are selected with it."""
     if args.held_out == ["none"]:
         return []
-    specs = [(ph, tuple(shape or args.shape)) for ph, shape in HELD_OUT]
+    specs = [(ph, tuple(shape or args.shape), HELD_OUT_SEED + i) for i, (ph, shape) in enumerate(HELD_OUT)]
     if args.held_out != ["all"]:
         want = set(args.held_out)
-        unknown = want - {ph for ph, _ in specs} - {f"{ph}@{'x'.join(map(str, sh))}" for ph, sh in specs}
+        unknown = want - {ph for ph, _, _ in specs} - {f"{ph}@{'x'.join(map(str, sh))}" for ph, sh, _ in specs}
         if unknown:
             raise SystemExit(f"quality.py: unknown --held-out {sorted(unknown)}; choose from "
-                             f"{[f'{ph}@' + 'x'.join(map(str, sh)) for ph, sh in specs]}")
-        specs = [(ph, sh) for ph, sh in specs if ph in want or f"{ph}@{'x'.join(map(str, sh))}" in want]
+                             f"{[f'{ph}@' + 'x'.join(map(str, sh)) for ph, sh, _ in specs]}")
+        specs = [s for s in specs if s[0] in want or f"{s[0]}@{'x'.join(map(str, s[1]))}" in want]
     return specs
 
 
@@ -392,13 +394,12 @@ def run_modality(modality: str, args, scratch: Path, device: torch.device) -> di
     train_paths = [simulate(modality, TRAIN_SEED + i, args, scratch) for i in range(args.train_volumes)]
     test_paths = [simulate(modality, TEST_SEED + i, args, scratch) for i in range(args.volumes)]
     specs = held_out_specs(args)
-    held_paths = [simulate(modality, HELD_OUT_SEED + i, args, scratch, phantom=ph, shape=sh)
-                  for i, (ph, sh) in enumerate(specs)]
+    held_paths = [simulate(modality, seed, args, scratch, phantom=ph, shape=sh) for ph, sh, seed in specs]
     train_vols = [load(p, modality, device) for p in train_paths]
     sets = {
         "tuning": [load(p, modality, device, f"{args.phantom} {TEST_SEED + i}") for i, p in enumerate(test_paths)],
         "held_out": [load(p, modality, device, f"{ph} {'x'.join(map(str, sh))}")
-                     for p, (ph, sh) in zip(held_paths, specs)],
+                     for p, (ph, sh, _) in zip(held_paths, specs)],
     }
     sets = {k: v for k, v in sets.items() if v}
     curve_vols = [v for vols in sets.values() for v in vols]

@@ -61,3 +61,13 @@ def test_per_scan_alone_reports_without_classical_rows(tmp_path, capsys):
     res = json.loads(out.read_text())["ct"]
     assert res["per_scan"]["supervised"]["volumes"] == ["anatomy 4x32x32"]
     assert "per scan" in capsys.readouterr().out
+
+
+def test_a_held_out_volume_keeps_its_seed_whatever_else_is_selected():
+    import argparse
+
+    import quality
+
+    every = quality.held_out_specs(argparse.Namespace(held_out=["all"], shape=(16, 128, 128)))
+    alone = quality.held_out_specs(argparse.Namespace(held_out=["organs"], shape=(16, 128, 128)))
+    assert alone == [s for s in every if s[0] == "organs"] and alone[0][2] == quality.HELD_OUT_SEED + 4
