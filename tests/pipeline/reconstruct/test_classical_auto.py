@@ -223,3 +223,28 @@ def test_calibration_blocks_never_overlap():
                 blocks = classical.calibration_blocks(depth, count, thickness)
                 covered = [d for a, b in blocks for d in range(a, b)]
                 assert len(covered) == len(set(covered)) and all(0 <= d < depth for d in covered)
+
+
+def test_close_tv_weights_are_compared_again_with_more_probes():
+    # Probe 0 ranks weight 2 first by a hair; three more probes say weight 1 is better on average.
+    rows = [{"tv_weight": mu, "iterations": k, "value": v}
+            for mu, k, v in [(1.0, 25, 1.02), (1.0, 50, 1.01), (2.0, 25, 1.005), (2.0, 50, 1.00),
+                             (4.0, 25, 1.30), (4.0, 50, 1.31)]]
+    calls = []
+
+    def sure_rows(mus, seed):
+        calls.append((tuple(mus), seed))
+        return {(mu, k): (0.95 if mu == 1.0 else 1.03) + (0.001 if k == 25 else 0.0) for mu in mus for k in (25, 50)}
+
+    best = classical._confirm_tv(rows, sure_rows, lambda _: None, margin=0.03, probes=4)
+    assert (best["tv_weight"], best["iterations"]) == (1.0, 50)
+    assert [c[0] for c in calls] == [(1.0, 2.0)] * 3  # the far weight 4 is not rerun
+    assert len({c[1] for c in calls}) == 3  # each further probe is a different one
+    assert best["probes"] == 4 and best["value_one_probe"] == 1.01
+    assert best["value"] == pytest.approx((1.01 + 3 * 0.95) / 4)
+    far = [r for r in rows if r["tv_weight"] == 4.0]
+    assert all("probes" not in r for r in far)
+    # a single close weight: nothing is rerun, the one-probe choice stands
+    calls.clear()
+    alone = [dict(r) for r in rows if r["tv_weight"] != 1.0]
+    assert classical._confirm_tv(alone, sure_rows, lambda _: None)["tv_weight"] == 2.0 and not calls
