@@ -1,0 +1,138 @@
+"""Reference-free error estimates against the true error (issue 15.4, first part: classical methods).
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/uq.py [--methods fbp,sense,tv] [--cases held-out]
+        [--draws 4] [--folds 4] [--fraction 0.1] [--threads 2] [--scratch DIR] [--json FILE]
+
+For each scan (the held-out family of ``benchmarks/quality.py`` by default, made here through
+``recon3d simulate`` when missing, as ``benchmarks/classical.py`` does) and each classical method
+with its reference-free (auto) parameters, the whole 16-slice volume is reconstructed in memory
+and its error estimated by :func:`pipeline.reconstruct.estimate.estimate_error` with no
+reference. Printed per case: the true PSNR (magnitude, as ``recon3d evaluate``; and of the
+complex image for MRI, which the estimate targets), the estimate with its interval, the plain
+equivariant bootstrap's estimate beside it, the error of each in dB, and the wall time relative
+to one reconstruction measured in the same run. Targets of issue 15: |error| ≤ 0.5 dB median,
+≤ 1 dB worst case. The data range of every PSNR here is the reference's peak, so the figures
+compare the MSE estimates alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from classical import CT_CASES, HELD_OUT_CASES, MRI_CASES, scan as make_scan  # noqa: E402
+
+
+def _reconstructor(scan, method: str):
+    """``(f, parameters)``: the method with the auto parameters its calibration chooses."""
+    import torch
+
+    from pipeline.reconstruct import ReconstructConfig
+    from pipeline.reconstruct import classical as cl
+    from pipeline.reconstruct.reconstruct import _Classical
+
+    recon = _Classical(scan, ReconstructConfig(scan=scan.path, out="unused", method=method, progress=False),
+                       torch.device("cpu"))
+    recon.calibrate(lambda _: None)
+    p = recon.parameters()
+    if method == "fbp":
+        from pipeline.data.ct_ops import fbp_slab
+
+        return (lambda y, op: fbp_slab(y, op, filter=p["filter"], cutoff=float(p["cutoff"]))), p
+    if method == "sense":
+        from operators3d import sense_cg
+
+        return (lambda y, op: sense_cg(y, op, l2_weight=float(p["l2_weight"]), num_iters=int(p["iterations"]))), p
+    problem, noise = cl.tv_problem(scan), scan.metadata.noise()
+    return (lambda y, op: cl.tv_reconstruct(y, op, problem, noise, float(p["tv_weight"]), int(p["iterations"]))), p
+
+
+def case(scratch: Path, name: str, method: str, args) -> dict:
+    import torch
+
+    from pipeline.data import open_scan
+    from pipeline.reconstruct.estimate import estimate_error
+    from pipeline.reconstruct.reconstruct import _SlabReader
+
+    scan = open_scan(make_scan(scratch, name))
+    depth = int(scan.metadata.volume_shape[0])
+    y, op = _SlabReader(scan)(0, depth)
+    ref = scan.reference.read_torch()
+    f, params = _reconstructor(scan, method)
+    t0 = time.perf_counter()
+    x_hat = f(y, op)
+    plain = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    est = estimate_error(y, op, scan.metadata.noise(), f, x_hat=x_hat, draws=args.draws, folds=args.folds,
+                         fraction=args.fraction, seed=args.seed, nonnegative=scan.modality == "ct" and method == "tv")
+    seconds = time.perf_counter() - t0
+    peak = float(ref.abs().max())
+    db = lambda m: 10.0 * math.log10(peak * peak / m)  # noqa: E731
+    true_mag = db(float((x_hat.abs() - ref.abs()).double().square().mean()))
+    true_cplx = db(float((x_hat - ref).abs().double().square().mean()))
+    ps = est.psnr(peak)
+    row = {"case": name, "method": method, "parameters": params, "true_psnr": true_mag, "true_psnr_complex": true_cplx,
+           **ps, "bootstrap_psnr": db(est.bootstrap_mse), "error_db": ps["estimated_psnr"] - true_cplx,
+           "bootstrap_error_db": db(est.bootstrap_mse) - true_cplx,
+           "covered": ps["estimated_psnr_low"] <= true_cplx <= ps["estimated_psnr_high"],
+           "seconds": seconds, "cost_vs_plain": seconds / max(plain, 1e-9), "estimate": est.to_dict()}
+    print(f"{name:24s} {method:5s} true {true_mag:6.2f} (complex {true_cplx:6.2f}) | estimate "
+          f"{ps['estimated_psnr']:6.2f} [{ps['estimated_psnr_low']:.2f}, {ps['estimated_psnr_high']:.2f}] "
+          f"error {row['error_db']:+.2f} dB | bootstrap alone {row['bootstrap_psnr']:6.2f} error "
+          f"{row['bootstrap_error_db']:+.2f} dB | {seconds:.0f} s = {row['cost_vs_plain']:.0f}x a reconstruction",
+          flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", default="fbp,sense", help="fbp (CT), sense (MRI), tv (both)")
+    parser.add_argument("--cases", default="held-out", help="comma-separated case names of benchmarks/classical.py, "
+                                                           "or 'held-out'")
+    parser.add_argument("--draws", type=int, default=4)
+    parser.add_argument("--folds", type=int, default=4)
+    parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: this machine's cores)")
+    parser.add_argument("--scratch", default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    names = [n for c in args.cases.split(",") for n in (HELD_OUT_CASES if c == "held-out" else [c])]
+    unknown = [n for n in names if n not in CT_CASES and n not in MRI_CASES]
+    if unknown:
+        parser.error(f"unknown --cases {unknown}")
+    methods = args.methods.split(",")
+    scratch = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="recon3d-uq-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    print(f"threads {args.threads}, draws {args.draws}, folds {args.folds}, held out {args.fraction:.0%}, "
+          f"scratch {scratch}", flush=True)
+    rows = []
+    for name in names:
+        for method in methods:
+            if (method == "fbp" and name in MRI_CASES) or (method == "sense" and name in CT_CASES):
+                continue
+            rows.append(case(scratch, name, method, args))
+    if rows:
+        errors = [abs(r["error_db"]) for r in rows]
+        boot = [abs(r["bootstrap_error_db"]) for r in rows]
+        print(f"\n|error| of the estimate: median {statistics.median(errors):.2f} dB, worst {max(errors):.2f} dB "
+              f"(target 0.5 / 1.0); bootstrap alone: median {statistics.median(boot):.2f}, worst {max(boot):.2f}; "
+              f"interval covers the truth in {sum(r['covered'] for r in rows)} of {len(rows)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
