@@ -36,23 +36,12 @@ def _reconstructor(scan, method: str):
     import torch
 
     from pipeline.reconstruct import ReconstructConfig
-    from pipeline.reconstruct import classical as cl
     from pipeline.reconstruct.reconstruct import _Classical
 
     recon = _Classical(scan, ReconstructConfig(scan=scan.path, out="unused", method=method, progress=False),
                        torch.device("cpu"))
     recon.calibrate(lambda _: None)
-    p = recon.parameters()
-    if method == "fbp":
-        from pipeline.data.ct_ops import fbp_slab
-
-        return (lambda y, op: fbp_slab(y, op, filter=p["filter"], cutoff=float(p["cutoff"]))), p
-    if method == "sense":
-        from operators3d import sense_cg
-
-        return (lambda y, op: sense_cg(y, op, l2_weight=float(p["l2_weight"]), num_iters=int(p["iterations"]))), p
-    problem, noise = cl.tv_problem(scan), scan.metadata.noise()
-    return (lambda y, op: cl.tv_reconstruct(y, op, problem, noise, float(p["tv_weight"]), int(p["iterations"]))), p
+    return recon.apply, recon.parameters()
 
 
 def case(scratch: Path, name: str, method: str, args) -> dict:

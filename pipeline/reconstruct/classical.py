@@ -457,6 +457,11 @@ def select_tv(data: CalibrationData, noise, problem: TVProblem, *,
     def _round(value: float) -> float:  # grid weights to 3 significant digits; a given one as is
         return float(value) if weight is not None else float(f"{value:.3g}")
 
+    def solve(mus: torch.Tensor, tangent: torch.Tensor):
+        """Every weight of ``mus`` to the last iteration count, with the derivative along ``tangent``."""
+        return tv_pdhg(y, op, mus, num_iters=iterations[-1], grad=grad, data_weights=w, initial=initial,
+                       nonnegative=problem.nonnegative, steps=steps, checkpoints=iterations, tangent=tangent)
+
     def run(exponents: Sequence[float]) -> None:
         new = [e for e in exponents if e not in tried]
         if not new:
@@ -465,9 +470,7 @@ def select_tv(data: CalibrationData, noise, problem: TVProblem, *,
         mus = torch.tensor([_round(mu0 * 2.0**e) for e in new], dtype=torch.float64)
         mus = mus.to(device=y.device, dtype=y.real.dtype)
         t0 = time.monotonic()
-        out = tv_pdhg(y, op, mus, num_iters=iterations[-1], grad=grad, data_weights=w, initial=initial,
-                      nonnegative=problem.nonnegative, steps=steps, checkpoints=iterations,
-                      tangent=sure.probe)
+        out = solve(mus, sure.probe)
         for k in iterations:
             x, dx = out[k]
             for i, e in enumerate(new):
@@ -480,9 +483,7 @@ def select_tv(data: CalibrationData, noise, problem: TVProblem, *,
         """SURE of every (weight, checkpoint) with another probe (seeded ``seed``)."""
         other = _SureMeasurement(op, y, variance, seed)
         batch = torch.tensor(list(mus), dtype=torch.float64).to(device=y.device, dtype=y.real.dtype)
-        out = tv_pdhg(y, op, batch, num_iters=iterations[-1], grad=grad, data_weights=w, initial=initial,
-                      nonnegative=problem.nonnegative, steps=steps, checkpoints=iterations,
-                      tangent=other.probe)
+        out = solve(batch, other.probe)
         return {(mu, k): other(out[k][0][i], out[k][1][i])[0] for k in iterations for i, mu in enumerate(mus)}
 
     if weight is not None:
@@ -507,7 +508,7 @@ def select_tv(data: CalibrationData, noise, problem: TVProblem, *,
             break
     best_e = math.log2(_best(rows)["tv_weight_relative"])
     run([best_e - 0.5, best_e + 0.5])
-    best = _confirm_tv(rows, lambda mus, seed: _tv_sure_rows(mus, seed), say)
+    best = _confirm_tv(rows, _tv_sure_rows, say)
     rows.sort(key=lambda r: (r["tv_weight"], r["iterations"]))
     return _record("tv", "sure-measurement", data, {"tv_weight": best["tv_weight"],
                                                     "iterations": best["iterations"]}, rows, start,

@@ -103,10 +103,6 @@ def holdout_splits(y: torch.Tensor, op, *, fraction: float, folds: int, generato
     return out
 
 
-def _variance(noise, clean: torch.Tensor) -> torch.Tensor:
-    return noise.variance(clean.real if not clean.is_complex() else clean)
-
-
 def cross_validation(y: torch.Tensor, op, noise, f: Reconstructor, *, fraction: float, folds: int,
                      generator: torch.Generator) -> list[float]:
     """``CV`` of each fold: the noise-debiased squared prediction error per held-out entry."""
@@ -116,7 +112,7 @@ def cross_validation(y: torch.Tensor, op, noise, f: Reconstructor, *, fraction: 
         x = f(split.y, split.op)
         pred = op(x)
         r = (pred - y)[split.held]
-        noise_energy = float(_variance(noise, pred.detach())[split.held].double().sum()) * parts
+        noise_energy = float(noise.variance(pred.detach())[split.held].double().sum()) * parts
         values.append((float(r.abs().double().square().sum()) - noise_energy) / int(split.held.sum()))
     return values
 
@@ -179,10 +175,10 @@ def estimate_error(y: torch.Tensor, op, noise, f: Reconstructor, *, x_hat: torch
     x_hat = f(y, op) if x_hat is None else x_hat
     cv = cross_validation(y, op, noise, f, fraction=fraction, folds=folds, generator=g)
     cv_mean = sum(cv) / len(cv)
+    from pipeline.models.physics import measurement_mask
+
     true, cvs = [], []
-    mask = None
-    if _is_mri(op):
-        mask = op.mask.bool()
+    mask = measurement_mask(op)
     for b in range(draws):
         t = _rotation(g)
         xb = t(x_hat)

@@ -625,7 +625,12 @@ class _Classical:
     @torch.no_grad()
     def __call__(self, lo: int, hi: int) -> torch.Tensor:
         y, op = self.read(lo, hi)
-        y, op = y.to(self.device), op.to(self.device)
+        return self.apply(y.to(self.device), op.to(self.device)).cpu()
+
+    @torch.no_grad()
+    def apply(self, y: torch.Tensor, op) -> torch.Tensor:
+        """The method with this job's parameters on measurements ``y`` of operator ``op``
+        (a slab's, or another of the scan's kind: fewer views, another k-space mask)."""
         p = self.params
         if self.method == "adjoint":
             x = op.adjoint(y)
@@ -642,7 +647,7 @@ class _Classical:
 
             x = tv_reconstruct(y, op, tv_problem(self.scan), self.noise, float(p["tv_weight"]),
                                int(p["iterations"]))
-        return x.cpu()
+        return x
 
 
 class _Derived:
