@@ -82,6 +82,11 @@ def register(subparsers: Any) -> None:
                    help="D-blocks the auto calibration reads, evenly spaced (default: 3)")
     s = rec.add_argument_group("output")
     s.add_argument("--no-complex", action="store_true", help="MRI: do not keep the complex image")
+    s.add_argument("--uncertainty", type=int, default=0, metavar="N",
+                   help="also write OUT/uncertainty: a per-voxel RMS error from N equivariant-bootstrap draws "
+                   "(the pilot re-measured with the scan's noise model and reconstructed again, slab by slab; "
+                   "about N+1 times the work; docs/estimate.md). Default 0: none")
+    s.add_argument("--uncertainty-seed", type=int, default=0, metavar="S", help="seed of the draws (default: 0)")
     s.add_argument("--codec", default="zstd", choices=["zstd", "lz4", "lz4hc", "zlib", "blosclz", "none"],
                    help="Blosc compressor of the output, or none (default: zstd)")
     s.add_argument("--clevel", type=int, default=3, help="compression level 0-9 (default: 3)")
@@ -133,7 +138,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
         tile=tuple(args.tile) if args.tile else None, overlap=args.overlap, filter=args.filter,
         filter_cutoff=args.filter_cutoff, sense_iters=args.sense_iters, l2_weight=args.l2_weight,
         tv_weight=args.tv_weight, tv_iters=args.tv_iters, calibration_slabs=args.calibration_slabs,
-        keep_complex=not args.no_complex,
+        keep_complex=not args.no_complex, uncertainty=args.uncertainty, uncertainty_seed=args.uncertainty_seed,
         codec=CodecConfig(compressor=args.codec, clevel=args.clevel,
                           checksum=not args.no_checksum), overwrite=args.overwrite,
         device=args.device, workers=args.workers, scheduler=args.scheduler,

@@ -498,7 +498,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``recon3d evaluate`` to the ``recon3d`` sub-parsers."""
     p = subparsers.add_parser(
         "evaluate",
-        help="PSNR, SSIM (3D) and NMSE of a reconstruction against a scan's reference",
+        help="PSNR, SSIM (3D) and NMSE of a reconstruction against a scan's reference, or estimated without one (--estimate)",
         description="Compare an OME-Zarr reconstruction with the reference volume of a scan, "
         "out of core (dask, slab by slab with halos): PSNR, 3D SSIM (7³ uniform windows, as "
         "scikit-image) and NMSE. Complex images (MRI) are compared as magnitudes, real ones (CT) "
@@ -507,7 +507,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "is printed with where it came from.",
     )
     p.add_argument("out", help="the reconstruction (OME-Zarr image)")
-    p.add_argument("--reference", required=True, metavar="SCAN", help="a scan with a reference array")
+    p.add_argument("--reference", default=None, metavar="SCAN",
+                   help="a scan with a reference array (needed unless --estimate)")
+    est = p.add_argument_group(
+        "reference-free estimate (--estimate)",
+        "Estimate the reconstruction's MSE/PSNR without a reference: the reconstruction that made OUT "
+        "(recorded in it) is re-run on a few D-blocks of the scan with held-out measurements and "
+        "equivariant bootstrap draws (bootstrap-calibrated cross-validation, docs/estimate.md). It costs "
+        "about draws × (folds + 1) + folds + 1 reconstructions of each block.")
+    est.add_argument("--estimate", action="store_true", help="report estimated_psnr (and its interval) "
+                     "without a reference")
+    est.add_argument("--scan", default=None, metavar="SCAN",
+                     help="the scan OUT was reconstructed from (default: the one OUT records)")
+    est.add_argument("--estimate-blocks", type=int, default=3, metavar="N", help="D-blocks estimated (default: 3)")
+    est.add_argument("--estimate-slices", type=int, default=None, metavar="N",
+                     help="slices per block (default: 8, or the whole scan if thinner)")
+    est.add_argument("--draws", type=int, default=8, help="bootstrap draws per block (default: 8, at least 2)")
+    est.add_argument("--folds", type=int, default=4, help="held-out parts per cross-validation (default: 4)")
+    est.add_argument("--holdout", type=float, default=0.1, metavar="FRACTION",
+                     help="share of the measurements held out per part (default: 0.1)")
+    est.add_argument("--seed", type=int, default=0, help="seed of the draws and held-out parts (default: 0)")
+    est.add_argument("--device", default="cpu", help="where the reconstructions run (default: cpu)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON ('-': stdout)")
     p.add_argument("--mask", default=None, metavar="FILE|object",
                    help="evaluate inside a mask: a .npy or zarr boolean volume, or 'object' "
@@ -534,7 +554,12 @@ def run_cli(args: argparse.Namespace) -> int:
         from pipeline.outputs import check_outside
 
         # A --json inside the image, the scan or any zarr group would replace one of its files.
-        check_outside(args.json, "evaluate", [args.out, args.reference], option="--json")
+        check_outside(args.json, "evaluate", [a for a in (args.out, args.reference, args.scan) if a],
+                      option="--json")
+    if args.reference is None and not args.estimate:
+        raise ValueError("give --reference SCAN, or --estimate for an estimate without a reference")
+    if args.reference is None:
+        return _estimate_cli(args)
     common = dict(data_range=args.data_range, object_threshold=args.object_threshold, window=args.window,
                   slab_depth=args.slab_depth, workers=args.workers, scheduler=args.scheduler)
     result = evaluate(args.out, args.reference, mask=args.mask, **common)
@@ -542,6 +567,12 @@ def run_cli(args: argparse.Namespace) -> int:
         obj = evaluate(args.out, args.reference, mask="object", **common)
         result["object"] = {k: obj[k] for k in ("psnr", "ssim", "nmse", "mse", "data_range", "data_range_source",
                                                 "object_threshold", "mask_voxels", "ssim_voxels")}
+    if args.estimate:
+        result["estimate"] = _estimate(args, data_range=result["data_range"])
+        complex_mse = _complex_mse(args.out, args.reference)
+        if complex_mse is not None:  # what the estimate is of (MRI): the complex image's error
+            result["estimate"]["true_psnr_complex"] = (math.inf if complex_mse == 0 else
+                                                       10 * math.log10(result["data_range"] ** 2 / complex_mse))
     text = json.dumps(result, indent=2)
     if args.json == "-":
         print(text)
@@ -560,6 +591,79 @@ def run_cli(args: argparse.Namespace) -> int:
         lead = f"  {label}:" if label else ""
         print(f"{lead}  PSNR {r['psnr']:.4f} dB   SSIM {r['ssim']:.5f}   NMSE {r['nmse']:.6g}"
               f"   (R = {r['data_range']:.6g}, {r['data_range_source']})")
+    if args.estimate:
+        est = result["estimate"]
+        _print_estimate(est, truth=est.get("true_psnr_complex", result["psnr"]))
+    if args.json:
+        print(f"  written to {args.json}", file=sys.stderr)
+    return 0
+
+
+def _estimate(args: argparse.Namespace, data_range: float | None) -> dict[str, Any]:
+    from .estimate import estimate_output
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    return estimate_output(args.out, args.scan, blocks=args.estimate_blocks, thickness=args.estimate_slices,
+                           draws=args.draws, folds=args.folds, fraction=args.holdout, seed=args.seed,
+                           data_range=data_range if data_range is not None else args.data_range,
+                           device=args.device, say=say)
+
+
+def _complex_mse(out: Any, reference: Any) -> float | None:
+    """The MSE of OUT's complex image (MRI, kept by reconstruct) against the complex reference,
+    slab by slab; ``None`` when either is not complex."""
+    import zarr
+
+    from pipeline.data import open_scan
+
+    group = _open_zarr_group(out, "OME-Zarr store")
+    name = (dict(group.attrs).get("recon3d") or {}).get("complex")
+    ref = open_scan(reference).reference
+    if not name or name not in group or ref is None:
+        return None
+    array = group[name]
+    if not isinstance(array, zarr.Array) or array.dtype.kind != "c" or tuple(array.shape[-3:]) != tuple(ref.shape):
+        return None
+    sse, count, step = 0.0, 0, max(1, int(array.chunks[-3]))
+    for lo in range(0, int(ref.shape[0]), step):
+        hi = min(int(ref.shape[0]), lo + step)
+        a = np.asarray(array[(0,) * (array.ndim - 3) + (slice(lo, hi),)]).astype(np.complex128)
+        b = np.asarray(ref.read(slice(lo, hi))).astype(np.complex128)
+        if b.dtype.kind != "c" and not np.iscomplexobj(b):
+            return None
+        sse += float(np.abs(a - b).__pow__(2).sum())
+        count += a.size
+    return sse / max(count, 1)
+
+
+def _print_estimate(est: dict[str, Any], truth: float | None = None) -> None:
+    made = est["reconstruction"]
+    what = made.get("method") or f"model {made.get('model')}"
+    label = "true PSNR of the complex image" if "true_psnr_complex" in est else "true PSNR"
+    against = (f"   ({label} {truth:.2f} dB: error {est['estimated_psnr'] - truth:+.2f} dB)"
+               if truth is not None else "")
+    print(f"  estimated (no reference; {est['estimator']}, {len(est['blocks'])} block(s), {what}):")
+    print(f"    PSNR {est['estimated_psnr']:.2f} dB  [{est['estimated_psnr_low']:.2f}, {est['estimated_psnr_high']:.2f}]"
+          f"   MSE {est['estimated_mse']:.4g}   (R = {est['data_range']:.6g}, {est['data_range_source']}; "
+          f"{est['of']}){against}")
+
+
+def _estimate_cli(args: argparse.Namespace) -> int:
+    """``recon3d evaluate OUT --estimate`` without a reference."""
+    est = _estimate(args, data_range=None)
+    result = {"out": str(args.out), **est}
+    text = json.dumps(result, indent=2)
+    if args.json == "-":
+        print(text)
+        return 0
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    print(f"{args.out} (scan {est['scan']}):")
+    _print_estimate(est)
     if args.json:
         print(f"  written to {args.json}", file=sys.stderr)
     return 0

@@ -84,6 +84,8 @@ AUTO = "auto"
 TV_HALO = 2
 RECORDS = "records"
 COMPLEX = "complex"
+UNCERTAINTY = "uncertainty"
+UNCERTAINTY_VERSION = 1  # of how the map is made (pilot, draws, noise); part of the fingerprint
 # Minutes, not a day: a rank that waits this long is waiting for one that died or was refused.
 WAIT_TIMEOUT_S = 600.0
 _KIND = "reconstruction"
@@ -123,6 +125,11 @@ class ReconstructConfig:
             window, else 1.
         calibration_slabs: how many D-blocks the calibration reads (default 3).
         keep_complex: MRI: also write the complex image as the array ``complex``.
+        uncertainty: ``N > 0`` also writes the image ``uncertainty`` (a nested OME-Zarr image
+            with the same levels): a per-voxel RMS error from ``N`` equivariant-bootstrap draws
+            of the same reconstruction, slab by slab with the image's halo
+            (:func:`pipeline.reconstruct.estimate.bootstrap_uncertainty`; about ``N + 1`` times
+            the work). ``uncertainty_seed`` seeds the draws.
         codec: compression of the output arrays.
         overwrite: kept for scripts: an output of reconstruct made with other settings is
             recomputed anyway, and anything else at ``out`` (a scan, a run, a foreign group
@@ -159,6 +166,8 @@ class ReconstructConfig:
     tv_iters: int | str = AUTO
     calibration_slabs: int = 3
     keep_complex: bool = True
+    uncertainty: int = 0
+    uncertainty_seed: int = 0
     codec: CodecConfig = field(default_factory=CodecConfig)
     overwrite: bool = False
     device: str = "auto"
@@ -177,6 +186,8 @@ class ReconstructConfig:
             raise ValueError(f"reconstruct: --method must be one of {METHODS}, got {self.method!r}")
         if int(self.pyramid) < 1:
             raise ValueError(f"reconstruct: --pyramid must be >= 1, got {self.pyramid}")
+        if int(self.uncertainty) < 0:
+            raise ValueError(f"reconstruct: --uncertainty must be >= 0 draws, got {self.uncertainty}")
         for name in ("slab", "halo", "overlap"):
             value = getattr(self, name)
             if value is not None and int(value) < (1 if name == "slab" else 0):
@@ -741,6 +752,11 @@ class _Network:
         return isinstance(self.model, ArtifactRemoval) and self.model.initial in ("adjoint", "fbp")
 
     @torch.no_grad()
+    def apply(self, y: torch.Tensor, op) -> torch.Tensor:
+        """The model on measurements ``y`` of operator ``op`` (under the active intensity scale)."""
+        return self.model(y.unsqueeze(0).to(self.device), op.to(self.device))[0]
+
+    @torch.no_grad()
     def __call__(self, lo: int, hi: int) -> torch.Tensor:
         if not self.staged:
             y, op = self.read(lo, hi)
@@ -921,6 +937,34 @@ def _scan_identity(scan, config: ReconstructConfig) -> dict[str, Any]:
             "volume_shape": list(scan.metadata.volume_shape), "modality": scan.modality}
 
 
+def _check_uncertainty(scan, recon) -> None:
+    """``--uncertainty`` re-measures and re-runs each slab: it needs a slab operator and a noise
+    model it can draw from."""
+    from .estimate import HANDLED_NOISE
+
+    if isinstance(recon, _Derived):
+        raise ValueError("reconstruct: --uncertainty re-runs each slab from its measurements, which a cone-beam "
+                         "scan's FDK (its rays cross slabs) does not allow")
+    noise = scan.metadata.noise()
+    if noise is None:
+        raise ValueError(f"reconstruct: --uncertainty draws new measurements from the scan's noise model, and "
+                         f"scan '{scan.path}' records none (record it when ingesting: --photons, --noise-sigma)")
+    if noise.kind not in HANDLED_NOISE:
+        raise ValueError(f"reconstruct: --uncertainty handles the noise models {list(HANDLED_NOISE)}, and scan "
+                         f"'{scan.path}' has {noise.to_dict()}")
+
+
+def _uncertainty(recon, scan, lo: int, hi: int, config: ReconstructConfig) -> torch.Tensor:
+    """The bootstrap RMS-error map of input slab ``[lo, hi)`` (the output slab is cut from it)."""
+    from .estimate import bootstrap_uncertainty
+
+    y, op = recon.read(lo, hi)
+    device = recon.device
+    u = bootstrap_uncertainty(y.to(device), op.to(device), scan.metadata.noise(), recon.apply,
+                              draws=int(config.uncertainty), seed=int(config.uncertainty_seed), start=lo)
+    return u.cpu()
+
+
 def reconstruct(config: ReconstructConfig) -> ReconstructResult:
     """Reconstruct ``config.scan`` into the OME-Zarr image ``config.out`` (this rank's share).
 
@@ -952,13 +996,18 @@ def reconstruct(config: ReconstructConfig) -> ReconstructResult:
     if isinstance(recon, _Network):
         recon.piece = max(scan.chunk_depth, layout.slab // scan.chunk_depth * scan.chunk_depth)
     keep_complex = bool(recon.is_complex and config.keep_complex)
-    settings = jsonable({
+    described = {
         "format_version": OUTPUT_FORMAT,
         "scan": _scan_identity(scan, config),
         "reconstructor": recon.describe(),
         "layout": {"shape": layout.shape, "chunks": layout.chunks, "slab": layout.slab, "halo": layout.halo,
                    "input_grid": layout.multiple, "complex": keep_complex, "codec": config.codec.to_dict()},
-    })
+    }
+    if int(config.uncertainty) > 0:
+        _check_uncertainty(scan, recon)
+        described["uncertainty"] = {"draws": int(config.uncertainty), "seed": int(config.uncertainty_seed),
+                                    "version": UNCERTAINTY_VERSION}
+    settings = jsonable(described)
     fingerprint = _digest(settings)
     notes = list(recon.notes)
     if layout.halo < recon.radius:
@@ -1085,6 +1134,7 @@ def _run(config: ReconstructConfig, out: _Output, recon, scan, layout: _Layout, 
     group = out.group("r+")
     level0 = group["0"]
     cplx = group[COMPLEX] if keep_complex else None
+    unc = group[UNCERTAINTY]["0"] if int(config.uncertainty) > 0 else None
     done = out.done(fingerprint)
     todo = [i for i in mine if i not in done]
     run_id = uuid.uuid4().hex
@@ -1098,8 +1148,11 @@ def _run(config: ReconstructConfig, out: _Output, recon, scan, layout: _Layout, 
         lo, hi = layout.input_range(a, b)
         _check_lease(path, fingerprint, token, options)  # never write into an output another job took
         x = recon(lo, hi)[a - lo : b - lo]
+        u = _uncertainty(recon, scan, lo, hi, config)[a - lo : b - lo] if unc is not None else None
         _check_lease(path, fingerprint, token, options)
         _write_slab(level0, cplx, a, b, x)
+        if u is not None:
+            unc[a:b] = u.numpy()
         out.record(fingerprint, i, {"slab": i, "d": [a, b], "input": [lo, hi], "rank": rank, "run": run_id,
                                     "written": now_iso()})
         del x
@@ -1148,6 +1201,33 @@ def _write_slab(level0, cplx, a: int, b: int, x: torch.Tensor) -> None:
         level0[a:b] = x.to(torch.float32).numpy()
 
 
+def _create_uncertainty(group, config: ReconstructConfig, scan, levels, chunks, compressors) -> None:
+    """The nested OME-Zarr image ``uncertainty``: the same levels and chunks as the image."""
+    from pipeline.data.writer import jsonable
+
+    sub = group.require_group(UNCERTAINTY)
+    for level, shape in enumerate(levels):
+        ome.create_level(sub, str(level), shape, chunks, compressors=compressors)
+    complex_image = scan.modality == "mri"
+    sub.attrs.update({
+        "ome": ome.multiscales_metadata(scan.metadata.voxel_size, scan.metadata.units, len(levels), name=UNCERTAINTY),
+        ATTRS_KEY: jsonable({
+            "kind": "uncertainty",
+            "written_by": "reconstruct",
+            "quantity": "per-voxel root-mean-square error of the reconstruction, estimated by an equivariant "
+                        "parametric bootstrap" + (" (of the complex image)" if complex_image else ""),
+            "definition": "sqrt(mean_b T_b^-1 |f(y_b) - T_b p|^2): p the undersmoothed pilot reconstruction, T_b a "
+                          "random in-plane rotation, y_b measurements of T_b p drawn from the scan's noise model, "
+                          "f the reconstruction of the image (docs/estimate.md)",
+            "units": "those of the image",
+            "draws": int(config.uncertainty),
+            "seed": int(config.uncertainty_seed),
+            "version": UNCERTAINTY_VERSION,
+            "noise_model": scan.metadata.noise_model,
+        }),
+    })
+
+
 def _prepare(out: _Output, config, scan, recon, layout: _Layout, settings, fingerprint: str,
              keep_complex: bool, notes: list[str], world: int) -> str:
     """Rank 0: create the output, resume it, or clear one of another fingerprint; returns the state."""
@@ -1174,6 +1254,15 @@ def _prepare(out: _Output, config, scan, recon, layout: _Layout, settings, finge
                 del group[str(level)]
         for level, shape in enumerate(levels[1:], start=1):
             ome.create_level(group, str(level), shape, layout.chunks, compressors=compressors)
+        if UNCERTAINTY in group:
+            sub = group[UNCERTAINTY]
+            for level in range(1, max(len(levels), int(info.get("levels") or 1))):
+                if str(level) in sub:
+                    del sub[str(level)]
+            for level, shape in enumerate(levels[1:], start=1):
+                ome.create_level(sub, str(level), shape, layout.chunks, compressors=compressors)
+            sub.attrs["ome"] = ome.multiscales_metadata(scan.metadata.voxel_size, scan.metadata.units, len(levels),
+                                                       name=UNCERTAINTY)
         attrs = dict(info)
         attrs.update(levels=len(levels), levels_complete=[], complete=False)
         group.attrs.update({"ome": ome_attrs, ATTRS_KEY: jsonable(attrs)})
@@ -1189,6 +1278,8 @@ def _prepare(out: _Output, config, scan, recon, layout: _Layout, settings, finge
         ome.create_level(group, str(level), shape, layout.chunks, compressors=compressors)
     if keep_complex:
         ome.create_level(group, COMPLEX, layout.shape, layout.chunks, dtype="complex64", compressors=compressors)
+    if int(config.uncertainty) > 0:
+        _create_uncertainty(group, config, scan, levels, layout.chunks, compressors)
     attrs = {
         "kind": _KIND,
         "written_by": "reconstruct",
@@ -1269,6 +1360,9 @@ def _finish(out: _Output, config: ReconstructConfig, fingerprint: str, total: in
         if level in done:
             continue
         tasks = ome.pyramid_tasks(group[str(level - 1)], group[str(level)], name=f"level{level}")
+        if UNCERTAINTY in group:
+            sub = group[UNCERTAINTY]
+            tasks += ome.pyramid_tasks(sub[str(level - 1)], sub[str(level)], name=f"uncertainty{level}")
         run_tasks(tasks, description=f"pyramid level {level}", workers=config.workers,
                   scheduler=config.scheduler, progress=config.progress)
         done.add(level)

@@ -338,13 +338,19 @@ def _window(values: np.ndarray) -> tuple[float, float]:
     return lo, hi
 
 
-def _slices_figure(volumes: list[_Planes], reference: _Planes | None, scale: Sequence[float], path: Path) -> None:
+def _slices_figure(volumes: list[_Planes], reference: _Planes | None, scale: Sequence[float], path: Path,
+                   uncertainty: dict[str, _Planes] | None = None) -> None:
+    """Central planes of each volume; with a reference its |error| beside it, and a volume's
+    bootstrap ``uncertainty`` (an RMS-error map, so in the same window as |error|) after that."""
+    uncertainty = uncertainty or {}
     base = reference if reference is not None else volumes[0]
     vmin, vmax = _window(base.subsample)
     emax = None
     if reference is not None:
         errors = np.concatenate([np.abs(v.subsample - reference.subsample).ravel() for v in volumes])
         emax = _window(errors)[1]
+    elif uncertainty:
+        emax = _window(np.concatenate([u.subsample.ravel() for u in uncertainty.values()]))[1]
     columns: list[tuple[str, dict[str, np.ndarray], str]] = []
     if reference is not None:
         columns.append(("reference", reference.planes, "image"))
@@ -352,6 +358,8 @@ def _slices_figure(volumes: list[_Planes], reference: _Planes | None, scale: Seq
         columns.append((v.label, v.planes, "image"))
         if reference is not None:
             columns.append((f"|error| {v.label}", {k: np.abs(v.planes[k] - reference.planes[k]) for k in CUTS}, "error"))
+        if v.label in uncertainty:
+            columns.append((f"uncertainty {v.label}", uncertainty[v.label].planes, "error"))
     dz, dy, dx = scale
     aspects = {"z": dy / dx, "y": dz / dx, "x": dz / dy}
     names = {"z": "z (axial)", "y": "y (coronal)", "x": "x (sagittal)"}
@@ -375,7 +383,7 @@ def _slices_figure(volumes: list[_Planes], reference: _Planes | None, scale: Seq
                 ax.set_title(title, fontsize=8)
             if col == 0:
                 ax.set_ylabel(names[cut], fontsize=8)
-    for kind, label in (("image", "intensity"), ("error", "|error|")):
+    for kind, label in (("image", "intensity"), ("error", "|error| / RMS error" if uncertainty else "|error|")):
         if kind in shown:
             bar = fig.colorbar(shown[kind], ax=axes, shrink=0.7, aspect=30)
             bar.set_label(label, fontsize=8)
@@ -431,8 +439,16 @@ def _image_report(target: Any, out_dir: Path, baselines: Sequence[Any], referenc
     taken: set[str] = set()
     volumes = [_image_planes(image, _label(image, taken)) for image in images]
     ref_planes = _reference_planes(ref, main.shape) if ref is not None else None
+    maps: dict[str, _Planes] = {}
+    for image, planes in zip(images, volumes):
+        if "uncertainty" in image.attrs.get("settings", {}):  # written with --uncertainty N
+            try:
+                maps[planes.label] = _image_planes(open_ome_image(f"{str(image.path).rstrip('/')}/uncertainty"),
+                                                   f"uncertainty {planes.label}")
+            except (FileNotFoundError, ValueError) as err:
+                notes.append(f"The uncertainty map of {planes.label} could not be read ({err}).")
     figure = out_dir / "slices.png"
-    _slices_figure(volumes, ref_planes, main.scale, figure)
+    _slices_figure(volumes, ref_planes, main.scale, figure, maps)
 
     metrics = []
     if ref is not None and with_metrics:
@@ -468,7 +484,10 @@ def _image_report(target: Any, out_dir: Path, baselines: Sequence[Any], referenc
     lines += ["Central slices; one intensity window for every volume (percentiles "
               f"{WINDOW_PERCENTILES[0]}–{WINDOW_PERCENTILES[1]} of the "
               f"{'reference' if ref_planes is not None else 'reconstruction'} on a subsample)"
-              + (", one error window for every |error| map." if ref_planes is not None else "."), "",
+              + (", one error window for every |error| map." if ref_planes is not None else ".")
+              + (" The uncertainty columns are the per-voxel RMS error from the equivariant bootstrap "
+                 "(`reconstruct --uncertainty N`, docs/estimate.md), in the same window as the |error| maps."
+                 if maps else ""), "",
               f"![slices]({figure.name})"]
     markdown = out_dir / "report.md"
     markdown.write_text("\n".join(lines) + "\n")

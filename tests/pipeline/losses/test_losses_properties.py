@@ -388,3 +388,29 @@ def test_measurement_consistency_counts_only_measured_entries(mri_problem):
     residual = (op(x_hat) - y).abs().pow(2)
     assert float(residual[..., op.mask == 0].abs().max()) == 0
     assert math.isclose(float(value), float(residual[..., op.mask != 0].mean()), rel_tol=1e-12)
+
+
+def test_sure_averages_to_the_closed_form_risk_of_a_linear_denoiser():
+    """Denoising (A = I) with the fixed linear smoother ``x̂ = S y``: the risk is known in closed
+    form, ``E‖S y − x‖²/n = (‖(S − I) x‖² + σ² ‖S‖_F²)/n``; SURE averaged over noise draws
+    lands on it (within 3 standard errors), not merely on each draw's realised error."""
+    gen = torch.Generator().manual_seed(5)
+    shape, sigma = (2, 6, 6), 0.3
+    op = Diagonal(torch.ones(shape, dtype=torch.float64))
+    x = torch.rand(shape, generator=gen, dtype=torch.float64)
+    model = _Smoother()
+    n = x.numel()
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
+    s = torch.stack([model(e, op).reshape(-1) for e in basis], dim=1)  # column j = S e_j
+    risk = (float(((s - torch.eye(n, dtype=torch.float64)) @ x.reshape(-1)).square().sum())
+            + sigma**2 * float(s.square().sum())) / n
+    loss = SureGaussianLoss(noise_model=GaussianNoise(sigma), seed=4)
+    noise = GaussianNoise(sigma)
+    values = []
+    for _ in range(2000):
+        y = noise.sample(x, generator=gen)
+        values.append(loss(model(y, op), y, op, model).total.item())
+    v = torch.tensor(values, dtype=torch.float64)
+    se = float(v.std() / math.sqrt(v.numel()))
+    assert abs(float(v.mean()) - risk) < 3 * se, (float(v.mean()), risk, se)
+    assert se < 0.05 * risk  # the test can tell a wrong risk apart

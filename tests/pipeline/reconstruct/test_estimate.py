@@ -57,8 +57,12 @@ def test_ct_splits_hold_out_whole_views():
 @pytest.mark.parametrize("make", [_mri, _ct])
 def test_cross_validation_is_the_held_out_error_once_the_noise_is_removed(make):
     # A reconstructor that ignores its data and returns x + δ: the statistic's expectation over the
-    # noise is ‖A_H δ‖²/|H| of each split, exactly; with δ = 0 it is 0 (the noise energy removed).
+    # noise is ‖A_H δ‖²/|H| of each split (MRI), ⟨A_H δ, M A_H δ⟩·A/(|H| n) in FBP's ramp metric M
+    # (parallel-beam CT), exactly; with δ = 0 it is 0 (the noise energy removed).
+    from pipeline.models.physics import ImageMetric
+
     op, x, noise = make()
+    metric = None if isinstance(op, MultiCoilMRI) else ImageMetric(op)
     g = torch.Generator().manual_seed(5)
     delta = x.abs().max() * torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype)
     for err, scale in ((delta, 1.0), (torch.zeros_like(x), 0.0)):
@@ -69,9 +73,16 @@ def test_cross_validation_is_the_held_out_error_once_the_noise_is_removed(make):
             values += cross_validation(y, op, noise, f, fraction=0.2, folds=1,
                                        generator=torch.Generator().manual_seed(trial))
             (s,) = holdout_splits(y, op, fraction=0.2, folds=1, generator=torch.Generator().manual_seed(trial))
-            expected.append(float(op(err)[s.held].abs().square().sum()) / int(s.held.sum()))
+            if metric is None:
+                expected.append(float(op(err)[s.held].abs().square().sum()) / int(s.held.sum()))
+            else:
+                r = op(err) * s.held
+                views, held = y.shape[-2], int(s.held[0, :, 0].sum())
+                expected.append(float((r * metric(r)).sum()) * views / held / x.numel())
         mean, target = sum(values) / len(values), sum(expected) / len(expected)
         per_entry = float(noise.variance(op(x).real if not op(x).is_complex() else op(x)).mean())
+        if metric is not None:  # the noise energy per voxel in the metric
+            per_entry *= metric.diagonal * y[0].numel() / x[0].numel()
         assert abs(mean - target) < 0.1 * per_entry + 0.05 * target  # noise removed: ~0 for δ = 0
         if scale:
             assert target > 5 * per_entry  # the test can tell an error from the noise
