@@ -32,16 +32,36 @@ from classical import CT_CASES, HELD_OUT_CASES, MRI_CASES, scan as make_scan  # 
 
 
 def _reconstructor(scan, method: str):
-    """``(f, parameters)``: the method with the auto parameters its calibration chooses."""
+    """``(f, parameters)``: the method with the auto parameters its calibration chooses, or an
+    exported model (``*.pt``) under the scan's intensity scale."""
     import torch
 
     from pipeline.reconstruct import ReconstructConfig
-    from pipeline.reconstruct.reconstruct import _Classical
+    from pipeline.reconstruct.reconstruct import _Classical, _Network
+
+    if method.endswith(".pt"):
+        from pipeline.models import intensity_scale
+
+        net = _Network(scan, ReconstructConfig(scan=scan.path, out="unused", model=method, progress=False),
+                       torch.device("cpu"), rank=0)
+        scale = net.measure_scale()
+
+        def f(y, op):
+            with intensity_scale(net.model, scale):
+                return net.apply(y, op)
+
+        return f, {"model": method, "intensity_scale": scale}
 
     recon = _Classical(scan, ReconstructConfig(scan=scan.path, out="unused", method=method, progress=False),
                        torch.device("cpu"))
     recon.calibrate(lambda _: None)
     return recon.apply, recon.parameters()
+
+
+def _modality_of(weights: str) -> str:
+    from pipeline.train.export import read_export
+
+    return str(read_export(weights)["modality"])
 
 
 def case(scratch: Path, name: str, method: str, args) -> dict:
@@ -74,7 +94,7 @@ def case(scratch: Path, name: str, method: str, args) -> dict:
            "bootstrap_error_db": db(est.bootstrap_mse) - true_cplx,
            "covered": ps["estimated_psnr_low"] <= true_cplx <= ps["estimated_psnr_high"],
            "seconds": seconds, "cost_vs_plain": seconds / max(plain, 1e-9), "estimate": est.to_dict()}
-    print(f"{name:24s} {method:5s} true {true_mag:6.2f} (complex {true_cplx:6.2f}) | estimate "
+    print(f"{name:24s} {Path(method).stem:5s} true {true_mag:6.2f} (complex {true_cplx:6.2f}) | estimate "
           f"{ps['estimated_psnr']:6.2f} [{ps['estimated_psnr_low']:.2f}, {ps['estimated_psnr_high']:.2f}] "
           f"error {row['error_db']:+.2f} dB | bootstrap alone {row['bootstrap_psnr']:6.2f} error "
           f"{row['bootstrap_error_db']:+.2f} dB | {seconds:.0f} s = {row['cost_vs_plain']:.0f}x a reconstruction",
@@ -147,7 +167,8 @@ def map_case(scratch: Path, name: str, method: str, args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", default="fbp,sense", help="fbp (CT), sense (MRI), tv (both)")
+    parser.add_argument("--methods", default="fbp,sense", help="fbp (CT), sense (MRI), tv (both), or exported model "
+                        "files (*.pt), each run on the cases of its modality")
     parser.add_argument("--cases", default="held-out", help="comma-separated case names of benchmarks/classical.py, "
                                                            "or 'held-out'")
     parser.add_argument("--draws", type=int, default=8)
@@ -181,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         for method in methods:
             if (method == "fbp" and name in MRI_CASES) or (method == "sense" and name in CT_CASES):
+                continue
+            if method.endswith(".pt") and not name.startswith(_modality_of(method)):
                 continue
             rows.append(map_case(scratch, name, method, args) if args.maps else case(scratch, name, method, args))
     if rows and args.maps:

@@ -38,6 +38,9 @@ def register(subparsers: Any) -> None:
     what = rec.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", default=None, metavar="RUN_DIR|WEIGHTS",
                       help="a training run directory (exported first if needed) or an exported weights file")
+    rec.add_argument("--pick", default="latest", choices=["latest", "best"],
+                     help="with a run directory: its latest checkpoint (default) or the one its best validation "
+                     "kept (train with checkpoint.keep_best: estimate, psnr or loss)")
     what.add_argument("--method", default=None, choices=["adjoint", "fbp", "fdk", "sense", "tv"],
                       help="a classical reconstruction instead of a model: adjoint, fbp (parallel-beam "
                       "CT), fdk (cone beam), sense (MRI), tv (total variation; parallel-beam CT and MRI)")
@@ -133,7 +136,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
     if args.memory == "lean":
         return_freed_memory_to_os()
     config = ReconstructConfig(
-        scan=args.scan, out=args.out, model=args.model, method=args.method, pyramid=args.pyramid,
+        scan=args.scan, out=args.out, model=args.model, method=args.method, pick=args.pick, pyramid=args.pyramid,
         slab=args.slab, halo=args.halo, chunks=tuple(args.chunks) if args.chunks else None,
         tile=tuple(args.tile) if args.tile else None, overlap=args.overlap, filter=args.filter,
         filter_cutoff=args.filter_cutoff, sense_iters=args.sense_iters, l2_weight=args.l2_weight,

@@ -336,7 +336,8 @@ def _output_reconstructor(image, scan, device: torch.device):
                               "reconstructed again from its own views (the estimate needs that)")
     method, model = attrs.get("method"), attrs.get("model")
     if model:
-        config = ReconstructConfig(scan=str(scan.path), out=str(image.path), model=str(model), progress=False)
+        config = ReconstructConfig(scan=str(scan.path), out=str(image.path), model=str(model), progress=False,
+                                   pick=attrs.get("pick") or "latest")
         net = _Network(scan, config, device, rank=0)
         scale = attrs.get("intensity_scale")
         from pipeline.models import intensity_scale

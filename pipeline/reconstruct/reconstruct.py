@@ -101,6 +101,8 @@ class ReconstructConfig:
         out: the OME-Zarr image to write.
         model: a run directory (its export, made first if missing or older than the latest
             checkpoint) or an exported weights file. Exclusive with ``method``.
+        pick: with a run directory: ``latest`` (its latest checkpoint) or ``best`` (the one its
+            best validation kept, ``checkpoint.keep_best``; exported to ``export/best.pt``).
         method: a classical reconstruction: ``adjoint`` (MRI zero-filled ``Aᴴy``, CT
             backprojection), ``fbp`` (parallel-beam CT; FDK for cone beam), ``fdk`` (cone
             beam: the scan's ``derived/fbp`` from ``recon3d preprocess``), ``sense`` (MRI,
@@ -152,6 +154,7 @@ class ReconstructConfig:
     out: str
     model: str | None = None
     method: str | None = None
+    pick: str = "latest"
     pyramid: int = 1
     slab: int | None = None
     halo: int | None = None
@@ -326,10 +329,9 @@ def _poll(ready: Callable[[], bool], *, timeout_s: float, what: str,
 
 
 # ----------------------------------------------------------------------------- models
-def _latest_checkpoint_time(run_dir: Path) -> tuple[float, Path]:
+def _checkpoints_dir(run_dir: Path) -> Path:
+    """A run's checkpoints directory (``checkpoint.dir`` of its resolved config, else RUN/checkpoints)."""
     import yaml
-
-    from pipeline.train.checkpoint import read_checkpoint
 
     directory = run_dir / "checkpoints"
     resolved = run_dir / "config.resolved.yaml"
@@ -338,27 +340,55 @@ def _latest_checkpoint_time(run_dir: Path) -> tuple[float, Path]:
         custom = (cfg.get("checkpoint") or {}).get("dir")
         if custom:
             directory = Path(custom)
-    info = read_checkpoint(directory)
+    return directory
+
+
+def _latest_checkpoint_time(run_dir: Path, pick: str = "latest") -> tuple[float, Path]:
+    """``(mtime of its manifest, path)`` of the run's latest complete checkpoint, or of the one
+    its best validation kept (``pick='best'``, ``checkpoint.keep_best``)."""
+    from pipeline.train.checkpoint import read_best, read_checkpoint
+
+    directory = _checkpoints_dir(run_dir)
+    if pick == "best":
+        best = read_best(directory)
+        if best is None:
+            raise FileNotFoundError(f"reconstruct: --pick best: run {run_dir} has no best checkpoint ({directory}/best.json); "
+                                    "train with checkpoint.keep_best: estimate (or psnr, loss) and validation.scans")
+        info = read_checkpoint(directory / best["tag"])
+    else:
+        info = read_checkpoint(directory)
     manifest = info.directory / info.tag / "recon3d" / "manifest.json"
     return manifest.stat().st_mtime, info.directory / info.tag
 
 
-def resolve_model(path: str | Path, *, rank: int = 0, timeout_s: float = 3600.0) -> Path:
+def resolve_model(path: str | Path, *, rank: int = 0, timeout_s: float = 3600.0, pick: str = "latest") -> Path:
     """The exported weights file of ``path``: the file itself, or a run directory's
     ``export/model.pt`` — exported first (by rank 0; the other ranks wait) when it is missing or
-    older than the run's latest complete checkpoint."""
+    older than the run's latest complete checkpoint. ``pick='best'``: the checkpoint the run's
+    best validation kept, exported to ``export/best.pt``."""
+    if pick not in ("latest", "best"):
+        raise ValueError(f"reconstruct: --pick must be latest or best, got {pick!r}")
     p = Path(path)
     if p.is_file():
+        if pick == "best":
+            raise ValueError(f"reconstruct: --pick best needs a run directory, and {path} is a weights file")
         return p
     if not p.is_dir():
         raise FileNotFoundError(f"reconstruct: --model {path}: no such run directory or weights file")
-    export = p / "export" / "model.pt"
+    export = p / "export" / ("best.pt" if pick == "best" else "model.pt")
     try:
-        ckpt_time, ckpt = _latest_checkpoint_time(p)
-    except Exception as err:  # no checkpoint: an export alone is fine
+        ckpt_time, ckpt = _latest_checkpoint_time(p, pick)
+    except FileNotFoundError:
+        if pick == "best":
+            raise
         if export.is_file():
             return export
-        raise FileNotFoundError(f"reconstruct: --model {path}: no export/model.pt and no checkpoint ({err})") from None
+        raise
+    except Exception as err:  # no checkpoint: an export alone is fine
+        if export.is_file() and pick == "latest":
+            return export
+        raise FileNotFoundError(f"reconstruct: --model {path}: no {export.relative_to(p)} and no checkpoint "
+                                f"({err})") from None
 
     def fresh() -> bool:
         return export.is_file() and export.stat().st_mtime >= ckpt_time
@@ -367,7 +397,7 @@ def resolve_model(path: str | Path, *, rank: int = 0, timeout_s: float = 3600.0)
         if rank == 0:
             from pipeline.train import export_run
 
-            export_run(p)
+            export_run(p, export if pick == "best" else None, checkpoint=ckpt if pick == "best" else None)
         else:
             _poll(fresh, timeout_s=timeout_s, what=f"rank 0 to export {ckpt} to {export}")
     return export
@@ -697,7 +727,8 @@ class _Network:
                 f"scan '{scan.path}': cone-beam rays cross slabs, so a model cannot run slab by slab "
                 "on its measurements; reconstruct it with --method fdk"
             )
-        self.weights = resolve_model(config.model, rank=rank, timeout_s=config.wait_timeout_s)  # type: ignore[arg-type]
+        self.weights = resolve_model(config.model, rank=rank, timeout_s=config.wait_timeout_s,  # type: ignore[arg-type]
+                                     pick=config.pick)
         self.digest, self.info = _weights_digest(self.weights)
         if self.info.get("modality") not in (None, scan.modality):
             raise ValueError(
@@ -1290,6 +1321,7 @@ def _prepare(out: _Output, config, scan, recon, layout: _Layout, settings, finge
         "modality": scan.modality,
         "method": config.method,
         "model": str(config.model) if config.model is not None else None,
+        "pick": config.pick if config.model is not None else None,
         "fingerprint": fingerprint,
         "settings": settings,
         "value": "magnitude" if recon.is_complex else "real",

@@ -211,6 +211,17 @@ def read_checkpoint(path: str | Path) -> CheckpointInfo:
     return CheckpointInfo(directory, tag, json.loads(manifest_path.read_text()))
 
 
+BEST = "best.json"
+
+
+def read_best(directory: str | Path) -> dict[str, Any] | None:
+    """A checkpoints directory's best-validation record (``checkpoint.keep_best``), or ``None``."""
+    path = Path(directory) / BEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
 class CheckpointManager:
     """Saves and finds checkpoints of one run; every rank calls :meth:`save` together.
 
@@ -301,11 +312,32 @@ class CheckpointManager:
     def _prune(self, keep: str) -> None:
         complete = sorted(p for p in self.directory.glob("step_*") if p.is_dir() and not p.name.endswith(".universal")
                           and (p / OWN / MANIFEST).is_file())
+        best = (self.best() or {}).get("tag")
         for old in complete[: max(0, len(complete) - self.keep_last)]:
-            if old.name == keep:
+            if old.name in (keep, best):  # the best validation's save is kept whatever its age
                 continue
             shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(old.with_name(old.name + ".universal"), ignore_errors=True)
+
+    # ------------------------------------------------------------------ best
+    def best(self) -> dict[str, Any] | None:
+        """The record of the best validation's save (``BEST``: tag, step, metric, value), or ``None``."""
+        return read_best(self.directory)
+
+    def mark_best(self, record: dict[str, Any]) -> None:
+        """Rank 0: record ``record['tag']`` (a complete save) as the best validation's; the save it
+        replaces is pruned like any other once it is older than the last ``keep_last``."""
+        if not self.ctx.is_main:
+            return
+        if not (self.directory / record["tag"] / OWN / MANIFEST).is_file():
+            raise CheckpointError(f"best checkpoint {self.directory / record['tag']} is not a complete save")
+        before = (self.best() or {}).get("tag")
+        _atomic_write(self.directory / BEST, json.dumps(record, indent=1).encode())
+        complete = sorted(p.name for p in self.directory.glob("step_*") if p.is_dir()
+                          and not p.name.endswith(".universal") and (p / OWN / MANIFEST).is_file())
+        if before and before != record["tag"] and before in complete[: max(0, len(complete) - self.keep_last)]:
+            shutil.rmtree(self.directory / before, ignore_errors=True)
+            shutil.rmtree(self.directory / (before + ".universal"), ignore_errors=True)
 
     # ------------------------------------------------------------------ find
     def latest(self) -> CheckpointInfo | None:

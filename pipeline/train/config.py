@@ -258,6 +258,10 @@ class CheckpointConfig(_Section):
     every: int = Field(50, ge=1, description="save every N optimizer steps (and at the end)")
     keep_last: int = Field(3, ge=1)
     dir: str | None = Field(None, description="default RUN_DIR/checkpoints")
+    keep_best: Literal["none", "estimate", "psnr", "loss"] = Field(
+        "none", description="also keep the checkpoint of the best validation, never pruned: 'estimate' the lowest "
+        "reference-free estimated error (needs validation.estimate), 'psnr' the highest PSNR against the validation "
+        "references, 'loss' the lowest validation loss; `recon3d reconstruct --model RUN --pick best` uses it")
 
 
 class LoggingConfig(_Section):
@@ -272,9 +276,23 @@ class ValidationConfig(_Section):
     scans: list[str] = []
     every: int = Field(100, ge=1)
     max_slabs: int = Field(4, ge=1)
+    estimate: bool = Field(False, description="also estimate the error without a reference (as `recon3d evaluate "
+                           "--estimate`) on the validation slabs, with the auto classical baseline's beside it; "
+                           "a warning when the network is estimated worse than the baseline")
+    estimate_draws: int = Field(4, ge=2, description="bootstrap draws per validation slab")
+    estimate_folds: int = Field(2, ge=1, description="held-out parts per cross-validation")
 
 
 class ExperimentConfig(_Section):
+    @model_validator(mode="after")
+    def _keep_best(self) -> "ExperimentConfig":
+        best = self.checkpoint.keep_best
+        if best != "none" and not self.validation.scans:
+            raise ValueError(f"checkpoint.keep_best: {best} picks among validations; give validation.scans")
+        if best == "estimate" and not self.validation.estimate:
+            raise ValueError("checkpoint.keep_best: estimate needs validation.estimate: true")
+        return self
+
     run: RunConfig = RunConfig()
     data: DataConfig
     model: ModelConfig = ModelConfig()

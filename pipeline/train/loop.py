@@ -74,6 +74,30 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix.rstrip('.')}: checkpoint {a!r}, config {b!r}"]
 
 
+def _check_estimable(paths: list[str]) -> None:
+    """``validation.estimate``: every validation scan has a noise model the estimate handles and
+    slabs of its own (not cone beam)."""
+    from pipeline.data import open_scan
+    from pipeline.data.format import CTGeometry
+    from pipeline.reconstruct.estimate import HANDLED_NOISE
+
+    for path in paths:
+        scan = open_scan(path)
+        noise = scan.metadata.noise()
+        if noise is None or noise.kind not in HANDLED_NOISE:
+            raise ConfigError(f"validation.estimate: scan {path} has noise model "
+                              f"{None if noise is None else noise.to_dict()}; the estimate needs one of "
+                              f"{list(HANDLED_NOISE)}")
+        geom = scan.metadata.geometry
+        if isinstance(geom, CTGeometry) and geom.kind == "cone":
+            raise ConfigError(f"validation.estimate: scan {path} is cone beam; its slabs cannot be reconstructed "
+                              "again from their own views")
+
+
+#: The validation metric ``checkpoint.keep_best`` ranks by, and whether higher is better.
+BEST_METRIC = {"estimate": ("estimated_mse", False), "psnr": ("psnr", True), "loss": ("loss", False)}
+
+
 class Trainer:
     """One rank's training run. Use :func:`train`; the pieces are public for tests and tools."""
 
@@ -92,6 +116,11 @@ class Trainer:
             if vf.without_reference and any(t.name == "supervised" for t in cfg.loss.terms):
                 raise ConfigError(f"validation.scans: the supervised loss term needs a reference array, and "
                                   f"{vf.without_reference[0]} has none; validate on simulated scans")
+            if vf.without_reference and cfg.checkpoint.keep_best == "psnr":
+                raise ConfigError(f"checkpoint.keep_best: psnr needs a reference in every validation scan, and "
+                                  f"{vf.without_reference[0]} has none; use keep_best: estimate")
+            if cfg.validation.estimate:
+                _check_estimable(cfg.validation.scans)
         precision = cfg.deepspeed.precision
         torch.manual_seed(build.derived_seed(cfg.run.seed, "init"))  # identical on every rank
         model = build.build_model(cfg.model, self.facts, precision=precision)
@@ -112,6 +141,7 @@ class Trainer:
         self.engine = None
         self.step = 0
         self._grad_norm_here: bool | None = None
+        self._baselines: dict[str, dict[str, float]] = {}  # the classical baseline's estimate per scan
 
     # ------------------------------------------------------------------ resume
     def find_resume(self, resume: str | None) -> CheckpointInfo | None:
@@ -266,8 +296,13 @@ class Trainer:
                     if self.step % cfg.logging.every == 0 or self.step == cfg.run.max_steps:
                         monitor.log_step(record)
                     if cfg.validation.scans and self.step % cfg.validation.every == 0:
-                        self.validate(monitor)
-                    if self.step % cfg.checkpoint.every == 0:
+                        metrics = self.validate(monitor)
+                        if cfg.checkpoint.keep_best != "none" and any_rank(self._is_best(metrics), self.ctx):
+                            if last_saved != self.step:
+                                result.checkpoint = self.save(monitor, f"best {cfg.checkpoint.keep_best}")
+                                last_saved = self.step
+                            self._mark_best(metrics, monitor)
+                    if self.step % cfg.checkpoint.every == 0 and last_saved != self.step:
                         result.checkpoint = self.save(monitor, "every")
                         last_saved = self.step
                 if last_saved != self.step:
@@ -281,6 +316,27 @@ class Trainer:
             monitor.close()
         result.step = self.step
         return result
+
+    def _is_best(self, metrics: dict[str, Any]) -> bool:
+        """Whether this validation beats the best recorded one (``checkpoint.keep_best``)."""
+        key, higher = BEST_METRIC[self.config.checkpoint.keep_best]
+        if key not in metrics:
+            return False
+        best = self.checkpoints.best()
+        if best is None or best.get("metric") != key:
+            return True
+        return metrics[key] > best["value"] if higher else metrics[key] < best["value"]
+
+    def _mark_best(self, metrics: dict[str, Any], monitor: Monitor) -> None:
+        from .checkpoint import tag_of
+
+        key, _ = BEST_METRIC[self.config.checkpoint.keep_best]
+        record = {"tag": tag_of(self.step), "step": self.step, "metric": key, "value": metrics[key],
+                  "validation": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
+        self.checkpoints.mark_best(record)
+        barrier(self.ctx)
+        monitor.event("best", self.step, f"best validation so far ({key} {metrics[key]:.4g}): kept as "
+                      f"{record['tag']}", metric=key, value=metrics[key])
 
     def _saved_config(self, info: CheckpointInfo) -> dict[str, Any] | None:
         """The resolved config the resumed checkpoint was trained with (manifest, else the run's YAML)."""
@@ -429,10 +485,12 @@ class Trainer:
         # Every rank runs every slab: under ZeRO-3 each forward needs all ranks, and the
         # validation set is a few slabs.
         sums = torch.zeros(4, dtype=torch.float64)  # psnr, ssim, count with reference, loss
+        estimated: list[tuple[float, float, float]] = []  # per slab: MSE, low, high
+        peaks: list[float] = []
         loss_state = self.loss.state_dict()  # validation must not move the training draws
         self.engine.eval()
         try:
-            for scan, d_slice in jobs:
+            for index, (scan, d_slice) in enumerate(jobs):
                 y, op = scan.slab(d_slice)
                 y, op = y.unsqueeze(0).to(self.ctx.device), op.to(self.ctx.device)
                 with intensity_scale(self.engine.module, self._scale_for(scan.path)):
@@ -441,6 +499,10 @@ class Trainer:
                     if self.loss.needs_reference:
                         ref = {"reference": scan.reference.read_torch(d_slice).unsqueeze(0).to(self.ctx.device)}
                     sums[3] += float(self.loss(x_hat, y, op, self.engine, **ref).total)
+                    if cfg.validation.estimate:
+                        est, peak = self._estimate(scan, y[0], op, x_hat[0], index)
+                        estimated.append(est)
+                        peaks.append(peak)
                 if scan.reference is not None:
                     ref = scan.reference.read_torch(d_slice)
                     sums[0] += psnr(x_hat[0].cpu(), ref)
@@ -453,9 +515,77 @@ class Trainer:
         metrics = {"loss": float(sums[3]) / max(n, 1)}
         if sums[2] > 0:
             metrics.update(psnr=float(sums[0] / sums[2]), ssim=float(sums[1] / sums[2]))
-        text = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        if estimated:
+            metrics.update(self._estimate_metrics(jobs, estimated, max(peaks)))
+        shown = ("loss", "psnr", "ssim", "estimated_psnr", "baseline_estimated_psnr")
+        text = ", ".join(f"{k} {metrics[k]:.4g}" for k in shown if k in metrics)
         monitor.event("validation", self.step, f"validation: {text}", **metrics)
+        base = metrics.get("baseline_estimated_mse")
+        if base is not None and metrics["estimated_mse"] > base:
+            monitor.event("warning", self.step,
+                          f"validation: the reference-free estimate puts the network at "
+                          f"{metrics['estimated_psnr']:.2f} dB, below the classical baseline "
+                          f"({metrics['baseline_method']}, {metrics['baseline_estimated_psnr']:.2f} dB) on the same "
+                          "slabs: it is estimated worse than a reconstruction without training",
+                          what="below_baseline", estimated_psnr=metrics["estimated_psnr"],
+                          baseline_estimated_psnr=metrics["baseline_estimated_psnr"])
         return metrics
+
+    def _estimate(self, scan, y: torch.Tensor, op, x_hat: torch.Tensor, index: int) -> tuple[tuple[float, float, float], float]:
+        """The reference-free estimate of the network's error on one validation slab (every
+        rank runs the same draws: ZeRO-3 needs all ranks in each forward), and the slab's peak
+        (of the pilot, which does not change with training: PSNRs of different steps compare)."""
+        from pipeline.reconstruct.estimate import estimate_error, pilot_estimate
+
+        cfg = self.config.validation
+        engine = self.engine
+
+        def f(yy: torch.Tensor, oo) -> torch.Tensor:
+            return engine(yy.unsqueeze(0), oo)[0]
+
+        pilot = pilot_estimate(y, op)
+        # the same seed at every validation: the draws are paired, so steps compare
+        seed = build.derived_seed(self.config.run.seed, "validation-estimate", index)
+        est = estimate_error(y, op, scan.metadata.noise(), f, x_hat=x_hat, draws=cfg.estimate_draws,
+                             folds=cfg.estimate_folds, seed=seed, pilot=pilot)
+        return (est.mse, est.mse_low, est.mse_high), float(pilot.abs().max())
+
+    def _estimate_metrics(self, jobs, estimated, peak: float) -> dict[str, Any]:
+        """The validation's estimate (mean over its slabs) and the classical baseline's on the
+        same slabs and draws (computed once per run: it does not change with training)."""
+        import math
+
+        from pipeline.reconstruct.estimate import estimate_error, pilot_estimate
+
+        db = lambda m: 10.0 * math.log10(peak * peak / max(m, 1e-30))  # noqa: E731
+        mse = sum(e[0] for e in estimated) / len(estimated)
+        out: dict[str, Any] = {"estimated_mse": mse, "estimated_psnr": db(mse),
+                               "estimated_psnr_low": db(sum(e[2] for e in estimated) / len(estimated)),
+                               "estimated_psnr_high": db(sum(e[1] for e in estimated) / len(estimated)),
+                               "estimate_peak": peak}
+        key = "|".join(f"{scan.path}:{d.start}:{d.stop}" for scan, d in jobs)
+        if key not in self._baselines:
+            from pipeline.reconstruct import ReconstructConfig
+            from pipeline.reconstruct.reconstruct import _Classical
+
+            values, method = [], None
+            for index, (scan, d_slice) in enumerate(jobs):
+                method = "fbp" if scan.modality == "ct" else "sense"
+                recon = _Classical(scan, ReconstructConfig(scan=str(scan.path), out="unused", method=method,
+                                                           progress=False), self.ctx.device)
+                recon.calibrate(lambda _: None)
+                y, op = scan.slab(d_slice)
+                y, op = y.to(self.ctx.device), op.to(self.ctx.device)
+                seed = build.derived_seed(self.config.run.seed, "validation-estimate", index)
+                est = estimate_error(y, op, scan.metadata.noise(), recon.apply, draws=self.config.validation.estimate_draws,
+                                     folds=self.config.validation.estimate_folds, seed=seed,
+                                     pilot=pilot_estimate(y, op))
+                values.append(est.mse)
+            self._baselines[key] = {"mse": sum(values) / len(values), "method": f"{method} (auto)"}
+        base = self._baselines[key]
+        out.update(baseline_estimated_mse=base["mse"], baseline_estimated_psnr=db(base["mse"]),
+                   baseline_method=base["method"])
+        return out
 
 
 def checkpoints_in(config: ExperimentConfig, run_dir: str | Path) -> tuple[Path, int | None]:
