@@ -69,6 +69,9 @@ def _build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--no-tv", dest="tv", action="store_false",
                        help="skip the TV reconstruction shown beside the FBP/SENSE baseline (it takes "
                        "about as long as the training at the default size)")
+    quick.add_argument("--no-estimate", dest="estimate", action="store_false",
+                       help="skip the reference-free error estimates shown beside the true PSNRs "
+                       "(recon3d evaluate --estimate of the network and the baseline)")
     from pipeline.data.cli import register as register_data
 
     register_data(sub)
@@ -148,7 +151,7 @@ def _quickstart(args: argparse.Namespace) -> int:
         photons=args.photons, coils=args.coils, acceleration=args.acceleration,
         calibration=args.calibration, noise_sigma=args.noise_sigma, steps=args.steps,
         nproc=args.nproc, seed=args.seed, overrides=tuple(args.overrides), progress=args.progress,
-        tv=args.tv,
+        tv=args.tv, estimate=args.estimate,
     )
     result = run_quickstart(config)
     print((Path(config.out) / "README.md").read_text())

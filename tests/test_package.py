@@ -55,6 +55,11 @@ def test_quickstart_small(tmp_path):
     assert summary["beats_best_classical"] == (psnr["network (self-supervised)"] > psnr[summary["best_classical"]])
     readme = (out / "README.md").read_text()
     assert " TV (" in readme and " FBP (" in readme
+    # what a user without a reference is told: an estimate beside each true PSNR (TV's excepted)
+    assert set(summary["estimates"]) == {"network (self-supervised)", "fbp (baseline)"}
+    for e in summary["estimates"].values():
+        assert e["estimated_psnr_low"] <= e["estimated_psnr"] <= e["estimated_psnr_high"]
+    assert "estimated PSNR without the reference" in readme
     assert "chosen" in json.loads((out / "tv.ome.zarr" / "zarr.json").read_text())["attributes"]["recon3d"]["calibration"]
     for key in ("scan", "run", "network", "baseline", "report", "training_report"):
         assert Path(summary["files"][key]).exists(), key
@@ -80,6 +85,8 @@ def test_quickstart_mri_small(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["metrics"]) == {"network (self-supervised)", "sense (baseline)", "tv (baseline)"}
     assert all(m["psnr"] > 5 for m in summary["metrics"].values())
+    assert set(summary["estimates"]) == {"network (self-supervised)", "sense (baseline)"}
+    assert all(e["of"] == "the complex image" for e in summary["estimates"].values())
     cfg = yaml.safe_load((out / "train.yaml").read_text())
     shipped = yaml.safe_load((ROOT / "launch" / "configs" / "mri_rei.yaml").read_text())
     # one source of truth: the quickstart trains the shipped recipe (its loss and network)
