@@ -245,7 +245,7 @@ def pilot_estimate(y: torch.Tensor, op) -> torch.Tensor:
 
 def estimate_error(y: torch.Tensor, op, noise, f: Reconstructor, *, x_hat: torch.Tensor | None = None,
                    draws: int = 4, folds: int = 4, fraction: float = 0.1, seed: int = 0,
-                   nonnegative: bool = False, pilot: torch.Tensor | None = None,
+                   pilot: torch.Tensor | None = None,
                    say: Callable[[str], None] = lambda _: None) -> ErrorEstimate:
     """Estimate ``mean |f(y) − x|²`` (per voxel) without ``x``; see the module docstring.
 
@@ -259,7 +259,6 @@ def estimate_error(y: torch.Tensor, op, noise, f: Reconstructor, *, x_hat: torch
         folds: held-out parts per CV.
         fraction: share of the measurements held out per part.
         seed: the seed of every random choice (rotations, noise, held-out parts).
-        nonnegative: clamp the transformed estimate at 0 (attenuation images).
         pilot: the bootstrap world's truth (default ``x_hat``); :func:`pilot_estimate` gives
             the undersmoothed one the estimate is calibrated with.
     """
@@ -280,8 +279,6 @@ def estimate_error(y: torch.Tensor, op, noise, f: Reconstructor, *, x_hat: torch
         t = _rotation(g)
         xb = t(x_hat if pilot is None else pilot)
         inside = t(torch.ones(x_hat.shape[-3:], dtype=x_hat.real.dtype, device=x_hat.device)) > 0.999
-        if nonnegative:
-            xb = xb.clamp_min(0)
         clean = op(xb)
         yb = noise.sample(clean, generator=g, mask=mask)
         err = (f(yb, op) - xb).abs().double().square()
@@ -394,7 +391,7 @@ def estimate_output(out, scan=None, *, blocks: int = 3, thickness: int | None = 
     scan_path = scan if scan is not None else image.attrs.get("scan")
     if scan_path is None:
         raise EstimateRefused(f"'{out}' records no scan; give --scan SCAN")
-    scan_obj = open_scan(scan_path) if isinstance(scan_path, (str, bytes)) or hasattr(scan_path, "__fspath__") else scan_path
+    scan_obj = scan_path if hasattr(scan_path, "metadata") else open_scan(scan_path)  # a path, or an open Scan
     noise = scan_obj.metadata.noise()
     if noise is None:
         raise EstimateRefused(

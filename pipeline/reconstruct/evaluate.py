@@ -573,14 +573,8 @@ def run_cli(args: argparse.Namespace) -> int:
         if complex_mse is not None:  # what the estimate is of (MRI): the complex image's error
             result["estimate"]["true_psnr_complex"] = (math.inf if complex_mse == 0 else
                                                        10 * math.log10(result["data_range"] ** 2 / complex_mse))
-    text = json.dumps(result, indent=2)
-    if args.json == "-":
-        print(text)
+    if _write_json(result, args.json):
         return 0
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
     inside = f" inside mask {result['mask']} ({result['mask_voxels']} voxels)" if result["mask"] else ""
     print(f"{result['out']} vs {result['reference']}{inside}:")
     rows = [("volume" if "object" in result else "", result)]
@@ -597,6 +591,20 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.json:
         print(f"  written to {args.json}", file=sys.stderr)
     return 0
+
+
+def _write_json(result: dict[str, Any], target: str | None) -> bool:
+    """``--json``: the result to ``target`` (a file), or to stdout for ``-`` (then nothing else
+    is printed: returns True)."""
+    text = json.dumps(result, indent=2)
+    if target == "-":
+        print(text)
+        return True
+    if target:
+        path = Path(target)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    return False
 
 
 def _estimate(args: argparse.Namespace, data_range: float | None) -> dict[str, Any]:
@@ -631,9 +639,7 @@ def _complex_mse(out: Any, reference: Any) -> float | None:
         hi = min(int(ref.shape[0]), lo + step)
         a = np.asarray(array[(0,) * (array.ndim - 3) + (slice(lo, hi),)]).astype(np.complex128)
         b = np.asarray(ref.read(slice(lo, hi))).astype(np.complex128)
-        if b.dtype.kind != "c" and not np.iscomplexobj(b):
-            return None
-        sse += float(np.abs(a - b).__pow__(2).sum())
+        sse += float(np.square(np.abs(a - b)).sum())
         count += a.size
     return sse / max(count, 1)
 
@@ -653,15 +659,8 @@ def _print_estimate(est: dict[str, Any], truth: float | None = None) -> None:
 def _estimate_cli(args: argparse.Namespace) -> int:
     """``recon3d evaluate OUT --estimate`` without a reference."""
     est = _estimate(args, data_range=None)
-    result = {"out": str(args.out), **est}
-    text = json.dumps(result, indent=2)
-    if args.json == "-":
-        print(text)
+    if _write_json({"out": str(args.out), **est}, args.json):
         return 0
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
     print(f"{args.out} (scan {est['scan']}):")
     _print_estimate(est)
     if args.json:

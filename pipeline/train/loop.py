@@ -531,31 +531,34 @@ class Trainer:
                           baseline_estimated_psnr=metrics["baseline_estimated_psnr"])
         return metrics
 
-    def _estimate(self, scan, y: torch.Tensor, op, x_hat: torch.Tensor, index: int) -> tuple[tuple[float, float, float], float]:
-        """The reference-free estimate of the network's error on one validation slab (every
-        rank runs the same draws: ZeRO-3 needs all ranks in each forward), and the slab's peak
-        (of the pilot, which does not change with training: PSNRs of different steps compare)."""
+    def _slab_estimate(self, scan, y: torch.Tensor, op, f, index: int, x_hat: torch.Tensor | None = None):
+        """``(estimate, peak)`` of reconstructor ``f`` on validation slab ``index``: the draws are
+        seeded by the slab alone, so every validation, and the baseline, use the same ones (every
+        rank too: ZeRO-3 needs all ranks in each forward); the peak is the pilot's, which does not
+        change with training, so PSNRs of different steps compare."""
         from pipeline.reconstruct.estimate import estimate_error, pilot_estimate
 
         cfg = self.config.validation
+        pilot = pilot_estimate(y, op)
+        seed = build.derived_seed(self.config.run.seed, "validation-estimate", index)
+        est = estimate_error(y, op, scan.metadata.noise(), f, x_hat=x_hat, draws=cfg.estimate_draws,
+                             folds=cfg.estimate_folds, seed=seed, pilot=pilot)
+        return est, float(pilot.abs().max())
+
+    def _estimate(self, scan, y: torch.Tensor, op, x_hat: torch.Tensor, index: int) -> tuple[tuple[float, float, float], float]:
+        """The network's estimate on one validation slab: ``((mse, low, high), peak)``."""
         engine = self.engine
 
         def f(yy: torch.Tensor, oo) -> torch.Tensor:
             return engine(yy.unsqueeze(0), oo)[0]
 
-        pilot = pilot_estimate(y, op)
-        # the same seed at every validation: the draws are paired, so steps compare
-        seed = build.derived_seed(self.config.run.seed, "validation-estimate", index)
-        est = estimate_error(y, op, scan.metadata.noise(), f, x_hat=x_hat, draws=cfg.estimate_draws,
-                             folds=cfg.estimate_folds, seed=seed, pilot=pilot)
-        return (est.mse, est.mse_low, est.mse_high), float(pilot.abs().max())
+        est, peak = self._slab_estimate(scan, y, op, f, index, x_hat=x_hat)
+        return (est.mse, est.mse_low, est.mse_high), peak
 
     def _estimate_metrics(self, jobs, estimated, peak: float) -> dict[str, Any]:
         """The validation's estimate (mean over its slabs) and the classical baseline's on the
         same slabs and draws (computed once per run: it does not change with training)."""
         import math
-
-        from pipeline.reconstruct.estimate import estimate_error, pilot_estimate
 
         db = lambda m: 10.0 * math.log10(peak * peak / max(m, 1e-30))  # noqa: E731
         mse = sum(e[0] for e in estimated) / len(estimated)
@@ -568,18 +571,18 @@ class Trainer:
             from pipeline.reconstruct import ReconstructConfig
             from pipeline.reconstruct.reconstruct import _Classical
 
+            recons: dict[str, Any] = {}  # one calibration per scan
             values, method = [], None
             for index, (scan, d_slice) in enumerate(jobs):
                 method = "fbp" if scan.modality == "ct" else "sense"
-                recon = _Classical(scan, ReconstructConfig(scan=str(scan.path), out="unused", method=method,
-                                                           progress=False), self.ctx.device)
-                recon.calibrate(lambda _: None)
+                if str(scan.path) not in recons:
+                    recon = _Classical(scan, ReconstructConfig(scan=str(scan.path), out="unused", method=method,
+                                                               progress=False), self.ctx.device)
+                    recon.calibrate(lambda _: None)
+                    recons[str(scan.path)] = recon
                 y, op = scan.slab(d_slice)
-                y, op = y.to(self.ctx.device), op.to(self.ctx.device)
-                seed = build.derived_seed(self.config.run.seed, "validation-estimate", index)
-                est = estimate_error(y, op, scan.metadata.noise(), recon.apply, draws=self.config.validation.estimate_draws,
-                                     folds=self.config.validation.estimate_folds, seed=seed,
-                                     pilot=pilot_estimate(y, op))
+                est, _ = self._slab_estimate(scan, y.to(self.ctx.device), op.to(self.ctx.device),
+                                             recons[str(scan.path)].apply, index)
                 values.append(est.mse)
             self._baselines[key] = {"mse": sum(values) / len(values), "method": f"{method} (auto)"}
         base = self._baselines[key]
