@@ -1,7 +1,8 @@
 """Reference-free error estimates against the true error (issue 15.4, first part: classical methods).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/uq.py [--methods fbp,sense,tv] [--cases held-out]
-        [--draws 4] [--folds 4] [--fraction 0.1] [--threads 2] [--scratch DIR] [--json FILE]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/uq.py [--methods fbp,sense,tv,MODEL.pt] [--cases held-out]
+        [--draws 8] [--folds 4] [--fraction 0.1] [--pilot default|undersmoothed|estimate] [--threads 2]
+        [--maps N [--oracle M]] [--scratch DIR] [--json FILE]
 
 For each scan (the held-out family of ``benchmarks/quality.py`` by default, made here through
 ``recon3d simulate`` when missing, as ``benchmarks/classical.py`` does) and each classical method
@@ -68,7 +69,7 @@ def case(scratch: Path, name: str, method: str, args) -> dict:
     import torch
 
     from pipeline.data import open_scan
-    from pipeline.reconstruct.estimate import estimate_error, pilot_estimate
+    from pipeline.reconstruct.estimate import estimate_error, estimate_pilot, pilot_estimate
     from pipeline.reconstruct.reconstruct import _SlabReader
 
     scan = open_scan(make_scan(scratch, name))
@@ -80,9 +81,10 @@ def case(scratch: Path, name: str, method: str, args) -> dict:
     x_hat = f(y, op)
     plain = time.perf_counter() - t0
     t0 = time.perf_counter()
+    pilot = {"estimate": lambda: None, "undersmoothed": lambda: pilot_estimate(y, op),
+             "default": lambda: estimate_pilot(y, op, scan.metadata.noise(), x_hat)}[args.pilot]()
     est = estimate_error(y, op, scan.metadata.noise(), f, x_hat=x_hat, draws=args.draws, folds=args.folds,
-                         fraction=args.fraction, seed=args.seed,
-                         pilot=None if args.pilot == "estimate" else pilot_estimate(y, op))
+                         fraction=args.fraction, seed=args.seed, pilot=pilot)
     seconds = time.perf_counter() - t0
     peak = float(ref.abs().max())
     db = lambda m: 10.0 * math.log10(peak * peak / m)  # noqa: E731
@@ -126,10 +128,36 @@ def _timed_cli(args: list[str], threads: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def oracle_rms(scan, method: str, realisations: int, seed: int):
+    """The per-voxel RMS error of ``method`` over ``realisations`` fresh noisy scans of the true
+    volume (``A x`` re-measured with the scan's noise model; the method's parameters stay the ones
+    chosen on the scan): the map a perfect uncertainty estimate would give, from the reference."""
+    import torch
+
+    from pipeline.models.physics import measurement_mask
+    from pipeline.reconstruct.estimate import _remeasure
+    from pipeline.reconstruct.reconstruct import _SlabReader
+
+    depth = int(scan.metadata.volume_shape[0])
+    y, op = _SlabReader(scan)(0, depth)
+    ref = scan.reference.read_torch().to(y.dtype if y.is_complex() else torch.float32)
+    clean = op(ref)
+    f, _ = _reconstructor(scan, method)
+    total = torch.zeros(ref.shape, dtype=torch.float64)
+    for m in range(realisations):
+        noisy = _remeasure(scan.metadata.noise(), clean, torch.Generator().manual_seed(10_000 * seed + m),
+                           measurement_mask(op))
+        total += (f(noisy.to(y.dtype), op) - ref).abs().double().square()
+    return (total / realisations).sqrt()
+
+
 def map_case(scratch: Path, name: str, method: str, args) -> dict:
     """``reconstruct --uncertainty N`` against a plain reconstruction (cost, peak RSS) and the
     map against the true error: empirical coverage of ``x̂ ± 1.645 u``, Spearman per volume
-    (against the voxel's |error|, and against the error's RMS over its 3×3×3 neighbourhood)."""
+    (against the voxel's |error|, and against the error's RMS over its 3×3×3 neighbourhood).
+    With ``--oracle M``, also the ceiling: the true per-voxel RMS error over M fresh noise
+    realisations (:func:`oracle_rms`) ranked against the same |error| (what a perfect map would
+    score), and the map ranked against that true RMS."""
     import numpy as np
     import torch
     import zarr
@@ -157,6 +185,17 @@ def map_case(scratch: Path, name: str, method: str, args) -> dict:
            "cost_vs_plain": mapped["seconds"] / plain["seconds"], "seconds_plain": plain["seconds"],
            "seconds_map": mapped["seconds"], "peak_rss_mb_plain": plain["peak_rss_mb"],
            "peak_rss_mb_map": mapped["peak_rss_mb"]}
+    if args.oracle:
+        true_rms = oracle_rms(open_scan(scan_path), method, args.oracle, args.seed)
+        row.update({"oracle_realisations": args.oracle,
+                    "spearman_ceiling": float(spearmanr(err.flatten().numpy(), true_rms.flatten().numpy()).correlation),
+                    "spearman_map_vs_true_rms": float(spearmanr(true_rms.flatten().numpy(),
+                                                                u.flatten().numpy()).correlation),
+                    "coverage_90_true_rms": float((err <= 1.645 * true_rms).double().mean()),
+                    "rms_true_rms": float(true_rms.square().mean().sqrt())})
+        print(f"{name:24s} {Path(method).stem:8s} true RMS of {args.oracle} realisations: Spearman with |error| "
+              f"{row['spearman_ceiling']:.2f} (the ceiling), map vs true RMS {row['spearman_map_vs_true_rms']:.2f}, "
+              f"coverage(90%) of the true RMS {row['coverage_90_true_rms']:.3f}", flush=True)
     print(f"{name:24s} {Path(method).stem:8s} map of {args.maps}: coverage(90%) {row['coverage_90']:.3f}, Spearman "
           f"{row['spearman']:.2f} (vs local RMS {row['spearman_local']:.2f}), RMS map/true "
           f"{row['rms_map'] / row['rms_true']:.2f} | {row['seconds_map']:.1f} s vs {row['seconds_plain']:.1f} s = "
@@ -175,14 +214,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=4)
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pilot", default="undersmoothed", choices=["undersmoothed", "estimate"],
-                        help="the bootstrap's truth: the undersmoothed pilot (what recon3d evaluate --estimate "
-                             "uses) or the assessed estimate itself (the earlier, optimistic variant)")
+    parser.add_argument("--pilot", default="default", choices=["default", "undersmoothed", "estimate"],
+                        help="the bootstrap's truth: what recon3d evaluate --estimate uses (the power-matched "
+                             "pilot for parallel-beam CT, the undersmoothed one else), the undersmoothed pilot "
+                             "(Ram-Lak FBP / SENSE without regularisation) for every scan, or the assessed "
+                             "estimate itself (the earliest, optimistic variant)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: this machine's cores)")
     parser.add_argument("--maps", type=int, default=0, metavar="N",
                         help="instead: uncertainty maps of N draws (reconstruct --uncertainty N) against the truth "
                              "and their cost against a plain reconstruction; methods may include exported "
                              "model files (.pt) for scans of their modality")
+    parser.add_argument("--oracle", type=int, default=0, metavar="M",
+                        help="with --maps: also the true per-voxel RMS error over M noise realisations of the "
+                             "reference (the ceiling any map can reach against one volume's |error|)")
     parser.add_argument("--scratch", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -209,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     if rows and args.maps:
         print(f"\ncoverage of nominal 90 %: {min(r['coverage_90'] for r in rows):.3f}-"
               f"{max(r['coverage_90'] for r in rows):.3f} (target 0.80-0.98); Spearman per volume "
-              f"{min(r['spearman'] for r in rows):.2f}-{max(r['spearman'] for r in rows):.2f} (target >= 0.5); cost "
+              f"{min(r['spearman'] for r in rows):.2f}-{max(r['spearman'] for r in rows):.2f} (target >= 0.5)"
+              + (f", ceiling (true RMS) {min(r['spearman_ceiling'] for r in rows):.2f}-"
+                 f"{max(r['spearman_ceiling'] for r in rows):.2f}" if args.oracle else "") + "; cost "
               f"{max(r['cost_vs_plain'] for r in rows):.1f}x at most (target <= 9x)")
     elif rows:
         errors = [abs(r["error_db"]) for r in rows]

@@ -536,14 +536,15 @@ class Trainer:
         seeded by the slab alone, so every validation, and the baseline, use the same ones (every
         rank too: ZeRO-3 needs all ranks in each forward); the peak is the pilot's, which does not
         change with training, so PSNRs of different steps compare."""
-        from pipeline.reconstruct.estimate import estimate_error, pilot_estimate
+        from pipeline.reconstruct.estimate import estimate_error, estimate_pilot, pilot_estimate
 
         cfg = self.config.validation
-        pilot = pilot_estimate(y, op)
+        noise = scan.metadata.noise()
+        x_hat = f(y, op) if x_hat is None else x_hat
         seed = build.derived_seed(self.config.run.seed, "validation-estimate", index)
-        est = estimate_error(y, op, scan.metadata.noise(), f, x_hat=x_hat, draws=cfg.estimate_draws,
-                             folds=cfg.estimate_folds, seed=seed, pilot=pilot)
-        return est, float(pilot.abs().max())
+        est = estimate_error(y, op, noise, f, x_hat=x_hat, draws=cfg.estimate_draws,
+                             folds=cfg.estimate_folds, seed=seed, pilot=estimate_pilot(y, op, noise, x_hat))
+        return est, float(pilot_estimate(y, op).abs().max())
 
     def _estimate(self, scan, y: torch.Tensor, op, x_hat: torch.Tensor, index: int) -> tuple[tuple[float, float, float], float]:
         """The network's estimate on one validation slab: ``((mse, low, high), peak)``."""
