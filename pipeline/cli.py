@@ -21,6 +21,11 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.paths import local_arg
+
+#: Why a training run directory (and its checkpoints) must be a local (or mounted) path.
+_RUN_DIR_WHY = ("DeepSpeed writes and reads its sharded checkpoints with filesystem calls; use a local "
+                "or mounted (NFS, Lustre, s3fs...) folder")
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -41,7 +46,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--out to resume. TV (total variation) is shown beside the baseline (--no-tv skips it). Exit status 3 "
         "when the network does not beat the FBP/SENSE baseline.",
     )
-    quick.add_argument("--out", type=Path, default=Path("outputs/quickstart"),
+    quick.add_argument("--out", type=local_arg("quickstart --out", "the main job keeps its scan, outputs, run "
+                                               "and report in one local folder"),
+                       default=Path("outputs/quickstart"),
                        help="output directory: new, empty, or one an earlier quickstart wrote (resumed) "
                        "(default: outputs/quickstart)")
     quick.add_argument("--modality", choices=("ct", "mri"), default="ct",
@@ -92,10 +99,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "A step with a NaN/Inf loss or gradient norm stops the run without saving it (exit 1). "
         "A run directory that holds checkpoints needs --resume auto (continue) or --restart.",
     )
-    tr.add_argument("config", type=Path, help="experiment YAML (examples: launch/configs/)")
-    tr.add_argument("--run-dir", type=Path, default=None,
+    tr.add_argument("config", type=local_arg("the experiment file", "it is read from the local filesystem"),
+                    help="experiment YAML (examples: launch/configs/)")
+    tr.add_argument("--run-dir", type=local_arg("train --run-dir", _RUN_DIR_WHY), default=None,
                     help="run directory (default: runs/<config name>)")
-    tr.add_argument("--resume", default=None, metavar="auto|PATH",
+    tr.add_argument("--resume", type=local_arg("train --resume", _RUN_DIR_WHY, allow=("auto",), as_path=False),
+                    default=None, metavar="auto|PATH",
                     help="'auto': continue from the run's latest checkpoint if there is one; "
                     "PATH: a checkpoints directory or a step_* folder")
     tr.add_argument("--restart", action="store_true",
@@ -111,10 +120,11 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Merge the latest checkpoint's shards into one weights file with the model "
         "config; torch.load(..., weights_only=True) reads it.",
     )
-    ex.add_argument("run_dir", type=Path, help="the run directory")
-    ex.add_argument("--out", type=Path, default=None, help="output file (default: RUN_DIR/export/model.pt); an earlier export there is replaced, "
+    ex.add_argument("run_dir", type=local_arg("export RUN_DIR", _RUN_DIR_WHY), help="the run directory")
+    ex.add_argument("--out", type=local_arg("export --out", "the weights file is written on the local "
+                                            "filesystem (copy it to a store afterwards)"), default=None, help="output file (default: RUN_DIR/export/model.pt); an earlier export there is replaced, "
                     "any other file never")
-    ex.add_argument("--checkpoint", type=Path, default=None,
+    ex.add_argument("--checkpoint", type=local_arg("export --checkpoint", _RUN_DIR_WHY), default=None,
                     help="a step_* folder to export instead of the latest")
     return parser
 

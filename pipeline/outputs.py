@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from pipeline.errors import OutputConflictError
+from pipeline.paths import is_url, local_path
 
 __all__ = [
     "Target",
@@ -117,14 +118,6 @@ def scan_writer(attrs: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def _local(path: str) -> Path:
-    return Path(path[len("file://"):] if path.startswith("file://") else path)
-
-
 def _zarr_target(path: str, storage_options: Mapping[str, Any] | None) -> Target | None:
     """The target when ``path`` is a zarr group (v3 read through recon3d's store), else ``None``."""
     from pipeline.data.format import ATTRS_KEY, open_group
@@ -188,10 +181,10 @@ def classify(path: Any, *, storage_options: Mapping[str, Any] | None = None,
         probe_export: read a file to see whether it is a recon3d export (``weights_only``).
     """
     text = str(path)
-    if _is_url(text):
+    if is_url(text):
         found = _zarr_target(text, storage_options)
         return found if found is not None else Target(text, "missing", None, "nothing")
-    p = _local(text)
+    p = local_path(text)
     if not p.exists():
         return Target(text, "missing", None, "nothing")
     if not p.is_dir():
@@ -222,7 +215,7 @@ def _same_or_inside(inner: Path, outer: Path) -> bool:
 
 
 def _resolved(path: str) -> Path:
-    return Path(os.path.realpath(_local(path)))
+    return Path(os.path.realpath(local_path(path)))
 
 
 def check_outside(out: Any, command: str, inputs: Iterable[Any] = (), *, option: str = "--out") -> None:
@@ -232,7 +225,7 @@ def check_outside(out: Any, command: str, inputs: Iterable[Any] = (), *, option:
         OutputConflictError: naming the input (or group) it lies in.
     """
     text = str(out)
-    if _is_url(text):
+    if is_url(text):
         target = text.rstrip("/")
         for item in inputs:
             if item is None:
@@ -245,7 +238,7 @@ def check_outside(out: Any, command: str, inputs: Iterable[Any] = (), *, option:
         return
     here = _resolved(text)
     for item in inputs:
-        if item is None or _is_url(str(item)):
+        if item is None or is_url(str(item)):
             continue
         src = _resolved(str(item))
         if not src.exists():
@@ -323,7 +316,7 @@ def check_job_folder(out: Any, command: str, names: Iterable[str]) -> None:
     Raises:
         OutputConflictError: ``out`` is a file, or holds entries the job does not write.
     """
-    p = _local(str(out))
+    p = local_path(str(out))
     if not p.exists():
         return
     if not p.is_dir():

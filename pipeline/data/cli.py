@@ -22,6 +22,12 @@ import argparse
 import sys
 from typing import Any
 
+from pipeline.paths import local_arg
+
+#: Why ingest reads local sources only.
+_INGEST_WHY = ("the HDF5/TIFF/.npy readers open local files; copy the source to a local or mounted "
+               "folder first (its output --out may be a URL)")
+
 __all__ = ["register", "run", "COMMANDS"]
 
 COMMANDS = ("simulate", "ingest", "inspect", "preprocess")
@@ -125,7 +131,7 @@ def register(subparsers: Any) -> None:
                                 "Rerunning an interrupted command finishes it.")
     ing_sub = ing.add_subparsers(dest="modality", metavar="MODALITY", required=True)
     im = ing_sub.add_parser("mri", help="3D Cartesian k-space (HDF5 or .npy) to hybrid space")
-    im.add_argument("source", help="k-space .h5/.hdf5 (dataset (C, kx, ky, kz) or ISMRMRD) or .npy")
+    im.add_argument("source", type=local_arg("ingest SOURCE", _INGEST_WHY, as_path=False), help="k-space .h5/.hdf5 (dataset (C, kx, ky, kz) or ISMRMRD) or .npy")
     im.add_argument("--out", required=True)
     im.add_argument("--dataset", default="kspace", help="HDF5 dataset name (default: kspace)")
     im.add_argument("--readout-crop", type=int, default=None,
@@ -139,7 +145,7 @@ def register(subparsers: Any) -> None:
     _job_args(im)
 
     ic = ing_sub.add_parser("ct", help="projections (TIFF stack or .npy (A, V, U)) to (D, A, U)")
-    ic.add_argument("source", help="a folder of TIFFs (one per angle), a glob, or .npy (A, V, U)")
+    ic.add_argument("source", type=local_arg("ingest SOURCE", _INGEST_WHY, as_path=False), help="a folder of TIFFs (one per angle), a glob, or .npy (A, V, U)")
     ic.add_argument("--out", required=True)
     ic.add_argument("--angles", default=None, help="text/.npy file with one angle per projection")
     ic.add_argument("--angle-range", type=float, nargs=2, default=(0.0, 180.0), metavar=("START", "STOP"),

@@ -36,6 +36,7 @@ import zarr
 from zarr.core.sync import sync
 
 from pipeline.errors import InputError, storage_error
+from pipeline.paths import is_url
 
 __all__ = [
     "FORMAT_VERSION",
@@ -437,11 +438,6 @@ def default_chunk_depth(bytes_per_slice: int, depth: int, target: int = TARGET_C
 
 
 # ----------------------------------------------------------------------------- stores
-def _is_url(path: Any) -> bool:
-    text = str(path)
-    return "://" in text and not text.startswith("file://")
-
-
 def _local_store_class():
     """``LocalStore`` whose writes turn a full disk into one line naming the file and bytes.
 
@@ -491,7 +487,7 @@ def open_store(path: Any, *, read_only: bool, storage_options: Mapping[str, Any]
     global _CHECKED_LOCAL_STORE
     from zarr.storage import FsspecStore
 
-    if _is_url(path):
+    if is_url(path):
         return FsspecStore.from_url(str(path), read_only=read_only, storage_options=dict(storage_options or {}))
     text = str(path)
     if text.startswith("file://"):

@@ -49,6 +49,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from pipeline.paths import is_url, local_arg
+
 __all__ = ["evaluate", "OmeImage", "open_ome_image", "add_parser", "run_cli"]
 
 #: Target size of one evaluation slab of one volume as stored (slabs are whole chunks of OUT).
@@ -104,13 +106,8 @@ class OmeImage:
         return np.asarray(self.array[self._lead() + tuple(sel)])
 
 
-def _is_url(path: Any) -> bool:
-    text = str(path)
-    return "://" in text and not text.startswith("file://")
-
-
 def _require_exists(path: Any, what: str) -> None:
-    if not _is_url(path) and not Path(str(path).removeprefix("file://")).exists():
+    if not is_url(path) and not Path(str(path).removeprefix("file://")).exists():
         raise FileNotFoundError(f"{what} '{path}' not found")
 
 
@@ -528,7 +525,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                      help="share of the measurements held out per part (default: 0.1)")
     est.add_argument("--seed", type=int, default=0, help="seed of the draws and held-out parts (default: 0)")
     est.add_argument("--device", default="cpu", help="where the reconstructions run (default: cpu)")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON ('-': stdout)")
+    p.add_argument("--json", type=local_arg("evaluate --json", "the file is written on the local filesystem",
+                                            allow=("-",), as_path=False),
+                   default=None, metavar="FILE", help="also write the metrics as JSON ('-': stdout)")
     p.add_argument("--mask", default=None, metavar="FILE|object",
                    help="evaluate inside a mask: a .npy or zarr boolean volume, or 'object' "
                    "(|reference| > --object-threshold × max|reference|)")

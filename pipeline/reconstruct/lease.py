@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from pipeline.errors import OutputConflictError, Recon3dError
+from pipeline.paths import is_url
 
 __all__ = [
     "HEARTBEAT_S",
@@ -81,21 +82,17 @@ def job_id() -> str | None:
     return None
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
 def lease_path(out: str) -> str:
     """Where the lease of output ``out`` lives: a hidden object beside it."""
     text = str(out)
     if text.startswith("file://"):
         text = text[len("file://"):]
     text = text.rstrip("/") or text
-    split = posixpath.split if _is_url(text) else os.path.split
+    split = posixpath.split if is_url(text) else os.path.split
     parent, name = split(text)
     if not name:
         raise OutputConflictError(f"reconstruct: --out {out!r} names no folder; give a path below a parent")
-    return (posixpath.join if _is_url(text) else os.path.join)(parent, f".{name}{SUFFIX}")
+    return (posixpath.join if is_url(text) else os.path.join)(parent, f".{name}{SUFFIX}")
 
 
 @dataclass(frozen=True)
@@ -316,7 +313,7 @@ class _Remote:
 
 def _storage(out: str, storage_options: Mapping[str, Any] | None):
     path = lease_path(out)
-    return _Remote(path, storage_options) if _is_url(path) else _Local(path)
+    return _Remote(path, storage_options) if is_url(path) else _Local(path)
 
 
 def read_lease(out: str, storage_options: Mapping[str, Any] | None = None) -> LeaseInfo | None:

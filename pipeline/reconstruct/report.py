@@ -32,6 +32,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pipeline.paths import local_arg
+
 from .evaluate import OmeImage, evaluate, open_ome_image
 
 __all__ = ["report", "ReportResult", "read_run_log", "add_parser", "run_cli"]
@@ -577,7 +579,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "beside an image NAME.ome.zarr into NAME.report/.",
     )
     p.add_argument("target", help="a run directory or an OME-Zarr reconstruction")
-    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN_DIR/report, or NAME.report/ beside NAME.ome.zarr); "
+    p.add_argument("--out", type=local_arg("report --out", "the figures and report.md are written to a local "
+                                           "folder", as_path=False), default=None, metavar="DIR", help="output folder (default: RUN_DIR/report, or NAME.report/ beside NAME.ome.zarr); "
                    "a report replaces its own earlier folder, never a folder it did not write")
     p.add_argument("--baseline", nargs="+", action="extend", default=[], metavar="OUT",
                    help="other reconstructions of the same scan to show beside it, on the same "
