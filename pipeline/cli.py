@@ -21,11 +21,47 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.paths import local_arg
+from pipeline.paths import STORAGE_OPTIONS_ENV, local_arg, parse_storage_options, storage_options_applied
 
 #: Why a training run directory (and its checkpoints) must be a local (or mounted) path.
 _RUN_DIR_WHY = ("DeepSpeed writes and reads its sharded checkpoints with filesystem calls; use a local "
                 "or mounted (NFS, Lustre, s3fs...) folder")
+
+def _leaf_parsers(sub: argparse._SubParsersAction):
+    for p in dict.fromkeys(sub.choices.values()):  # aliases map to the same parser
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            for n in nested:
+                yield from _leaf_parsers(n)
+        else:
+            yield p
+
+
+def _add_storage_options(sub: argparse._SubParsersAction) -> None:
+    """``--storage-options JSON`` on every command: fsspec options of the URLs it is given."""
+    for p in _leaf_parsers(sub):
+        if any("--storage-options" in a.option_strings for a in p._actions):
+            continue
+        p.add_argument("--storage-options", default=None, metavar="JSON",
+                       help="fsspec options of the URLs given to this command (s3://, gs://...), a JSON object, "
+                       f"e.g. '{{\"endpoint_url\": \"http://127.0.0.1:9000\"}}' (default: ${STORAGE_OPTIONS_ENV})")
+
+
+def _strings(value) -> list[str]:
+    """Every string inside nested dicts and lists (a config's URLs are among them)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _url_arguments(args: argparse.Namespace) -> list[str]:
+    """The command's arguments that are URLs."""
+    return [s for s in _strings(vars(args)) if "://" in s]
+
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -126,6 +162,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     "any other file never")
     ex.add_argument("--checkpoint", type=local_arg("export --checkpoint", _RUN_DIR_WHY), default=None,
                     help="a step_* folder to export instead of the latest")
+    _add_storage_options(sub)
     return parser
 
 
@@ -138,7 +175,9 @@ def _train(args: argparse.Namespace) -> int:
     keep_freed_memory()
     config = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / args.config.stem
-    result = train(config, run_dir, resume=args.resume, restart=args.restart)
+    # the scans the experiment names (data, validation) may be URLs: --storage-options reaches them
+    with storage_options_applied(args.storage_options or {}, _strings(config.model_dump())):
+        result = train(config, run_dir, resume=args.resume, restart=args.restart)
     how = f"stopped by {result.stopped_by}" if result.stopped_by else "done"
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"recon3d train: {how} at step {result.step}; checkpoint {result.checkpoint}", file=sys.stderr)
@@ -246,7 +285,12 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
         return 0
     rc = None
     try:
-        rc = _dispatch(parser, args, argv)
+        given = getattr(args, "storage_options", None)
+        options = parse_storage_options(given or os.environ.get(STORAGE_OPTIONS_ENV),
+                                        "--storage-options" if given else STORAGE_OPTIONS_ENV)
+        args.storage_options = options
+        with storage_options_applied(options, _url_arguments(args)):
+            rc = _dispatch(parser, args, argv)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
         return rc
     except BrokenPipeError:

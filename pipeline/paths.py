@@ -12,11 +12,19 @@ with the reason — never turned into a local folder named ``s3:`` (which ``path
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import json
+import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
-__all__ = ["is_url", "local_path", "require_local", "local_arg", "LocalPathRequired"]
+__all__ = ["is_url", "local_path", "require_local", "local_arg", "LocalPathRequired", "parse_storage_options",
+           "storage_options_applied", "STORAGE_OPTIONS_ENV"]
+
+#: The environment variable that gives every command's ``--storage-options`` default.
+STORAGE_OPTIONS_ENV = "RECON3D_STORAGE_OPTIONS"
 
 # a URL scheme (RFC 3986: a letter, then letters, digits, + - .), or fsspec's chained form
 # (``simplecache::s3://…``), followed by ://
@@ -64,3 +72,53 @@ def local_arg(what: str, why: str, *, allow: tuple[str, ...] = (), as_path: bool
 
     convert.__name__ = "local path"  # argparse names the type in its messages
     return convert
+
+
+def parse_storage_options(text: str | None, source: str = "--storage-options") -> dict[str, Any]:
+    """The fsspec options of ``--storage-options JSON`` (or the environment): a JSON object."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source}: not valid JSON ({err.msg} at character {err.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{source}: must be a JSON object of fsspec options, e.g. "
+                         f"'{{\"endpoint_url\": \"http://127.0.0.1:9000\"}}', got {text!r}")
+    return value
+
+
+def _protocol(url: str) -> str:
+    """The protocol of the store a URL names (the innermost of fsspec's chained ``a::b://``)."""
+    return url.split("://", 1)[0].split("::")[-1]
+
+
+@contextlib.contextmanager
+def storage_options_applied(options: Mapping[str, Any], urls: Iterable[Any]) -> Iterator[list[str]]:
+    """Within the block, ``options`` are the defaults of every fsspec filesystem of the protocols
+    of ``urls``: in this process (``fsspec.config.conf``, which fsspec applies whenever it opens
+    one; explicit options still win) and in child processes (``FSSPEC_<PROTOCOL>``, which fsspec
+    reads at import: data-loader workers). A command enters it once with its arguments, so every
+    store it opens — the scan, the output, a reference — gets them, however deep the call. Both
+    are restored afterwards. Yields the protocols set."""
+    import fsspec.config
+
+    protocols = sorted({_protocol(str(u)) for u in urls if is_url(u)}) if options else []
+    saved = {p: (copy.deepcopy(fsspec.config.conf.get(p)), os.environ.get(f"FSSPEC_{p.upper()}"))
+             for p in protocols}
+    try:
+        for p in protocols:
+            conf = fsspec.config.conf.setdefault(p, {})
+            conf.update(dict(options))
+            os.environ[f"FSSPEC_{p.upper()}"] = json.dumps(conf)
+        yield protocols
+    finally:
+        for p, (conf, env) in saved.items():
+            if conf is None:
+                fsspec.config.conf.pop(p, None)
+            else:
+                fsspec.config.conf[p] = conf
+            if env is None:
+                os.environ.pop(f"FSSPEC_{p.upper()}", None)
+            else:
+                os.environ[f"FSSPEC_{p.upper()}"] = env

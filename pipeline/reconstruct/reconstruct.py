@@ -361,13 +361,53 @@ def _latest_checkpoint_time(run_dir: Path, pick: str = "latest") -> tuple[float,
     return manifest.stat().st_mtime, info.directory / info.tag
 
 
+_FETCHED: dict[str, Path] = {}
+
+
+def _fetch_weights(url: str) -> Path:
+    """A local copy of the exported weights file at ``url`` (fsspec; ``--storage-options`` reach
+    it), made once per process in a temporary folder removed at exit. It is then read like a local
+    export: weights only, checked, nothing in it run."""
+    if url in _FETCHED and _FETCHED[url].is_file():
+        return _FETCHED[url]
+    import atexit
+    import shutil
+    import tempfile
+
+    import fsspec
+
+    folder = Path(tempfile.mkdtemp(prefix="recon3d-model-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    local = folder / (url.rstrip("/").rsplit("/", 1)[-1] or "model.pt")
+    try:
+        with fsspec.open(url, "rb") as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=8 << 20)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"reconstruct: --model {url}: no such weights file (a URL must name an exported "
+                                "weights file; a run directory must be a local or mounted path)") from None
+    except IsADirectoryError:
+        raise FileNotFoundError(f"reconstruct: --model {url} is a folder: a URL must name an exported weights file "
+                                "(`recon3d export RUN`); a run directory must be a local or mounted path") from None
+    _FETCHED[url] = local
+    return local
+
+
 def resolve_model(path: str | Path, *, rank: int = 0, timeout_s: float = 3600.0, pick: str = "latest") -> Path:
     """The exported weights file of ``path``: the file itself, or a run directory's
     ``export/model.pt`` — exported first (by rank 0; the other ranks wait) when it is missing or
     older than the run's latest complete checkpoint. ``pick='best'``: the checkpoint the run's
-    best validation kept, exported to ``export/best.pt``."""
+    best validation kept, exported to ``export/best.pt``. A URL names a weights file, fetched to
+    a local temporary copy (:func:`_fetch_weights`)."""
     if pick not in ("latest", "best"):
         raise ValueError(f"reconstruct: --pick must be latest or best, got {pick!r}")
+    from pipeline.paths import is_url
+
+    if is_url(path):
+        if pick == "best":
+            raise ValueError(f"reconstruct: --pick best needs a run directory (a local or mounted path), and "
+                             f"{path} is a URL; export the best checkpoint (`recon3d export RUN --checkpoint ...`) "
+                             "and give that file")
+        return _fetch_weights(str(path))
     p = Path(path)
     if p.is_file():
         if pick == "best":

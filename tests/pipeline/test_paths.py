@@ -59,3 +59,57 @@ def test_file_urls_are_local_paths(tmp_path, monkeypatch, capsys):
     assert code != 0
     assert f"{tmp_path}/run" in capsys.readouterr().err
     assert not (tmp_path / "file:").exists()
+
+
+# ----------------------------------------------------------------------------- --storage-options
+class _TokenMemory(__import__("fsspec.implementations.memory", fromlist=["MemoryFileSystem"]).MemoryFileSystem):
+    """An in-memory store that, like a cloud store, refuses to open without its credential."""
+
+    protocol = ("r3dtoken",)
+
+    def __init__(self, *args, token=None, **kwargs):
+        if token != "secret":
+            raise PermissionError(f"r3dtoken: no valid token (got {token!r})")
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = path[len("r3dtoken://"):] if path.startswith("r3dtoken://") else path
+        return super()._strip_protocol(path)
+
+
+@pytest.fixture
+def token_store():
+    import fsspec
+
+    fsspec.register_implementation("r3dtoken", _TokenMemory, clobber=True)
+    yield "r3dtoken://recon3d-tests-storage-options"
+    _TokenMemory.store.clear()
+    _TokenMemory.pseudo_dirs[:] = [""]
+
+
+def test_storage_options_reach_every_store_a_command_opens(token_store, monkeypatch, capsys):
+    import fsspec.config
+
+    scan, out = f"{token_store}/scan.zarr", f"{token_store}/fbp.ome.zarr"
+    opts = ["--storage-options", '{"token": "secret"}']
+    assert main(["simulate", "ct", "--shape", "4", "24", "24", "--angles", "12", "--photons", "1e4",
+                 "--phantom", "shepp-logan", "--out", scan, "--no-progress", *opts]) == 0
+    # without the credential the store cannot be opened, and the command says so
+    assert main(["inspect", scan]) != 0
+    assert "no valid token" in capsys.readouterr().err
+    # every store of a command gets it: the scan read and the output written
+    assert main(["reconstruct", "--method", "fbp", "--scan", scan, "--out", out, "--no-progress", *opts]) == 0
+    # the environment gives the default
+    monkeypatch.setenv("RECON3D_STORAGE_OPTIONS", '{"token": "secret"}')
+    assert main(["evaluate", out, "--reference", scan, "--no-object"]) == 0
+    monkeypatch.delenv("RECON3D_STORAGE_OPTIONS")
+    # and nothing stays behind in this process
+    assert "r3dtoken" not in fsspec.config.conf
+    assert main(["inspect", scan]) != 0
+
+
+@pytest.mark.parametrize("value, message", [("{token: 1}", "not valid JSON"), ('["a"]', "must be a JSON object")])
+def test_storage_options_must_be_a_json_object(value, message, capsys):
+    assert main(["inspect", "memory://nothing.zarr", "--storage-options", value]) == 2
+    assert message in capsys.readouterr().err

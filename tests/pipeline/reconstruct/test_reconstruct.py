@@ -361,3 +361,28 @@ def test_staged_initial_estimate_equals_the_model_call(tmp_path, mri_scan, ct_sc
     monkeypatch.setattr(module._Network, "staged", property(lambda self: False))
     _run(scan, tmp_path / "plain", model=str(weights), slab=4)
     torch.testing.assert_close(_level(tmp_path / "staged"), _level(tmp_path / "plain"), rtol=1e-5, atol=1e-6)
+
+
+def test_model_given_by_url_is_fetched_and_equals_the_local_file(tmp_path, ct_scan):
+    """``--model URL`` names an exported weights file on a store: it is fetched to a local copy and
+    read weights-only, and reconstructs exactly as the local file; a URL cannot be a run directory
+    (``--pick best``), and a missing one says so."""
+    import fsspec
+
+    from pipeline.cli import main
+
+    weights = save_model(tmp_path / "m.pt", "ct", widths=[4, 8], initial="fbp")
+    url = "memory://recon3d-tests-model-url/m.pt"
+    with fsspec.open(url, "wb") as f:
+        f.write(weights.read_bytes())
+    try:
+        local, remote = str(tmp_path / "local.ome.zarr"), str(tmp_path / "remote.ome.zarr")
+        assert main(["reconstruct", "--model", str(weights), "--scan", ct_scan, "--out", local, "--no-progress"]) == 0
+        assert main(["reconstruct", "--model", url, "--scan", ct_scan, "--out", remote, "--no-progress"]) == 0
+        assert np.array_equal(np.asarray(open_ome(local)[...]), np.asarray(open_ome(remote)[...]))
+        with pytest.raises(ValueError, match="--pick best needs a run directory"):
+            module.resolve_model(url, pick="best")
+        with pytest.raises(FileNotFoundError, match="no such weights file"):
+            module.resolve_model("memory://recon3d-tests-model-url/missing.pt")
+    finally:
+        fsspec.filesystem("memory").rm("/recon3d-tests-model-url", recursive=True)
