@@ -30,6 +30,18 @@ _INGEST_WHY = ("the HDF5/TIFF/.npy readers open local files; copy the source to 
 
 __all__ = ["register", "run", "COMMANDS"]
 
+
+def _units(text: str) -> str:
+    """A length unit OME-Zarr knows (``mm``, ``um``, ``micrometer``...): anything else would be
+    stored in the scan and then dropped from every output without a word."""
+    from pipeline.reconstruct.ome import ngff_unit
+
+    if ngff_unit(text) is None:
+        raise argparse.ArgumentTypeError(
+            f"unknown length unit {text!r}: use an OME-Zarr space unit (e.g. millimeter, micrometer, nanometer, "
+            "centimeter, meter, inch) or mm, um, µm, nm, cm, m, in")
+    return text
+
 COMMANDS = ("simulate", "ingest", "inspect", "preprocess")
 
 _PHANTOM_HELP = ("a named phantom: shepp-logan, ellipsoids, foam, or the held-out realistic ones "
@@ -96,7 +108,7 @@ def register(subparsers: Any) -> None:
                      help="complex Gaussian noise σ per real/imaginary part (default: 0)")
     mri.add_argument("--no-phase", action="store_true", help="keep the image real (no smooth phase)")
     mri.add_argument("--voxel-size", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("DD", "DH", "DW"))
-    mri.add_argument("--units", default="mm")
+    mri.add_argument("--units", type=_units, default="mm", help="length unit of --voxel-size and the geometry (default: mm)")
     mri.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     mri.add_argument("--out", required=True, help="the scan to write (folder or fsspec URL)")
     _codec_args(mri)
@@ -119,7 +131,7 @@ def register(subparsers: Any) -> None:
     ct.add_argument("--voxel-size", type=float, default=1.0)
     ct.add_argument("--src-dist", type=float, default=None, help="cone beam: source to axis")
     ct.add_argument("--det-dist", type=float, default=None, help="cone beam: axis to detector")
-    ct.add_argument("--units", default="mm")
+    ct.add_argument("--units", type=_units, default="mm", help="length unit of --voxel-size and the geometry (default: mm)")
     ct.add_argument("--seed", type=int, default=0)
     ct.add_argument("--out", required=True)
     _codec_args(ct)
@@ -140,7 +152,7 @@ def register(subparsers: Any) -> None:
     im.add_argument("--coil-maps", default=None, help=".npy (C, D, H, W) coil maps (default: ESPIRiT)")
     im.add_argument("--noise-sigma", type=float, default=None, help="known noise σ (stored as the noise model)")
     im.add_argument("--voxel-size", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("DD", "DH", "DW"))
-    im.add_argument("--units", default="mm")
+    im.add_argument("--units", type=_units, default="mm", help="length unit of --voxel-size and the geometry (default: mm)")
     _codec_args(im)
     _job_args(im)
 
@@ -162,7 +174,7 @@ def register(subparsers: Any) -> None:
     ic.add_argument("--det-dist", type=float, default=None)
     ic.add_argument("--volume-shape", type=int, nargs=3, default=None, metavar=("D", "H", "W"))
     ic.add_argument("--photons", type=float, default=None, help="known incident photons (metadata)")
-    ic.add_argument("--units", default="mm")
+    ic.add_argument("--units", type=_units, default="mm", help="length unit of --voxel-size and the geometry (default: mm)")
     _codec_args(ic)
     _job_args(ic)
 

@@ -167,3 +167,14 @@ def test_reads_and_checks_write_nothing(copy_scan, mri_scan):
     _stream(path, include_reference=True)
     assert main(["inspect", path, "--check", "--no-progress"]) == 0
     assert _tree_digest(path) == before
+
+
+def test_an_unknown_length_unit_is_refused_not_dropped(tmp_path, monkeypatch, capsys):
+    # `--units furlong` used to be stored in the scan and then dropped from every OME-Zarr output
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", "ct", "--shape", "2", "8", "8", "--angles", "4", "--units", "furlong", "--out", "s.zarr"])
+    assert exc.value.code == 2 and "unknown length unit 'furlong'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+    assert main(["simulate", "ct", "--shape", "2", "8", "8", "--angles", "4", "--units", "um", "--out", "s.zarr",
+                 "--no-progress"]) == 0
