@@ -38,7 +38,7 @@ from .geometry import (
     parallel_beam,
     volume,
 )
-from .analytic import FILTERS, fbp, fdk, fdk_filter, ramp_filter
+from .analytic import FILTERS, fbp, fdk, fdk_filter, filter_rows, ramp_filter
 from .cone import ConeBeamCT, min_det_shape
 from .parallel import ParallelBeamCT, default_det_count
 
@@ -50,6 +50,7 @@ __all__ = [
     "fdk",
     "fdk_filter",
     "ramp_filter",
+    "filter_rows",
     "FILTERS",
     "default_det_count",
     "VolumeGeometry",

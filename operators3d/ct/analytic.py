@@ -17,7 +17,7 @@ import torch
 from .cone import ConeBeamCT
 from .parallel import ParallelBeamCT
 
-__all__ = ["fbp", "fdk", "fdk_filter", "ramp_filter", "FILTERS"]
+__all__ = ["fbp", "fdk", "fdk_filter", "ramp_filter", "filter_rows", "FILTERS"]
 
 #: Windows of the ramp filter.
 FILTERS = ("ram-lak", "shepp-logan", "cosine", "hann")
@@ -83,7 +83,13 @@ def _check_cutoff(cutoff: float, owner: str) -> None:
         raise ValueError(f"{owner}: cutoff must be in (0, 1] (a fraction of Nyquist), got {cutoff!r}")
 
 
-def _filter_rows(p: torch.Tensor, spacing: float, filter: str, cutoff: float = 1.0) -> torch.Tensor:
+def filter_rows(p: torch.Tensor, spacing: float, filter: str = "ram-lak", cutoff: float = 1.0) -> torch.Tensor:
+    """Rows (the last dim, detector columns of pitch ``spacing``) filtered with the windowed
+    ramp of :func:`ramp_filter`, zero-padded against wrap-around; differentiable, any dtype.
+
+    Shape:
+        ``(*, U) → (*, U)``.
+    """
     num = p.shape[-1]
     response = ramp_filter(num, spacing, filter, cutoff=cutoff, dtype=p.dtype, device=p.device)
     size = _padded_size(num)
@@ -121,7 +127,7 @@ def fbp(sinogram: torch.Tensor, op: ParallelBeamCT, filter: str = "ram-lak", *,
         raise ValueError(f"fbp: filter must be one of {FILTERS}, got {filter!r}")
     _check_cutoff(cutoff, "fbp")
     op.check_input(sinogram, adjoint=True)
-    q = _filter_rows(sinogram, op.geometry.det_spacing, filter, cutoff)
+    q = filter_rows(sinogram, op.geometry.det_spacing, filter, cutoff)
     return op.backproject(q, method="linear").mul_(math.pi / op.num_angles)
 
 
@@ -195,4 +201,4 @@ def _fdk_filtered(sinogram: torch.Tensor, op: ConeBeamCT, filter: str) -> torch.
     src = g.src_dist
     cosine = src / torch.sqrt(src**2 + u[None, :] ** 2 + v[:, None] ** 2)  # (V, U)
     weighted = sinogram * cosine.to(device=device, dtype=dtype)[:, None, :]
-    return _filter_rows(weighted, du * scale, filter)
+    return filter_rows(weighted, du * scale, filter)

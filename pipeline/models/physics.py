@@ -351,17 +351,6 @@ def lipschitz(op: LinearOperator) -> float:
 
 
 # ----------------------------------------------------------------------------- baselines
-def _ramp_filter_rows(p: torch.Tensor, spacing: float, filter: str) -> torch.Tensor:
-    """Filter the last dim with the windowed ramp of :func:`operators3d.ct.ramp_filter`."""
-    from operators3d.ct import ramp_filter
-
-    num = p.shape[-1]
-    response = ramp_filter(num, spacing, filter, dtype=p.dtype, device=p.device)
-    size = 2 * (response.numel() - 1)  # the zero-padded length the response was built for
-    spectrum = torch.fft.rfft(p, n=size, dim=-1)
-    return torch.fft.irfft(spectrum * response, n=size, dim=-1)[..., :num]
-
-
 class ImageMetric:
     """The parallel-beam CT metric on measurements whose norm is the image-domain norm.
 
@@ -396,7 +385,9 @@ class ImageMetric:
         self.diagonal = float(self(delta)[0, num // 2])
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
-        return _ramp_filter_rows(r, self.spacing, "ram-lak") * self.scale
+        from operators3d.ct import filter_rows
+
+        return filter_rows(r, self.spacing, "ram-lak") * self.scale
 
 
 def filtered_backprojection(
@@ -436,11 +427,13 @@ def filtered_backprojection(
             f"filtered_backprojection: {op.name} is an angle selection without its own "
             "projector; use restrict_angles on a projector with subset()"
         )
+    from operators3d.ct import filter_rows
+
     vs = op.volume_geometry.voxel_size
     g = op.geometry
     if kind == "parallel":
         ds = g.det_spacing
-        q = _ramp_filter_rows(y, ds, filter)
+        q = filter_rows(y, ds, filter)
         return op.adjoint(q) * (math.pi / op.num_angles * ds / vs**2)
     num_v, num_u = g.det_shape
     dv, du = g.det_spacing
@@ -450,7 +443,7 @@ def filtered_backprojection(
     v = (torch.arange(num_v, dtype=torch.float64) - (num_v - 1) / 2) * dv * scale
     cosine = src / torch.sqrt(src**2 + u[None, :] ** 2 + v[:, None] ** 2)
     weighted = y * cosine.to(device=y.device, dtype=y.dtype)[:, None, :]
-    q = _ramp_filter_rows(weighted, du * scale, filter)
+    q = filter_rows(weighted, du * scale, filter)
     factor = math.pi / op.num_angles * scale**2 * du * dv / vs**3
     return op.adjoint(q) * factor
 
