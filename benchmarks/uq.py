@@ -1,4 +1,4 @@
-"""Reference-free error estimates against the true error (issue 15.4, first part: classical methods).
+"""Reference-free error estimates and uncertainty maps against the true error (issue 15.4): classical methods and exported networks.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/uq.py [--methods fbp,sense,tv,MODEL.pt] [--cases held-out]
         [--draws 8] [--folds 4] [--fraction 0.1] [--pilot default|undersmoothed|estimate] [--threads 2]
