@@ -142,6 +142,7 @@ class Trainer:
         self.step = 0
         self._grad_norm_here: bool | None = None
         self._baselines: dict[str, dict[str, float]] = {}  # the classical baseline's estimate per scan
+        self._estimate_peaks: dict[tuple[str, int], float] = {}  # the pilot's peak per validation slab
 
     # ------------------------------------------------------------------ resume
     def find_resume(self, resume: str | None) -> CheckpointInfo | None:
@@ -544,7 +545,10 @@ class Trainer:
         seed = build.derived_seed(self.config.run.seed, "validation-estimate", index)
         est = estimate_error(y, op, noise, f, x_hat=x_hat, draws=cfg.estimate_draws,
                              folds=cfg.estimate_folds, seed=seed, pilot=estimate_pilot(y, op, noise, x_hat))
-        return est, float(pilot_estimate(y, op).abs().max())
+        key = (str(scan.path), index)
+        if key not in self._estimate_peaks:  # it does not change with training: one pilot per slab
+            self._estimate_peaks[key] = float(pilot_estimate(y, op).abs().max())
+        return est, self._estimate_peaks[key]
 
     def _estimate(self, scan, y: torch.Tensor, op, x_hat: torch.Tensor, index: int) -> tuple[tuple[float, float, float], float]:
         """The network's estimate on one validation slab: ``((mse, low, high), peak)``."""
