@@ -108,7 +108,7 @@ def run(scratch: Path, scan_path: str, tag: str, method: str, options: list[str]
 
 
 def grid(method: str, attrs: dict) -> list[tuple[dict, list[str]]]:
-    from pipeline.reconstruct.classical import FBP_CUTOFFS, FBP_WINDOWS, SENSE_ITERATIONS, TV_ITERATIONS
+    from pipeline.classical import FBP_CUTOFFS, FBP_WINDOWS, SENSE_ITERATIONS, TV_ITERATIONS
 
     if method == "fbp":
         return [({"filter": w, "cutoff": c}, ["--filter", w, "--filter-cutoff", str(c)])

@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     from pipeline.models import intensity_scale
-    from pipeline.models.physics import ImageMetric, ct_kind
+    from pipeline.models.physics import ImageMetric
     from pipeline.train.build import build_loss, build_model, build_optimizer, derived_seed, learning_rate
     from pipeline.train.config import load_config
 
@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     Q.set_scales(model, [v])
     opt = build_optimizer(cfg, model)
     gen = torch.Generator().manual_seed(derived_seed(cfg.run.seed, "quality-slabs"))
-    parallel = modality == "ct" and ct_kind(v.op) == "parallel"
+    parallel = modality == "ct" and v.op.kind == "parallel"
 
     def evaluate():
         x = Q.reconstruct(model, [v])[0]

@@ -41,7 +41,7 @@ defaults (its reference-free choices, recorded in the output's metadata); ``tv-c
 ``recon3d reconstruct --method tv`` (TV-regularised least squares, reference-free weight)
 where the installed version has it.
 
-Metrics: PSNR and SSIM of magnitudes (:mod:`pipeline.reconstruct.metrics`), data range the
+Metrics: PSNR and SSIM of magnitudes (:mod:`pipeline.metrics`), data range the
 maximum of each reference, per volume and averaged. For each volume set the table gives every
 method's PSNR against the best classical method and against supervised, the training seconds
 and, for learned methods, the PSNR of the network's own input (its initial estimate): a
@@ -195,13 +195,12 @@ def classical(modality: str, method: str, vols: list[Volume], scratch: Path) -> 
     reference, so only a benchmark can have it). ``*-cli``: what ``recon3d reconstruct`` gives
     with its defaults (reference-free).
     """
-    from operators3d import sense_cg
-    from operators3d.ct import fbp
+    from pipeline.classical import fbp_slab, sense_slab
 
     if method == "zero-filled":
         return ["zero-filled Aᴴy"] * len(vols), [v.op.adjoint(v.y) for v in vols]
     if method.endswith("-cli"):
-        from pipeline.reconstruct.reconstruct import METHODS
+        from pipeline.reconstruct.config import METHODS
 
         name = method[:-4]
         if name not in METHODS:
@@ -215,11 +214,11 @@ def classical(modality: str, method: str, vols: list[Volume], scratch: Path) -> 
             xs.append(x)
         return labels, xs
     if method == "sense":
-        candidates = [(f"SENSE λ={lam:g}, {it} CG", lambda v, lam=lam, it=it: sense_cg(
-            v.y, v.op, l2_weight=lam, num_iters=it, tol=0.0))
+        candidates = [(f"SENSE λ={lam:g}, {it} CG", lambda v, lam=lam, it=it: sense_slab(
+            v.y, v.op, l2_weight=lam, iterations=it, tol=0.0))
             for lam in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1) for it in (10, 30)]
     elif method == "fbp":
-        candidates = [(f"FBP {f}", lambda v, f=f: fbp(v.y, v.op, filter=f))
+        candidates = [(f"FBP {f}", lambda v, f=f: fbp_slab(v.y, v.op, filter=f))
                       for f in ("ram-lak", "shepp-logan", "cosine", "hann")]
     else:
         raise ValueError(method)
@@ -365,7 +364,7 @@ def initial_estimates(model: torch.nn.Module, test: list[Volume]) -> list[torch.
 
 # ----------------------------------------------------------------------------- metrics
 def _metrics(x: torch.Tensor, v: Volume) -> tuple[float, float]:
-    from pipeline.reconstruct.metrics import psnr, ssim
+    from pipeline.metrics import psnr, ssim
 
     x, ref = x.detach().cpu(), v.reference.cpu()
     peak = float(ref.abs().max())

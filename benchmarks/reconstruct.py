@@ -82,7 +82,7 @@ def _child(case: str, scan: str, scratch: Path, workers: int, slab: int) -> None
 
     from pipeline.data import open_scan
     from pipeline.reconstruct import ReconstructConfig, reconstruct
-    from pipeline.reconstruct.reconstruct import return_freed_memory_to_os
+    from pipeline.allocator import return_freed_memory_to_os
 
     torch.set_num_threads(2)
     if not os.environ.get("RECON3D_BENCH_GLIBC_DEFAULT"):

@@ -38,7 +38,7 @@ def _reconstructor(scan, method: str):
     import torch
 
     from pipeline.reconstruct import ReconstructConfig
-    from pipeline.reconstruct.reconstruct import _Classical, _Network
+    from pipeline.reconstruct.adapters import _Classical, _Network
 
     if method.endswith(".pt"):
         from pipeline.models import intensity_scale
@@ -70,7 +70,7 @@ def case(scratch: Path, name: str, method: str, args) -> dict:
 
     from pipeline.data import open_scan
     from pipeline.reconstruct.estimate import estimate_error, estimate_pilot, pilot_estimate
-    from pipeline.reconstruct.reconstruct import _SlabReader
+    from pipeline.reconstruct.adapters import _SlabReader
 
     scan = open_scan(make_scan(scratch, name))
     depth = int(scan.metadata.volume_shape[0])
@@ -134,9 +134,8 @@ def oracle_rms(scan, method: str, realisations: int, seed: int):
     chosen on the scan): the map a perfect uncertainty estimate would give, from the reference."""
     import torch
 
-    from pipeline.models.physics import measurement_mask
-    from pipeline.reconstruct.estimate import _remeasure
-    from pipeline.reconstruct.reconstruct import _SlabReader
+    from pipeline.reconstruct.uncertainty import _remeasure
+    from pipeline.reconstruct.adapters import _SlabReader
 
     depth = int(scan.metadata.volume_shape[0])
     y, op = _SlabReader(scan)(0, depth)
@@ -146,7 +145,7 @@ def oracle_rms(scan, method: str, realisations: int, seed: int):
     total = torch.zeros(ref.shape, dtype=torch.float64)
     for m in range(realisations):
         noisy = _remeasure(scan.metadata.noise(), clean, torch.Generator().manual_seed(10_000 * seed + m),
-                           measurement_mask(op))
+                           op.measurement_mask())
         total += (f(noisy.to(y.dtype), op) - ref).abs().double().square()
     return (total / realisations).sqrt()
 

@@ -19,8 +19,10 @@
 #     of their own, so a signal to this script's process group never reaches them twice) —
 #     except inside a SLURM step, where slurmstepd has already signalled them
 #     (FORWARD_SIGNALS=auto|yes|no; say yes on clusters with proctrack/pgid).
-# SIGINT, SIGHUP and SIGQUIT abort: they go to torchrun, which stops the workers without a save,
-# and the script exits non-zero without retrying.
+# SIGINT (Ctrl-C) is a stop like SIGTERM: the workers save at the next step and the script exits
+# 0 without retrying (a second Ctrl-C more than 5 s later kills them, losing only that step).
+# SIGHUP and SIGQUIT abort: they go to torchrun, which stops the workers without a save, and the
+# script exits non-zero without retrying.
 #
 # Settings (environment):
 #   NPROC_PER_NODE     workers on this node (default: 1)
@@ -47,7 +49,7 @@ FORWARD_SIGNALS=${FORWARD_SIGNALS:-auto}
 # The worker: `recon3d train`, after restoring the default SIGTERM/SIGUSR1 actions that torchrun's
 # ignoring them would otherwise pass on (a stop asked for before recon3d's handlers exist must
 # not be lost).
-_RECON3D_WORKER='import signal, sys; [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGUSR1)]; from pipeline.cli import main; sys.exit(main())'
+_RECON3D_WORKER='import signal, sys; [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGUSR1)]; signal.signal(signal.SIGINT, signal.default_int_handler); from pipeline.cli import main; sys.exit(main())'
 
 _launch_log() { printf '[launch %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -144,7 +146,7 @@ recon3d_train_with_retries() {
     done
     trap '_launch_on_stop TERM' TERM
     trap '_launch_on_stop USR1' USR1
-    trap '_launch_on_abort INT' INT
+    trap '_launch_on_stop INT' INT
     trap '_launch_on_abort HUP' HUP
     trap '_launch_on_abort QUIT' QUIT
 
@@ -156,14 +158,14 @@ recon3d_train_with_retries() {
         # Its own process group (set -m), so a Ctrl-C reaches it only through _launch_on_abort.
         set -m
         (
-            trap '' TERM USR1
+            trap '' TERM USR1 INT
             exec "$RECON3D_PYTHON" -m torch.distributed.run \
                 "${TORCHRUN_RDZV[@]}" \
                 --nproc-per-node="$NPROC_PER_NODE" \
                 --max-restarts=0 \
                 --monitor-interval=1 \
                 --shutdown-timeout="$SHUTDOWN_TIMEOUT" \
-                --signals-to-handle=SIGINT,SIGHUP,SIGQUIT \
+                --signals-to-handle=SIGHUP,SIGQUIT \
                 --no-python "$RECON3D_PYTHON" -c "$_RECON3D_WORKER" \
                 train "$config" --run-dir "$run_dir" --resume auto "$@"
         ) &

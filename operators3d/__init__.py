@@ -30,21 +30,20 @@ Example::
     x_hat = sense_cg(y, op)        # SENSE baseline
 """
 
-from .base import (
+from .algebra import (
     AdjointOperator,
     Composition,
     Diagonal,
     Identity,
-    LinearOperator,
     NormalOperator,
     Scaled,
     Sum,
-    conjugate_gradient,
-    op_norm,
 )
+from .base import LinearOperator
 from .coils import estimate_coil_maps, simulate_coil_maps
 from .ct import ConeBeamCT, ParallelBeamCT, cone_beam, fbp, fdk, parallel_beam, volume
 from .fft import centered_fft, centered_ifft, readout_to_hybrid
+from .krylov import conjugate_gradient, op_norm
 from .masks import acceleration_of, calibration_region, gaussian_mask, poisson_disc_mask
 from .mri import CenteredFFT, CoilExpand, Mask, MultiCoilMRI, sense_cg
 from .noise import (
@@ -56,6 +55,7 @@ from .noise import (
     noise_model_from_dict,
 )
 from .phantoms import ellipsoid_phantom, shepp_logan_3d
+from .restrict import IndexSelect, MaskedOperator
 from .transforms import (
     ComposedAction,
     CubeRotation,
@@ -76,6 +76,8 @@ __all__ = [
     "NormalOperator",
     "Identity",
     "Diagonal",
+    "MaskedOperator",
+    "IndexSelect",
     "op_norm",
     "conjugate_gradient",
     "centered_fft",

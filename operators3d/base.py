@@ -10,6 +10,11 @@ is the adjoint (and the adjoint's backward the forward). Nothing of the input is
 backward, so a training step holds no operator intermediates however large the slab.
 Operator tensors (masks, coil maps, angles) are buffers: ``.to(device)`` moves them, and no
 gradient flows into them.
+
+The nodes of the algebra live in :mod:`operators3d.algebra`, the iterations on operators (CG,
+the power method) in :mod:`operators3d.krylov`, and the restrictions that splitting losses
+build (:class:`~operators3d.restrict.MaskedOperator`, :class:`~operators3d.restrict.IndexSelect`)
+in :mod:`operators3d.restrict`.
 """
 
 from __future__ import annotations
@@ -17,25 +22,28 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-__all__ = [
-    "LinearOperator",
-    "Composition",
-    "Sum",
-    "Scaled",
-    "AdjointOperator",
-    "NormalOperator",
-    "Identity",
-    "Diagonal",
-    "op_norm",
-    "conjugate_gradient",
-]
+__all__ = ["LinearOperator"]
 
 Shape = tuple[int, ...]
+
+
+def check_broadcast(shape: Sequence[int], target: Sequence[int], what: str, onto: str) -> None:
+    """Raise a ``ValueError`` unless ``shape`` broadcasts to ``target`` without enlarging it.
+
+    ``what`` names the tensor in the message (``"MaskedOperator: mask"``), ``onto`` the
+    target (``"the range (4, 8) of A"``).
+    """
+    try:
+        out = torch.broadcast_shapes(tuple(shape), tuple(target))
+    except RuntimeError as err:
+        raise ValueError(f"{what} of shape {tuple(shape)} does not broadcast to {onto}") from err
+    if tuple(out) != tuple(target):
+        raise ValueError(f"{what} of shape {tuple(shape)} would enlarge {onto}")
 
 
 def _as_shape(shape: Sequence[int], what: str, owner: str) -> Shape:
@@ -76,6 +84,24 @@ class LinearOperator(nn.Module):
 
     Subclasses implement ``_forward`` and ``_adjoint`` on already-checked tensors and may
     override ``_normal`` (``Aᴴ A`` without the intermediate) and ``_make_adjoint``.
+
+    Capabilities (what losses and reconstructors ask of an operator; docs/design.md,
+    "Operator capabilities"). Each has a default that is right for a plain operator measuring
+    every entry of its range; an operator overrides those that its physics changes:
+
+    * ``kind`` — ``"mri"``, ``"parallel"`` or ``"cone"`` (CT), or ``None``: picks FBP/FDK
+      initial estimates and Noise2Inverse's angle splits; ``is_ct`` says whether it is CT.
+    * :meth:`measurement_mask` — which range entries are measurements (``None``: all); every
+      loss averages over them, and splitting losses split them.
+    * :meth:`kspace_mask` — the sampling mask of a Cartesian k-space grid (``None``: no such
+      grid); :class:`~pipeline.losses.SSDULoss` splits it.
+    * :meth:`num_measured` — the count of measured entries of ``y`` (from the mask).
+    * :meth:`restrict_measurements` — the operator measuring only where a mask is set (default:
+      a :class:`~operators3d.restrict.MaskedOperator`); splitting losses' input operators.
+    * :meth:`restrict_angles` — the operator of a subset of CT angles (CT only);
+      Noise2Inverse's input and target operators.
+    * :meth:`lipschitz` — an upper bound of ``‖A‖₂²`` (default: the power method, cached);
+      the step size of unrolled networks. Override ``_lipschitz`` to give a cheaper bound.
 
     Shape:
         forward: ``(*batch, *domain_shape) → (*batch, *range_shape)``;
@@ -144,6 +170,8 @@ class LinearOperator(nn.Module):
         return self._adjoint(self._forward(x))
 
     def _make_adjoint(self) -> "LinearOperator":
+        from .algebra import AdjointOperator
+
         return AdjointOperator(self)
 
     # ---------------------------------------------------------------- public API
@@ -187,6 +215,8 @@ class LinearOperator(nn.Module):
 
     def normal_operator(self) -> "LinearOperator":
         """``Aᴴ A`` as an operator whose forward uses ``_normal`` (cached)."""
+        from .algebra import NormalOperator
+
         return self._cached("_normal_op", lambda: NormalOperator(self))
 
     def _apply_checked(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,6 +259,8 @@ class LinearOperator(nn.Module):
 
     # ---------------------------------------------------------------- algebra
     def __matmul__(self, other: object) -> "LinearOperator":
+        from .algebra import Composition
+
         if isinstance(other, LinearOperator):
             return Composition(self, other)
         if isinstance(other, torch.Tensor):
@@ -236,19 +268,27 @@ class LinearOperator(nn.Module):
         return NotImplemented
 
     def __add__(self, other: object) -> "LinearOperator":
+        from .algebra import Sum
+
         if isinstance(other, LinearOperator):
             return Sum(self, other)
         return NotImplemented
 
     def __sub__(self, other: object) -> "LinearOperator":
+        from .algebra import Scaled, Sum
+
         if isinstance(other, LinearOperator):
             return Sum(self, Scaled(-1, other))
         return NotImplemented
 
     def __neg__(self) -> "LinearOperator":
+        from .algebra import Scaled
+
         return Scaled(-1, self)
 
     def __mul__(self, other: object) -> "LinearOperator":
+        from .algebra import Scaled
+
         if isinstance(other, torch.Tensor) and other.ndim > 0:
             raise TypeError(
                 f"{self.name} * tensor is not defined: apply with A(x), scale with a number"
@@ -289,6 +329,105 @@ class LinearOperator(nn.Module):
         """Single precision: float32 and complex64 buffers."""
         return self.to(torch.float32)
 
+    # ---------------------------------------------------------------- capabilities
+    #: What the operator measures: ``"mri"``, ``"parallel"`` / ``"cone"`` (CT) or ``None``.
+    kind: str | None = None
+
+    @property
+    def is_ct(self) -> bool:
+        """Whether the operator is (a restriction of) a CT projector."""
+        return self.kind in ("parallel", "cone")
+
+    def measurement_mask(self) -> torch.Tensor | None:
+        """Which range entries are measurements: bool, broadcastable to ``range_shape``.
+
+        ``None`` (the default) means every entry is measured. An operator whose range holds
+        entries that are not measurements (k-space outside an MRI mask, masked-out entries)
+        returns them as ``False``; losses then average over the ``True`` entries only.
+        """
+        return None
+
+    def kspace_mask(self) -> torch.Tensor | None:
+        """The sampling mask ``(H, W)`` or ``(D, H, W)`` of a Cartesian k-space range, else None.
+
+        SSDU splits this grid; :meth:`restrict_measurements` must accept a mask of its shape.
+        """
+        return None
+
+    def num_measured(self, y: torch.Tensor) -> int:
+        """The number of measured entries of ``y`` (its batch dims included).
+
+        Shape:
+            ``y``: ``(*batch, *range_shape)``.
+        """
+        k = len(self.range_shape)
+        if y.ndim < k or tuple(y.shape[y.ndim - k :]) != self.range_shape:
+            raise ValueError(
+                f"num_measured: expected y with trailing shape {self.range_shape} ({self.name}), "
+                f"got {tuple(y.shape)}"
+            )
+        batch = math.prod(y.shape[: y.ndim - k])
+        mask = self.measurement_mask()
+        if mask is None:
+            return batch * math.prod(self.range_shape)
+        return batch * int(torch.broadcast_to(mask, self.range_shape).sum())
+
+    def restrict_measurements(self, mask: torch.Tensor) -> "LinearOperator":
+        """The operator that measures only where ``mask`` is nonzero (weighted by it if real).
+
+        Default: ``M ∘ A`` (:class:`~operators3d.restrict.MaskedOperator`), right for every
+        operator; override it when the operator can restrict itself faster (an MRI operator
+        folds a k-space mask into its own).
+
+        Shape:
+            ``mask`` broadcastable to ``range_shape``.
+        """
+        from .restrict import MaskedOperator
+
+        return MaskedOperator(self, mask)
+
+    def restrict_angles(self, index: torch.Tensor | Sequence[int]) -> "LinearOperator":
+        """The operator of a subset of the CT angles (range dim ``-2``, sinogram ``(…, A, U)``).
+
+        Default for CT kinds: an :class:`~operators3d.restrict.IndexSelect` that computes all
+        angles and keeps some; projectors override it with one that computes only those.
+
+        Shape:
+            range ``(…, A, U) → (…, len(index), U)``.
+        """
+        if not self.is_ct:
+            raise NotImplementedError(
+                f"{self.name}.restrict_angles: angle subsets are defined for CT operators "
+                "(Noise2InverseLoss splits CT angles); a CT operator sets kind='parallel' or "
+                "'cone' and implements restrict_angles(index)"
+            )
+        from .restrict import IndexSelect
+
+        return IndexSelect(self, torch.as_tensor(index, dtype=torch.int64).reshape(-1), dim=-2)
+
+    def lipschitz(self) -> float:
+        """An upper bound (generic operators: an estimate) of ``‖A‖₂²``, cached per operator.
+
+        Computed once by :meth:`_lipschitz` without gradients (at least the smallest positive
+        float32).
+
+        Math:
+            ``L ≥ ‖AᴴA‖₂``; a step ``x − (1/L) Aᴴ(Ax − y)`` does not increase ``‖Ax − y‖``.
+        """
+        cached = self.__dict__.get("_lipschitz_bound")
+        if cached is None:
+            with torch.no_grad():
+                cached = max(float(self._lipschitz()), torch.finfo(torch.float32).tiny)
+            self.__dict__["_lipschitz_bound"] = cached
+        return cached
+
+    def _lipschitz(self) -> float:
+        """``‖A‖₂²`` by the power method (30 iterations, seeded): converges from below."""
+        from .krylov import op_norm
+
+        gen = torch.Generator().manual_seed(0)
+        return op_norm(self, num_iters=30, tol=1e-4, generator=gen) ** 2
+
     # ---------------------------------------------------------------- helpers
     def reference_tensor(self) -> torch.Tensor | None:
         """The first floating or complex buffer (gives the operator's device and precision)."""
@@ -323,362 +462,3 @@ class LinearOperator(nn.Module):
 
     def __repr__(self) -> str:  # one line, shapes first: "Name(range ← domain)"
         return f"{self.name}({self.extra_repr()})"
-
-
-def _same_kind(a: bool | None, b: bool | None) -> bool | None:
-    return a if a is not None else b
-
-
-class Composition(LinearOperator):
-    """``A @ B``: apply ``B`` then ``A``.
-
-    Shape:
-        ``B.domain_shape → A.range_shape``; requires ``A.domain_shape == B.range_shape``.
-
-    Math:
-        ``(A B) x = A(B x)``, ``(A B)ᴴ = Bᴴ Aᴴ``.
-    """
-
-    def __init__(self, outer: LinearOperator, inner: LinearOperator) -> None:
-        if outer.domain_shape != inner.range_shape:
-            raise ValueError(
-                f"cannot compose {outer.name} @ {inner.name}: {outer.name} expects domain "
-                f"{outer.domain_shape}, {inner.name} gives range {inner.range_shape}"
-            )
-        super().__init__(
-            inner.domain_shape,
-            outer.range_shape,
-            # A kind-agnostic side (identity, real diagonal) inherits its neighbour's kind.
-            domain_complex=_same_kind(inner.domain_complex, outer.domain_complex),
-            range_complex=_same_kind(outer.range_complex, inner.range_complex),
-        )
-        self.outer = outer
-        self.inner = inner
-
-    @property
-    def name(self) -> str:
-        return f"({self.outer.name} @ {self.inner.name})"
-
-    def _forward(self, x):
-        return self.outer._forward(self.inner._forward(x))
-
-    def _adjoint(self, y):
-        return self.inner._adjoint(self.outer._adjoint(y))
-
-    def _make_adjoint(self):
-        return Composition(self.inner.H, self.outer.H)
-
-
-class Sum(LinearOperator):
-    """``A + B``.
-
-    Shape:
-        same domain and range as ``A`` and ``B``, which must agree.
-
-    Math:
-        ``(A + B) x = A x + B x``, ``(A + B)ᴴ = Aᴴ + Bᴴ``.
-    """
-
-    def __init__(self, first: LinearOperator, second: LinearOperator) -> None:
-        if first.domain_shape != second.domain_shape or first.range_shape != second.range_shape:
-            raise ValueError(
-                f"cannot add {first.name} and {second.name}: shapes "
-                f"{first.range_shape} ← {first.domain_shape} and "
-                f"{second.range_shape} ← {second.domain_shape} differ"
-            )
-        super().__init__(
-            first.domain_shape,
-            first.range_shape,
-            domain_complex=_same_kind(first.domain_complex, second.domain_complex),
-            range_complex=_same_kind(first.range_complex, second.range_complex),
-        )
-        self.first = first
-        self.second = second
-
-    @property
-    def name(self) -> str:
-        return f"({self.first.name} + {self.second.name})"
-
-    def _forward(self, x):
-        return self.first._forward(x) + self.second._forward(x)
-
-    def _adjoint(self, y):
-        return self.first._adjoint(y) + self.second._adjoint(y)
-
-    def _make_adjoint(self):
-        return Sum(self.first.H, self.second.H)
-
-
-class Scaled(LinearOperator):
-    """``c * A`` for a real or complex scalar ``c``.
-
-    Shape:
-        that of ``A``.
-
-    Math:
-        ``(c A) x = c (A x)``, ``(c A)ᴴ = conj(c) Aᴴ``.
-    """
-
-    def __init__(self, scale: numbers.Number | torch.Tensor, op: LinearOperator) -> None:
-        if isinstance(scale, torch.Tensor):
-            if scale.ndim != 0:
-                raise ValueError(f"Scaled: scale must be a scalar, got shape {tuple(scale.shape)}")
-            scale = scale.item()
-        if not isinstance(scale, numbers.Number):
-            raise TypeError(f"Scaled: scale must be a number, got {type(scale).__name__}")
-        super().__init__(
-            op.domain_shape,
-            op.range_shape,
-            domain_complex=op.domain_complex,
-            range_complex=op.range_complex,
-        )
-        self.scale = scale
-        self.op = op
-
-    @property
-    def name(self) -> str:
-        return f"{self.scale} * {self.op.name}"
-
-    def _forward(self, x):
-        return self.op._forward(x) * self.scale
-
-    def _adjoint(self, y):
-        return self.op._adjoint(y) * self.scale.conjugate()
-
-    def _make_adjoint(self):
-        return Scaled(self.scale.conjugate(), self.op.H)
-
-
-class AdjointOperator(LinearOperator):
-    """``Aᴴ`` for an operator that knows its ``_adjoint``.
-
-    Shape:
-        ``A.range_shape → A.domain_shape``.
-
-    Math:
-        ``(Aᴴ)ᴴ = A``.
-    """
-
-    def __init__(self, op: LinearOperator) -> None:
-        super().__init__(
-            op.range_shape,
-            op.domain_shape,
-            domain_complex=op.range_complex,
-            range_complex=op.domain_complex,
-        )
-        self.op = op
-
-    @property
-    def name(self) -> str:
-        return f"{self.op.name}.H"
-
-    def check_input(self, x: torch.Tensor, *, adjoint: bool = False) -> None:
-        # Errors speak of the original operator ("A.adjoint: ..."), which the user wrote.
-        self.op.check_input(x, adjoint=not adjoint)
-
-    def _forward(self, x):
-        return self.op._adjoint(x)
-
-    def _adjoint(self, y):
-        return self.op._forward(y)
-
-    def _normal(self, x):
-        return self.op._forward(self.op._adjoint(x))
-
-    def _make_adjoint(self):
-        return self.op
-
-
-class NormalOperator(LinearOperator):
-    """``Aᴴ A``, applied through ``A._normal`` (which may avoid the full intermediate).
-
-    Shape:
-        ``A.domain_shape → A.domain_shape``.
-
-    Math:
-        ``x ↦ Aᴴ(A x)``; self-adjoint.
-    """
-
-    def __init__(self, op: LinearOperator) -> None:
-        super().__init__(
-            op.domain_shape,
-            op.domain_shape,
-            domain_complex=op.domain_complex,
-            range_complex=op.domain_complex,
-        )
-        self.op = op
-
-    @property
-    def name(self) -> str:
-        return f"{self.op.name}.normal"
-
-    def _forward(self, x):
-        return self.op._normal(x)
-
-    def _adjoint(self, y):
-        return self.op._normal(y)
-
-    def _make_adjoint(self):
-        return self
-
-
-class Identity(LinearOperator):
-    """The identity on tensors with trailing shape ``shape``.
-
-    Shape:
-        ``shape → shape``.
-
-    Math:
-        ``I x = x``.
-    """
-
-    def __init__(self, shape: Sequence[int], *, complex: bool | None = None) -> None:
-        super().__init__(shape, shape, domain_complex=complex, range_complex=complex)
-
-    def _forward(self, x):
-        return x
-
-    def _adjoint(self, y):
-        return y
-
-    def _make_adjoint(self):
-        return self
-
-
-class Diagonal(LinearOperator):
-    """Elementwise multiplication by fixed weights (a mask, a window, a phase).
-
-    Shape:
-        ``shape → shape``; ``weights`` broadcasts to ``shape``.
-
-    Math:
-        ``(W x)_i = w_i x_i``, ``Wᴴ`` multiplies by ``conj(w)``.
-    """
-
-    def __init__(self, weights: torch.Tensor, shape: Sequence[int] | None = None) -> None:
-        if not isinstance(weights, torch.Tensor):
-            raise TypeError(f"Diagonal: weights must be a tensor, got {type(weights).__name__}")
-        shape = tuple(weights.shape) if shape is None else tuple(shape)
-        try:
-            torch.broadcast_shapes(weights.shape, shape)
-        except RuntimeError as err:
-            raise ValueError(
-                f"Diagonal: weights of shape {tuple(weights.shape)} do not broadcast to {shape}"
-            ) from err
-        if torch.broadcast_shapes(weights.shape, shape) != torch.Size(shape):
-            raise ValueError(
-                f"Diagonal: weights of shape {tuple(weights.shape)} would enlarge shape {shape}"
-            )
-        cplx = True if weights.is_complex() else None
-        super().__init__(shape, shape, domain_complex=cplx, range_complex=cplx)
-        if weights.dtype == torch.bool:
-            weights = weights.to(torch.get_default_dtype())
-        self.register_buffer("weights", weights)
-
-    def _forward(self, x):
-        return x * self.weights
-
-    def _adjoint(self, y):
-        w = self.weights
-        return y * (w.conj() if w.is_complex() else w)
-
-
-# -------------------------------------------------------------------- algorithms
-def _batch_dot(a: torch.Tensor, b: torch.Tensor, num_dims: int) -> torch.Tensor:
-    """Re⟨a, b⟩ over the last ``num_dims`` dims, one value per leading index."""
-    dims = tuple(range(-num_dims, 0))
-    if a.is_complex():
-        return (a.conj() * b).real.sum(dim=dims)
-    return (a * b).sum(dim=dims)
-
-
-def op_norm(
-    op: LinearOperator,
-    *,
-    num_iters: int = 100,
-    tol: float = 1e-6,
-    dtype: torch.dtype | None = None,
-    generator: torch.Generator | None = None,
-) -> float:
-    """The spectral norm ``‖A‖₂`` by the power method on ``Aᴴ A``.
-
-    Math:
-        ``v ← AᴴA v / ‖AᴴA v‖``, ``‖A‖₂ = sqrt(‖AᴴA v‖)`` at convergence (relative change < tol).
-    """
-    dtype = dtype or op.domain_dtype()
-    x = torch.randn(op.domain_shape, dtype=dtype, generator=generator)
-    x = x.to(op.device)
-    x = x / torch.linalg.vector_norm(x)
-    normal = op.normal_operator()
-    estimate = 0.0
-    with torch.no_grad():
-        for _ in range(num_iters):
-            z = normal(x)
-            new = float(torch.linalg.vector_norm(z))
-            if new == 0.0:
-                return 0.0
-            x = z / new
-            if abs(new - estimate) <= tol * new:
-                estimate = new
-                break
-            estimate = new
-    return math.sqrt(estimate)
-
-
-def conjugate_gradient(
-    normal: Callable[[torch.Tensor], torch.Tensor],
-    rhs: torch.Tensor,
-    *,
-    x0: torch.Tensor | None = None,
-    num_dims: int | None = None,
-    num_iters: int = 50,
-    tol: float = 1e-6,
-    damping: float = 0.0,
-) -> torch.Tensor:
-    """Solve ``(N + λ I) x = b`` for a Hermitian positive (semi-)definite ``N``, batch-wise.
-
-    Each leading index of ``rhs`` is its own system (inner products over the last ``num_dims``
-    dims; all dims if ``None``), so a batch needs no Python loop. Stops when every system's
-    residual falls below ``tol · ‖b‖`` or after ``num_iters`` iterations. Differentiable if
-    ``normal`` is (unrolled).
-
-    Shape:
-        ``rhs``: ``(*batch, *domain)``; returns the same shape.
-
-    Math:
-        Hestenes–Stiefel CG: ``r = b − (N+λI)x``, ``p = r``, ``α = ⟨r,r⟩/⟨p,(N+λI)p⟩``, ...
-    """
-    if isinstance(normal, LinearOperator):
-        apply = normal
-        if num_dims is None:
-            num_dims = len(normal.domain_shape)
-    else:
-        apply = normal
-    num_dims = rhs.ndim if num_dims is None else num_dims
-    lead = rhs.shape[: rhs.ndim - num_dims]
-    expand = (...,) + (None,) * num_dims
-
-    def system(v: torch.Tensor) -> torch.Tensor:
-        out = apply(v)
-        return out + damping * v if damping else out
-
-    x = torch.zeros_like(rhs) if x0 is None else x0.clone()
-    r = rhs - system(x) if x0 is not None else rhs.clone()
-    p = r.clone()
-    rs = _batch_dot(r, r, num_dims)
-    b_norm2 = _batch_dot(rhs, rhs, num_dims)
-    threshold = (tol**2) * b_norm2
-    for _ in range(num_iters):
-        if bool((rs <= threshold).all()):
-            break
-        q = system(p)
-        denom = _batch_dot(p, q, num_dims)
-        alpha = torch.where(denom > 0, rs / denom.clamp_min(torch.finfo(denom.dtype).tiny), 0)
-        x = x + alpha[expand] * p
-        r = r - alpha[expand] * q
-        rs_new = _batch_dot(r, r, num_dims)
-        beta = torch.where(rs > 0, rs_new / rs.clamp_min(torch.finfo(rs.dtype).tiny), 0)
-        p = r + beta[expand] * p
-        rs = rs_new
-    assert x.shape[: len(lead)] == lead
-    return x

@@ -13,15 +13,30 @@ application per iteration (applied together with the first, as a batch).
 ``(N + λI) x = z`` in the same Krylov basis (CG is the Galerkin method of that basis, which
 does not depend on ``λ``), and quadratic forms ``cᵀ f(T) c`` of those iterates (Gauss
 quadrature: Golub & Meurant, *Matrices, Moments and Quadrature*, 2010).
+
+Also the two plain iterations every operator uses: :func:`conjugate_gradient` (batched CG on
+a normal equation, the SENSE and data-consistency solver) and :func:`op_norm` (the power
+method for ``‖A‖₂``, the default :meth:`~operators3d.LinearOperator.lipschitz`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["conjugate_gradient_tangent", "Lanczos", "lanczos", "tridiagonal", "galerkin_coefficients"]
+from .base import LinearOperator
+
+__all__ = [
+    "op_norm",
+    "conjugate_gradient",
+    "conjugate_gradient_tangent",
+    "Lanczos",
+    "lanczos",
+    "tridiagonal",
+    "galerkin_coefficients",
+]
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor, num_dims: int) -> torch.Tensor:
@@ -35,6 +50,98 @@ def _dot(a: torch.Tensor, b: torch.Tensor, num_dims: int) -> torch.Tensor:
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` where ``den > 0``, else 0 (a converged system stays where it is)."""
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+
+
+def op_norm(
+    op: LinearOperator,
+    *,
+    num_iters: int = 100,
+    tol: float = 1e-6,
+    dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+) -> float:
+    """The spectral norm ``‖A‖₂`` by the power method on ``Aᴴ A``.
+
+    Math:
+        ``v ← AᴴA v / ‖AᴴA v‖``, ``‖A‖₂ = sqrt(‖AᴴA v‖)`` at convergence (relative change < tol).
+    """
+    dtype = dtype or op.domain_dtype()
+    x = torch.randn(op.domain_shape, dtype=dtype, generator=generator)
+    x = x.to(op.device)
+    x = x / torch.linalg.vector_norm(x)
+    normal = op.normal_operator()
+    estimate = 0.0
+    with torch.no_grad():
+        for _ in range(num_iters):
+            z = normal(x)
+            new = float(torch.linalg.vector_norm(z))
+            if new == 0.0:
+                return 0.0
+            x = z / new
+            if abs(new - estimate) <= tol * new:
+                estimate = new
+                break
+            estimate = new
+    return math.sqrt(estimate)
+
+
+def conjugate_gradient(
+    normal: Callable[[torch.Tensor], torch.Tensor],
+    rhs: torch.Tensor,
+    *,
+    x0: torch.Tensor | None = None,
+    num_dims: int | None = None,
+    num_iters: int = 50,
+    tol: float = 1e-6,
+    damping: float = 0.0,
+) -> torch.Tensor:
+    """Solve ``(N + λ I) x = b`` for a Hermitian positive (semi-)definite ``N``, batch-wise.
+
+    Each leading index of ``rhs`` is its own system (inner products over the last ``num_dims``
+    dims; all dims if ``None``), so a batch needs no Python loop. Stops when every system's
+    residual falls below ``tol · ‖b‖`` or after ``num_iters`` iterations. Differentiable if
+    ``normal`` is (unrolled).
+
+    Shape:
+        ``rhs``: ``(*batch, *domain)``; returns the same shape.
+
+    Math:
+        Hestenes–Stiefel CG: ``r = b − (N+λI)x``, ``p = r``, ``α = ⟨r,r⟩/⟨p,(N+λI)p⟩``, ...
+    """
+    if isinstance(normal, LinearOperator):
+        apply = normal
+        if num_dims is None:
+            num_dims = len(normal.domain_shape)
+    else:
+        apply = normal
+    num_dims = rhs.ndim if num_dims is None else num_dims
+    lead = rhs.shape[: rhs.ndim - num_dims]
+    expand = (...,) + (None,) * num_dims
+
+    def system(v: torch.Tensor) -> torch.Tensor:
+        out = apply(v)
+        return out + damping * v if damping else out
+
+    x = torch.zeros_like(rhs) if x0 is None else x0.clone()
+    r = rhs - system(x) if x0 is not None else rhs.clone()
+    p = r.clone()
+    rs = _dot(r, r, num_dims)
+    b_norm2 = _dot(rhs, rhs, num_dims)
+    threshold = (tol**2) * b_norm2
+    for _ in range(num_iters):
+        if bool((rs <= threshold).all()):
+            break
+        q = system(p)
+        denom = _dot(p, q, num_dims)
+        alpha = torch.where(denom > 0, rs / denom.clamp_min(torch.finfo(denom.dtype).tiny), 0)
+        x = x + alpha[expand] * p
+        r = r - alpha[expand] * q
+        rs_new = _dot(r, r, num_dims)
+        beta = torch.where(rs > 0, rs_new / rs.clamp_min(torch.finfo(rs.dtype).tiny), 0)
+        p = r + beta[expand] * p
+        rs = rs_new
+    assert x.shape[: len(lead)] == lead
+    return x
 
 
 def conjugate_gradient_tangent(

@@ -21,8 +21,9 @@ from typing import Sequence
 
 import torch
 
-from .base import LinearOperator, conjugate_gradient
+from .base import LinearOperator
 from .fft import fft_phases
+from .krylov import conjugate_gradient
 
 __all__ = ["MultiCoilMRI", "CoilExpand", "CenteredFFT", "Mask", "sense_cg"]
 
@@ -205,6 +206,8 @@ class MultiCoilMRI(LinearOperator):
         dtype: precision of the operator's tables when ``coil_maps`` is None (with maps, theirs).
     """
 
+    kind = "mri"
+
     def __init__(
         self,
         *,
@@ -300,20 +303,54 @@ class MultiCoilMRI(LinearOperator):
         start, stop, _ = d_slice.indices(self.domain_shape[0])
         if stop <= start:
             raise ValueError(f"MultiCoilMRI.slab: empty slab {d_slice!r} of D={self.domain_shape[0]}")
-        if self.coil_maps is None:
+        maps = None if self.coil_maps is None else self.coil_maps[:, start:stop]
+        return self._rebuild(self.mask, maps, (stop - start,) + self.domain_shape[1:])
+
+    def _rebuild(
+        self, mask: torch.Tensor, coil_maps: torch.Tensor | None, volume_shape: Sequence[int]
+    ) -> "MultiCoilMRI":
+        """An operator with this one's settings and the given mask and maps (or volume)."""
+        chunk = self.coil_chunk if self.coil_chunk_given else None
+        if coil_maps is None:
             return MultiCoilMRI(
-                mask=self.mask,
-                volume_shape=(stop - start,) + self.domain_shape[1:],
+                mask=mask,
+                volume_shape=volume_shape,
                 dtype=self._phase_in.dtype,
-                coil_chunk=self.coil_chunk if self.coil_chunk_given else None,
+                coil_chunk=chunk,
                 block_elements=self.block_elements,
             )
         return MultiCoilMRI(
-            mask=self.mask,
-            coil_maps=self.coil_maps[:, start:stop],
-            coil_chunk=self.coil_chunk if self.coil_chunk_given else None,
-            block_elements=self.block_elements,
+            mask=mask, coil_maps=coil_maps, coil_chunk=chunk, block_elements=self.block_elements
         )
+
+    # ------------------------------------------------------------------ capabilities
+    def measurement_mask(self) -> torch.Tensor:
+        """The sampled k-space positions ``(H, W)`` / ``(D, H, W)``, broadcast over coils."""
+        return self.mask != 0
+
+    def kspace_mask(self) -> torch.Tensor:
+        return self.mask
+
+    def restrict_measurements(self, mask: torch.Tensor) -> LinearOperator:
+        """A mask of the k-space grid's shape gives a ``MultiCoilMRI`` with the product mask
+        (fast, and SENSE still applies); any other mask the generic ``M ∘ A``."""
+        if tuple(mask.shape) != tuple(self.mask.shape):
+            return super().restrict_measurements(mask)
+        mask = mask.to(self.mask.device)
+        if mask.dtype == torch.bool and self.mask.dtype == torch.bool:
+            new_mask = self.mask & mask
+        else:  # real weights: the operator's mask becomes a weighting (still linear)
+            real = mask.dtype if mask.is_floating_point() else torch.float64
+            new_mask = self.mask.to(real) * mask.to(real)
+        return self._rebuild(new_mask, self.coil_maps, self.domain_shape)
+
+    def _lipschitz(self) -> float:
+        """``max|m|² · max_x Σ_c |S_c(x)|²`` (the orthonormal FFT is unitary), exact for a
+        fully sampled mask."""
+        m2 = float(self.mask.to(torch.float64).abs().max()) ** 2
+        if self.coil_maps is None:
+            return m2
+        return m2 * float((self.coil_maps.abs() ** 2).sum(dim=0).max())
 
     def extra_repr(self) -> str:
         kind = "hybrid" if self.hybrid else "3D"

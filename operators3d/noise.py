@@ -29,6 +29,8 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
+from .base import check_broadcast
+
 __all__ = [
     "NoiseModel",
     "GaussianNoise",
@@ -82,17 +84,7 @@ def _measured(mask: torch.Tensor | None, clean: torch.Tensor, owner: str) -> tor
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{owner}: mask must be a tensor, got {type(mask).__name__}")
-    try:
-        out = torch.broadcast_shapes(mask.shape, clean.shape)
-    except RuntimeError as err:
-        raise ValueError(
-            f"{owner}: mask of shape {tuple(mask.shape)} does not broadcast to clean's "
-            f"{tuple(clean.shape)}"
-        ) from err
-    if out != clean.shape:
-        raise ValueError(
-            f"{owner}: mask of shape {tuple(mask.shape)} would enlarge clean's {tuple(clean.shape)}"
-        )
+    check_broadcast(mask.shape, clean.shape, f"{owner}: mask", f"clean's {tuple(clean.shape)}")
     return (mask != 0).to(clean.device)
 
 

@@ -170,7 +170,7 @@ def tv_steps(op: LinearOperator, grad: FiniteDifference, *, dtype: torch.dtype, 
         raise ValueError(f"tv_steps: precondition must be auto, diagonal or scalar, got {precondition!r}")
     rho = 3.0 if balance is None else float(balance)
     if op_norm is None:
-        from .base import op_norm as norm_of
+        from .krylov import op_norm as norm_of
 
         op_norm = norm_of(op, num_iters=50, dtype=dtype, generator=torch.Generator().manual_seed(0))
     lip = max((1.05 * float(op_norm)) ** 2, 1e-30)  # the power method approaches ‖A‖ from below

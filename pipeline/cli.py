@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.log import say
 from pipeline.paths import STORAGE_OPTIONS_ENV, local_arg, parse_storage_options, storage_options_applied
 
 #: Why a training run directory (and its checkpoints) must be a local (or mounted) path.
@@ -121,7 +122,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from pipeline.reconstruct.cli import register as register_reconstruct
 
     register_reconstruct(sub)
-    from pipeline.reconstruct import evaluate as _evaluate, report as _report
+    from pipeline.reconstruct import evaluate_cli as _evaluate, report as _report
 
     _evaluate.add_parser(sub)
     _report.add_parser(sub)
@@ -131,7 +132,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="train a reconstruction network on scans (alone or under torchrun)",
         description="Train the model of an experiment config with DeepSpeed. Run it alone or "
         "under torchrun (--nproc_per_node, --nnodes) unchanged; gloo on CPU, NCCL on GPU. "
-        "SIGTERM or SIGUSR1 (or the death of the torchrun agent) saves at the next step and exits 0. "
+        "SIGTERM, SIGUSR1 or Ctrl-C (SIGINT) (or the death of the torchrun agent) saves at the next step and exits 0. "
         "A step with a NaN/Inf loss or gradient norm stops the run without saving it (exit 1). "
         "A run directory that holds checkpoints needs --resume auto (continue) or --restart.",
     )
@@ -180,7 +181,7 @@ def _train(args: argparse.Namespace) -> int:
         result = train(config, run_dir, resume=args.resume, restart=args.restart)
     how = f"stopped by {result.stopped_by}" if result.stopped_by else "done"
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"recon3d train: {how} at step {result.step}; checkpoint {result.checkpoint}", file=sys.stderr)
+        say(f"recon3d train: {how} at step {result.step}; checkpoint {result.checkpoint}", "train")
     return 0
 
 
@@ -223,7 +224,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: l
     if args.command == "export":
         return _export(args)
     if args.command == "evaluate":
-        from pipeline.reconstruct.evaluate import run_cli as run_evaluate
+        from pipeline.reconstruct.evaluate_cli import run_cli as run_evaluate
 
         return run_evaluate(args)
     if args.command == "report":
@@ -296,8 +297,8 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
     except BrokenPipeError:
         _quiet_broken_pipe()
         return rc if rc is not None else 128 + 13  # as a shell reports a writer killed by SIGPIPE
-    except KeyboardInterrupt:
-        print(f"recon3d {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"recon3d {args.command}: interrupted" + (f": {err}" if str(err) else ""), file=sys.stderr)
         return 130
     except Exception as err:  # the one place that turns errors into exit codes
         return report_error(err, args.command, debug=debug)

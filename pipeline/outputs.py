@@ -120,7 +120,8 @@ def scan_writer(attrs: Mapping[str, Any]) -> str | None:
 
 def _zarr_target(path: str, storage_options: Mapping[str, Any] | None) -> Target | None:
     """The target when ``path`` is a zarr group (v3 read through recon3d's store), else ``None``."""
-    from pipeline.data.format import ATTRS_KEY, open_group
+    from pipeline.data.format import ATTRS_KEY
+    from pipeline.data.store import open_group
 
     try:
         group = open_group(path, mode="r", storage_options=storage_options)

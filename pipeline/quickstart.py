@@ -15,9 +15,11 @@ Every step is one of recon3d's own commands, run in order on files under ``--out
 
 The job resumes where it stopped when rerun with the same ``--out``: the scan, the finished
 reconstructions and the training checkpoints are reused. ``OUT/summary.json`` and
-``OUT/README.md`` hold the result, with the network's PSNR against each classical method; the
-exit status is 0 when the network beats the FBP/SENSE baseline (PSNR), 3 when it does not. Its
-place against TV is reported (``beats_best_classical`` in the summary), not in the exit status.
+``OUT/README.md`` hold the result, with the network's PSNR and SSIM against each classical
+method. "Beats" means a higher PSNR **and** a higher SSIM against the reference (whole volume,
+``recon3d evaluate``): the exit status is 0 when the network beats the FBP/SENSE baseline, 3 when
+it does not. Its place against TV is reported (``beats_best_classical`` in the summary), not in
+the exit status.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any, Callable
 import yaml
 
 from pipeline.errors import Recon3dError
+from pipeline.log import say
 
 MODALITIES = ("ct", "mri")
 
@@ -150,7 +153,7 @@ def train_config(config: QuickstartConfig, scan: str) -> dict[str, Any]:
 
 
 def _say(message: str) -> None:
-    print(f"[quickstart] {message}", file=sys.stderr, flush=True)
+    say(f"[quickstart] {message}", "quickstart")
 
 
 def _simulate(config: QuickstartConfig, scan: Path) -> None:
@@ -183,9 +186,21 @@ def _train(config: QuickstartConfig, cfg_path: Path, run_dir: Path) -> None:
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // config.nproc))
     _say(" ".join(["recon3d train", str(cfg_path), "--run-dir", str(run_dir), "--resume auto",
                    f"({config.nproc} process{'es' if config.nproc > 1 else ''})"]))
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"training exited with status {proc.returncode}; rerun the quickstart with "
+    proc = subprocess.Popen(cmd, env=env)
+    interrupted = False
+    while True:
+        try:
+            returncode = proc.wait()
+            break
+        except KeyboardInterrupt:  # Ctrl-C reached training too: it saves; wait for that, not kill it
+            if not interrupted:
+                _say("interrupted: training saves at its next step, then stops (Ctrl-C again after 5 s kills it)")
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt(f"training was interrupted and saved; rerun the quickstart with the same "
+                                f"--out to resume it ({run_dir})")
+    if returncode != 0:
+        raise RuntimeError(f"training exited with status {returncode}; rerun the quickstart with "
                            f"the same --out to resume from its last checkpoint ({run_dir}); if it "
                            "diverged (the line above says so), add e.g. --set optimizer.lr=1e-4 first")
 
@@ -244,13 +259,12 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
         _timed(result, "estimate", lambda: _estimates(result, image.metrics, {str(recon): net_name,
                                                                              str(baseline): base_name}, scan))
     result.seconds["total"] = round(time.perf_counter() - t_start, 1)
+    result.beats_baseline = _beats(result.metrics.get(net_name), result.metrics.get(base_name))
     psnr = {name: result.metrics.get(name, {}).get("psnr") for name in names.values()}
-    net, base = psnr[net_name], psnr[base_name]
-    result.beats_baseline = net is not None and base is not None and net > base
     classical = {k: v for k, v in psnr.items() if k != net_name and v is not None}
     if classical:
-        result.best_classical = max(classical, key=classical.get)
-        result.beats_best_classical = net is not None and net > classical[result.best_classical]
+        result.best_classical = max(classical, key=classical.get)  # by PSNR; beating it takes both
+        result.beats_best_classical = all(_beats(result.metrics.get(net_name), result.metrics[k]) for k in classical)
     result.files = {"scan": str(scan), "run": str(run_dir), "network": str(recon),
                     "baseline": str(baseline), "report": str(image.markdown),
                     "training_report": str(out / "report" / "training" / "report.md")}
@@ -259,10 +273,16 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
     return result
 
 
+def _beats(a: dict[str, float] | None, b: dict[str, float] | None) -> bool:
+    """Whether reconstruction ``a`` beats ``b``: a higher PSNR and a higher SSIM, both."""
+    return bool(a and b) and all(a.get(k) is not None and b.get(k) is not None and a[k] > b[k]
+                                 for k in ("psnr", "ssim"))
+
+
 def _estimates(result: QuickstartResult, metrics: list[dict[str, Any]], names: dict[str, str], scan: Path) -> None:
     """``recon3d evaluate --estimate`` of the network and the baseline, with the reference's
     data range so each estimate compares with its true PSNR."""
-    from pipeline.reconstruct.estimate import estimate_output
+    from pipeline.reconstruct.estimate_output import estimate_output
 
     for m in metrics:
         name = names.get(str(m["out"]))
@@ -294,14 +314,15 @@ def _markdown(config: QuickstartConfig, result: QuickstartResult) -> str:
                  if e else "—")
         lines.append(f"| {name} | {m.get('psnr', float('nan')):.2f} | {m.get('ssim', float('nan')):.4f} "
                      f"| {m.get('nmse', float('nan')):.4g} | {guess} |")
-    net = result.metrics.get("network (self-supervised)", {}).get("psnr")
+    net = result.metrics.get("network (self-supervised)", {})
     verdicts = []
     for name, m in result.metrics.items():
-        if name.endswith("(baseline)") and net is not None and m.get("psnr") is not None:
-            d = net - m["psnr"]
-            verdicts.append(f"{'beats' if d > 0 else 'does NOT beat'} {name.split(' ')[0].upper()} "
-                            f"({d:+.2f} dB)")
-    lines += ["", f"The self-supervised network {' and '.join(verdicts)}."]
+        if name.endswith("(baseline)") and net.get("psnr") is not None and m.get("psnr") is not None:
+            d_psnr, d_ssim = net["psnr"] - m["psnr"], net.get("ssim", float("nan")) - m.get("ssim", float("nan"))
+            verdict = "beats" if _beats(net, m) else "does NOT beat"
+            verdicts.append(f"{verdict} {name.split(' ')[0].upper()} ({d_psnr:+.2f} dB PSNR, {d_ssim:+.3f} SSIM)")
+    lines += ["", f"The self-supervised network {' and '.join(verdicts)}. Beating a method means a higher "
+              "PSNR and a higher SSIM against the reference (whole volume, `recon3d evaluate`)."]
     if result.estimates:
         of = next(iter(result.estimates.values()))["of"]
         lines += ["", f"The estimated PSNRs are what `recon3d evaluate OUT --estimate` tells a user who has no "

@@ -28,6 +28,7 @@ import io
 import os
 import pickle
 import pickletools
+import sys
 import threading
 import warnings
 import zipfile
@@ -48,9 +49,10 @@ _ADVICE = ("a checkpoint must hold only tensors and plain values; do not load fi
 
 def _allowed() -> list[Any]:
     """The DeepSpeed types its checkpoint files hold (imported lazily: DeepSpeed is heavy)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's import-time logs are chatter
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 

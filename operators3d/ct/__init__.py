@@ -39,7 +39,8 @@ from .geometry import (
     volume,
 )
 from .analytic import FILTERS, fbp, fdk, fdk_filter, filter_rows, ramp_filter
-from .cone import ConeBeamCT, min_det_shape
+from .cone import ConeBeamCT
+from .cone_shadow import min_det_shape
 from .parallel import ParallelBeamCT, default_det_count
 
 __all__ = [

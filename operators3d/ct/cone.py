@@ -44,8 +44,8 @@ from typing import Sequence
 
 import torch
 
-from ..base import LinearOperator
 from . import _kernels as K
+from .cone_shadow import _check_cone, _column_ranges, _rows_hit, _slices_seen
 from .geometry import (
     ConeGeometry,
     VolumeGeometry,
@@ -56,190 +56,12 @@ from .geometry import (
     _shape3,
     _slab_bounds,
 )
+from .projector import CTProjector
 
-__all__ = ["ConeBeamCT", "min_det_shape"]
-
-
-def _shadow(vol: VolumeGeometry, geom: ConeGeometry) -> tuple[float, float]:
-    """Physical (height, width) on the detector of the volume's shadow over all angles."""
-    num_d, num_h, num_w = vol.shape
-    vs = vol.voxel_size
-    src, det = geom.src_dist, geom.det_dist
-    theta = geom.angles
-    cos, sin = torch.cos(theta)[:, None], torch.sin(theta)[:, None]
-    half_w, half_h = num_w * vs / 2, num_h * vs / 2
-    cx = torch.tensor([-half_w, half_w, -half_w, half_w], dtype=torch.float64)
-    cy = torch.tensor([-half_h, -half_h, half_h, half_h], dtype=torch.float64)
-    along_e = cx * cos + cy * sin  # corner coordinates along the detector columns
-    along_d = -cx * sin + cy * cos  # ... and along the central ray
-    scale = (src + det) / (src + along_d)
-    # The box projects to the hull of its corners' shadows (a perspective map of a convex set).
-    return float(scale.max()) * num_d * vs, float((along_e * scale).abs().max()) * 2
+__all__ = ["ConeBeamCT"]
 
 
-def _column_ranges(vol: VolumeGeometry, geom: ConeGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per angle, the detector columns ``[lo, hi)`` whose rays can meet the volume.
-
-    The box is grown by one voxel on each side (Joseph's interpolation reaches half a voxel
-    past the outer voxel centres' box), so every skipped ray has only zero weights.
-    """
-    _, num_h, num_w = vol.shape
-    vs = vol.voxel_size
-    src, det = geom.src_dist, geom.det_dist
-    num_u = geom.det_shape[1]
-    du = geom.det_spacing[1]
-    cos, sin = torch.cos(geom.angles)[:, None], torch.sin(geom.angles)[:, None]
-    half_w, half_h = num_w * vs / 2 + vs, num_h * vs / 2 + vs
-    cx = torch.tensor([-half_w, half_w, -half_w, half_w], dtype=torch.float64)
-    cy = torch.tensor([-half_h, -half_h, half_h, half_h], dtype=torch.float64)
-    along_e = cx * cos + cy * sin
-    along_d = (-cx * sin + cy * cos).clamp_max(src * (1 - 1e-9))  # corners behind the source
-    s = (src + det) * along_e / (src + along_d) / du + (num_u - 1) / 2
-    lo = torch.where(along_d.max(1).values >= src * (1 - 1e-9), 0.0, s.min(1).values - 1)
-    hi = torch.where(along_d.max(1).values >= src * (1 - 1e-9), float(num_u), s.max(1).values + 2)
-    lo = torch.floor(lo).clamp(0, num_u).to(torch.int64)
-    hi = torch.ceil(hi).clamp(0, num_u).to(torch.int64)
-    return lo, hi
-
-
-def min_det_shape(
-    *,
-    volume_shape: Sequence[int],
-    angles,
-    src_dist: float,
-    det_dist: float,
-    det_spacing: float | Sequence[float] = 1.0,
-    voxel_size: float = 1.0,
-) -> tuple[int, int]:
-    """The smallest flat detector ``(V, U)`` that sees the whole volume at every angle."""
-    name = "min_det_shape"
-    vol = VolumeGeometry(_shape3(volume_shape, name), _positive(voxel_size, "voxel_size", name))
-    geom = ConeGeometry(
-        _angles(angles, name), _positive(src_dist, "src_dist", name),
-        _positive(det_dist, "det_dist", name), (1, 1), _pair(det_spacing, "det_spacing", name),
-    )
-    need_v, need_u = _shadow(vol, geom)
-    dv, du = geom.det_spacing
-    return math.ceil(need_v / dv - 1e-9), math.ceil(need_u / du - 1e-9)
-
-
-def _distance_range(vol: VolumeGeometry, geom: ConeGeometry, grow: float) -> tuple[float, float]:
-    """Over all angles, the least and greatest distance ``L`` from the source, along the central
-    ray, of a point of the in-plane box of the volume grown by ``grow`` on each side."""
-    _, num_h, num_w = vol.shape
-    vs = vol.voxel_size
-    half_w, half_h = num_w * vs / 2 + grow, num_h * vs / 2 + grow
-    cos, sin = torch.cos(geom.angles)[:, None], torch.sin(geom.angles)[:, None]
-    cx = torch.tensor([-half_w, half_w, -half_w, half_w], dtype=torch.float64)
-    cy = torch.tensor([-half_h, -half_h, half_h, half_h], dtype=torch.float64)
-    along_d = -cx * sin + cy * cos
-    return geom.src_dist + float(along_d.min()), geom.src_dist + float(along_d.max())
-
-
-def _heights_through(
-    lo: float, hi: float, near: float, far: float, scale: float
-) -> tuple[float, float]:
-    """The range of ``z · scale / L`` for ``z`` in ``[lo, hi]`` and ``L`` in ``[near, far]``
-    (``0 < near ≤ far``): heights carried along rays from the source between two distances."""
-    return min(lo * scale / near, lo * scale / far), max(hi * scale / near, hi * scale / far)
-
-
-def _vertical_shadow(vol: VolumeGeometry, geom: ConeGeometry) -> tuple[float, float]:
-    """Detector heights ``(lowest, highest)`` of the volume's shadow over all angles."""
-    vs = vol.voxel_size
-    near, far = _distance_range(vol, geom, 0.0)
-    bottom = (-vol.d_axis - 0.5) * vs
-    top = (vol.shape[0] - 0.5 - vol.d_axis) * vs
-    return _heights_through(bottom, top, near, far, geom.src_dist + geom.det_dist)
-
-
-def _rows_hit(vol: VolumeGeometry, geom: ConeGeometry, start: int, stop: int) -> tuple[int, int]:
-    """Rows ``[v0, v1)`` of ``geom``'s detector that rays through the slices ``[start, stop)``
-    of ``vol`` can reach (conservative; ``v0 == v1`` when none).
-
-    Joseph's interpolation reaches less than one slice pitch past the slab's outer slice
-    centres along D and less than half a voxel past the in-plane box (its samples lie on the
-    voxel-centre planes, with weight across them only within one voxel of a centre), and a
-    ray's height grows linearly with the distance from the source (in-plane), so the rows lie
-    between the extreme magnifications of that support; one more row on each side absorbs the
-    rounding of the kernels' positions.
-    """
-    num_v = geom.det_shape[0]
-    vs = vol.voxel_size
-    near, far = _distance_range(vol, geom, vs / 2)
-    if near <= geom.src_dist * 1e-9:  # the grown box reaches the source: every row
-        return 0, num_v
-    lo, hi = _heights_through(
-        (start - 1 - vol.d_axis) * vs, (stop - vol.d_axis) * vs, near, far,
-        geom.src_dist + geom.det_dist,
-    )
-    dv = geom.det_spacing[0]
-    v0 = math.floor(lo / dv + geom.row_axis) - 1
-    v1 = math.floor(hi / dv + geom.row_axis) + 2
-    v0, v1 = min(max(v0, 0), num_v), min(max(v1, 0), num_v)
-    return v0, max(v0, v1)
-
-
-def _slices_seen(vol: VolumeGeometry, geom: ConeGeometry, start: int, stop: int) -> tuple[int, int]:
-    """Slices ``[d0, d1)`` of ``vol`` that rays to the rows ``[start, stop)`` of ``geom``'s
-    detector can cross with a nonzero weight (conservative; ``d0 == d1`` when none)."""
-    num_d = vol.shape[0]
-    vs = vol.voxel_size
-    near, far = _distance_range(vol, geom, vs / 2)  # the support, as in _rows_hit
-    if near <= geom.src_dist * 1e-9:
-        return 0, num_d
-    dv = geom.det_spacing[0]
-    big = geom.src_dist + geom.det_dist
-    # Heights in the volume along those rays: z = z_v · L / (src + det), L in [near, far].
-    low, high = (start - geom.row_axis) * dv, (stop - 1 - geom.row_axis) * dv
-    lo = min(low * near, low * far) / big
-    hi = max(high * near, high * far) / big
-    # Slice d has weight where |z / vs − (d − d_axis)| < 1; one more slice of margin each side.
-    d0 = math.floor(lo / vs + vol.d_axis) - 1
-    d1 = math.ceil(hi / vs + vol.d_axis + 1) + 1
-    d0, d1 = min(max(d0, 0), num_d), min(max(d1, 0), num_d)
-    return d0, max(d0, d1)
-
-
-def _check_cone(vol: VolumeGeometry, geom: ConeGeometry, allow_truncation: bool) -> None:
-    name = "ConeBeamCT"
-    num_d, num_h, num_w = vol.shape
-    vs = vol.voxel_size
-    src = geom.src_dist
-    radius = vol.radius
-    if src <= radius:
-        raise ValueError(
-            f"{name}: the source must lie outside the volume: src_dist={src:g} but the volume "
-            f"(H, W) = ({num_h}, {num_w}) × voxel_size={vs:g} reaches {radius:.4g} from the axis"
-        )
-    if allow_truncation:
-        return
-    need_v, need_u = _shadow(vol, geom)
-    num_v, num_u = geom.det_shape
-    dv, du = geom.det_spacing
-    # Half a pixel of slack: an overhang that small only clips a sliver of the edge voxels.
-    if vol.d_offset == 0 and geom.row_offset == 0:
-        rows_ok = need_v <= (num_v + 0.5) * dv
-    else:  # off-centre: the shadow's extent along D against the window's, a quarter each side
-        low, high = _vertical_shadow(vol, geom)
-        rows_ok = (
-            low >= (-geom.row_axis - 0.75) * dv and high <= (num_v - 0.25 - geom.row_axis) * dv
-        )
-    if need_u > (num_u + 0.5) * du or not rows_ok:
-        where = ""
-        if vol.d_offset or geom.row_offset:
-            where = f" (volume d_offset={vol.d_offset:g}, detector row_offset={geom.row_offset:g})"
-        raise ValueError(
-            f"{name}: the detector is too small to see the volume: det_shape (V, U) = "
-            f"({num_v}, {num_u}) × det_spacing (rows, columns) = ({dv:g}, {du:g}) covers "
-            f"{num_v * dv:g} × {num_u * du:g}, but the volume (D, H, W) = {vol.shape} × "
-            f"voxel_size={vs:g}{where} casts a shadow up to {need_v:.4g} × {need_u:.4g}; use "
-            f"det_shape >= ({math.ceil(need_v / dv - 0.5)}, {math.ceil(need_u / du - 0.5)}) "
-            "(see min_det_shape) or allow_truncation=True"
-        )
-
-
-class ConeBeamCT(LinearOperator):
+class ConeBeamCT(CTProjector):
     """Circular cone-beam CT projector with a flat detector (Joseph's method, 3D).
 
     Geometry in words: the source circles the D axis at distance ``src_dist`` in the central
@@ -280,6 +102,8 @@ class ConeBeamCT(LinearOperator):
             at ``z_v = (v − (V−1)/2 + row_offset) · dv``): a window of a larger detector.
             Default 0; :meth:`rows` sets it.
     """
+
+    kind = "cone"
 
     def __init__(
         self,
@@ -323,50 +147,20 @@ class ConeBeamCT(LinearOperator):
             range_complex=False,
         )
         _check_cone(vol, geom, allow_truncation)
-        self.volume_geometry = vol
-        self.geometry = geom
-        self.allow_truncation = bool(allow_truncation)
-        self.block_bytes = block_bytes
-        self.table_bytes = table_bytes
-        if isinstance(angles, torch.Tensor) and angles.is_floating_point():
-            buf_dtype = angles.dtype
-        else:
-            buf_dtype = torch.float32
-        self.register_buffer("angles", geom.angles.to(buf_dtype))
+        self._setup(vol, geom, angles, allow_truncation, block_bytes, table_bytes)
         self._column_lo, self._column_hi = _column_ranges(vol, geom)
 
-    @classmethod
-    def from_geometry(
-        cls,
-        volume_geometry: VolumeGeometry,
-        geometry: ConeGeometry,
-        *,
-        allow_truncation: bool = False,
-        block_bytes: int | None = None,
-        table_bytes: int | None = None,
-    ) -> "ConeBeamCT":
-        """The projector of a :func:`~operators3d.ct.volume` and a
-        :func:`~operators3d.ct.cone_beam` geometry."""
-        return cls(
-            volume_shape=volume_geometry.shape,
-            angles=geometry.angles,
-            src_dist=geometry.src_dist,
-            det_dist=geometry.det_dist,
-            det_shape=geometry.det_shape,
-            det_spacing=geometry.det_spacing,
-            voxel_size=volume_geometry.voxel_size,
-            allow_truncation=allow_truncation,
-            block_bytes=block_bytes,
-            table_bytes=table_bytes,
-            d_offset=volume_geometry.d_offset,
-            row_offset=geometry.row_offset,
+    @staticmethod
+    def _arguments(vol: VolumeGeometry, geom: ConeGeometry) -> dict:
+        """The constructor's arguments that a volume and a :func:`~operators3d.ct.cone_beam`
+        geometry stand for (:meth:`from_geometry`)."""
+        return dict(
+            volume_shape=vol.shape, angles=geom.angles, src_dist=geom.src_dist,
+            det_dist=geom.det_dist, det_shape=geom.det_shape, det_spacing=geom.det_spacing,
+            voxel_size=vol.voxel_size, d_offset=vol.d_offset, row_offset=geom.row_offset,
         )
 
     # ------------------------------------------------------------------ structure
-    @property
-    def num_angles(self) -> int:
-        return self.geometry.num_angles
-
     def slab(self, d_slice: slice) -> "ConeBeamCT":
         """The projector of the D-slab ``d_slice`` of the volume, where it sits, onto the same
         detector (use :meth:`rows` with :meth:`rows_hit_by` to keep only the rows it reaches).
@@ -379,9 +173,7 @@ class ConeBeamCT(LinearOperator):
             ``(*batch, d, H, W) → (*batch, V, A, U)`` with ``d`` the slab thickness.
         """
         start, stop = _slab_bounds(d_slice, self.domain_shape[0], f"{self.name}.slab")
-        return self._rebuild(
-            self.volume_geometry.slab(slice(start, stop)), self.geometry, self.allow_truncation
-        )
+        return self._rebuild(self.volume_geometry.slab(slice(start, stop)), self.geometry)
 
     def rows(self, v_slice: slice) -> "ConeBeamCT":
         """The projector onto the window ``v_slice`` of detector rows (the same rays).
@@ -421,18 +213,7 @@ class ConeBeamCT(LinearOperator):
 
     def subset(self, angle_index) -> "ConeBeamCT":
         """The operator restricted to a subset of the angles."""
-        return self._rebuild(
-            self.volume_geometry, self.geometry.subset(angle_index), self.allow_truncation
-        )
-
-    def _rebuild(
-        self, vol: VolumeGeometry, geom: ConeGeometry, allow_truncation: bool
-    ) -> "ConeBeamCT":
-        op = type(self).from_geometry(
-            vol, geom, allow_truncation=allow_truncation, block_bytes=self.block_bytes,
-            table_bytes=self.table_bytes,
-        )
-        return op.to(device=self.angles.device, dtype=self.angles.dtype)
+        return self._rebuild(self.volume_geometry, self.geometry.subset(angle_index))
 
     def extra_repr(self) -> str:
         g = self.geometry
@@ -445,10 +226,6 @@ class ConeBeamCT(LinearOperator):
             f"{self.range_shape} ← {self.domain_shape}, src_dist={g.src_dist:g}, "
             f"det_dist={g.det_dist:g}{offsets}"
         )
-
-    def check_input(self, x: torch.Tensor, *, adjoint: bool = False) -> None:
-        super().check_input(x, adjoint=adjoint)
-        K.check_dtype(x, f"{self.name}.{'adjoint' if adjoint else 'forward'}")
 
     # ------------------------------------------------------------------ tables
     def _chunks(self, per_angle_bytes: int, table_bytes: int):
@@ -536,8 +313,7 @@ class ConeBeamCT(LinearOperator):
         lead = x.shape[:-3]
         batch = math.prod(lead)
         dtype, device = x.dtype, x.device
-        block = K.block_bytes_for(device, self.block_bytes)
-        table = K.table_bytes_for(device, self.table_bytes)
+        block, table = self._budgets(device)
         zero = num_h * num_w
         # Rows (H·W, B, D) with zero pads along D (one before, two after) and a zero row.
         xv = torch.zeros(zero + 1, batch, num_d + 3, dtype=dtype, device=device)
@@ -570,8 +346,7 @@ class ConeBeamCT(LinearOperator):
         lead = y.shape[:-3]
         batch = math.prod(lead)
         dtype, device = y.dtype, y.device
-        block = K.block_bytes_for(device, self.block_bytes)
-        table = K.table_bytes_for(device, self.table_bytes)
+        block, table = self._budgets(device)
         zero = num_h * num_w
         acc = torch.zeros(zero + 1, batch, num_d + 3, dtype=dtype, device=device)
         yb = y.reshape(batch, num_v, num_a, num_u)
@@ -633,8 +408,7 @@ class ConeBeamCT(LinearOperator):
         lead = y.shape[:-3]
         batch = math.prod(lead)
         dtype, device = y.dtype, y.device
-        block = K.block_bytes_for(device, self.block_bytes)
-        table = K.table_bytes_for(device, self.table_bytes)
+        block, table = self._budgets(device)
         zero = num_a * num_u
         # Detector columns as padded rows (A·U, B, V + 3): pads along v, one zero row.
         rows = torch.zeros(zero + 1, batch, num_v + 3, dtype=dtype, device=device)

@@ -34,7 +34,6 @@ from typing import Sequence
 
 import torch
 
-from ..base import LinearOperator
 from . import _kernels as K
 from .geometry import (
     ParallelGeometry,
@@ -44,6 +43,7 @@ from .geometry import (
     _shape3,
     _slab_bounds,
 )
+from .projector import CTProjector
 
 __all__ = ["ParallelBeamCT", "default_det_count"]
 
@@ -144,7 +144,7 @@ def _check_detector(vol: VolumeGeometry, geom: ParallelGeometry) -> None:
         )
 
 
-class ParallelBeamCT(LinearOperator):
+class ParallelBeamCT(CTProjector):
     """Parallel-beam CT projector (Joseph's method) with its exact transpose as adjoint.
 
     Geometry in words: the rotation axis is D; at angle θ the rays run along
@@ -176,6 +176,8 @@ class ParallelBeamCT(LinearOperator):
     The operator computes in the dtype of its input (float32 or float64) on the input's
     device; ``angles`` is kept as a buffer (float64 if given so, else float32).
     """
+
+    kind = "parallel"
 
     def __init__(
         self,
@@ -212,49 +214,22 @@ class ParallelBeamCT(LinearOperator):
             domain_complex=False,
             range_complex=False,
         )
-        self.volume_geometry = vol
-        self.geometry = geom
-        self.allow_truncation = bool(allow_truncation)
-        self.block_bytes = block_bytes
-        self.table_bytes = table_bytes
-        if isinstance(angles, torch.Tensor) and angles.is_floating_point():
-            buf_dtype = angles.dtype
-        else:
-            buf_dtype = torch.float32
-        self.register_buffer("angles", angles64.to(buf_dtype))
+        self._setup(vol, geom, angles, allow_truncation, block_bytes, table_bytes)
         if not allow_truncation:
             _check_detector(vol, geom)
         self._groups = _groups(vol, geom)
         self.__dict__["_coef_cache"] = {}
 
-    @classmethod
-    def from_geometry(
-        cls,
-        volume_geometry: VolumeGeometry,
-        geometry: ParallelGeometry,
-        *,
-        allow_truncation: bool = False,
-        block_bytes: int | None = None,
-        table_bytes: int | None = None,
-    ) -> "ParallelBeamCT":
-        """The projector of a :func:`~operators3d.ct.volume` and a
-        :func:`~operators3d.ct.parallel_beam` geometry."""
-        return cls(
-            volume_shape=volume_geometry.shape,
-            angles=geometry.angles,
-            det_count=geometry.det_count,
-            voxel_size=volume_geometry.voxel_size,
-            det_spacing=geometry.det_spacing,
-            allow_truncation=allow_truncation,
-            block_bytes=block_bytes,
-            table_bytes=table_bytes,
+    @staticmethod
+    def _arguments(vol: VolumeGeometry, geom: ParallelGeometry) -> dict:
+        """The constructor's arguments that a volume and a :func:`~operators3d.ct.parallel_beam`
+        geometry stand for (:meth:`from_geometry`)."""
+        return dict(
+            volume_shape=vol.shape, angles=geom.angles, det_count=geom.det_count,
+            voxel_size=vol.voxel_size, det_spacing=geom.det_spacing,
         )
 
     # ------------------------------------------------------------------ structure
-    @property
-    def num_angles(self) -> int:
-        return self.geometry.num_angles
-
     @property
     def det_count(self) -> int:
         return self.geometry.det_count
@@ -274,22 +249,11 @@ class ParallelBeamCT(LinearOperator):
         """The operator restricted to a subset of the angles (slice, index list or mask)."""
         return self._rebuild(self.volume_geometry, self.geometry.subset(angle_index))
 
-    def _rebuild(self, vol, geom) -> "ParallelBeamCT":
-        op = type(self).from_geometry(
-            vol, geom, allow_truncation=self.allow_truncation, block_bytes=self.block_bytes,
-            table_bytes=self.table_bytes,
-        )
-        return op.to(device=self.angles.device, dtype=self.angles.dtype)
-
     def extra_repr(self) -> str:
         return (
             f"{self.range_shape} ← {self.domain_shape}, voxel_size="
             f"{self.volume_geometry.voxel_size:g}, det_spacing={self.geometry.det_spacing:g}"
         )
-
-    def check_input(self, x: torch.Tensor, *, adjoint: bool = False) -> None:
-        super().check_input(x, adjoint=adjoint)
-        K.check_dtype(x, f"{self.name}.{'adjoint' if adjoint else 'forward'}")
 
     # ------------------------------------------------------------------ tables
     def _coefficients(self, group: _Group, dtype, device):
@@ -388,8 +352,7 @@ class ParallelBeamCT(LinearOperator):
         lead = x.shape[:-3]
         channels = math.prod(lead) * num_d
         dtype, device = x.dtype, x.device
-        block = K.block_bytes_for(device, self.block_bytes)
-        table = K.table_bytes_for(device, self.table_bytes)
+        block, table = self._budgets(device)
         y = torch.zeros(channels, num_a, num_u, dtype=dtype, device=device)
         buffer = out_buf = None
         for group in self._groups:
@@ -425,8 +388,7 @@ class ParallelBeamCT(LinearOperator):
         lead = y.shape[:-3]
         channels = math.prod(lead) * num_d
         dtype, device = y.dtype, y.device
-        block = K.block_bytes_for(device, self.block_bytes)
-        table = K.table_bytes_for(device, self.table_bytes)
+        block, table = self._budgets(device)
         pad = max([g.num_candidates for g in self._groups] + [2])
         # The sinogram as rows (A, pad + U + pad, B·D): a ray's D-vector is contiguous and
         # the K candidate rays of a voxel are K adjacent rows; zero rows stand for rays off

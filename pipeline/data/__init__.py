@@ -33,15 +33,8 @@ from .ingest import IngestCTConfig, IngestMRIConfig, ingest_ct, ingest_mri
 from .preprocess import PreprocessConfig, preprocess
 from .scan import Scan, ScanArray, open_scan
 from .simulate import SimulateCTConfig, SimulateMRIConfig, simulate_ct, simulate_mri
-from .stream import (
-    SampleKey,
-    SlabDataset,
-    SlabSample,
-    SlabSampler,
-    SlabStream,
-    SlabStreamConfig,
-    collate_slabs,
-)
+from .sampler import SampleKey, SlabSample, SlabSampler, SlabStreamConfig
+from .stream import SlabDataset, SlabStream, collate_slabs
 
 __all__ = [
     "open_scan",

@@ -21,7 +21,8 @@ both jobs work piece by piece, out of core and exact (to float rounding):
   (``ConeBeamCT.rows_hit_by``) one block of about :data:`ROW_BLOCK_BYTES` at a time (blocks
   on a fixed grid aligned with the measurements' chunks), weights and ramp-filters them (both
   act on each row alone) and adds their FDK backprojection into the slices of the slab they
-  reach (``ConeBeamCT.slices_seen_by``).
+  reach (``ConeBeamCT.slices_seen_by``); the filtering and the backprojection are
+  :func:`pipeline.classical.fdk_filtered` and :func:`~pipeline.classical.fdk_backproject`.
 
 Memory per worker: one slab, one block of rows and the projector's temporaries (its tables
 for one chunk of angles, about a slice's worth), whatever the depth of the volume. Work: a
@@ -42,13 +43,13 @@ missing stored objects and writes only those objects.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
 import zarr
 
-from .format import ScanMetadata, missing_chunks, stored_depth_of
+from .format import ScanMetadata
+from .store import missing_chunks, stored_depth_of
 from .writer import SlabTask
 
 __all__ = ["cone_simulation_tasks", "fdk_tasks", "SLAB_BYTES", "ROW_BLOCK_BYTES"]
@@ -174,7 +175,7 @@ def fdk_tasks(
         ``fbp (D, H, W)``; ``n2i (K, D, H, W)``; measurements ``(V, A, U)`` read by blocks of
         rows.
     """
-    from operators3d.ct.analytic import fdk_filter
+    from pipeline.classical import fdk_backproject, fdk_filtered
 
     slab_bytes = SLAB_BYTES if slab_bytes is None else slab_bytes
     row_block_bytes = ROW_BLOCK_BYTES if row_block_bytes is None else row_block_bytes
@@ -206,16 +207,13 @@ def fdk_tasks(
                     continue
                 part = sub.slab(seen).rows(slice(r0, r1))
                 # Weighting and filtering act per row and angle: once for all angle subsets.
-                q = fdk_filter(scan.measurements.read_torch(slice(r0, r1)), part, config.filter)
+                q = fdk_filtered(scan.measurements.read_torch(slice(r0, r1)), part, filter=config.filter)
                 if rec is not None:
-                    rec[seen] += part.backproject(q, method="fdk").mul_(math.pi / num_a)
+                    rec[seen] += fdk_backproject(q, part)
                 if subsets is not None:
                     for j in range(k):
-                        op_j = part.subset(slice(j, None, k))
                         q_j = q[:, j::k].contiguous()
-                        subsets[j, seen] += op_j.backproject(q_j, method="fdk").mul_(
-                            math.pi / op_j.num_angles
-                        )
+                        subsets[j, seen] += fdk_backproject(q_j, part.subset(slice(j, None, k)))
         for name, out in (("fbp", rec), ("n2i", subsets)):
             for i in todo.get(name, ()):
                 a, b = i * stored, min(d, (i + 1) * stored)

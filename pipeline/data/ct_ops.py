@@ -1,18 +1,17 @@
 """The CT operators of a scan, imported lazily from :mod:`operators3d.ct`.
 
 Kept apart so that MRI-only use never imports the CT code, and so that every place that turns
-scan metadata into a CT operator does it the same way.
+scan metadata into a CT operator does it the same way. Reconstructions with them (FBP, FDK) are
+:mod:`pipeline.classical`.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
 from .format import CTGeometry, ScanError, ScanMetadata
 
-__all__ = ["ct_operator", "fbp_slab", "cone_operator"]
+__all__ = ["ct_operator", "cone_operator"]
 
 
 def _geometry(meta: ScanMetadata) -> CTGeometry:
@@ -64,17 +63,3 @@ def cone_operator(meta: ScanMetadata, angles: torch.Tensor):
         det_spacing=geom.det_spacing,
         voxel_size=geom.voxel_size,
     )
-
-
-def fbp_slab(sinogram: torch.Tensor, op: Any, *, filter: str = "ram-lak", cutoff: float = 1.0) -> torch.Tensor:
-    """Filtered back-projection of a slab through ``operators3d.ct.fbp`` (``cutoff``: the
-    window's end as a fraction of Nyquist, :func:`operators3d.ct.ramp_filter`).
-
-    Shape:
-        ``(d, A, U) → (d, H, W)``.
-    """
-    try:
-        from operators3d.ct import fbp
-    except ImportError as err:
-        raise ScanError(f"FBP needs operators3d.ct.fbp, which this installation lacks ({err})") from None
-    return fbp(sinogram, op, filter=filter, cutoff=cutoff)

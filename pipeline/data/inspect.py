@@ -19,10 +19,9 @@ from .format import (
     CTGeometry,
     MRIGeometry,
     ScanError,
-    missing_chunks,
-    num_stored_objects,
 )
 from .scan import Scan, ScanArray, open_scan
+from .store import missing_chunks, num_stored_objects
 
 __all__ = ["ArrayReport", "ScanReport", "inspect_scan", "check_scan", "format_report"]
 

@@ -198,7 +198,7 @@ def _open_volume_file(path: str) -> ArrayVolume:
     else:
         import zarr
 
-        from .format import open_store
+        from .store import open_store
 
         try:
             node = zarr.open(store=open_store(path, read_only=True), mode="r")

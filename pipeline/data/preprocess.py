@@ -8,6 +8,9 @@ Outputs (each a ``(D, H, W)`` volume chunked like the scan, or ``(K, D, H, W)`` 
 * MRI ``adjoint`` — the zero-filled reconstruction ``Aᴴ y`` of every slab;
 * MRI ``sense`` — SENSE by conjugate gradient per slab (``operators3d.sense_cg``).
 
+The reconstructions themselves are :mod:`pipeline.classical`'s (cone-beam FDK by blocks of
+detector rows: :func:`pipeline.data.cone.fdk_tasks`).
+
 Each output array carries its own ``recon3d`` attributes (``status``, ``parameters``); the
 work is a set of :mod:`pipeline.data.writer` tasks, so a killed run resumes, and only the
 ``derived/`` group of the scan is written (the scan's own arrays and attributes are not
@@ -28,11 +31,9 @@ from .format import (
     CodecConfig,
     CTGeometry,
     ScanError,
-    create_array,
     now_iso,
-    open_group,
-    stored_depth_of,
 )
+from .store import create_array, open_group, stored_depth_of
 from .scan import open_scan
 from .writer import SlabTask, jsonable, run_tasks
 
@@ -163,6 +164,8 @@ def preprocess(config: PreprocessConfig) -> dict[str, str]:
 
         tasks = fdk_tasks(scan, arrays, config)
     else:
+        from pipeline.classical import fbp_slab, n2i_slab, reconstruct_slab, sense_slab
+
         d = shape[0]
         stored = min(stored_depth_of(a) for a in arrays.values())
 
@@ -171,17 +174,14 @@ def preprocess(config: PreprocessConfig) -> dict[str, str]:
             y, op = scan.slab(d_slice)
             with torch.no_grad():
                 if "fbp" in arrays:
-                    arrays["fbp"][d0:d1] = _fbp(y, op, config.filter).numpy()
+                    arrays["fbp"][d0:d1] = fbp_slab(y, op, filter=config.filter).to(torch.float32).numpy()
                 if "n2i" in arrays:
-                    k = config.n2i_splits
-                    subs = [_fbp(y[:, j::k], op.subset(slice(j, None, k)), config.filter) for j in range(k)]
-                    arrays["n2i"][:, d0:d1] = torch.stack(subs).numpy()
+                    subs = n2i_slab(y, op, config.n2i_splits, filter=config.filter)
+                    arrays["n2i"][:, d0:d1] = subs.to(torch.float32).numpy()
                 if "adjoint" in arrays:
-                    arrays["adjoint"][d0:d1] = op.adjoint(y).numpy()
+                    arrays["adjoint"][d0:d1] = reconstruct_slab("adjoint", y, op, {}).numpy()
                 if "sense" in arrays:
-                    from operators3d import sense_cg
-
-                    x = sense_cg(y, op, l2_weight=config.l2_weight, num_iters=config.sense_iters)
+                    x = sense_slab(y, op, l2_weight=config.l2_weight, iterations=config.sense_iters)
                     arrays["sense"][d0:d1] = x.numpy()
 
         for i, d0 in enumerate(range(0, d, stored)):
@@ -196,10 +196,3 @@ def preprocess(config: PreprocessConfig) -> dict[str, str]:
         info.update(status="complete", completed=now_iso())
         arr.attrs[ATTRS_KEY] = info
     return states
-
-
-def _fbp(y: torch.Tensor, op: Any, window: str) -> torch.Tensor:
-    from .ct_ops import fbp_slab
-
-    return fbp_slab(y, op, filter=window).to(torch.float32)
-

@@ -30,11 +30,13 @@ from .format import (
     MRIGeometry,
     ScanError,
     ScanMetadata,
+    specs_for,
+)
+from .store import (
     d_axis_of,
     metadata_error,
     missing_chunks,
     open_group,
-    specs_for,
     stored_depth_of,
 )
 

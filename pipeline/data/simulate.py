@@ -33,13 +33,12 @@ from .format import (
     CTGeometry,
     MRIGeometry,
     ScanMetadata,
-    create_array,
     ct_specs,
     default_chunk_depth,
     mri_specs,
-    stored_depth_of,
 )
 from .phantoms import coil_maps_slab, derive_seed, make_volume_source, smooth_phase_slab
+from .store import create_array, stored_depth_of
 from .writer import JobOutcome, SlabTask, content_parameters, finish_scan, prepare_scan, run_tasks
 
 __all__ = ["SimulateMRIConfig", "SimulateCTConfig", "simulate_mri", "simulate_ct"]

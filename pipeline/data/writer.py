@@ -25,10 +25,9 @@ from .format import (
     ATTRS_KEY,
     ScanError,
     ScanMetadata,
-    missing_chunks,
     now_iso,
-    open_group,
 )
+from .store import missing_chunks, open_group
 
 __all__ = ["SlabTask", "run_tasks", "prepare_scan", "finish_scan", "JobOutcome", "jsonable"]
 

@@ -38,16 +38,9 @@ from .base import (
 )
 from .consistency import MeasurementConsistencyLoss, SupervisedLoss
 from .equivariant import EquivariantImagingLoss, equivariant_imaging, robust_ei
-from .splitting import (
-    Noise2InverseLoss,
-    Split,
-    SplittingLoss,
-    SplittingModel,
-    SSDULoss,
-    angle_subsets,
-    calibration_size,
-    ssdu_probabilities,
-)
+from .noise2inverse import Noise2InverseLoss, angle_subsets
+from .splitting import Split, SplittingLoss, SplittingModel
+from .ssdu import SSDULoss, calibration_size, ssdu_probabilities
 from .sure import SureGaussianLoss, SurePoissonLoss
 
 __all__ = [

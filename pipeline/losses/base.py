@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from operators3d import LinearOperator
-from pipeline.models.physics import restrict_measurements
 
 __all__ = [
     "LossOutput",
@@ -267,7 +266,7 @@ class _ResidualNorms(torch.autograd.Function):
     """``(Σ|r|², Σ|r|)`` of ``r = w ⊙ (A x − y)``, saving two images instead of ``r``.
 
     The residual is the only measurement-sized tensor: it is formed in place, and the weights
-    go into the adjoint's operator (:func:`~pipeline.models.physics.restrict_measurements`: a
+    go into the adjoint's operator (:meth:`~operators3d.LinearOperator.restrict_measurements`: a
     ``MultiCoilMRI`` folds them into its mask, blockwise) rather than into a weighted copy.
     """
 
@@ -278,7 +277,7 @@ class _ResidualNorms(torch.autograd.Function):
         adjoint_op = op
         if weight is not None:
             r.mul_(weight)
-            adjoint_op = restrict_measurements(op, weight)
+            adjoint_op = op.restrict_measurements(weight)
         sq = _sum_sq(r)
         g_abs = None
         if need_abs:

@@ -6,8 +6,6 @@ from typing import ClassVar
 
 import torch
 
-from pipeline.models.physics import num_measured
-
 from .base import Loss, LossOutput, squared_residual
 
 __all__ = ["MeasurementConsistencyLoss", "SupervisedLoss"]
@@ -33,7 +31,7 @@ class MeasurementConsistencyLoss(Loss):
         super().__init__(seed=0)
 
     def _loss(self, x_hat, y, op, model) -> LossOutput:
-        value = squared_residual(op, x_hat, y) / num_measured(op, y)
+        value = squared_residual(op, x_hat, y) / op.num_measured(y)
         return LossOutput(value, {self.name: value.detach()})
 
 

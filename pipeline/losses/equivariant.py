@@ -13,7 +13,6 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 
 from operators3d import GroupAction, NoiseModel, PoissonGaussianNoise, PoissonNoise
-from pipeline.models.physics import measurement_mask
 
 from .base import Loss, LossOutput, WeightedSum
 from .consistency import MeasurementConsistencyLoss, _mean_sq
@@ -104,7 +103,7 @@ class EquivariantImagingLoss(Loss):
             )
         y2 = op(x2)
         if self.noise_model is not None:
-            mask = measurement_mask(op)
+            mask = op.measurement_mask()
             kwargs = {"clamp_negative": True} if isinstance(
                 self.noise_model, (PoissonNoise, PoissonGaussianNoise)
             ) else {}

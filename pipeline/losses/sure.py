@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from operators3d import GaussianNoise, NoiseModel, PoissonGaussianNoise, PoissonNoise, TransmissionNoise
-from pipeline.models.physics import ImageMetric, measurement_mask, num_measured
+from pipeline.models.physics import ImageMetric
 
 from .base import Loss, LossOutput, squared_residual
 
@@ -163,8 +163,8 @@ class SureGaussianLoss(Loss):
         if self.metric == "image":
             return self._image_loss(x_hat, y, op, model)
         _, dev = self.generators(y.device)
-        mask = measurement_mask(op)
-        m = num_measured(op, y)
+        mask = op.measurement_mask()
+        m = op.num_measured(y)
         real_per_entry = 2 if y.is_complex() else 1
         residual = squared_residual(op, x_hat, y) / m
         if y.is_complex():
@@ -281,8 +281,8 @@ class SurePoissonLoss(Loss):
                 f"complex y ({y.dtype}); use SureGaussianLoss for MRI"
             )
         _, dev = self.generators(y.device)
-        mask = measurement_mask(op)
-        m = num_measured(op, y)
+        mask = op.measurement_mask()
+        m = op.num_measured(y)
         residual = squared_residual(op, x_hat, y) / m
         measured_y = y if mask is None else y * mask
         mean_term = self.gain * measured_y.sum() / m

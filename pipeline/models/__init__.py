@@ -13,7 +13,8 @@
   :class:`UnrolledNetwork` — gradient or CG data consistency alternating with a backbone.
 * :func:`to_channels` / :func:`from_channels` — complex images as two real channels, at the
   model boundary only.
-* :mod:`pipeline.models.physics` — measured entries, restrictions and scales of operators.
+* :mod:`pipeline.models.physics` — the image-domain metric of parallel-beam CT measurements
+  (what a model asks of an operator are the operator's own methods, ``op.lipschitz()``, ...).
 
 Example::
 
@@ -25,25 +26,8 @@ Example::
 """
 
 from .channels import from_channels, num_channels, to_channels
-from .physics import (
-    IndexSelect,
-    MaskedOperator,
-    classical_reconstruction,
-    filtered_backprojection,
-    lipschitz,
-    measurement_mask,
-    num_measured,
-    restrict_angles,
-    restrict_measurements,
-)
-from .reconstructors import (
-    ArtifactRemoval,
-    UnrolledNetwork,
-    initial_estimate,
-    intensity_scale,
-    normal_solve,
-    scan_intensity_scale,
-)
+from .operator_steps import initial_estimate, normal_solve
+from .reconstructors import ArtifactRemoval, UnrolledNetwork, intensity_scale, scan_intensity_scale
 from .tiling import TiledBackbone, axis_windows, tile_shape_for, tile_starts
 from .dncnn import DnCNN3D
 from .unet import UNet3D, unet_receptive_radius
@@ -65,13 +49,4 @@ __all__ = [
     "to_channels",
     "from_channels",
     "num_channels",
-    "MaskedOperator",
-    "IndexSelect",
-    "measurement_mask",
-    "num_measured",
-    "restrict_measurements",
-    "restrict_angles",
-    "lipschitz",
-    "classical_reconstruction",
-    "filtered_backprojection",
 ]

@@ -17,37 +17,32 @@ from its neighbours', so whole-scan work fixes one scale per scan instead:
 (:func:`scan_intensity_scale` estimates it from evenly spaced slabs); training and out-of-core
 reconstruction both do this, so a scan reconstructed slab by slab equals the model applied to
 the whole volume.
+
+The operator steps they share (:func:`~pipeline.models.operator_steps.initial_estimate`,
+:func:`~pipeline.models.operator_steps.normal_solve`) are in :mod:`pipeline.models.operator_steps`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
 
 import torch
 from torch import nn
 
-from operators3d import LinearOperator, conjugate_gradient
+from operators3d import LinearOperator
 
 from .channels import from_channels, num_channels, to_channels
-from .physics import ct_kind, filtered_backprojection, lipschitz
+from .operator_steps import Initial, _check_filter, _check_initial, initial_estimate, normal_solve
 
 __all__ = [
     "ArtifactRemoval",
     "UnrolledNetwork",
-    "normal_solve",
-    "initial_estimate",
     "intensity_scale",
     "scan_intensity_scale",
 ]
 
-_INITIALS = ("adjoint", "fbp", "sense", "classical")
-#: The ramp windows of an FBP/FDK initial estimate (those of :func:`operators3d.ct.ramp_filter`).
-FBP_FILTERS = ("ram-lak", "shepp-logan", "cosine", "hann")
 _DCS = ("gradient", "cg")
-
-Initial = str | Callable[[torch.Tensor, LinearOperator], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -178,113 +173,6 @@ def _denoise(backbone: nn.Module, x: torch.Tensor, scale: torch.Tensor | None) -
     return out * scale if scale is not None else out
 
 
-class _NormalSolve(torch.autograd.Function):
-    """``x = (AᴴA + λI)⁻¹ b`` by CG; backward by a second CG solve (implicit differentiation)."""
-
-    @staticmethod
-    def forward(ctx, b, damping, op, num_iters, tol):  # type: ignore[override]
-        lam = float(damping)
-        nd = len(op.domain_shape)
-        x = conjugate_gradient(
-            op.normal_operator(), b, num_dims=nd, num_iters=num_iters, tol=tol, damping=lam
-        )
-        ctx.op, ctx.lam, ctx.nd, ctx.num_iters, ctx.tol = op, lam, nd, num_iters, tol
-        ctx.save_for_backward(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        with torch.no_grad():
-            g = conjugate_gradient(
-                ctx.op.normal_operator(), grad, num_dims=ctx.nd, num_iters=ctx.num_iters,
-                tol=ctx.tol, damping=ctx.lam,
-            )
-            grad_damping = None
-            if ctx.needs_input_grad[1]:
-                # x = M⁻¹ b, dx/dλ = −M⁻¹ x, M self-adjoint: ∂L/∂λ = −Re⟨x, M⁻¹ grad⟩.
-                prod = (x.conj() * g).real if x.is_complex() else x * g
-                grad_damping = -prod.sum()
-        return g, grad_damping, None, None, None
-
-
-def normal_solve(
-    b: torch.Tensor,
-    op: LinearOperator,
-    *,
-    damping: float | torch.Tensor = 0.0,
-    num_iters: int = 10,
-    tol: float = 1e-6,
-) -> torch.Tensor:
-    """Solve ``(AᴴA + λI) x = b`` by conjugate gradient, each batch element its own system.
-
-    Gradients (to ``b`` and to a tensor ``λ``) come from implicit differentiation — a second CG
-    solve in backward — so no CG iterate is kept; they are exact for the converged solution.
-
-    Shape:
-        ``b``: ``(*batch, *op.domain_shape)``; returns the same.
-
-    Math:
-        ``x = (AᴴA + λI)⁻¹ b``, ``∂L/∂b = (AᴴA + λI)⁻¹ ∂L/∂x``, ``∂L/∂λ = −Re⟨x, ∂L/∂b⟩``.
-    """
-    if not isinstance(damping, torch.Tensor):
-        damping = torch.tensor(float(damping), dtype=torch.float64)
-    return _NormalSolve.apply(b, damping, op, num_iters, tol)
-
-
-def initial_estimate(
-    y: torch.Tensor,
-    op: LinearOperator,
-    kind: Initial = "adjoint",
-    *,
-    sense_iters: int = 10,
-    sense_l2: float = 0.0,
-    fbp_filter: str = "ram-lak",
-) -> torch.Tensor:
-    """An initial image from measurements: ``Aᴴy``, FBP/FDK, SENSE, or a callable.
-
-    All are differentiable in ``y`` (EI's second pass reconstructs from ``A T_g x̂``):
-    ``"fbp"`` is :func:`~pipeline.models.physics.filtered_backprojection` (FBP for parallel
-    beam, FDK for cone beam, through the matched adjoint); ``"sense"`` solves
-    ``(AᴴA + λI) x = Aᴴy`` with :func:`normal_solve` (implicit gradients); ``"classical"``
-    picks FBP/FDK for CT, SENSE for MRI and ``Aᴴy`` otherwise. ``fbp_filter`` is the ramp's
-    window (``"ram-lak"``, ``"shepp-logan"``, ``"cosine"``, ``"hann"``): a smoother window
-    gives a noisy scan a cleaner start.
-
-    Shape:
-        ``(*batch, *op.range_shape) → (*batch, *op.domain_shape)``.
-    """
-    if callable(kind):
-        return kind(y, op)
-    if kind == "adjoint":
-        return op.adjoint(y)
-    if kind == "sense":
-        return normal_solve(op.adjoint(y), op, damping=sense_l2, num_iters=sense_iters, tol=0.0)
-    if kind == "fbp":
-        if ct_kind(op) is None:
-            raise ValueError(f"initial_estimate: 'fbp' needs a CT operator, got {op.name}")
-        return filtered_backprojection(y, op, filter=fbp_filter)
-    if kind == "classical":
-        from operators3d import MultiCoilMRI
-
-        if isinstance(op, MultiCoilMRI):
-            return initial_estimate(y, op, "sense", sense_iters=sense_iters, sense_l2=sense_l2)
-        if ct_kind(op) is not None:
-            return filtered_backprojection(y, op, filter=fbp_filter)
-        return op.adjoint(y)
-    raise ValueError(f"initial_estimate: kind must be one of {_INITIALS} or a callable, got {kind!r}")
-
-
-def _check_initial(initial: Initial, owner: str) -> None:
-    if not callable(initial) and initial not in _INITIALS:
-        raise ValueError(f"{owner}: initial must be one of {_INITIALS} or a callable, got {initial!r}")
-
-
-def _check_filter(fbp_filter: str, owner: str) -> None:
-    if fbp_filter not in FBP_FILTERS:
-        raise ValueError(f"{owner}: fbp_filter must be one of {FBP_FILTERS}, got {fbp_filter!r}")
-
-
 # ----------------------------------------------------------------------------- reconstructors
 class ArtifactRemoval(nn.Module):
     """A backbone applied to an initial estimate: ``x̂ = s · g(x₀ / s)``.
@@ -384,7 +272,7 @@ class UnrolledNetwork(nn.Module):
     al., MRM 2018): ``x ← s·g_k((x − (η_k/L) Aᴴ(Ax − y))/s)``. ``"cg"`` (MoDL, Aggarwal,
     Mani & Jacob, IEEE TMI 2019): ``z = s·g_k(x/s)``, ``x ← (AᴴA + λ_k L I)⁻¹(Aᴴy + λ_k L z)``
     by CG with implicit gradients (:func:`normal_solve`). ``L`` bounds ``‖A‖²``
-    (:func:`~pipeline.models.physics.lipschitz`), so ``η`` and ``λ`` are scale-free; both are
+    (:meth:`~operators3d.LinearOperator.lipschitz`), so ``η`` and ``λ`` are scale-free; both are
     learned (positive, through their logarithm). ``shared=True`` applies one backbone (and one
     ``η`` / ``λ``) in every iteration; otherwise each iteration has its own, re-initialised,
     copy.
@@ -477,7 +365,7 @@ class UnrolledNetwork(nn.Module):
             ``(*batch, *op.range_shape)`` → ``(*batch, *op.domain_shape)``.
         """
         if self.initial == "adjoint":
-            return op.adjoint(y) / lipschitz(op)
+            return op.adjoint(y) / op.lipschitz()
         return initial_estimate(y, op, self.initial, sense_iters=self.sense_iters, sense_l2=self.sense_l2,
                                 fbp_filter=self.fbp_filter)
 
@@ -487,7 +375,7 @@ class UnrolledNetwork(nn.Module):
                 "UnrolledNetwork: needs an operator (op=None is image mode; use ArtifactRemoval)"
             )
         yb, lead = _flatten(y, op, "UnrolledNetwork")
-        lip = lipschitz(op)
+        lip = op.lipschitz()
         aty = op.adjoint(yb)
         if self.initial == "adjoint":
             x = aty / lip

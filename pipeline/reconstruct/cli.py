@@ -129,9 +129,11 @@ def _auto_or(kind: type):
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
+    from pipeline.allocator import return_freed_memory_to_os
     from pipeline.data.format import CodecConfig
 
-    from .reconstruct import ReconstructConfig, reconstruct, return_freed_memory_to_os
+    from .config import ReconstructConfig
+    from .reconstruct import reconstruct
 
     if args.memory == "lean":
         return_freed_memory_to_os()

@@ -36,6 +36,10 @@ I₀ 10⁴ but 2–3.6 dB off at other doses and view counts (its noise stands i
 detail only where the two happen to be of a size), which the power-matched pilot brings to 1 case
 in 29 over 2 dB (BENCHMARKS.md). The estimate is of the error of the complex image for
 MRI (an upper bound of the magnitude's error, which ``recon3d evaluate`` reports).
+
+The estimate of a written output (``recon3d evaluate --estimate``) is in
+:mod:`pipeline.reconstruct.estimate_output`; the per-voxel uncertainty maps of
+``reconstruct --uncertainty`` in :mod:`pipeline.reconstruct.uncertainty`.
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["ErrorEstimate", "EstimateRefused", "Part", "cross_validation", "estimate_error", "estimate_output",
-           "holdout_parts", "holdout_splits", "pilot_estimate", "matched_pilot", "estimate_pilot", "bootstrap_uncertainty", "draw_rotation"]
+__all__ = ["ErrorEstimate", "Part", "cross_validation", "estimate_error", "holdout_parts", "holdout_splits",
+           "pilot_estimate", "matched_pilot", "estimate_pilot", "HANDLED_NOISE"]
 
 Reconstructor = Callable[[torch.Tensor, Any], torch.Tensor]
 
@@ -99,8 +103,7 @@ def holdout_parts(op, shape: tuple[int, ...], *, fraction: float, folds: int,
         raise ValueError(f"holdout_splits: folds must be >= 1, got {folds}")
     out: list[Part] = []
     if _is_mri(op):
-        from pipeline.losses.splitting import calibration_size
-        from pipeline.models.physics import restrict_measurements
+        from pipeline.losses.ssdu import calibration_size
 
         mask = op.mask.bool().cpu()
         centre = torch.zeros_like(mask)
@@ -114,10 +117,8 @@ def holdout_parts(op, shape: tuple[int, ...], *, fraction: float, folds: int,
             held = candidates & (torch.rand(mask.shape, generator=generator) < fraction)
             if not held.any():
                 held = candidates & (torch.rand(mask.shape, generator=generator) < 2 * fraction)
-            out.append(Part(restrict_measurements(op, (~held).to(op.mask.device)), held, None))
+            out.append(Part(op.restrict_measurements((~held).to(op.mask.device)), held, None))
         return out
-    from pipeline.models.physics import restrict_angles
-
     angles = int(shape[-2])
     count = max(1, int(round(fraction * angles)))
     if count >= angles:
@@ -127,7 +128,7 @@ def holdout_parts(op, shape: tuple[int, ...], *, fraction: float, folds: int,
         held_idx, rest = perm[:count].sort().values, perm[count:].sort().values
         held = torch.zeros(shape[-2:], dtype=torch.bool)
         held[held_idx, :] = True
-        out.append(Part(restrict_angles(op, rest), held, rest))
+        out.append(Part(op.restrict_angles(rest), held, rest))
     return out
 
 
@@ -140,9 +141,9 @@ def _held_metric(op):
     """The metric of the held-out residual: FBP's ramp metric for parallel-beam CT (its norm is
     the image-domain norm, :class:`~pipeline.models.physics.ImageMetric`), else ``None`` (the
     plain squared error per entry)."""
-    from pipeline.models.physics import ImageMetric, ct_kind
+    from pipeline.models.physics import ImageMetric
 
-    return ImageMetric(op) if ct_kind(op) == "parallel" else None
+    return ImageMetric(op) if op.kind == "parallel" else None
 
 
 def cross_validation(y: torch.Tensor, op, noise, f: Reconstructor, *, fraction: float = 0.1, folds: int = 4,
@@ -229,8 +230,6 @@ def pilot_estimate(y: torch.Tensor, op) -> torch.Tensor:
     BENCHMARKS.md). The principle is the undersmoothed pilot of bias-corrected bootstrap
     intervals (Hall, Ann. Stat. 1992). The uncertainty maps use it for every scan; the error
     estimate of a parallel-beam CT scan uses :func:`matched_pilot` (:func:`estimate_pilot`)."""
-    from pipeline.models.physics import ct_kind
-
     if _is_mri(op):
         from operators3d import MultiCoilMRI, sense_cg
 
@@ -241,8 +240,8 @@ def pilot_estimate(y: torch.Tensor, op) -> torch.Tensor:
             return sense_cg(y.narrow(-3, k, 1), sub, l2_weight=0.0, num_iters=10)
 
         return torch.cat([one(k) for k in range(int(y.shape[-3]))], dim=-3)
-    if ct_kind(op) == "parallel":
-        from pipeline.data.ct_ops import fbp_slab
+    if op.kind == "parallel":
+        from pipeline.classical import fbp_slab
 
         return fbp_slab(y, op, filter="ram-lak", cutoff=1.0)
     return op.adjoint(y)
@@ -280,9 +279,7 @@ def matched_pilot(y: torch.Tensor, op, noise, x_hat: torch.Tensor, *, iterations
     Shape:
         ``y``: ``(D, A, U)``, ``x_hat``: ``(D, H, W)`` → ``(D, H, W)``.
     """
-    from pipeline.models.physics import ct_kind
-
-    if ct_kind(op) != "parallel" or not hasattr(op, "geometry"):
+    if op.kind != "parallel" or not hasattr(op, "geometry"):
         return pilot_estimate(y, op)
     from operators3d.ct import ParallelBeamCT
 
@@ -346,10 +343,8 @@ def estimate_error(y: torch.Tensor, op, noise, f: Reconstructor, *, x_hat: torch
     parts = holdout_parts(op, tuple(y.shape), fraction=fraction, folds=folds, generator=g)
     cv = cross_validation(y, op, noise, f, parts=parts)
     cv_mean = sum(cv) / len(cv)
-    from pipeline.models.physics import measurement_mask
-
     true, cvs, per_fold = [], [], []
-    mask = measurement_mask(op)
+    mask = op.measurement_mask()
     for b in range(draws):
         t = _rotation(g)
         xb = t(x_hat if pilot is None else pilot)
@@ -381,264 +376,6 @@ def estimate_error(y: torch.Tensor, op, noise, f: Reconstructor, *, x_hat: torch
                          draws=draws, folds=folds, fraction=fraction, seed=int(seed))
 
 
-# ----------------------------------------------------------------------------- a written output
+# ----------------------------------------------------------------------------- noise models
 #: Noise models the estimate re-measures with and debiases by (the others are refused).
 HANDLED_NOISE = ("gaussian", "transmission_poisson")
-
-
-class EstimateRefused(ValueError):
-    """The scan or the output is one the reference-free estimate cannot handle (with the reason)."""
-
-
-def _output_reconstructor(image, scan, device: torch.device):
-    """``(f, description)``: the reconstructor that made the OME-Zarr ``image``,
-    rebuilt from what its attributes record (the method and the values it used, or the model
-    and the scan's intensity scale)."""
-    from pipeline.data.format import CTGeometry
-
-    from .reconstruct import ReconstructConfig, _Classical, _Network, _reconstructor
-
-    attrs = image.attrs
-    if attrs.get("kind") != "reconstruction" and attrs.get("written_by") != "reconstruct":
-        raise EstimateRefused(f"'{image.path}' was not written by `recon3d reconstruct`; the estimate "
-                              "re-runs the reconstruction that made it, which only such an output records")
-    geom = scan.metadata.geometry
-    if isinstance(geom, CTGeometry) and geom.kind == "cone":
-        raise EstimateRefused(f"scan '{scan.path}' is cone beam: its rays cross slabs, so no slab can be "
-                              "reconstructed again from its own views (the estimate needs that)")
-    method, model = attrs.get("method"), attrs.get("model")
-    if model:
-        config = ReconstructConfig(scan=str(scan.path), out=str(image.path), model=str(model), progress=False,
-                                   pick=attrs.get("pick") or "latest")
-        net = _Network(scan, config, device, rank=0)
-        scale = attrs.get("intensity_scale")
-        from pipeline.models import intensity_scale
-
-        def f(y, op):
-            with torch.no_grad(), intensity_scale(net.model, scale):
-                return net.model(y.unsqueeze(0).to(device), op.to(device))[0]
-
-        kind = type(_reconstructor(net.model)).__name__
-        return f, {"model": str(model), "network": kind, "intensity_scale": scale}
-    if method in (None, "fdk"):
-        raise EstimateRefused(f"'{image.path}' records method {method!r}; the estimate handles adjoint, fbp, "
-                              "sense, tv and trained models")
-    params = attrs.get("parameters") or {}
-    recon = _Classical(scan, ReconstructConfig(scan=str(scan.path), out=str(image.path), method=method,
-                                               progress=False), device)
-    if method != "adjoint":
-        missing = [k for k in recon.params if k not in params]
-        if missing:
-            raise EstimateRefused(f"'{image.path}' does not record the {method} parameters {missing} it used")
-        recon.params = {k: params[k] for k in recon.params}
-    return recon.apply, {"method": method, "parameters": dict(recon.params)}
-
-
-def estimate_output(out, scan=None, *, blocks: int = 3, thickness: int | None = None, draws: int = 8,
-                    folds: int = 4, fraction: float = 0.1, seed: int = 0, data_range: float | None = None,
-                    device: str = "cpu", say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """A reference-free estimate of the error of a written reconstruction (``recon3d evaluate
-    OUT --estimate``).
-
-    The reconstruction that made ``out`` (its attributes record the method and the values it
-    used, or the model) is re-run by :func:`estimate_error` on ``blocks`` evenly spaced
-    D-blocks of ``thickness`` slices of the scan — out of core: one block's measurements at a
-    time — and the blocks' MSEs are averaged (weighted by their voxels) and their intervals
-    summed. The PSNR uses ``data_range`` (default: the largest ``|value|`` of ``out``, read slab
-    by slab).
-
-    Raises:
-        EstimateRefused: no noise model, one the estimate does not handle, a cone-beam scan, an
-            output of another tool or of a method the estimate cannot re-run.
-    """
-    import time
-
-    import numpy as np
-
-    from pipeline.data import open_scan
-
-    from .classical import calibration_blocks
-    from .evaluate import open_ome_image
-    from .reconstruct import _SlabReader
-
-    t0 = time.perf_counter()
-    image = open_ome_image(out)
-    scan_path = scan if scan is not None else image.attrs.get("scan")
-    if scan_path is None:
-        raise EstimateRefused(f"'{out}' records no scan; give --scan SCAN")
-    scan_obj = scan_path if hasattr(scan_path, "metadata") else open_scan(scan_path)  # a path, or an open Scan
-    noise = scan_obj.metadata.noise()
-    if noise is None:
-        raise EstimateRefused(
-            f"scan '{scan_obj.path}' records no noise model, and without one nothing can be said of the error "
-            "without a reference; record it when ingesting (`recon3d ingest ct --photons I0`, `recon3d ingest mri "
-            "--noise-sigma SIGMA`) or compare with a reference (--reference)")
-    if noise.kind not in HANDLED_NOISE:
-        raise EstimateRefused(
-            f"scan '{scan_obj.path}': the estimate handles noise models {list(HANDLED_NOISE)}, and this scan's is "
-            f"{noise.to_dict()} (its debiasing and re-measuring were not validated for it)")
-    depth = int(scan_obj.metadata.volume_shape[0])
-    if tuple(image.shape) != tuple(int(s) for s in scan_obj.metadata.volume_shape):
-        raise EstimateRefused(f"'{out}' has shape {image.shape}, the scan's volume {scan_obj.metadata.volume_shape}")
-    dev = torch.device(device)
-    f, made_by = _output_reconstructor(image, scan_obj, dev)
-    thickness = int(thickness or min(8, depth))
-    spans = calibration_blocks(depth, blocks, thickness)
-    read = _SlabReader(scan_obj)
-    rows = []
-    for i, (lo, hi) in enumerate(spans):
-        say(f"estimate: block {i + 1}/{len(spans)} (D {lo}:{hi})")
-        y, op = read(lo, hi)
-        y, op = y.to(dev), op.to(dev)
-        x_hat = f(y, op)
-        est = estimate_error(y, op, noise, f, x_hat=x_hat, draws=draws, folds=folds, fraction=fraction, seed=seed + i,
-                             pilot=estimate_pilot(y, op, noise, x_hat), say=say)
-        rows.append({"d": [lo, hi], **est.to_dict()})
-        del y, op
-    weights = [r["d"][1] - r["d"][0] for r in rows]
-    total = float(sum(weights))
-    avg = lambda key: sum(w * r[key] for w, r in zip(weights, rows)) / total  # noqa: E731
-    mse, low, high = avg("mse"), avg("mse_low"), avg("mse_high")
-    source = "given"
-    if data_range is None:
-        peak = 0.0
-        for a in range(0, depth, max(1, image.chunk_depth)):
-            peak = max(peak, float(np.abs(image.read(a, min(depth, a + max(1, image.chunk_depth)))).max()))
-        data_range, source = peak, "max |reconstruction|"
-    if not data_range > 0:
-        raise EstimateRefused(f"'{out}' is zero everywhere; give --data-range")
-    summary = ErrorEstimate(mse=mse, mse_low=low, mse_high=high, bootstrap_mse=avg("bootstrap_mse"), cv=avg("cv"),
-                            ratio=avg("ratio"), ratios=[r["ratio"] for r in rows], draws=draws, folds=folds,
-                            fraction=fraction, seed=int(seed))
-    return {
-        **summary.psnr(float(data_range)),
-        "estimator": summary.estimator,
-        "estimated_mse": mse,
-        "estimated_mse_low": low,
-        "estimated_mse_high": high,
-        "bootstrap_mse": summary.bootstrap_mse,
-        "data_range": float(data_range),
-        "data_range_source": source,
-        "of": "the complex image" if scan_obj.modality == "mri" else "the image",
-        "reconstruction": made_by,
-        "scan": str(scan_obj.path),
-        "blocks": rows,
-        "draws": draws, "folds": folds, "fraction": fraction, "seed": int(seed),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-
-
-# ----------------------------------------------------------------------------- uncertainty maps
-def _seeded(*keys: int) -> torch.Generator:
-    """A generator seeded by ``keys`` alone (the same for every slab, rank and rerun)."""
-    import numpy as np
-
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0]))
-
-
-def draw_rotation(seed: int, draw: int):
-    """The in-plane rotation of bootstrap draw ``draw``: the same for every slab of a volume."""
-    from operators3d.transforms import Rotate
-
-    angle = float(torch.rand((), generator=_seeded(seed, draw), dtype=torch.float64)) * 2.0 * math.pi
-    return Rotate(angle, plane=("H", "W"))
-
-
-def _poisson_quantile(rate: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Poisson counts by inversion of the CDF at uniforms ``u``: exact below a rate of 30 (the
-    CDF summed term by term), the Cornish–Fisher quantile ``λ + √λ z + (z² − 1)/6`` above (error
-    in the counts' skewness ``O(λ^{-1})``). Unlike ``torch.poisson`` — whose rejection sampler
-    consumes a varying number of random numbers, so a rate changed by float rounding changes
-    every later sample — a count here changes only when ``u`` sits on a CDF step."""
-    rate = rate.double()
-    u = u.double().clamp(1e-12, 1 - 1e-12)
-    counts = torch.empty_like(rate)
-    small = rate < 30
-    if small.any():
-        lam = rate[small]
-        term = torch.exp(-lam)
-        cdf = term.clone()
-        n = torch.zeros_like(lam)
-        us = u[small]
-        for k in range(1, 100):
-            n += (cdf < us).double()
-            term = term * lam / k
-            cdf = cdf + term
-        counts[small] = n
-    big = ~small
-    if big.any():
-        lam = rate[big]
-        z = torch.special.ndtri(u[big])
-        counts[big] = torch.floor(lam + lam.sqrt() * z + (z * z - 1) / 6 + 0.5).clamp_min(0)
-    return counts
-
-
-def _remeasure(noise, clean: torch.Tensor, generator: torch.Generator, mask) -> torch.Tensor:
-    """A noisy copy of ``clean`` whose values move continuously with ``clean`` (for slab-exact
-    draws): transmission noise by CDF inversion, Gaussian noise as it is (its draws do not
-    depend on ``clean``); other models by their own sampler."""
-    if getattr(noise, "kind", None) == "transmission_poisson":
-        i0 = float(noise.photons)
-        u = torch.rand(clean.shape, generator=generator, dtype=torch.float64)
-        counts = _poisson_quantile(i0 * torch.exp(-clean.detach().double()), u).clamp_min(1.0)
-        noisy = (-torch.log(counts / i0)).to(clean.dtype)
-        return noisy if mask is None else torch.where(torch.broadcast_to(mask, clean.shape) != 0, noisy, clean)
-    return noise.sample(clean, generator=generator, mask=mask)
-
-
-def bootstrap_uncertainty(y: torch.Tensor, op, noise, f: Reconstructor, *, draws: int, seed: int = 0,
-                          start: int = 0, pilot: torch.Tensor | None = None) -> torch.Tensor:
-    """A per-voxel uncertainty of ``f`` on ``(y, op)`` from ``draws`` equivariant-bootstrap draws.
-
-    Draw ``b``: ``x_b = T_b x̃`` (``T_b`` a random in-plane rotation, ``x̃`` the undersmoothed
-    :func:`pilot_estimate`), ``y_b`` measured from ``x_b`` with the scan's noise model,
-    ``|e_b|² = T_b⁻¹|f(y_b) − x_b|²`` the reconstruction's squared error brought back to the
-    scan's frame. Returns ``sqrt(mean_b |e_b|²)`` per voxel — the bootstrap's root-mean-square error, bias
-    included (complex images: of the complex value). Voxels that every draw rotated out of the
-    field of view (corners) get their slice's RMS over its valid voxels.
-
-    Slab-wise equals whole-volume: the rotation of a draw depends on ``(seed, b)`` only, the
-    noise of each D-slice on ``(seed, b, start + k)`` only, and the pilot is slice-local, so a
-    slab (``start`` its first slice) gets the whole volume's values wherever ``f`` does.
-    """
-    import copy
-
-    from pipeline.models.physics import measurement_mask
-
-    if draws < 1:
-        raise ValueError(f"bootstrap_uncertainty: draws must be >= 1, got {draws}")
-    # Transmission noise: the bootstrap world in float64, so a slab's pilot and re-projections
-    # equal the whole volume's to ~1e-16 and no Poisson count sits on the other side of a CDF
-    # step (float32 rounding moved about one count in 10⁵ and broke slab-wise = whole-volume).
-    # Gaussian draws do not depend on the clean values: the scan's precision is kept (memory).
-    exact = getattr(noise, "kind", None) == "transmission_poisson"  # Gaussian draws ignore rounding
-    op64 = copy.deepcopy(op).double() if exact else op
-    wide = (torch.complex128 if y.is_complex() else torch.float64) if exact else y.dtype
-    pilot = pilot_estimate(y.to(wide), op64) if pilot is None else pilot.to(wide)
-    mask = measurement_mask(op)
-    space = pilot.shape[-3:]
-    total = torch.zeros(space, dtype=torch.float64, device=pilot.device)
-    count = torch.zeros(space, dtype=torch.float64, device=pilot.device)
-    ones = torch.ones(space, dtype=torch.float64, device=pilot.device)
-    for b in range(draws):
-        t = draw_rotation(seed, b)
-        back = t.inverse()
-        xb = t(pilot)
-        clean = op64(xb)
-        yb = torch.empty_like(clean)
-        for k in range(int(clean.shape[-3])):
-            part = clean.narrow(-3, k, 1)
-            yb.narrow(-3, k, 1).copy_(_remeasure(noise, part, _seeded(seed, b, start + k), mask))
-        del clean
-        x_rec = f(yb.to(y.dtype), op)
-        # the squared error brought back, not the error: rotating the error interpolates it, and
-        # averaging neighbours of a noise-like error would shrink its variance (2-3× for FBP)
-        err = back((x_rec.to(wide) - xb).abs().square())
-        valid = (back(t(ones)) > 0.999).double()
-        total += err.reshape(space) * valid
-        count += valid
-        del yb, err, x_rec
-    # corners no draw kept: their slice's RMS (per slice, so a slab's equals the whole volume's)
-    fill = (total.sum(dim=(-2, -1), keepdim=True) / count.sum(dim=(-2, -1), keepdim=True).clamp_min(1)).sqrt()
-    rms = torch.where(count > 0, (total / count.clamp_min(1)).sqrt(), fill.expand_as(total))
-    return rms.to(torch.float32)

@@ -6,7 +6,7 @@
 ``multiscales`` is read too) whose level 0 (``multiscales[0].datasets[0].path``) is a
 ``(z, y, x)`` volume; ``SCAN`` is a recon3d scan with a ``reference`` array of the same shape.
 Complex values (MRI) are compared as magnitudes, real ones (CT attenuation) as they are,
-signed (as :mod:`pipeline.reconstruct.metrics` does). The command reports the whole volume and,
+signed (as :mod:`pipeline.metrics` does). The command reports the whole volume and,
 unless a mask is given or ``--no-object``, the object (``--mask object``) next to it: the
 background of a volume is easy to get right and dilutes the whole-volume figures.
 
@@ -23,9 +23,8 @@ all voxels when none):
 
 * ``R`` (data range) = ``data_range`` if given, else ``max b`` over ``M``.
 * ``PSNR = 10 log10(R² / mean_M (a − b)²)``, ``NMSE = Σ_M (a − b)² / Σ_M b²`` — equal to
-  :func:`~pipeline.reconstruct.metrics.psnr` / :func:`~pipeline.reconstruct.metrics.nmse`
-  with the same ``mask``.
-* ``SSIM`` = the mean of the local SSIM map of :func:`~pipeline.reconstruct.metrics.ssim`
+  :func:`~pipeline.metrics.psnr` / :func:`~pipeline.metrics.nmse` with the same ``mask``.
+* ``SSIM`` = the mean of the local SSIM map :func:`~pipeline.metrics.ssim_map`
   (uniform ``window³`` windows, unbiased local variances, ``C₁ = (0.01R)²``, ``C₂ = (0.03R)²``;
   equal to scikit-image's ``structural_similarity``) over the voxels whose whole window lies
   inside the volume — and, with a mask, that are also in ``M``. Slab halos make windows that
@@ -34,151 +33,30 @@ all voxels when none):
 ``--mask object`` is ``b > object_threshold · max b`` (default 0.1); ``--mask FILE`` is a
 boolean (or 0/1) ``(D, H, W)`` volume in a ``.npy`` file (memory-mapped) or a zarr array
 (or an OME-Zarr image, level 0).
+
+The command line is :mod:`pipeline.reconstruct.evaluate_cli`; OUT is read through
+:mod:`pipeline.reconstruct.ome_image`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.paths import is_url, local_arg
+from pipeline.metrics import ssim_constants, ssim_map, ssim_window
 
-__all__ = ["evaluate", "OmeImage", "open_ome_image", "add_parser", "run_cli"]
+from .ome_image import OmeImage, open_ome_image, open_zarr, require_exists
+
+__all__ = ["evaluate"]
 
 #: Target size of one evaluation slab of one volume as stored (slabs are whole chunks of OUT).
 TARGET_SLAB_BYTES = 16 << 20
 #: Size of one float64 temporary of the per-strip work inside a slab.
 STRIP_BYTES = 4 << 20
-
-
-# ----------------------------------------------------------------------------- OME-Zarr input
-@dataclass
-class OmeImage:
-    """Level 0 of an OME-Zarr image, read by D-ranges.
-
-    Attributes:
-        path: the store.
-        array: the level-0 zarr array.
-        shape: its spatial ``(D, H, W)`` (leading singleton axes, e.g. ``t`` or ``c``, dropped).
-        scale: the level-0 voxel size ``(dz, dy, dx)`` (1 where the metadata has none).
-        units: the spatial axes' units (``None`` where absent).
-        attrs: the group's ``recon3d`` attributes (``{}`` when absent).
-        levels: the paths of every level, finest first.
-    """
-
-    path: str
-    array: Any
-    shape: tuple[int, int, int]
-    scale: tuple[float, float, float]
-    units: tuple[str | None, str | None, str | None]
-    attrs: dict[str, Any] = field(default_factory=dict)
-    levels: tuple[str, ...] = ()
-
-    @property
-    def chunk_depth(self) -> int:
-        return int(self.array.chunks[self.array.ndim - 3])
-
-    def _lead(self) -> tuple[int, ...]:
-        return (0,) * (self.array.ndim - 3)
-
-    def read(self, lo: int, hi: int) -> np.ndarray:
-        """Slices ``lo:hi`` along D as a ``(hi − lo, H, W)`` numpy array (NaN/Inf is an error)."""
-        values = np.asarray(self.array[self._lead() + (slice(lo, hi),)])
-        if values.dtype.kind in "fc" and not np.isfinite(values).all():
-            raise ValueError(
-                f"OME-Zarr '{self.path}': level 0 holds NaN/Inf in D {lo}:{hi}; an unfinished "
-                "reconstruction leaves unwritten chunks as NaN — rerun `recon3d reconstruct`"
-            )
-        return values
-
-    def plane(self, axis: int, index: int) -> np.ndarray:
-        """The 2D slice at ``index`` along spatial ``axis`` (0: z, 1: y, 2: x); reads nothing else."""
-        sel: list[Any] = [slice(None)] * 3
-        sel[axis] = int(index)
-        return np.asarray(self.array[self._lead() + tuple(sel)])
-
-
-def _require_exists(path: Any, what: str) -> None:
-    if not is_url(path) and not Path(str(path).removeprefix("file://")).exists():
-        raise FileNotFoundError(f"{what} '{path}' not found")
-
-
-def _open_zarr_group(path: Any, what: str):
-    import zarr
-
-    from pipeline.data.format import open_store
-
-    _require_exists(path, what)
-    store = open_store(path, read_only=True)
-    try:
-        return zarr.open(store=store, mode="r")
-    except Exception as err:  # zarr raises several kinds for a folder that is not a store
-        raise ValueError(f"{what} '{path}': not a readable zarr store ({type(err).__name__}: {err})") from None
-
-
-def open_ome_image(path: Any) -> OmeImage:
-    """Open an OME-Zarr image's level 0 (``multiscales[0].datasets[0]``) read-only.
-
-    Raises:
-        FileNotFoundError: nothing at ``path``.
-        ValueError: not an OME-Zarr image, or level 0 is not a (z, y, x) volume.
-    """
-    import zarr
-
-    where = f"OME-Zarr '{path}'"
-    group = _open_zarr_group(path, "OME-Zarr store")
-    if not isinstance(group, zarr.Group):
-        raise ValueError(f"{where}: is a zarr array, not an OME-Zarr image group")
-    attrs = dict(group.attrs)
-    ome = attrs.get("ome", attrs)  # 0.5 nests under "ome"; 0.4 is top level
-    multiscales = ome.get("multiscales") if isinstance(ome, Mapping) else None
-    if not multiscales:
-        raise ValueError(f"{where}: no 'ome.multiscales' attribute; not an OME-Zarr image "
-                         "(write one with `recon3d reconstruct`)")
-    ms = multiscales[0]
-    datasets = ms.get("datasets") or []
-    if not datasets:
-        raise ValueError(f"{where}: multiscales[0] lists no datasets")
-    level0 = str(datasets[0]["path"])
-    try:
-        array = group[level0]
-    except KeyError:
-        raise ValueError(f"{where}: level-0 array '{level0}' is missing") from None
-    if not isinstance(array, zarr.Array):
-        raise ValueError(f"{where}: level 0 '{level0}' is not an array")
-    if array.ndim < 3 or any(int(s) != 1 for s in array.shape[:-3]):
-        raise ValueError(f"{where}: level 0 has shape {tuple(array.shape)}; expected a (z, y, x) "
-                         "volume (leading axes, if any, of size 1)")
-    axes = ms.get("axes") or []
-    spatial = axes[-3:] if len(axes) >= 3 else [{} for _ in range(3)]
-    for ax in spatial:
-        if isinstance(ax, Mapping) and ax.get("type") not in (None, "space"):
-            raise ValueError(f"{where}: the last three axes must be spatial (z, y, x), got {axes}")
-    units = tuple(ax.get("unit") if isinstance(ax, Mapping) else None for ax in spatial)
-    scale = [1.0] * array.ndim
-    for transforms in (datasets[0].get("coordinateTransformations") or [],
-                       ms.get("coordinateTransformations") or []):
-        for t in transforms:
-            if t.get("type") == "scale" and len(t.get("scale", [])) == array.ndim:
-                scale = [s * float(v) for s, v in zip(scale, t["scale"])]
-    recon = attrs.get("recon3d")
-    return OmeImage(
-        path=str(path),
-        array=array,
-        shape=tuple(int(s) for s in array.shape[-3:]),
-        scale=tuple(scale[-3:]),
-        units=units,  # type: ignore[arg-type]
-        attrs=dict(recon) if isinstance(recon, Mapping) else {},
-        levels=tuple(str(d["path"]) for d in datasets),
-    )
 
 
 # ----------------------------------------------------------------------------- sources
@@ -218,7 +96,7 @@ def _reference_source(reference_scan: Any) -> tuple[_Source, str]:
     if isinstance(reference_scan, Scan):
         scan = reference_scan
     else:
-        _require_exists(reference_scan, "reference scan")
+        require_exists(reference_scan, "reference scan")
         try:
             scan = open_scan(reference_scan)
         except ValueError as err:
@@ -251,7 +129,7 @@ def _mask_source(mask: Any) -> _Source:
         if arr.ndim != 3:
             raise ValueError(f"mask '{mask}': shape {arr.shape}, expected (D, H, W)")
         return _Source(f"mask '{mask}'", arr.shape, lambda lo, hi: np.asarray(arr[lo:hi]) != 0)
-    node = _open_zarr_group(mask, "mask")
+    node = open_zarr(mask, "mask")
     if isinstance(node, zarr.Group):
         image = open_ome_image(mask)
         return _Source(f"mask '{mask}'", image.shape, lambda lo, hi: image.read(lo, hi) != 0)
@@ -261,29 +139,6 @@ def _mask_source(mask: Any) -> _Source:
 
 
 # ----------------------------------------------------------------------------- per-slab work
-def _box_valid(x: np.ndarray, size: int) -> np.ndarray:
-    """Mean over each ``size³`` cube lying wholly inside ``x`` (separable sliding sums)."""
-    for axis in range(3):
-        n = x.shape[axis] - size + 1
-        take = lambda k: x[(slice(None),) * axis + (slice(k, k + n),)]  # noqa: E731
-        acc = take(0).copy()
-        for k in range(1, size):
-            acc += take(k)
-        x = acc
-    return x / size**3
-
-
-def _ssim_map(a: np.ndarray, b: np.ndarray, size: int, c1: float, c2: float) -> np.ndarray:
-    """Local SSIM of every voxel whose window lies inside the block (metrics.ssim's formula)."""
-    n = size**3
-    unbias = n / (n - 1) if n > 1 else 1.0
-    ma, mb = _box_valid(a, size), _box_valid(b, size)
-    va = (_box_valid(a * a, size) - ma * ma) * unbias
-    vb = (_box_valid(b * b, size) - mb * mb) * unbias
-    cov = (_box_valid(a * b, size) - ma * mb) * unbias
-    return ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma * ma + mb * mb + c1) * (va + vb + c2))
-
-
 def _slab_peaks(ref: _Source, mask: _Source | None, start: int, stop: int) -> np.ndarray:
     """``[max b, max b over the mask]`` of slices ``start:stop`` (−inf where empty)."""
     b = np.abs(_stored_magnitude(ref.read(start, stop)))
@@ -337,22 +192,14 @@ def _slab_sums(out: _Source, ref: _Source, mask: _Source | None, start: int, sto
     rows = _strip_rows(c1_ - c0 + 2 * r, width)
     for h0 in range(r, height - r, rows):
         h1 = min(height - r, h0 + rows)
-        s = _ssim_map(a[block, h0 - r:h1 + r].astype(np.float64), b[block, h0 - r:h1 + r].astype(np.float64),
-                      size, c1, c2)
+        s = ssim_map(a[block, h0 - r:h1 + r].astype(np.float64), b[block, h0 - r:h1 + r].astype(np.float64),
+                     size, c1, c2)
         if m is None:
             sums[3:] += (s.sum(), s.size)
         else:
             mc = m[c0 - lo:c1_ - lo, h0:h1, r:width - r]
             sums[3:] += (s[mc].sum(), mc.sum())
     return sums
-
-
-def _window_size(window: int, shape: tuple[int, ...]) -> int:
-    """metrics.ssim's rule: ``window``, shrunk to the smallest side, made odd."""
-    size = min(window, *shape)
-    if size % 2 == 0:
-        size -= 1
-    return max(size, 1)
 
 
 def _default_slab_depth(shape: tuple[int, ...], chunk_depth: int, itemsize: int = 4) -> int:
@@ -401,7 +248,7 @@ def evaluate(
             (``.npy`` or zarr) of the volume's shape.
         data_range: ``R`` of PSNR and SSIM; default ``max |ref|`` (over the mask, if any).
         object_threshold: the fraction of ``max |ref|`` above which ``"object"`` counts a voxel.
-        window: the SSIM window side (shrunk and made odd as :func:`metrics.ssim` does).
+        window: the SSIM window side (shrunk and made odd by :func:`~pipeline.metrics.ssim_window`).
         slab_depth: D-slices per task (default: whole chunks of OUT, about 16 MiB of it).
         workers: tasks (slabs) at once on the threaded scheduler.
         scheduler: ``threads``, ``sync`` or ``distributed`` (the active client).
@@ -461,8 +308,8 @@ def evaluate(
             if not math.isfinite(data_range) or data_range <= 0:
                 raise ValueError(f"{src_ref.name}: max |reference| (in the mask) is {data_range}; "
                                  "pass data_range explicitly")
-    size = _window_size(window, shape)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    size = ssim_window(window, shape)
+    c1, c2 = ssim_constants(data_range)
     tasks = [dask.delayed(_slab_sums, pure=False)(src_out, src_ref, src_mask, s, e, size=size, c1=c1, c2=c2,
                                                   object_level=object_level) for s, e in slabs]
     sse, ref2, count, ssim_sum, ssim_count = np.sum(np.stack(_compute(tasks, scheduler, workers)), axis=0)
@@ -488,180 +335,3 @@ def evaluate(
         "slab_depth": depth,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-
-
-# ----------------------------------------------------------------------------- CLI
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``recon3d evaluate`` to the ``recon3d`` sub-parsers."""
-    p = subparsers.add_parser(
-        "evaluate",
-        help="PSNR, SSIM (3D) and NMSE of a reconstruction against a scan's reference, or estimated without one (--estimate)",
-        description="Compare an OME-Zarr reconstruction with the reference volume of a scan, "
-        "out of core (dask, slab by slab with halos): PSNR, 3D SSIM (7³ uniform windows, as "
-        "scikit-image) and NMSE. Complex images (MRI) are compared as magnitudes, real ones (CT) "
-        "as they are, signed. Without --mask both the whole volume and the object "
-        "(|reference| > --object-threshold × max|reference|) are reported; R (the data range) "
-        "is printed with where it came from.",
-    )
-    p.add_argument("out", help="the reconstruction (OME-Zarr image)")
-    p.add_argument("--reference", default=None, metavar="SCAN",
-                   help="a scan with a reference array (needed unless --estimate)")
-    est = p.add_argument_group(
-        "reference-free estimate (--estimate)",
-        "Estimate the reconstruction's MSE/PSNR without a reference: the reconstruction that made OUT "
-        "(recorded in it) is re-run on a few D-blocks of the scan with held-out measurements and "
-        "equivariant bootstrap draws (bootstrap-calibrated cross-validation, docs/estimate.md). It costs "
-        "about draws × (folds + 1) + folds + 1 reconstructions of each block.")
-    est.add_argument("--estimate", action="store_true", help="report estimated_psnr (and its interval) "
-                     "without a reference")
-    est.add_argument("--scan", default=None, metavar="SCAN",
-                     help="the scan OUT was reconstructed from (default: the one OUT records)")
-    est.add_argument("--estimate-blocks", type=int, default=3, metavar="N", help="D-blocks estimated (default: 3)")
-    est.add_argument("--estimate-slices", type=int, default=None, metavar="N",
-                     help="slices per block (default: 8, or the whole scan if thinner)")
-    est.add_argument("--draws", type=int, default=8, help="bootstrap draws per block (default: 8, at least 2)")
-    est.add_argument("--folds", type=int, default=4, help="held-out parts per cross-validation (default: 4)")
-    est.add_argument("--holdout", type=float, default=0.1, metavar="FRACTION",
-                     help="share of the measurements held out per part (default: 0.1)")
-    est.add_argument("--seed", type=int, default=0, help="seed of the draws and held-out parts (default: 0)")
-    est.add_argument("--device", default="cpu", help="where the reconstructions run (default: cpu)")
-    p.add_argument("--json", type=local_arg("evaluate --json", "the file is written on the local filesystem",
-                                            allow=("-",), as_path=False),
-                   default=None, metavar="FILE", help="also write the metrics as JSON ('-': stdout)")
-    p.add_argument("--mask", default=None, metavar="FILE|object",
-                   help="evaluate inside a mask: a .npy or zarr boolean volume, or 'object' "
-                   "(|reference| > --object-threshold × max|reference|)")
-    p.add_argument("--no-object", dest="object", action="store_false",
-                   help="without --mask, report the whole volume only (one pass less)")
-    p.add_argument("--object-threshold", type=float, default=0.1,
-                   help="fraction of max|reference| for --mask object (default: 0.1)")
-    p.add_argument("--data-range", type=float, default=None, metavar="R",
-                   help="R of PSNR and SSIM (default: max|reference|, inside the mask if any)")
-    p.add_argument("--window", type=int, default=7, help="SSIM window side (default: 7)")
-    p.add_argument("--slab-depth", type=int, default=None,
-                   help="D-slices per task (default: whole chunks of OUT, about 16 MiB of it)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="slabs evaluated at once (default: 2; memory ≈ workers × (4 slabs + 100 MiB))")
-    p.add_argument("--scheduler", default="threads", choices=["threads", "sync", "distributed"],
-                   help="dask scheduler; 'distributed' uses the active dask.distributed client")
-    return p
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Run ``recon3d evaluate``: print the metrics, optionally write them as JSON."""
-    if args.json and args.json != "-":
-        from pipeline.outputs import check_outside
-
-        # A --json inside the image, the scan or any zarr group would replace one of its files.
-        check_outside(args.json, "evaluate", [a for a in (args.out, args.reference, args.scan) if a],
-                      option="--json")
-    if args.reference is None and not args.estimate:
-        raise ValueError("give --reference SCAN, or --estimate for an estimate without a reference")
-    if args.reference is None:
-        return _estimate_cli(args)
-    common = dict(data_range=args.data_range, object_threshold=args.object_threshold, window=args.window,
-                  slab_depth=args.slab_depth, workers=args.workers, scheduler=args.scheduler)
-    result = evaluate(args.out, args.reference, mask=args.mask, **common)
-    if args.mask is None and args.object:
-        obj = evaluate(args.out, args.reference, mask="object", **common)
-        result["object"] = {k: obj[k] for k in ("psnr", "ssim", "nmse", "mse", "data_range", "data_range_source",
-                                                "object_threshold", "mask_voxels", "ssim_voxels")}
-    if args.estimate:
-        result["estimate"] = _estimate(args, data_range=result["data_range"])
-        complex_mse = _complex_mse(args.out, args.reference)
-        if complex_mse is not None:  # what the estimate is of (MRI): the complex image's error
-            result["estimate"]["true_psnr_complex"] = (math.inf if complex_mse == 0 else
-                                                       10 * math.log10(result["data_range"] ** 2 / complex_mse))
-    if _write_json(result, args.json):
-        return 0
-    inside = f" inside mask {result['mask']} ({result['mask_voxels']} voxels)" if result["mask"] else ""
-    print(f"{result['out']} vs {result['reference']}{inside}:")
-    rows = [("volume" if "object" in result else "", result)]
-    if "object" in result:
-        rows.append((f"object ({result['object']['mask_voxels']} voxels, |ref| > "
-                     f"{result['object']['object_threshold']:g} max)", result["object"]))
-    for label, r in rows:
-        lead = f"  {label}:" if label else ""
-        print(f"{lead}  PSNR {r['psnr']:.4f} dB   SSIM {r['ssim']:.5f}   NMSE {r['nmse']:.6g}"
-              f"   (R = {r['data_range']:.6g}, {r['data_range_source']})")
-    if args.estimate:
-        est = result["estimate"]
-        _print_estimate(est, truth=est.get("true_psnr_complex", result["psnr"]))
-    if args.json:
-        print(f"  written to {args.json}", file=sys.stderr)
-    return 0
-
-
-def _write_json(result: dict[str, Any], target: str | None) -> bool:
-    """``--json``: the result to ``target`` (a file), or to stdout for ``-`` (then nothing else
-    is printed: returns True)."""
-    text = json.dumps(result, indent=2)
-    if target == "-":
-        print(text)
-        return True
-    if target:
-        path = Path(target)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
-    return False
-
-
-def _estimate(args: argparse.Namespace, data_range: float | None) -> dict[str, Any]:
-    from .estimate import estimate_output
-
-    def say(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    return estimate_output(args.out, args.scan, blocks=args.estimate_blocks, thickness=args.estimate_slices,
-                           draws=args.draws, folds=args.folds, fraction=args.holdout, seed=args.seed,
-                           data_range=data_range if data_range is not None else args.data_range,
-                           device=args.device, say=say)
-
-
-def _complex_mse(out: Any, reference: Any) -> float | None:
-    """The MSE of OUT's complex image (MRI, kept by reconstruct) against the complex reference,
-    slab by slab; ``None`` when either is not complex."""
-    import zarr
-
-    from pipeline.data import open_scan
-
-    group = _open_zarr_group(out, "OME-Zarr store")
-    name = (dict(group.attrs).get("recon3d") or {}).get("complex")
-    ref = open_scan(reference).reference
-    if not name or name not in group or ref is None:
-        return None
-    array = group[name]
-    if not isinstance(array, zarr.Array) or array.dtype.kind != "c" or tuple(array.shape[-3:]) != tuple(ref.shape):
-        return None
-    sse, count, step = 0.0, 0, max(1, int(array.chunks[-3]))
-    for lo in range(0, int(ref.shape[0]), step):
-        hi = min(int(ref.shape[0]), lo + step)
-        a = np.asarray(array[(0,) * (array.ndim - 3) + (slice(lo, hi),)]).astype(np.complex128)
-        b = np.asarray(ref.read(slice(lo, hi))).astype(np.complex128)
-        sse += float(np.square(np.abs(a - b)).sum())
-        count += a.size
-    return sse / max(count, 1)
-
-
-def _print_estimate(est: dict[str, Any], truth: float | None = None) -> None:
-    made = est["reconstruction"]
-    what = made.get("method") or f"model {made.get('model')}"
-    label = "true PSNR of the complex image" if "true_psnr_complex" in est else "true PSNR"
-    against = (f"   ({label} {truth:.2f} dB: error {est['estimated_psnr'] - truth:+.2f} dB)"
-               if truth is not None else "")
-    print(f"  estimated (no reference; {est['estimator']}, {len(est['blocks'])} block(s), {what}):")
-    print(f"    PSNR {est['estimated_psnr']:.2f} dB  [{est['estimated_psnr_low']:.2f}, {est['estimated_psnr_high']:.2f}]"
-          f"   MSE {est['estimated_mse']:.4g}   (R = {est['data_range']:.6g}, {est['data_range_source']}; "
-          f"{est['of']}){against}")
-
-
-def _estimate_cli(args: argparse.Namespace) -> int:
-    """``recon3d evaluate OUT --estimate`` without a reference."""
-    est = _estimate(args, data_range=None)
-    if _write_json({"out": str(args.out), **est}, args.json):
-        return 0
-    print(f"{args.out} (scan {est['scan']}):")
-    _print_estimate(est)
-    if args.json:
-        print(f"  written to {args.json}", file=sys.stderr)
-    return 0

@@ -298,7 +298,7 @@ def validate_ome(group: zarr.Group | str, *, storage_options: Mapping[str, Any] 
     highest resolution down).
     """
     if not isinstance(group, zarr.Group):
-        from pipeline.data.format import open_group
+        from pipeline.data.store import open_group
 
         group = open_group(group, mode="r", storage_options=storage_options)
     problems: list[str] = []
@@ -378,7 +378,7 @@ def open_ome(path: str, level: int = 0, *, storage_options: Mapping[str, Any] | 
 
     ``dask.array.from_zarr(open_ome(path))`` reads it out of core.
     """
-    from pipeline.data.format import open_group
+    from pipeline.data.store import open_group
 
     group = open_group(path, mode="r", storage_options=storage_options)
     ome = dict(group.attrs).get("ome")

@@ -128,7 +128,7 @@ def build_model(cfg: ModelConfig, facts: ScanFacts, *, precision: str = "fp32") 
     if cfg.backbone == "unet":
         backbone: nn.Module = UNet3D(ch, ch, widths=cfg.widths, convs_per_level=cfg.convs_per_level,
                                      norm=cfg.norm, activation=cfg.activation, residual=cfg.residual,
-                                     checkpoint=cfg.checkpoint)
+                                     checkpoint=cfg.activation_checkpointing)
     else:
         backbone = DnCNN3D(ch, ch, width=cfg.dncnn_width, depth=cfg.dncnn_depth,
                            activation=cfg.activation, residual=cfg.residual)
@@ -138,7 +138,7 @@ def build_model(cfg: ModelConfig, facts: ScanFacts, *, precision: str = "fp32") 
         backbone = cast_to_parameters(backbone)
     if cfg.tile is not None:
         backbone = TiledBackbone(backbone, tile_shape=cfg.tile.shape, overlap=cfg.tile.overlap,
-                                 checkpoint=cfg.tile.checkpoint, tiles_per_batch=cfg.tile.tiles_per_batch)
+                                 checkpoint=cfg.tile.activation_checkpointing, tiles_per_batch=cfg.tile.tiles_per_batch)
     initial = cfg.initial
     if initial == "sense" and facts.modality != "mri":
         raise ConfigError("model.initial: 'sense' is for MRI scans; use 'fbp' or 'adjoint' for CT")

@@ -14,6 +14,7 @@ The resolved config (defaults filled in) is written to ``RUN_DIR/config.resolved
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -45,6 +46,19 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _renamed_key(data: Any, old: str, new: str, where: str) -> Any:
+    """Read a key under its old name, with a message saying the new one (both given: refused)."""
+    if not isinstance(data, dict) or old not in data:
+        return data
+    if new in data:
+        raise ValueError(f"{where}.{old} is the old name of {where}.{new}; give only {new}")
+    warnings.warn(f"{where}.{old} is renamed {where}.{new} (activation checkpointing, not the saving of "
+                  f"training checkpoints); the old key is read for now", FutureWarning, stacklevel=2)
+    data = dict(data)
+    data[new] = data.pop(old)
+    return data
 
 
 # ----------------------------------------------------------------------------- sections
@@ -97,8 +111,13 @@ class TileConfig(_Section):
 
     shape: tuple[int, int, int]
     overlap: int | tuple[int, int, int] | None = None
-    checkpoint: bool = True
+    activation_checkpointing: bool = True
     tiles_per_batch: int = Field(1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        return _renamed_key(data, "checkpoint", "activation_checkpointing", "model.tile")
 
 
 class UnrolledConfig(_Section):
@@ -119,7 +138,9 @@ class ModelConfig(_Section):
     residual: bool = True
     dncnn_width: int = Field(32, ge=1)
     dncnn_depth: int = Field(5, ge=2)
-    checkpoint: Literal["none", "level", "network"] = "none"
+    # Recompute activations in the backward pass instead of keeping them (torch's non-reentrant
+    # checkpointing): per U-Net level, or the whole network around its level checkpoints.
+    activation_checkpointing: Literal["none", "level", "network"] = "none"
     reconstructor: Literal["artifact_removal", "unrolled"] = "artifact_removal"
     initial: Literal["adjoint", "fbp", "sense"] = "adjoint"
     fbp_filter: Literal["ram-lak", "shepp-logan", "cosine", "hann"] = "ram-lak"  # initial: fbp's window
@@ -129,6 +150,11 @@ class ModelConfig(_Section):
     start_at_initial: bool = False
     unrolled: UnrolledConfig = UnrolledConfig()
     tile: TileConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        return _renamed_key(data, "checkpoint", "activation_checkpointing", "model")
 
     @model_validator(mode="after")
     def _start(self) -> "ModelConfig":

@@ -89,3 +89,13 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
 def barrier(ctx: DistContext) -> None:
     if ctx.world_size > 1:
         dist.barrier()
+
+
+def mean_over_ranks(values: list[float | torch.Tensor], ctx: DistContext) -> list[float]:
+    """The mean over the ranks of each value (floats or 0-d tensors): one all-reduce, one copy."""
+    dev = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(dev).reshape(()) for v in values])
+    if ctx.world_size > 1:
+        dist.all_reduce(t)
+        t = t / ctx.world_size
+    return t.tolist()

@@ -19,7 +19,10 @@ crafted pickle; every load, conversion and merge here runs inside
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 import types
 import warnings
 from pathlib import Path
@@ -44,13 +47,19 @@ __all__ = [
 
 
 def _deepspeed():
-    if os.environ.get("RECON3D_DEEPSPEED_OPS") != "1":
-        import deepspeed.ops
+    # DeepSpeed logs to stdout (its handler keeps the stream it saw at import): imported with
+    # stdout pointing at stderr, its messages are chatter on stderr and stdout keeps the results.
+    with contextlib.redirect_stdout(sys.stderr):
+        if os.environ.get("RECON3D_DEEPSPEED_OPS") != "1":
+            import deepspeed.ops
 
-        if "__compatible_ops__" not in vars(deepspeed.ops):
-            # An empty table: every op counts as unavailable, so nothing is JIT-built.
-            deepspeed.ops.__compatible_ops__ = {}
-    import deepspeed
+            if "__compatible_ops__" not in vars(deepspeed.ops):
+                # An empty table: every op counts as unavailable, so nothing is JIT-built.
+                deepspeed.ops.__compatible_ops__ = {}
+        import deepspeed
+    for handler in logging.getLogger("DeepSpeed").handlers:  # imported earlier, elsewhere
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
+            handler.setStream(sys.stderr)
 
     # DeepSpeed's ZeRO calls torch's all_gather_into_tensor, deprecated in recent torch: one
     # FutureWarning per rank per run that says nothing to a user of recon3d.
@@ -125,7 +134,7 @@ def convert_to_universal(src: Path, dst: Path) -> None:
     args = types.SimpleNamespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1,
                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
                                  inject_missing_state=True)
-    with deepspeed_loads():
+    with deepspeed_loads(), contextlib.redirect_stdout(sys.stderr):  # its progress prints
         ds_to_universal(args)
 
 
@@ -134,7 +143,7 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> dict[str, torch.T
     _deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with deepspeed_loads():
+    with deepspeed_loads(), contextlib.redirect_stdout(sys.stderr):  # its progress prints
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
 
 

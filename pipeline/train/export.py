@@ -1,9 +1,11 @@
 """``recon3d export RUN_DIR``: one consolidated fp32 weights file for inference and sharing.
 
 The file is a plain ``torch.save`` of ``{"format", "state_dict", "model_config",
-"loss_config", "modality", "channels", "step", "source"}`` made only of tensors, strings,
-numbers, lists and dicts, so ``torch.load(path, weights_only=True)`` reads it and
-:func:`load_exported` rebuilds the model without DeepSpeed or a process group. ZeRO shards
+"loss_config", "modality", "channels", "step", "source", "model_card"}`` made only of tensors,
+strings, numbers, lists and dicts, so ``torch.load(path, weights_only=True)`` reads it and
+:func:`load_exported` rebuilds the model without DeepSpeed or a process group. The model card
+(:class:`~pipeline.modelcard.ModelCard`: modality, operator, training slab thickness, intensity
+scale, receptive radius) is what applying the model needs of its run; ZeRO shards
 are merged with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (a function: its
 ``zero_to_fp32.py`` script needs extra packages).
 
@@ -20,10 +22,11 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..modelcard import ModelCard
 from ..safeload import load as safe_load
 from .checkpoint import CheckpointInfo, read_checkpoint
 
-__all__ = ["export_run", "load_exported", "read_export", "check_finite", "EXPORT_FORMAT"]
+__all__ = ["export_run", "load_exported", "read_export", "check_finite", "model_card", "EXPORT_FORMAT"]
 
 EXPORT_FORMAT = "recon3d-weights-1"
 
@@ -72,11 +75,55 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, checkpoint
         "step": info.step,
         "source": str(info.path),
     }
+    payload["model_card"] = model_card(_build(payload), info, run_dir).to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
     return path
+
+
+def _training_config(info: CheckpointInfo, run_dir: Path) -> dict[str, Any]:
+    """The resolved config the checkpoint was trained with (its manifest's; an older checkpoint's
+    run directory's ``config.resolved.yaml``), or ``{}``."""
+    config = info.manifest.get("config")
+    if isinstance(config, dict):
+        return config
+    resolved = run_dir / "config.resolved.yaml"
+    if not resolved.is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load(resolved.read_text()) or {}
+
+
+def _operator(modality: str, data: dict[str, Any]) -> str | None:
+    """The training scans' forward operator: ``mri``, or the CT geometry (``parallel``, ``cone``)."""
+    if modality == "mri":
+        return "mri"
+    if data.get("mode", "measurements") == "measurements":
+        return "parallel"  # cone-beam scans stream only as images (their slabs have no operator)
+    from pipeline.data import open_scan
+
+    try:
+        scan = open_scan(data["scans"][0], storage_options=data.get("storage_options") or None)
+        return str(scan.metadata.geometry.kind)
+    except Exception:  # the run's scans are gone or unreachable: the card says unknown
+        return None
+
+
+def model_card(model: nn.Module, info: CheckpointInfo, run_dir: Path) -> ModelCard:
+    """The model card of ``model``, trained by the run at ``run_dir`` up to checkpoint ``info``."""
+    from pipeline.reconstruct.halo import _reconstructor, model_halo
+
+    data = _training_config(info, run_dir).get("data") or {}
+    modality = str(info.manifest["modality"])
+    thickness = data.get("slab_thickness")
+    radius = model_halo(model)[0]
+    normalize = bool(getattr(_reconstructor(model), "normalize", False))
+    return ModelCard(modality=modality, operator=_operator(modality, data),
+                     slab_thickness=int(thickness) if thickness else None,
+                     intensity_scale="initial-rms" if normalize else None, receptive_radius=radius)
 
 
 def _check_target(path: Path, checkpoints: Path) -> None:
@@ -129,10 +176,15 @@ def read_export(path: str | Path, *, map_location: str | torch.device = "cpu") -
 
 def load_exported(path: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:
     """The model of an exported file, in eval mode (``model(y, op)``), built without DeepSpeed."""
+    payload = read_export(path, map_location=map_location)
+    return _build(payload).eval()
+
+
+def _build(payload: dict[str, Any]) -> nn.Module:
+    """The model of an export's payload, its weights loaded."""
     from .build import ScanFacts, build_model, wrap_for_loss
     from .config import LossConfig, MCTerm, ModelConfig
 
-    payload = read_export(path, map_location=map_location)
     facts = ScanFacts(payload["modality"], "", None, int(payload["channels"]))
     model = build_model(ModelConfig.model_validate(payload["model_config"]), facts)
     loss_cfg = LossConfig.model_validate(payload["loss_config"])
@@ -141,4 +193,4 @@ def load_exported(path: str | Path, *, map_location: str | torch.device = "cpu")
     splitting = LossConfig(terms=split or [MCTerm(name="mc")])
     model = wrap_for_loss(model, splitting, facts)
     model.load_state_dict(payload["state_dict"], strict=True)
-    return model.eval()
+    return model

@@ -23,27 +23,27 @@ job is refused (``--restart`` moves the old checkpoints and log aside and starts
 from __future__ import annotations
 
 import math
-import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 
 from . import build
-from .checkpoint import (MANIFEST, OWN, CheckpointError, CheckpointInfo, CheckpointManager, read_checkpoint,
+from .checkpoint import (CheckpointError, CheckpointInfo, CheckpointManager, read_checkpoint,
                          rng_state, set_rng_state)
 from .config import ConfigError, ExperimentConfig, dump_config
-from .distributed import DistContext, any_rank, barrier, init_distributed, shutdown_distributed
+from .distributed import DistContext, any_rank, barrier, init_distributed, mean_over_ranks, shutdown_distributed
 from .monitor import LossGrowthWatch, Monitor
 from .preemption import ParentWatch, StopRequest, under_torchrun
+from .resume import checkpoints_in, config_diff, move_aside, schedule_changes
+from .validation import Validation, check_estimable
 from pipeline.errors import InputError, Recon3dError
+from pipeline.log import say
 from pipeline.models import intensity_scale
 
-__all__ = ["TrainResult", "train", "Trainer", "DivergenceError", "checkpoints_in", "schedule_changes"]
+__all__ = ["TrainResult", "train", "Trainer", "DivergenceError"]
 
 
 class DivergenceError(Recon3dError):
@@ -65,37 +65,8 @@ def _param_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
     return {name: list(p.shape) for name, p in model.named_parameters()}
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: checkpoint {a!r}, config {b!r}"]
 
 
-def _check_estimable(paths: list[str]) -> None:
-    """``validation.estimate``: every validation scan has a noise model the estimate handles and
-    slabs of its own (not cone beam)."""
-    from pipeline.data import open_scan
-    from pipeline.data.format import CTGeometry
-    from pipeline.reconstruct.estimate import HANDLED_NOISE
-
-    for path in paths:
-        scan = open_scan(path)
-        noise = scan.metadata.noise()
-        if noise is None or noise.kind not in HANDLED_NOISE:
-            raise ConfigError(f"validation.estimate: scan {path} has noise model "
-                              f"{None if noise is None else noise.to_dict()}; the estimate needs one of "
-                              f"{list(HANDLED_NOISE)}")
-        geom = scan.metadata.geometry
-        if isinstance(geom, CTGeometry) and geom.kind == "cone":
-            raise ConfigError(f"validation.estimate: scan {path} is cone beam; its slabs cannot be reconstructed "
-                              "again from their own views")
-
-
-#: The validation metric ``checkpoint.keep_best`` ranks by, and whether higher is better.
-BEST_METRIC = {"estimate": ("estimated_mse", False), "psnr": ("psnr", True), "loss": ("loss", False)}
 
 
 class Trainer:
@@ -120,7 +91,7 @@ class Trainer:
                 raise ConfigError(f"checkpoint.keep_best: psnr needs a reference in every validation scan, and "
                                   f"{vf.without_reference[0]} has none; use keep_best: estimate")
             if cfg.validation.estimate:
-                _check_estimable(cfg.validation.scans)
+                check_estimable(cfg.validation.scans)
         precision = cfg.deepspeed.precision
         torch.manual_seed(build.derived_seed(cfg.run.seed, "init"))  # identical on every rank
         model = build.build_model(cfg.model, self.facts, precision=precision)
@@ -141,8 +112,7 @@ class Trainer:
         self.engine = None
         self.step = 0
         self._grad_norm_here: bool | None = None
-        self._baselines: dict[str, dict[str, float]] = {}  # the classical baseline's estimate per scan
-        self._estimate_peaks: dict[tuple[str, int], float] = {}  # the pilot's peak per validation slab
+        self.validation = Validation(self)
 
     # ------------------------------------------------------------------ resume
     def find_resume(self, resume: str | None) -> CheckpointInfo | None:
@@ -157,7 +127,7 @@ class Trainer:
             return None
         manifest = info.manifest
         if manifest.get("param_shapes") != self.param_shapes:
-            diffs = _diff(manifest.get("model_config", {}), self.config.model.model_dump(mode="json"))
+            diffs = config_diff(manifest.get("model_config", {}), self.config.model.model_dump(mode="json"))
             raise CheckpointError(
                 f"checkpoint {info.path} holds another model: "
                 + ("; ".join(diffs) if diffs else "its parameters differ from this config's")
@@ -225,15 +195,6 @@ class Trainer:
         while True:
             yield from self.stream
 
-    def _reduce_mean(self, values: list[float | torch.Tensor]) -> list[float]:
-        """The mean over the ranks of each value (floats or 0-d tensors): one all-reduce, one copy."""
-        dev = self.ctx.device if self.ctx.backend == "nccl" else torch.device("cpu")
-        t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(dev).reshape(()) for v in values])
-        if self.ctx.world_size > 1:
-            dist.all_reduce(t)
-            t = t / self.ctx.world_size
-        return t.tolist()
-
     def save(self, monitor: Monitor, reason: str) -> Path:
         path, seconds, nbytes = self.checkpoints.save(self.engine, self.step, self.rank_state(), self.manifest())
         monitor.event("checkpoint", self.step, f"saved {path} ({nbytes / 2**20:.1f} MiB, {seconds:.2f} s, {reason})",
@@ -298,11 +259,11 @@ class Trainer:
                         monitor.log_step(record)
                     if cfg.validation.scans and self.step % cfg.validation.every == 0:
                         metrics = self.validate(monitor)
-                        if cfg.checkpoint.keep_best != "none" and any_rank(self._is_best(metrics), self.ctx):
+                        if cfg.checkpoint.keep_best != "none" and any_rank(self.validation.is_best(metrics), self.ctx):
                             if last_saved != self.step:
                                 result.checkpoint = self.save(monitor, f"best {cfg.checkpoint.keep_best}")
                                 last_saved = self.step
-                            self._mark_best(metrics, monitor)
+                            self.validation.mark_best(metrics, monitor)
                     if self.step % cfg.checkpoint.every == 0 and last_saved != self.step:
                         result.checkpoint = self.save(monitor, "every")
                         last_saved = self.step
@@ -310,34 +271,17 @@ class Trainer:
                     reason = "stop requested" if result.stopped_by else "end"
                     result.checkpoint = self.save(monitor, reason)
                 if result.stopped_by:
-                    waited = time.monotonic() - stop.time if stop.time else float("nan")
-                    monitor.event("stop", self.step, f"stopped by {result.stopped_by}: saved and exiting "
-                                  f"{waited:.1f} s after the signal", seconds_after_signal=waited)
+                    # the time is known where the signal arrived; another rank only heard of it
+                    waited = time.monotonic() - stop.time if stop.time is not None else None
+                    when = f"{waited:.1f} s after the signal" if waited is not None else \
+                        "(the signal reached another rank)"
+                    monitor.event("stop", self.step, f"stopped by {result.stopped_by}: saved and exiting {when}",
+                                  seconds_after_signal=waited)
         finally:
             monitor.close()
         result.step = self.step
         return result
 
-    def _is_best(self, metrics: dict[str, Any]) -> bool:
-        """Whether this validation beats the best recorded one (``checkpoint.keep_best``)."""
-        key, higher = BEST_METRIC[self.config.checkpoint.keep_best]
-        if key not in metrics:
-            return False
-        best = self.checkpoints.best()
-        if best is None or best.get("metric") != key:
-            return True
-        return metrics[key] > best["value"] if higher else metrics[key] < best["value"]
-
-    def _mark_best(self, metrics: dict[str, Any], monitor: Monitor) -> None:
-        from .checkpoint import tag_of
-
-        key, _ = BEST_METRIC[self.config.checkpoint.keep_best]
-        record = {"tag": tag_of(self.step), "step": self.step, "metric": key, "value": metrics[key],
-                  "validation": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
-        self.checkpoints.mark_best(record)
-        barrier(self.ctx)
-        monitor.event("best", self.step, f"best validation so far ({key} {metrics[key]:.4g}): kept as "
-                      f"{record['tag']}", metric=key, value=metrics[key])
 
     def _saved_config(self, info: CheckpointInfo) -> dict[str, Any] | None:
         """The resolved config the resumed checkpoint was trained with (manifest, else the run's YAML)."""
@@ -392,7 +336,7 @@ class Trainer:
             wait += time.perf_counter() - tw
             y = sample.y.unsqueeze(0).to(self.ctx.device)
             op = sample.op.to(self.ctx.device) if sample.op is not None else None
-            with intensity_scale(self.engine.module, self._scale_for(sample.meta.get("scan"))):
+            with intensity_scale(self.engine.module, self.scale_for(sample.meta.get("scan"))):
                 x_hat = self.engine(y, op)
                 out = self.loss(x_hat, y, op, self.engine, **self._reference(sample.meta))
                 self.engine.backward(out.total)
@@ -414,7 +358,7 @@ class Trainer:
             g = torch.as_tensor(grad_norm, dtype=torch.float64)
             values[3] = (~torch.isfinite(g)).to(torch.float64) + bad  # stays on g's device
             values.append(g)
-        reduced = self._reduce_mean(values + [parts[k] for k in names])
+        reduced = mean_over_ranks(values + [parts[k] for k in names], self.ctx)
         first = 5 if grad_norm is not None else 4
         record: dict[str, Any] = {
             "step": self.step + 1,
@@ -461,7 +405,8 @@ class Trainer:
             return {}
         return {"reference": meta["reference"].unsqueeze(0).to(self.ctx.device)}
 
-    def _scale_for(self, path: str | None) -> float | None:
+    def scale_for(self, path: str | None) -> float | None:
+        """The intensity scale of scan ``path`` (measured once per scan), ``None`` without a path."""
         if path is None:
             return None
         key = str(path)
@@ -470,194 +415,10 @@ class Trainer:
         return self.scales[key]
 
     # ------------------------------------------------------------------ validation
-    @torch.no_grad()
     def validate(self, monitor: Monitor) -> dict[str, float]:
         """PSNR/SSIM (or the held-out loss) over a few slabs of each validation scan; all ranks join."""
-        from pipeline.data import open_scan
-        from pipeline.reconstruct.metrics import psnr, ssim
+        return self.validation.run(monitor)
 
-        cfg = self.config
-        jobs = []
-        for path in cfg.validation.scans:
-            scan = open_scan(path)
-            slabs = scan.slab_slices(cfg.data.slab_thickness)
-            pick = torch.linspace(0, len(slabs) - 1, min(len(slabs), cfg.validation.max_slabs)).round().long().unique()
-            jobs += [(scan, slabs[int(i)]) for i in pick]
-        # Every rank runs every slab: under ZeRO-3 each forward needs all ranks, and the
-        # validation set is a few slabs.
-        sums = torch.zeros(4, dtype=torch.float64)  # psnr, ssim, count with reference, loss
-        estimated: list[tuple[float, float, float]] = []  # per slab: MSE, low, high
-        peaks: list[float] = []
-        loss_state = self.loss.state_dict()  # validation must not move the training draws
-        self.engine.eval()
-        try:
-            for index, (scan, d_slice) in enumerate(jobs):
-                y, op = scan.slab(d_slice)
-                y, op = y.unsqueeze(0).to(self.ctx.device), op.to(self.ctx.device)
-                with intensity_scale(self.engine.module, self._scale_for(scan.path)):
-                    x_hat = self.engine(y, op)
-                    ref = {}
-                    if self.loss.needs_reference:
-                        ref = {"reference": scan.reference.read_torch(d_slice).unsqueeze(0).to(self.ctx.device)}
-                    sums[3] += float(self.loss(x_hat, y, op, self.engine, **ref).total)
-                    if cfg.validation.estimate:
-                        est, peak = self._estimate(scan, y[0], op, x_hat[0], index)
-                        estimated.append(est)
-                        peaks.append(peak)
-                if scan.reference is not None:
-                    ref = scan.reference.read_torch(d_slice)
-                    sums[0] += psnr(x_hat[0].cpu(), ref)
-                    sums[1] += ssim(x_hat[0].cpu(), ref)
-                    sums[2] += 1
-        finally:
-            self.engine.train()
-            self.loss.load_state_dict(loss_state)
-        n = len(jobs)
-        metrics = {"loss": float(sums[3]) / max(n, 1)}
-        if sums[2] > 0:
-            metrics.update(psnr=float(sums[0] / sums[2]), ssim=float(sums[1] / sums[2]))
-        if estimated:
-            metrics.update(self._estimate_metrics(jobs, estimated, max(peaks)))
-        shown = ("loss", "psnr", "ssim", "estimated_psnr", "baseline_estimated_psnr")
-        text = ", ".join(f"{k} {metrics[k]:.4g}" for k in shown if k in metrics)
-        monitor.event("validation", self.step, f"validation: {text}", **metrics)
-        base = metrics.get("baseline_estimated_mse")
-        if base is not None and metrics["estimated_mse"] > base:
-            monitor.event("warning", self.step,
-                          f"validation: the reference-free estimate puts the network at "
-                          f"{metrics['estimated_psnr']:.2f} dB, below the classical baseline "
-                          f"({metrics['baseline_method']}, {metrics['baseline_estimated_psnr']:.2f} dB) on the same "
-                          "slabs: it is estimated worse than a reconstruction without training",
-                          what="below_baseline", estimated_psnr=metrics["estimated_psnr"],
-                          baseline_estimated_psnr=metrics["baseline_estimated_psnr"])
-        return metrics
-
-    def _slab_estimate(self, scan, y: torch.Tensor, op, f, index: int, x_hat: torch.Tensor | None = None):
-        """``(estimate, peak)`` of reconstructor ``f`` on validation slab ``index``: the draws are
-        seeded by the slab alone, so every validation, and the baseline, use the same ones (every
-        rank too: ZeRO-3 needs all ranks in each forward); the peak is the pilot's, which does not
-        change with training, so PSNRs of different steps compare."""
-        from pipeline.reconstruct.estimate import estimate_error, estimate_pilot, pilot_estimate
-
-        cfg = self.config.validation
-        noise = scan.metadata.noise()
-        x_hat = f(y, op) if x_hat is None else x_hat
-        seed = build.derived_seed(self.config.run.seed, "validation-estimate", index)
-        est = estimate_error(y, op, noise, f, x_hat=x_hat, draws=cfg.estimate_draws,
-                             folds=cfg.estimate_folds, seed=seed, pilot=estimate_pilot(y, op, noise, x_hat))
-        key = (str(scan.path), index)
-        if key not in self._estimate_peaks:  # it does not change with training: one pilot per slab
-            self._estimate_peaks[key] = float(pilot_estimate(y, op).abs().max())
-        return est, self._estimate_peaks[key]
-
-    def _estimate(self, scan, y: torch.Tensor, op, x_hat: torch.Tensor, index: int) -> tuple[tuple[float, float, float], float]:
-        """The network's estimate on one validation slab: ``((mse, low, high), peak)``."""
-        engine = self.engine
-
-        def f(yy: torch.Tensor, oo) -> torch.Tensor:
-            return engine(yy.unsqueeze(0), oo)[0]
-
-        est, peak = self._slab_estimate(scan, y, op, f, index, x_hat=x_hat)
-        return (est.mse, est.mse_low, est.mse_high), peak
-
-    def _estimate_metrics(self, jobs, estimated, peak: float) -> dict[str, Any]:
-        """The validation's estimate (mean over its slabs) and the classical baseline's on the
-        same slabs and draws (computed once per run: it does not change with training)."""
-        import math
-
-        db = lambda m: 10.0 * math.log10(peak * peak / max(m, 1e-30))  # noqa: E731
-        mse = sum(e[0] for e in estimated) / len(estimated)
-        out: dict[str, Any] = {"estimated_mse": mse, "estimated_psnr": db(mse),
-                               "estimated_psnr_low": db(sum(e[2] for e in estimated) / len(estimated)),
-                               "estimated_psnr_high": db(sum(e[1] for e in estimated) / len(estimated)),
-                               "estimate_peak": peak}
-        key = "|".join(f"{scan.path}:{d.start}:{d.stop}" for scan, d in jobs)
-        if key not in self._baselines:
-            from pipeline.reconstruct import ReconstructConfig
-            from pipeline.reconstruct.reconstruct import _Classical
-
-            recons: dict[str, Any] = {}  # one calibration per scan
-            values, method = [], None
-            for index, (scan, d_slice) in enumerate(jobs):
-                method = "fbp" if scan.modality == "ct" else "sense"
-                if str(scan.path) not in recons:
-                    recon = _Classical(scan, ReconstructConfig(scan=str(scan.path), out="unused", method=method,
-                                                               progress=False), self.ctx.device)
-                    recon.calibrate(lambda _: None)
-                    recons[str(scan.path)] = recon
-                y, op = scan.slab(d_slice)
-                est, _ = self._slab_estimate(scan, y.to(self.ctx.device), op.to(self.ctx.device),
-                                             recons[str(scan.path)].apply, index)
-                values.append(est.mse)
-            self._baselines[key] = {"mse": sum(values) / len(values), "method": f"{method} (auto)"}
-        base = self._baselines[key]
-        out.update(baseline_estimated_mse=base["mse"], baseline_estimated_psnr=db(base["mse"]),
-                   baseline_method=base["method"])
-        return out
-
-
-def checkpoints_in(config: ExperimentConfig, run_dir: str | Path) -> tuple[Path, int | None]:
-    """The run's checkpoints directory and its highest saved step (``None``: no save there).
-
-    The highest complete save (with its manifest) counts, as ``--resume auto`` would take it;
-    where only interrupted saves exist, the highest of those (they are still a run's work).
-    """
-    directory = Path(config.checkpoint.dir) if config.checkpoint.dir else Path(run_dir) / "checkpoints"
-    complete, partial = [], []
-    if directory.is_dir():
-        for p in directory.glob("step_*"):
-            digits = p.name[len("step_"):]
-            if p.is_dir() and digits.isdigit():
-                (complete if (p / OWN / MANIFEST).is_file() else partial).append(int(digits))
-    found = complete or partial
-    return directory, max(found) if found else None
-
-
-def _move_aside(config: ExperimentConfig, run_dir: Path) -> list[str]:
-    """``--restart``: rename the old checkpoints and log out of the way (nothing is deleted)."""
-    directory, _ = checkpoints_in(config, run_dir)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    moved = []
-    for old in (directory, run_dir / "metrics.jsonl", run_dir / "tensorboard"):
-        if old.exists():
-            new = old.with_name(f"{old.stem}.replaced-{stamp}{old.suffix}")
-            shutil.move(str(old), str(new))
-            moved.append(f"{old} → {new}")
-    return moved
-
-
-def schedule_changes(saved: dict[str, Any] | None, config: ExperimentConfig, step: int) -> list[str]:
-    """Lines that say which run/schedule/optimizer settings a resume changes and what the LR does.
-
-    Args:
-        saved: the resolved config the checkpoint was trained with (``None``: unknown, no lines).
-        config: the config resuming it.
-        step: the step it resumes at.
-    """
-    from .build import learning_rate
-
-    if not saved:
-        return []
-    new = config.model_dump(mode="json")
-    diffs = []
-    for section in ("run", "schedule", "optimizer"):
-        old_s, new_s = saved.get(section) or {}, new.get(section) or {}
-        for key in sorted(set(old_s) | set(new_s)):
-            if key in old_s and old_s.get(key) != new_s.get(key):
-                diffs.append(f"{section}.{key} {old_s.get(key)} → {new_s.get(key)}")
-    if not diffs:
-        return []
-    try:
-        old_cfg = ExperimentConfig.model_validate({**new, **{k: saved[k] for k in ("run", "schedule", "optimizer")
-                                                              if isinstance(saved.get(k), dict)}})
-    except Exception:  # a config of an older version: say what changed, not the LR effect
-        return [f"resumed with changed settings: {'; '.join(diffs)}"]
-    lr_old, lr_new = learning_rate(old_cfg, step), learning_rate(config, step)
-    effect = f"lr at step {step} is {lr_new:.3g} (was {lr_old:.3g})"
-    if config.schedule.name == "cosine":
-        effect = (f"the cosine schedule now decays to {config.optimizer.lr * config.schedule.min_lr_ratio:.3g} "
-                  f"at step {config.run.max_steps}; " + effect)
-    return [f"resumed with changed settings: {'; '.join(diffs)}: {effect}"]
 
 
 def train(config: ExperimentConfig, run_dir: str | Path, *, resume: str | None = None,
@@ -698,8 +459,8 @@ def train(config: ExperimentConfig, run_dir: str | Path, *, resume: str | None =
     try:
         if restart and last is not None:
             if ctx.is_main:
-                for line in _move_aside(config, run_dir):
-                    print(f"[recon3d] --restart: moved {line}", file=sys.stderr, flush=True)
+                for line in move_aside(config, run_dir):
+                    say(f"[recon3d] --restart: moved {line}", "train")
             barrier(ctx)  # no rank looks at the run directory before the old run is out of it
         trainer = Trainer(config, run_dir, ctx)
         return trainer.fit(resume)

@@ -14,11 +14,13 @@ record's ``"nonfinite"`` field (dotted for nested keys, e.g. ``["loss", "parts.m
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from pipeline.log import say
 
 __all__ = ["Monitor", "read_metrics", "finite_record", "LossGrowthWatch"]
 
@@ -94,6 +96,35 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+class _Bar:
+    """The training progress bar (rich, on stderr): drawn on a terminal, silent in a log file,
+    where the events' lines and ``metrics.jsonl`` say the same without carriage returns."""
+
+    def __init__(self, total: int, start: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self.console = Console(stderr=True, soft_wrap=True)
+        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                 console=self.console, disable=not self.console.is_terminal)
+        self.task = self.progress.add_task("train", total=total, completed=start, info="")
+        self.progress.start()
+
+    def update(self, step: int, info: str) -> None:
+        self.progress.update(self.task, completed=step, info=info)
+
+    def write(self, line: str) -> None:
+        if self.console.is_terminal:  # above the bar, unwrapped
+            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            say(line, "train")
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
 class Monitor:
     """Rank 0's reporting; on other ranks every method does nothing.
 
@@ -122,13 +153,11 @@ class Monitor:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
-            except ImportError:  # tensorboard is a dependency; be robust if it was removed
-                print("recon3d: tensorboard is not installed; writing metrics.jsonl only", file=sys.stderr)
+            except ImportError:  # part of the `train` extra; the run goes on without it
+                say("recon3d: tensorboard is not installed (pip install 'recon3d[train]'); writing "
+                    "metrics.jsonl only", "train", level=logging.WARNING)
         if progress:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                             dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+            self._bar = _Bar(total_steps, start_step)
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.is_file():
@@ -152,11 +181,9 @@ class Monitor:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"train/{key}", value, step)
         if self._bar is not None:
-            self._bar.n = step
-            self._bar.set_postfix({"loss": f"{record['loss']:.4g}",
-                                   **{k: f"{v:.3g}" for k, v in record.get("parts", {}).items()},
-                                   "vox/s": f"{record.get('voxels_per_s', 0):.3g}"}, refresh=False)
-            self._bar.refresh()
+            parts = {"loss": f"{record['loss']:.4g}", **{k: f"{v:.3g}" for k, v in record.get("parts", {}).items()},
+                     "vox/s": f"{record.get('voxels_per_s', 0):.3g}"}
+            self._bar.update(step, " ".join(f"{k}={v}" for k, v in parts.items()))
 
     def event(self, kind: str, step: int, message: str, **fields: Any) -> None:
         """An event (validation, checkpoint, warning, diverged, ...): a JSONL record and a line on stderr."""
@@ -170,9 +197,9 @@ class Monitor:
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
         line = f"[recon3d] step {step}: {message}"
         if self._bar is not None:
-            self._bar.write(line, file=sys.stderr)
+            self._bar.write(line)
         else:
-            print(line, file=sys.stderr, flush=True)
+            say(line, "train")
 
     def close(self) -> None:
         if not self.enabled:

@@ -1,4 +1,4 @@
-"""Stop requests: SIGTERM / SIGUSR1 make the run save at the next step boundary and exit 0.
+"""Stop requests: SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) make the run save at the next step boundary and exit 0.
 
 The handler only sets a flag; the training loop asks every rank at each step boundary
 (:func:`pipeline.train.distributed.any_rank`), so a signal that reaches one rank (SLURM's
@@ -22,11 +22,13 @@ that started the worker exits, not necessarily the agent process.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import sys
 import threading
 import time
+
+from pipeline.log import say
 
 __all__ = ["StopRequest", "ParentWatch", "under_torchrun"]
 
@@ -44,7 +46,9 @@ def under_torchrun() -> bool:
 class StopRequest:
     """Installs the handlers on enter and restores the previous ones on exit."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    # SIGINT too: Ctrl-C on a long run saves it like a scheduler's SIGTERM instead of losing
+    # the steps since the last checkpoint (a second Ctrl-C after grace_s still kills).
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, grace_s: float = 5.0) -> None:
         self.grace_s = grace_s
@@ -110,13 +114,14 @@ class ParentWatch:
     def _run(self) -> None:
         while not self._done.wait(self.poll_s):
             if self._parent_gone():
-                print(f"[recon3d] rank {os.environ.get('RANK', '?')}: the torchrun agent (pid {self.parent}) "
-                      "is gone: saving at the next step and exiting", file=sys.stderr, flush=True)
+                say(f"[recon3d] rank {os.environ.get('RANK', '?')}: the torchrun agent (pid {self.parent}) "
+                    "is gone: saving at the next step and exiting", "train", level=logging.WARNING)
                 self.stop.request("the death of the torchrun agent")
                 if not self._done.wait(self.exit_after_s):
-                    print(f"[recon3d] rank {os.environ.get('RANK', '?')}: no clean stop {self.exit_after_s:g} s "
-                          "after the agent died: exiting (the last complete checkpoint is intact)",
-                          file=sys.stderr, flush=True)
+                    say(f"[recon3d] rank {os.environ.get('RANK', '?')}: no clean stop {self.exit_after_s:g} s "
+                        "after the agent died: exiting (the last complete checkpoint is intact)", "train",
+                        level=logging.ERROR)
+                    logging.shutdown()  # flush before the hard exit
                     os._exit(1)
                 return
 

@@ -187,17 +187,20 @@ def test_two_agents_on_loopback_train_and_checkpoint_together(reference):
     assert len(reference) == MAX_STEPS
 
 
-def test_sigterm_saves_exits_zero_and_resumes_exactly(config, reference, tmp_path, jobs):
-    """(b) SIGTERM to the script: every rank saves at the next step, exit 0, no retry; running
-    the script again finishes with the loss sequence of an uninterrupted run."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_saves_exits_zero_and_resumes_exactly(config, reference, tmp_path, jobs, sig):
+    """(b) SIGTERM — or Ctrl-C (SIGINT), the same stop — to the script: every rank saves at the
+    next step, exit 0, no retry; running the script again finishes with the loss sequence of an
+    uninterrupted run."""
     run = tmp_path / "run"
     job = jobs(LOCAL, config, run, tmp_path / "first.log", NPROC_PER_NODE="2")
     job.wait_for_step(2)
-    job.proc.send_signal(signal.SIGTERM)
+    job.proc.send_signal(sig)
     assert job.wait() == 0, job.text()
     stopped_at = int((run / "checkpoints" / "latest").read_text().removeprefix("step_"))
     assert 2 <= stopped_at < MAX_STEPS, job.text()
-    assert "stopped by SIGTERM after saving" in job.text()
+    assert f"stopped by {sig.name} after saving" in job.text()
+    assert "nan s" not in job.text()
     assert "attempt 2" not in job.text()
     assert _steps(run) == list(range(1, stopped_at + 1))
 

@@ -12,7 +12,7 @@ from operators3d import (
     shepp_logan_3d,
     simulate_coil_maps,
 )
-from pipeline.reconstruct.metrics import nmse
+from pipeline.metrics import nmse
 
 SHAPE = (4, 64, 56)
 CAL = 16

@@ -119,7 +119,7 @@ def test_nan_injected_at_step_4_is_caught_there(tmp_path, scan, stage):
     assert steps == [1, 2, 3, 4]
 
     # The report still reads the log with its null loss.
-    from pipeline.reconstruct.report import read_run_log
+    from pipeline.reconstruct.report_run import read_run_log
 
     logged, events, unreadable = read_run_log(run / "metrics.jsonl")
     assert unreadable == 0 and logged[-1]["loss"] is None

@@ -22,15 +22,11 @@ import pytest
 import zarr
 
 from pipeline.errors import OutputConflictError
+from pipeline.reconstruct import ReconstructConfig, completion_records, reconstruct
+from pipeline.reconstruct.config import WAIT_TIMEOUT_S
+from pipeline.reconstruct.coordination import WaitTimeoutError
 from pipeline.reconstruct.lease import LeaseLostError, lease_path, read_lease
-from pipeline.reconstruct.reconstruct import (
-    WAIT_TIMEOUT_S,
-    ReconstructConfig,
-    WaitTimeoutError,
-    _Output,
-    completion_records,
-    reconstruct,
-)
+from pipeline.reconstruct.store import _Output
 
 ROOT = Path(__file__).resolve().parents[2]
 SLABS = 4  # 8 slices in output chunks (= slabs) of 2
@@ -39,7 +35,7 @@ SLABS = 4  # 8 slices in output chunks (= slabs) of 2
 # itself when about to record its KILL_AT-th slab (that slab's chunks written, not recorded).
 DRIVER = """
 import importlib, os, signal, sys, time
-module = importlib.import_module("pipeline.reconstruct.reconstruct")
+module = importlib.import_module("pipeline.reconstruct.store")
 delay, kill_at = float(sys.argv[1]), int(sys.argv[2])
 original, count = module._Output.record, [0]
 def record(self, fingerprint, index, info):

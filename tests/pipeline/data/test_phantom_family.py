@@ -142,7 +142,7 @@ def test_industrial_pores_fibres_inclusions():
 
 
 def test_industrial_crack_is_a_thin_dark_sheet():
-    from pipeline.data.phantom_family import _Industrial
+    from pipeline.data.phantom_family_ct import _Industrial
 
     model = _Industrial(np.random.default_rng(0), 0)
     model.fibres = model.fibres.__class__(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0), 0.01)

@@ -11,6 +11,7 @@ import torch
 from losses_helpers import IdentityNet, LinearAdjointNet, ct_problem, mri_problem  # noqa: F401
 
 from operators3d import GaussianNoise, MultiCoilMRI, Rotate90
+from pipeline.classical import filtered_backprojection
 from pipeline.losses import (
     EquivariantImagingLoss,
     MeasurementConsistencyLoss,
@@ -24,7 +25,6 @@ from pipeline.losses import (
     residual_norms,
     step_generators,
 )
-from pipeline.models.physics import filtered_backprojection
 
 
 def _close(a, b, rtol=1e-10):

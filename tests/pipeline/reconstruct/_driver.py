@@ -15,7 +15,7 @@ def main() -> None:
     assert sys.argv[2] == "--"
     import importlib
 
-    module = importlib.import_module("pipeline.reconstruct.reconstruct")
+    module = importlib.import_module("pipeline.reconstruct.store")
 
     original = module._Output.record
     count = {"n": 0}

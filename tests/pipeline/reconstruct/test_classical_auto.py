@@ -13,13 +13,15 @@ import torch
 import zarr
 
 from pipeline.data import open_scan
-from pipeline.reconstruct import ReconstructConfig, completion_records, open_ome, reconstruct
+from pipeline.reconstruct import ReconstructConfig, ReconstructResult, completion_records, open_ome, reconstruct
+from pipeline.reconstruct.adapters import _Classical
 
+# The driver module: where the job looks up the slab writer, so where a test replaces it.
 module = importlib.import_module("pipeline.reconstruct.reconstruct")
-classical = importlib.import_module("pipeline.reconstruct.classical")
+classical = importlib.import_module("pipeline.classical.select")
 
 
-def _run(scan, out, **kw) -> module.ReconstructResult:
+def _run(scan, out, **kw) -> ReconstructResult:
     kw.setdefault("chunks", (2, 48, 48))
     kw.setdefault("progress", False)
     kw.setdefault("scheduler", "sync")
@@ -157,7 +159,7 @@ def test_tv_beats_fbp_on_a_noisy_phantom(tmp_path, noisy_ct):
 
 def test_resumed_tv_job_reuses_the_recorded_parameters(tmp_path, noisy_ct, monkeypatch):
     calls = {"calibrate": 0, "writes": 0}
-    original_calibrate, original_write = module._Classical.calibrate, module._write_slab
+    original_calibrate, original_write = _Classical.calibrate, module._write_slab
 
     def counting_calibrate(self, say):
         calls["calibrate"] += 1
@@ -170,7 +172,7 @@ def test_resumed_tv_job_reuses_the_recorded_parameters(tmp_path, noisy_ct, monke
         return original_write(level0, cplx, a, b, x)
 
     crash = {"on": True}
-    monkeypatch.setattr(module._Classical, "calibrate", counting_calibrate)
+    monkeypatch.setattr(_Classical, "calibrate", counting_calibrate)
     monkeypatch.setattr(module, "_write_slab", crashing_write)
     out = tmp_path / "tv.ome.zarr"
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -16,8 +16,10 @@ import pytest
 import torch
 import zarr
 
+from pipeline.metrics import nmse, psnr, ssim
 from pipeline.reconstruct import evaluate as ev
-from pipeline.reconstruct.metrics import nmse, psnr, ssim
+from pipeline.reconstruct import evaluate_cli
+from pipeline.reconstruct.ome_image import OmeImage
 
 SHAPE = (13, 20, 22)
 
@@ -174,8 +176,8 @@ def test_reads_slab_by_slab(tmp_path, scan, monkeypatch):
     ref = open_scan(big_scan).reference.read()
     store = write_ome(tmp_path / "big_out.zarr", _mag(ref) * 0.8, chunk_depth=4)
     reads: list[tuple[str, int, int]] = []
-    image_read = ev.OmeImage.read
-    monkeypatch.setattr(ev.OmeImage, "read", lambda self, lo, hi: (reads.append(("out", lo, hi)), image_read(self, lo, hi))[1])
+    image_read = OmeImage.read
+    monkeypatch.setattr(OmeImage, "read", lambda self, lo, hi: (reads.append(("out", lo, hi)), image_read(self, lo, hi))[1])
     from pipeline.data import ScanArray
 
     scan_read = ScanArray.read
@@ -232,10 +234,10 @@ def test_errors_name_the_path(tmp_path, out, scan, reference):
 
 def test_cli(tmp_path, out, scan, recon, reference, capsys):
     parser = argparse.ArgumentParser(prog="recon3d")
-    ev.add_parser(parser.add_subparsers(dest="command"))
+    evaluate_cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["evaluate", out, "--reference", scan, "--json", str(tmp_path / "m.json"),
                               "--mask", "object", "--data-range", "1.5"])
-    assert ev.run_cli(args) == 0
+    assert evaluate_cli.run_cli(args) == 0
     printed = capsys.readouterr().out
     saved = json.loads((tmp_path / "m.json").read_text())
     for key in ("psnr", "ssim", "nmse"):
@@ -251,8 +253,8 @@ def test_cli_reports_the_object_next_to_the_volume(tmp_path, out, scan, capsys):
     """Without --mask the command reports the whole volume and the object (the support mask),
     each with its data range; --no-object reports the volume only."""
     parser = argparse.ArgumentParser(prog="recon3d")
-    ev.add_parser(parser.add_subparsers(dest="command"))
-    assert ev.run_cli(parser.parse_args(["evaluate", out, "--reference", scan, "--json", str(tmp_path / "m.json")])) == 0
+    evaluate_cli.add_parser(parser.add_subparsers(dest="command"))
+    assert evaluate_cli.run_cli(parser.parse_args(["evaluate", out, "--reference", scan, "--json", str(tmp_path / "m.json")])) == 0
     printed = capsys.readouterr().out
     saved = json.loads((tmp_path / "m.json").read_text())
     whole, obj = ev.evaluate(out, scan), ev.evaluate(out, scan, mask="object")
@@ -262,5 +264,5 @@ def test_cli_reports_the_object_next_to_the_volume(tmp_path, out, scan, capsys):
     lines = [line for line in printed.splitlines() if "PSNR" in line]
     assert len(lines) == 2 and lines[0].lstrip().startswith("volume:") and lines[1].lstrip().startswith("object (")
     assert f"{obj['psnr']:.4f}" in lines[1] and all("R = " in line for line in lines)
-    assert ev.run_cli(parser.parse_args(["evaluate", out, "--reference", scan, "--no-object"])) == 0
+    assert evaluate_cli.run_cli(parser.parse_args(["evaluate", out, "--reference", scan, "--no-object"])) == 0
     assert len([line for line in capsys.readouterr().out.splitlines() if "PSNR" in line]) == 1

@@ -13,11 +13,15 @@ import zarr
 
 from pipeline.data import ScanError, open_scan
 from pipeline.errors import OutputConflictError
-from pipeline.reconstruct import ReconstructConfig, completion_records, open_ome, reconstruct, validate_ome
+from pipeline.reconstruct import (ReconstructConfig, ReconstructResult, completion_records, open_ome, reconstruct,
+                                  validate_ome)
+from pipeline.reconstruct.adapters import _Network
+from pipeline.reconstruct.coordination import resolve_model
 from pipeline.reconstruct.ome import downsample_mean, multiscales_metadata, ngff_unit
 from reconstruct_helpers import MRI_SHAPE, save_model, whole_volume
 
-# The module (its name is shadowed by the function in the package namespace).
+# The driver module (its name is shadowed by the function in the package namespace): where the
+# job looks up the slab writer, so where a test replaces it.
 module = importlib.import_module("pipeline.reconstruct.reconstruct")
 
 UNET = dict(widths=[4, 8])
@@ -26,7 +30,7 @@ UNROLLED = dict(backbone="dncnn", dncnn_width=4, dncnn_depth=3, reconstructor="u
 CT_UNET = dict(widths=[4, 8], initial="fbp")
 
 
-def _run(scan, out, **kw) -> module.ReconstructResult:
+def _run(scan, out, **kw) -> ReconstructResult:
     kw.setdefault("chunks", (2, 8, 8))
     kw.setdefault("progress", False)
     kw.setdefault("scheduler", "sync")
@@ -314,14 +318,14 @@ def test_run_directory_is_exported_when_stale(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline.train, "export_run", fake_export)
     export = run / "export" / "model.pt"
-    assert module.resolve_model(run) == export and len(calls) == 1  # missing: exported
-    assert module.resolve_model(run) == export and len(calls) == 1  # fresh: reused
+    assert resolve_model(run) == export and len(calls) == 1  # missing: exported
+    assert resolve_model(run) == export and len(calls) == 1  # fresh: reused
     past = time.time() - 100
     os.utime(export, (past, past))
-    assert module.resolve_model(run) == export and len(calls) == 2  # older than the checkpoint
-    assert module.resolve_model(export) == export
+    assert resolve_model(run) == export and len(calls) == 2  # older than the checkpoint
+    assert resolve_model(export) == export
     with pytest.raises(FileNotFoundError):
-        module.resolve_model(tmp_path / "nothing")
+        resolve_model(tmp_path / "nothing")
 
 
 def test_cone_beam_fdk_copies_the_derived_volume(tmp_path):
@@ -358,7 +362,7 @@ def test_staged_initial_estimate_equals_the_model_call(tmp_path, mri_scan, ct_sc
     _run(scan, tmp_path / "staged", model=str(weights), slab=4)
     if kind != "mri":
         torch.testing.assert_close(_level(tmp_path / "staged"), whole_volume(weights, scan), rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(module._Network, "staged", property(lambda self: False))
+    monkeypatch.setattr(_Network, "staged", property(lambda self: False))
     _run(scan, tmp_path / "plain", model=str(weights), slab=4)
     torch.testing.assert_close(_level(tmp_path / "staged"), _level(tmp_path / "plain"), rtol=1e-5, atol=1e-6)
 
@@ -381,8 +385,8 @@ def test_model_given_by_url_is_fetched_and_equals_the_local_file(tmp_path, ct_sc
         assert main(["reconstruct", "--model", url, "--scan", ct_scan, "--out", remote, "--no-progress"]) == 0
         assert np.array_equal(np.asarray(open_ome(local)[...]), np.asarray(open_ome(remote)[...]))
         with pytest.raises(ValueError, match="--pick best needs a run directory"):
-            module.resolve_model(url, pick="best")
+            resolve_model(url, pick="best")
         with pytest.raises(FileNotFoundError, match="no such weights file"):
-            module.resolve_model("memory://recon3d-tests-model-url/missing.pt")
+            resolve_model("memory://recon3d-tests-model-url/missing.pt")
     finally:
         fsspec.filesystem("memory").rm("/recon3d-tests-model-url", recursive=True)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.reconstruct import report as rp
+from pipeline.reconstruct.ome_image import OmeImage
 from test_evaluate import write_ome  # the OME-Zarr 0.5 writer of the evaluate tests
 
 SHAPE = (12, 24, 20)
@@ -81,7 +82,7 @@ def magnitude(scan) -> np.ndarray:
 
 def test_image_report_with_baseline(tmp_path, scan, magnitude, monkeypatch):
     from pipeline.data import ScanArray
-    from pipeline.reconstruct.metrics import nmse, psnr, ssim
+    from pipeline.metrics import nmse, psnr, ssim
 
     rng = np.random.default_rng(0)
     good = write_ome(tmp_path / "model.zarr", magnitude + 0.01 * rng.standard_normal(SHAPE), chunk_depth=3,
@@ -92,7 +93,7 @@ def test_image_report_with_baseline(tmp_path, scan, magnitude, monkeypatch):
     reads = []
     scan_read = ScanArray.read
     monkeypatch.setattr(ScanArray, "read", lambda self, d=None, **kw: (reads.append(d), scan_read(self, d, **kw))[1])
-    monkeypatch.setattr(rp.OmeImage, "read", lambda *a: pytest.fail("the report read a slab of OUT"))
+    monkeypatch.setattr(OmeImage, "read", lambda *a: pytest.fail("the report read a slab of OUT"))
     result = rp.report(good, baselines=[base], metrics=False)
     assert reads and all(d is not None and d.stop - d.start <= 4 for d in reads)
     assert result.metrics == [] and _is_png(result.figures[0])
@@ -106,7 +107,7 @@ def test_image_report_with_baseline(tmp_path, scan, magnitude, monkeypatch):
     assert [m["volume"] for m in result.metrics] == ["model", "adjoint"]
     ref = torch.from_numpy(magnitude)
     for m, path in zip(result.metrics, (good, base)):
-        from pipeline.reconstruct.evaluate import open_ome_image
+        from pipeline.reconstruct.ome_image import open_ome_image
 
         x = torch.from_numpy(open_ome_image(path).read(0, SHAPE[0]))
         assert m["psnr"] == pytest.approx(psnr(x, ref), rel=1e-12)

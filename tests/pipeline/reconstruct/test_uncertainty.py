@@ -97,7 +97,7 @@ def test_refused_without_a_noise_model(tmp_path):
 
 
 def test_poisson_quantile_draws_have_the_poisson_moments():
-    from pipeline.reconstruct.estimate import _poisson_quantile
+    from pipeline.reconstruct.uncertainty import _poisson_quantile
 
     g = torch.Generator().manual_seed(0)
     for lam in (0.7, 12.0, 29.0, 31.0, 900.0):

@@ -66,6 +66,28 @@ def test_overrides_parse_yaml_values():
         load_config(tiny_config("a.zarr"), ["loss.terms.9.weight=2"])
 
 
+def test_activation_checkpointing_keys_are_named_apart_from_saving_and_old_names_still_read():
+    raw = tiny_config("scan.zarr")
+    raw["model"]["activation_checkpointing"] = "level"
+    raw["model"]["tile"] = {"shape": [4, 8, 8], "activation_checkpointing": False}
+    new = load_config(raw)
+    assert new.model.activation_checkpointing == "level" and new.model.tile.activation_checkpointing is False
+
+    old = tiny_config("scan.zarr")
+    old["model"]["checkpoint"] = "level"
+    old["model"]["tile"] = {"shape": [4, 8, 8], "checkpoint": False}
+    with pytest.warns(FutureWarning, match=r"model\.checkpoint is renamed model\.activation_checkpointing"):
+        assert load_config(old) == new
+    # the resolved file carries the new names only
+    assert "activation_checkpointing: level" in dump_config(new) and "checkpoint: level" not in dump_config(new)
+
+    both = tiny_config("scan.zarr")
+    both["model"]["checkpoint"] = "level"
+    both["model"]["activation_checkpointing"] = "none"
+    with pytest.raises(ConfigError, match="give only activation_checkpointing"):
+        load_config(both)
+
+
 def test_learning_rate_schedule():
     cfg = load_config(tiny_config("a.zarr", run={"max_steps": 110},
                                   schedule={"name": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1}))
@@ -168,7 +190,7 @@ def test_start_at_initial_makes_the_network_its_initial_estimate(tiny_ct, backbo
     """``model.start_at_initial``: the residual backbone's last convolution is zeroed, so the
     untrained model returns exactly its initial estimate (FBP here); without it, it does not."""
     from pipeline.data import open_scan
-    from pipeline.models.reconstructors import initial_estimate
+    from pipeline.models.operator_steps import initial_estimate
     from pipeline.train.build import build_model, scan_facts
 
     facts = scan_facts([tiny_ct])

@@ -79,7 +79,9 @@ def test_one_rank_to_two_and_export(tmp_path, tiny_mri):
                        torch.load(tmp_path / "two3.pt", weights_only=False)["state"])
 
     out = tmp_path / "model.pt"
-    run_job(1, ["export", str(run), "--out", str(out)])
+    proc = run_job(1, ["export", str(run), "--out", str(out)])
+    # the result on stdout, alone (P=$(recon3d export RUN) is the path); chatter goes to stderr
+    assert proc.stdout.splitlines() == [str(out)], proc.stdout
     payload = torch.load(out, weights_only=True)  # plain tensors and containers only
     assert payload["step"] == 3
     model = load_exported(out)

@@ -19,8 +19,9 @@ choice). The criteria, their papers and the validation are in ``docs/classical.m
   terms come from one Lanczos run (:mod:`operators3d.krylov`), its divergence from the exact
   derivative of CG.
 
-Everything here runs on the calibration blocks only; each function returns the record that
-``recon3d reconstruct`` stores in the output's attributes (``calibration``).
+Everything here runs on the calibration blocks only; each ``select_*`` returns the record that
+``recon3d reconstruct`` stores in the output's attributes (``calibration``). The TV problem
+itself (weights, first estimate, one slab's solve) is :mod:`pipeline.classical.tv`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+
+from .tv import TVProblem
 
 __all__ = [
     "CALIBRATION_VERSION",
@@ -46,8 +49,6 @@ __all__ = [
     "select_fbp",
     "select_sense",
     "select_tv",
-    "tv_reconstruct",
-    "tv_problem",
 ]
 
 #: Bumped when a criterion or a grid changes: part of the job's fingerprint.
@@ -161,9 +162,7 @@ def _rdot(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _measured(op, y: torch.Tensor) -> tuple[torch.Tensor | None, int]:
-    from pipeline.models.physics import measurement_mask
-
-    mask = measurement_mask(op)
+    mask = op.measurement_mask()
     if mask is None:
         return None, y.numel()
     return mask.to(y.device), int(torch.broadcast_to(mask, y.shape).sum())
@@ -268,7 +267,7 @@ def select_sense(data: CalibrationData, noise, *, weights: Sequence[float] = SEN
     ``weights`` are relative to ``‖N‖`` (the largest Ritz value), or absolute with
     ``relative=False`` (an explicit ``--l2-weight``); the record gives them absolute.
     """
-    from operators3d.base import conjugate_gradient
+    from operators3d import conjugate_gradient
     from operators3d.krylov import Lanczos, conjugate_gradient_tangent, galerkin_coefficients, tridiagonal
 
     start = time.monotonic()
@@ -341,51 +340,6 @@ def select_sense(data: CalibrationData, noise, *, weights: Sequence[float] = SEN
 
 
 # ----------------------------------------------------------------------------- TV
-@dataclass
-class TVProblem:
-    """How TV is set up for a scan: data weights, noise scale, initial estimate, constraint."""
-
-    modality: str
-    grad_weights: tuple[float, float, float]
-    nonnegative: bool
-
-    def weights(self, noise, y: torch.Tensor) -> torch.Tensor | None:
-        """PWLS weights ``w = e^{−y}`` for photon-counting CT (``w v = 1/I₀``: whitened), else None."""
-        from operators3d import TransmissionNoise
-
-        if self.modality == "ct" and isinstance(noise, TransmissionNoise):
-            return torch.exp(-y.to(torch.float64)).to(y.dtype)
-        return None
-
-    def initial(self, op) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A linear first estimate: FBP (Hann) for CT, ``Aᴴy`` for MRI."""
-        if self.modality == "ct":
-            from operators3d.ct import fbp
-
-            return lambda v: fbp(v, op, filter="hann")
-        return op.adjoint
-
-
-def tv_problem(scan) -> TVProblem:
-    """The TV setup of ``scan``: gradient weights ``min(voxel)/voxel_a`` (physical units),
-    nonnegativity for CT (attenuation)."""
-    vs = [float(v) for v in scan.metadata.voxel_size]
-    small = min(vs)
-    return TVProblem(scan.modality, tuple(small / v for v in vs), scan.modality == "ct")  # type: ignore[arg-type]
-
-
-def tv_reconstruct(y: torch.Tensor, op, problem: TVProblem, noise, weight: float, iterations: int, *,
-                   cuts: Sequence[int] = (), progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """One TV reconstruction (a slab): ``min ½‖Ax − y‖²_w + μ TV(x)`` by PDHG."""
-    from operators3d.tv import FiniteDifference, tv_pdhg
-
-    grad = FiniteDifference(op.domain_shape, problem.grad_weights, cuts)
-    out = tv_pdhg(y, op, float(weight), num_iters=int(iterations), grad=grad,
-                  data_weights=problem.weights(noise, y), initial=problem.initial(op),
-                  nonnegative=problem.nonnegative, progress=progress)
-    return out[int(iterations)][0][0]
-
-
 def _confirm_tv(rows: list[dict[str, Any]], sure_rows: Callable[[Sequence[float], int], dict[tuple[float, int], float]],
                 say: Callable[[str], None], *, margin: float = TV_CONFIRM_MARGIN,
                 probes: int = TV_CONFIRM_PROBES) -> dict[str, Any]:

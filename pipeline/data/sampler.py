@@ -1,0 +1,270 @@
+"""What each rank of the slab stream reads, in which order (:mod:`pipeline.data.stream`).
+
+* :class:`SampleKey` — one fully specified sample (scan, D-range, crop, epoch, position); the
+  dataset's output is a pure function of the key. :class:`SlabSample` is what a key reads as,
+  :class:`OperatorRef` how its operator travels between processes.
+* :class:`SlabStreamConfig` — the scans and every setting of the stream.
+* The catalogue — each scan opened once and checked for the stream's mode, and its base keys
+  (every slab, or ``crops_per_scan`` random crops).
+* :class:`SlabSampler` — the keys of one rank for one epoch: a permutation drawn from
+  ``(seed, epoch)`` of the base keys, padded or cut to a multiple of the world size and dealt
+  round-robin: rank ``r`` takes positions ``r, r + W, r + 2W, ...``. The shards are disjoint
+  and together cover the epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from .format import CTGeometry, ScanError
+from .phantoms import derive_seed
+from .scan import open_scan, slab_slices
+
+__all__ = ["SampleKey", "OperatorRef", "SlabSample", "SlabStreamConfig", "SlabSampler"]
+
+
+class SampleKey(NamedTuple):
+    """One sample: scan ``scan`` rows ``d0:d1`` (and, for crops, ``h0:h1``, ``w0:w1``).
+
+    ``epoch`` and ``position`` (the sample's place in the epoch's global order) identify it.
+    """
+
+    scan: int
+    d0: int
+    d1: int
+    h0: int = 0
+    h1: int = -1
+    w0: int = 0
+    w1: int = -1
+    epoch: int = 0
+    position: int = 0
+
+
+class OperatorRef(NamedTuple):
+    """Stands for the operator of a slab that depends on the scan's geometry only.
+
+    Parallel-beam slab operators hold projection tables of several MB but no data of their
+    own; sending one from a worker for every sample would cost more than the sample. Workers
+    send this reference instead and :class:`SlabStream` swaps in the operator, built once per
+    ``(scan, thickness)`` in the consuming process.
+    """
+
+    scan: int
+    d0: int
+    d1: int
+
+
+class SlabSample(NamedTuple):
+    """``(y, op, meta)``: measurements (or an image crop), the slab's operator (or None), info."""
+
+    y: torch.Tensor
+    op: Any
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SlabStreamConfig:
+    """Settings of a :class:`SlabStream`.
+
+    Args:
+        scans: scan paths or URLs.
+        mode: ``measurements`` (slabs with their operators) or ``image`` (crops of derived
+            volumes).
+        slab_thickness: D-slices per slab, a multiple of every scan's chunk depth (default:
+            one chunk).
+        image_arrays: the ``derived/`` arrays read in image mode, stacked on a leading axis
+            (``("n2i",)`` gives ``(K, d, h, w)``; ``("fbp",)`` gives ``(1, d, h, w)``).
+        crop_shape: ``(d, h, w)`` of image crops (``d`` a multiple of the chunk depth).
+        crops_per_scan: crops of each scan per epoch (image mode).
+        include_reference: add ``meta["reference"]``, the reference slab or crop, when the scan
+            has one (evaluation, supervised baselines).
+        shuffle: permute the samples each epoch (else scan order).
+        seed: the seed of the permutation and crop positions.
+        remainder: when the sample count is not a multiple of the world size: ``pad``
+            (repeat the first samples so every rank gets as many — DDP-safe), ``drop`` (cut
+            the last ones), ``uneven`` (ranks differ by one sample; exactly a disjoint cover).
+        num_workers: readers working ahead of the loop (0: each sample is read in the loop's
+            thread when it is asked for).
+        worker_type: what the readers are: ``thread`` (default; threads of this process,
+            no inter-process copy, see the module docstring) or ``process`` (DataLoader
+            worker processes).
+        prefetch_factor: samples (batches when ``batch_size`` is set) each reader reads
+            ahead: at most ``num_workers * prefetch_factor`` are read and not yet delivered.
+        batch_size: ``None`` yields single samples; an int stacks samples with the same
+            operator (CT slabs of one scan, image crops).
+        check_finite: reject chunks holding NaN/Inf.
+        multiprocessing_context: how worker processes start (``fork``, ``forkserver``,
+            ``spawn``; ``None``: the process default). ``spawn``/``forkserver`` workers import
+            torch and zarr afresh (seconds, once: workers persist across epochs). Process
+            readers only.
+        storage_options: passed to fsspec for URL scans.
+    """
+
+    scans: tuple[str, ...]
+    mode: str = "measurements"
+    slab_thickness: int | None = None
+    image_arrays: tuple[str, ...] = ("n2i",)
+    crop_shape: tuple[int, int, int] | None = None
+    crops_per_scan: int = 16
+    include_reference: bool = False
+    shuffle: bool = True
+    seed: int = 0
+    remainder: str = "pad"
+    num_workers: int = 2
+    worker_type: str = "thread"
+    prefetch_factor: int = 2
+    batch_size: int | None = None
+    check_finite: bool = True
+    multiprocessing_context: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scans", tuple(str(s) for s in self.scans))
+        where = "SlabStreamConfig"
+        if not self.scans:
+            raise ValueError(f"{where}: give at least one scan")
+        if self.mode not in ("measurements", "image"):
+            raise ValueError(f"{where}: mode must be 'measurements' or 'image', got {self.mode!r}")
+        if self.remainder not in ("pad", "drop", "uneven"):
+            raise ValueError(f"{where}: remainder must be 'pad', 'drop' or 'uneven', got {self.remainder!r}")
+        if self.mode == "image" and self.crop_shape is None:
+            raise ValueError(f"{where}: mode 'image' needs crop_shape=(d, h, w)")
+        if self.worker_type not in ("thread", "process"):
+            raise ValueError(f"{where}: worker_type must be 'thread' or 'process', got {self.worker_type!r}")
+        if self.num_workers < 0 or self.prefetch_factor < 1:
+            raise ValueError(f"{where}: num_workers must be >= 0 and prefetch_factor >= 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"{where}: batch_size must be None or >= 1, got {self.batch_size}")
+
+
+# ----------------------------------------------------------------------------- catalogue
+@dataclass(frozen=True)
+class _ScanInfo:
+    path: str
+    modality: str
+    depth: int  # D of what is sliced: measurements (mode measurements) or volume (image)
+    chunk_depth: int
+    image_shape: tuple[int, int, int]
+    cone: bool
+
+
+def _catalogue(config: SlabStreamConfig) -> list[_ScanInfo]:
+    out = []
+    for path in config.scans:
+        scan = open_scan(path, storage_options=config.storage_options)
+        meta = scan.metadata
+        cone = isinstance(meta.geometry, CTGeometry) and meta.geometry.kind == "cone"
+        if config.mode == "measurements" and cone:
+            raise ScanError(
+                f"scan '{path}': cone-beam slabs have no exact operator of their own; stream "
+                "it with mode='image' over derived volumes (recon3d preprocess)"
+            )
+        if config.mode == "image":
+            for name in config.image_arrays:
+                scan.derived(name)  # raises, naming the scan, when missing or incomplete
+        depth = meta.measurement_depth if config.mode == "measurements" else meta.volume_shape[0]
+        out.append(
+            _ScanInfo(path, meta.modality, depth, meta.chunk_depth, tuple(meta.volume_shape), cone)
+        )
+    return out
+
+
+def _base_keys(config: SlabStreamConfig, infos: Sequence[_ScanInfo]) -> list[SampleKey]:
+    keys: list[SampleKey] = []
+    for i, info in enumerate(infos):
+        if config.mode == "measurements":
+            t = info.chunk_depth if config.slab_thickness is None else int(config.slab_thickness)
+            try:
+                slices = slab_slices(info.depth, t, info.chunk_depth)
+            except ValueError as err:
+                raise ValueError(f"scan '{info.path}': {err}") from None
+            keys += [SampleKey(i, s.start, s.stop) for s in slices]
+        else:
+            cd, ch, cw = (int(v) for v in config.crop_shape)  # type: ignore[union-attr]
+            d, h, w = info.image_shape
+            if cd % info.chunk_depth or cd > d or ch > h or cw > w or min(cd, ch, cw) < 1:
+                raise ValueError(
+                    f"scan '{info.path}': crop_shape {config.crop_shape} must fit the volume "
+                    f"{info.image_shape} with d a multiple of the chunk depth {info.chunk_depth}"
+                )
+            keys += [SampleKey(i, 0, cd, 0, ch, 0, cw, position=k) for k in range(config.crops_per_scan)]
+    return keys
+
+
+# ----------------------------------------------------------------------------- sampler
+class SlabSampler(Sampler[SampleKey]):
+    """The sample keys of one rank, a pure function of ``(seed, epoch, rank, world_size)``.
+
+    The epoch's global order is a permutation of the base samples drawn from
+    ``(seed, epoch)``; it is padded/cut to a multiple of the world size (``remainder``) and,
+    from global position ``offset`` on, dealt round-robin to the ranks. ``start`` skips the
+    rank's first samples (mid-epoch resume).
+    """
+
+    def __init__(
+        self,
+        base: Sequence[SampleKey],
+        infos: Sequence[_ScanInfo],
+        config: SlabStreamConfig,
+        *,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"SlabSampler: need 0 <= rank < world_size, got {rank}, {world_size}")
+        self.base = list(base)
+        self.infos = list(infos)
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.offset = 0
+        self.start = 0
+
+    def global_order(self, epoch: int) -> list[int]:
+        """Indices into the base samples, in the epoch's order, padded or cut."""
+        n = len(self.base)
+        if self.config.shuffle:
+            rng = np.random.default_rng(derive_seed(self.config.seed, "order", epoch))
+            order = rng.permutation(n).tolist()
+        else:
+            order = list(range(n))
+        w = self.world_size
+        if self.config.remainder == "pad" and n % w:
+            order += (order * w)[: w - n % w]
+        elif self.config.remainder == "drop":
+            order = order[: n - n % w]
+        return order
+
+    def _key(self, base_index: int, epoch: int, position: int) -> SampleKey:
+        key = self.base[base_index]
+        if self.config.mode == "image":
+            info = self.infos[key.scan]
+            d, h, w = info.image_shape
+            cd, ch, cw = key.d1 - key.d0, key.h1 - key.h0, key.w1 - key.w0
+            rng = np.random.default_rng(derive_seed(self.config.seed, "crop", epoch, base_index))
+            steps = (d - cd) // info.chunk_depth
+            d0 = int(rng.integers(0, steps + 1)) * info.chunk_depth
+            h0 = int(rng.integers(0, h - ch + 1))
+            w0 = int(rng.integers(0, w - cw + 1))
+            key = key._replace(d0=d0, d1=d0 + cd, h0=h0, h1=h0 + ch, w0=w0, w1=w0 + cw)
+        return key._replace(epoch=epoch, position=position)
+
+    def keys(self, epoch: int | None = None, *, offset: int | None = None) -> list[SampleKey]:
+        """This rank's keys of ``epoch`` from global position ``offset`` on (before ``start``)."""
+        epoch = self.epoch if epoch is None else epoch
+        offset = self.offset if offset is None else offset
+        order = self.global_order(epoch)
+        positions = range(offset + self.rank, len(order), self.world_size)
+        return [self._key(order[p], epoch, p) for p in positions]
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        return iter(self.keys()[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, len(range(self.offset + self.rank, len(self.global_order(self.epoch)), self.world_size)) - self.start)

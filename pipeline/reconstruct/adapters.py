@@ -1,0 +1,366 @@
+"""The reconstructors ``recon(lo, hi)`` of ``recon3d reconstruct``: each maps an input D-range of
+the scan to its image.
+
+* :class:`_SlabReader` — a D-range's measurements and operator, read chunk by chunk;
+* :class:`_Classical` — adjoint, FBP, SENSE or TV with given or calibrated parameters;
+* :class:`_Derived` — cone-beam FDK: the scan's ``derived/fbp``;
+* :class:`_Network` — an exported model under the scan's intensity scale; what it needs to know
+  of its training run (the slab thickness of the scale) comes from the export's model card
+  (:mod:`pipeline.modelcard`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from pipeline.data.format import ATTRS_KEY, CTGeometry, ScanError
+from pipeline.modelcard import ModelCard, read_card
+
+from .config import AUTO, TV_HALO, ReconstructConfig
+from .coordination import _say, resolve_model
+from .halo import _reconstructor, model_halo, retile
+
+
+def _weights_digest(path: Path) -> tuple[str, dict[str, Any], ModelCard | None]:
+    """sha256 of an export's weights (names, dtypes, shapes, values) and configs, what it
+    describes, and its model card (``None``: an export made before cards).
+
+    The file is read weights-only and checked (:func:`pipeline.train.export.read_export`): a
+    crafted pickle, a garbage file or weights with NaN/Inf are refused here, before any slab.
+    """
+    from pipeline.train.export import read_export
+
+    payload = read_export(path)
+    h = hashlib.sha256()
+    for name in sorted(payload["state_dict"]):
+        t = payload["state_dict"][name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    desc = {"model_config": payload.get("model_config"), "loss_config": payload.get("loss_config"),
+            "modality": payload.get("modality"), "channels": payload.get("channels")}
+    h.update(json.dumps(desc, sort_keys=True, default=str).encode())
+    return h.hexdigest(), {**desc, "step": payload.get("step")}, read_card(payload, path)
+
+
+class _SlabReader:
+    """``(y, op)`` of a D-range of a scan, as ``Scan.slab`` gives, read chunk by chunk into
+    preallocated tensors: the peak is the slab plus one chunk, not twice the slab (which
+    ``ScanArray.read``'s concatenation of the chunks costs). The MRI mask is read once, so
+    every slab operator shares it (and its cached FFT phases)."""
+
+    def __init__(self, scan) -> None:
+        self.scan = scan
+        self.mask = scan.mask.read_torch() if scan.modality == "mri" else None
+
+    @staticmethod
+    def _read(array, lo: int, hi: int) -> torch.Tensor:
+        axis, step = array.d_axis, array.chunk_depth
+        shape = list(array.shape)
+        shape[axis] = hi - lo
+        out: torch.Tensor | None = None
+        for start in range(lo // step * step, hi, step):
+            a, b = max(lo, start), min(hi, start + step)
+            part = array.read_torch(slice(a, b))  # one chunk: checked present, decoded, finite
+            if out is None:
+                out = torch.empty(shape, dtype=part.dtype)
+            out.narrow(axis, a - lo, b - a).copy_(part)
+            del part
+        assert out is not None
+        return out
+
+    def __call__(self, lo: int, hi: int):
+        if self.mask is not None:
+            from operators3d import MultiCoilMRI
+
+            op = MultiCoilMRI(mask=self.mask, coil_maps=self._read(self.scan.coil_maps, lo, hi))
+        else:
+            op = self.scan.operator(slice(lo, hi))
+        return self._read(self.scan.measurements, lo, hi), op
+
+
+class _Classical:
+    """A classical reconstruction of each input slab (no D coupling: halo 0; TV: a halo of
+    ``TV_HALO`` slices), with its parameters given or chosen by a calibration (``auto``)."""
+
+    multiple = 1
+
+    def __init__(self, scan, config: ReconstructConfig, device: torch.device) -> None:
+        geom = scan.metadata.geometry
+        m = config.method
+        mri = scan.modality == "mri"
+        cone = isinstance(geom, CTGeometry) and geom.kind == "cone"
+        if m == "sense" and not mri:
+            raise ValueError("reconstruct: --method sense is for MRI scans; use fbp (or fdk, tv) for CT")
+        if m in ("fbp", "fdk") and mri:
+            raise ValueError(f"reconstruct: --method {m} is for CT scans; use adjoint, sense or tv for MRI")
+        if m == "fdk" and isinstance(geom, CTGeometry) and geom.kind == "parallel":
+            raise ValueError("reconstruct: --method fdk is for cone-beam scans; use fbp for parallel beam")
+        if m == "adjoint" and cone:
+            raise ValueError("reconstruct: a cone-beam slab has no operator of its own; use --method fdk")
+        if m == "tv" and cone:
+            raise ValueError("reconstruct: --method tv runs slab by slab, which cone-beam rays do not allow "
+                             "(a ray crosses slabs); use --method fdk")
+        self.scan, self.method, self.device = scan, m, device
+        self.read = _SlabReader(scan)
+        self.config = config
+        self.is_complex = mri
+        self.noise = scan.metadata.noise()
+        self.radius = TV_HALO if m == "tv" else 0
+        self.notes = ([f"3D TV couples neighbouring slices: each slab is solved with a halo of {TV_HALO} "
+                       "slices (default), close to but not equal to the whole volume's solution"]
+                      if m == "tv" else [])
+        c = config
+        cutoff = c.filter_cutoff if c.filter_cutoff is not None else (AUTO if c.filter == AUTO else 1.0)
+        given: dict[str, Any] = {}
+        if m == "fbp":
+            given = {"filter": c.filter, "cutoff": cutoff}
+        elif m == "sense":
+            given = {"l2_weight": c.l2_weight, "iterations": c.sense_iters}
+        elif m == "tv":
+            given = {"tv_weight": c.tv_weight, "iterations": c.tv_iters}
+        self.given = {k: (v if v == AUTO else (int(v) if k == "iterations" else
+                                               v if k == "filter" else float(v))) for k, v in given.items()}
+        self.params: dict[str, Any] = dict(self.given)
+        self.calibration: dict[str, Any] | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(v == AUTO for v in self.given.values())
+
+    def describe(self) -> dict[str, Any]:
+        # What is hashed: the settings as given ("auto" for a chosen value) and how the choice is
+        # made; the chosen values are recorded in the attributes (``calibration``) and reused.
+        params: dict[str, Any] = {"method": self.method, **self.given}
+        if self.needs_calibration:
+            from pipeline.classical import CALIBRATION_VERSION
+
+            params["calibration"] = {"version": CALIBRATION_VERSION, "slabs": int(self.config.calibration_slabs)}
+        return params
+
+    def parameters(self) -> dict[str, Any]:
+        """The values every slab uses (given or chosen)."""
+        return dict(self.params)
+
+    def calibrate(self, say: Callable[[str], None]) -> None:
+        """Choose the ``auto`` values on a few D-blocks of the scan (rank 0, before any slab)."""
+        from pipeline import classical as cl
+
+        given, scan = self.given, self.scan
+        depth = int(scan.metadata.volume_shape[0])
+        mri = scan.modality == "mri"
+        thickness = {"fbp": 4, "sense": 1, "tv": 2 if mri else 4}[self.method]
+        blocks = cl.calibration_blocks(depth, int(self.config.calibration_slabs), thickness)
+        variance = None
+        if self.noise is not None:
+            variance = cl.measurement_variance(self.noise, torch.zeros(1))
+        if variance is None or (self.method == "sense" and torch.is_tensor(variance)):
+            self.calibration = self._fallback(say)
+        else:
+            data = cl.calibration_data(scan, self.read, blocks, self.device)
+            if self.method == "fbp":
+                record = cl.select_fbp(
+                    data, self.noise,
+                    windows=cl.FBP_WINDOWS if given["filter"] == AUTO else (given["filter"],),
+                    cutoffs=cl.FBP_CUTOFFS if given["cutoff"] == AUTO else (given["cutoff"],), say=say)
+            elif self.method == "sense":
+                fixed = given["l2_weight"] != AUTO
+                record = cl.select_sense(
+                    data, self.noise, weights=[given["l2_weight"]] if fixed else cl.SENSE_WEIGHTS,
+                    relative=not fixed,
+                    iterations=cl.SENSE_ITERATIONS if given["iterations"] == AUTO else (given["iterations"],),
+                    say=say)
+            else:
+                record = cl.select_tv(
+                    data, self.noise, cl.tv_problem(scan),
+                    iterations=cl.TV_ITERATIONS if given["iterations"] == AUTO else (given["iterations"],),
+                    weight=None if given["tv_weight"] == AUTO else given["tv_weight"], say=say)
+            del data
+            self.calibration = record
+        self.apply_calibration(self.calibration)
+        chosen = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in self.calibration["chosen"].items())
+        say(f"calibration ({self.calibration['criterion']}, {self.calibration.get('seconds', 0):.0f} s): {chosen}")
+
+    def _fallback(self, say: Callable[[str], None]) -> dict[str, Any]:
+        """No usable noise model: the former fixed defaults (TV has none: its weight must be given)."""
+        why = ("the scan records no noise model" if self.noise is None
+               else f"its noise model ({self.noise.to_dict()}) has no estimate here")
+        if self.method == "tv" and self.given["tv_weight"] == AUTO:
+            raise ValueError(f"reconstruct: --tv-weight auto needs the scan's noise model, and {why}; "
+                             "give --tv-weight (and --tv-iters)")
+        defaults = {"filter": "ram-lak", "cutoff": 1.0, "l2_weight": 1e-3, "iterations": 20 if self.method == "sense" else 100}
+        chosen = {k: (defaults[k] if v == AUTO else v) for k, v in self.given.items()}
+        say(f"no reference-free choice: {why}; using {chosen}")
+        return {"version": None, "method": self.method, "criterion": "none", "reason": why,
+                "chosen": chosen, "candidates": []}
+
+    def apply_calibration(self, record: Mapping[str, Any] | None) -> None:
+        """Use a calibration's choice (this job's, or the one recorded in the output)."""
+        if not self.needs_calibration:
+            return
+        if not record or "chosen" not in record:
+            raise ScanError("reconstruct: the output records no calibration for its auto parameters; "
+                            "rerun with --overwrite or another --out")
+        self.calibration = dict(record)
+        for key, value in self.given.items():
+            if value == AUTO:
+                self.params[key] = record["chosen"][key]
+
+    @torch.no_grad()
+    def __call__(self, lo: int, hi: int) -> torch.Tensor:
+        y, op = self.read(lo, hi)
+        return self.apply(y.to(self.device), op.to(self.device)).cpu()
+
+    @torch.no_grad()
+    def apply(self, y: torch.Tensor, op) -> torch.Tensor:
+        """The method with this job's parameters on measurements ``y`` of operator ``op``
+        (a slab's, or another of the scan's kind: fewer views, another k-space mask)."""
+        from pipeline.classical import reconstruct_slab, tv_problem
+
+        problem = tv_problem(self.scan) if self.method == "tv" else None
+        return reconstruct_slab(self.method, y, op, self.params, noise=self.noise, problem=problem)
+
+
+class _Derived:
+    """Cone-beam FDK: the scan's ``derived/fbp`` (made out of core by ``recon3d preprocess``)."""
+
+    radius, multiple, notes = 0, 1, []
+    is_complex = False
+
+    def __init__(self, scan) -> None:
+        self.scan = scan
+        try:
+            self.array = scan.derived("fbp")
+        except ScanError:
+            raise ScanError(
+                f"scan '{scan.path}': a cone-beam scan's FDK is computed out of core by "
+                f"`recon3d preprocess {scan.path} --outputs fbp`; run it, then reconstruct again"
+            ) from None
+        self.parameters = dict(self.array.array.attrs).get(ATTRS_KEY, {}).get("parameters")
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": "fdk", "source": "derived/fbp", "parameters": self.parameters}
+
+    def __call__(self, lo: int, hi: int) -> torch.Tensor:
+        return self.array.read_torch(slice(lo, hi))
+
+
+class _Network:
+    """An exported model ``model(y, op)`` on each input slab, under the scan's intensity scale."""
+
+    def __init__(self, scan, config: ReconstructConfig, device: torch.device, *, rank: int) -> None:
+        from pipeline.train import load_exported
+
+        geom = scan.metadata.geometry
+        if isinstance(geom, CTGeometry) and geom.kind == "cone":
+            raise ScanError(
+                f"scan '{scan.path}': cone-beam rays cross slabs, so a model cannot run slab by slab "
+                "on its measurements; reconstruct it with --method fdk"
+            )
+        self.weights = resolve_model(config.model, rank=rank, timeout_s=config.wait_timeout_s,  # type: ignore[arg-type]
+                                     pick=config.pick)
+        self.digest, self.info, self.card = _weights_digest(self.weights)
+        if self.info.get("modality") not in (None, scan.modality):
+            raise ValueError(
+                f"reconstruct: the model was trained on {self.info['modality']} scans, the scan is {scan.modality}"
+            )
+        model = load_exported(self.weights)
+        self.model = retile(model, config.tile, config.overlap).to(device).eval()
+        radius, self.multiple, self.notes = model_halo(self.model)
+        if radius is None and config.halo is None:
+            raise ValueError(
+                "reconstruct: the model normalises over its whole input (instance/group norm), so "
+                "slabs cannot equal the whole volume; pass --halo N to reconstruct anyway"
+            )
+        self.radius = int(radius or 0)
+        if scan.modality == "mri" and type(_reconstructor(self.model)).__name__ == "UnrolledNetwork":
+            self.notes = self.notes + [
+                "unrolled step 1/L uses max sum|S|^2 over each input slab: the whole volume's for "
+                "coil maps normalised to sum|S|^2 = 1 (simulated, ESPIRiT), to float32 rounding"
+            ]
+        self.scan, self.device = scan, device
+        self.read = _SlabReader(scan)
+        self.is_complex = scan.modality == "mri"
+        self.scale_thickness = self._scale_thickness(config, rank)
+        self.storage_options = dict(config.storage_options or {}) or None
+        self.scale: float | None = None
+        self.piece = scan.chunk_depth  # slices per read of a staged initial estimate (set per job)
+        self.tile = config.tile
+        self.overlap = config.overlap
+
+    def _scale_thickness(self, config: ReconstructConfig, rank: int) -> int | None:
+        """The training slab thickness the intensity scale is measured on: the model card's; for
+        an export made before cards, the run's resolved config when ``--model`` is a run directory."""
+        if self.card is not None:
+            return self.card.slab_thickness
+        thickness = _training_thickness(config.model)
+        source = (f"{config.model}/config.resolved.yaml ({thickness})" if thickness is not None
+                  else "nowhere: the scale is measured on slabs of the scan's chunk depth")
+        _say(f"{self.weights} has no model card (exported before recon3d wrote one): the training slab "
+             f"thickness comes from {source}; export the run again to record it", config.progress and rank == 0)
+        return thickness
+
+    def measure_scale(self) -> float | None:
+        """The scan's intensity scale for this model (as training computes it; rank 0 only:
+        the other ranks, and resumed runs, take the one recorded in the output)."""
+        from pipeline.train.build import scan_scale
+
+        return scan_scale(self.model, self.scan.path, thickness=self.scale_thickness,
+                          storage_options=self.storage_options, device=self.device)
+
+    def describe(self) -> dict[str, Any]:
+        # The scale is a function of the weights, the scan and the thickness, all in here; its
+        # value is recorded in the attributes, not hashed (ranks and devices round it apart).
+        return {"model": {"sha256": self.digest, **self.info}, "tile": self.tile, "overlap": self.overlap,
+                "scale_thickness": self.scale_thickness}
+
+    @property
+    def staged(self) -> bool:
+        """Whether the model is an ``ArtifactRemoval`` with a D-local initial estimate, which
+        is then computed piece by piece: ``model(y, op)`` is ``model(initial_estimate(y, op),
+        None)`` (its image mode), so the multi-coil k-space and coil maps of the whole input
+        slab (16× the image for 8 coils) are never held at once."""
+        from pipeline.models import ArtifactRemoval
+
+        return isinstance(self.model, ArtifactRemoval) and self.model.initial in ("adjoint", "fbp")
+
+    @torch.no_grad()
+    def apply(self, y: torch.Tensor, op) -> torch.Tensor:
+        """The model on measurements ``y`` of operator ``op`` (under the active intensity scale)."""
+        return self.model(y.unsqueeze(0).to(self.device), op.to(self.device))[0]
+
+    @torch.no_grad()
+    def __call__(self, lo: int, hi: int) -> torch.Tensor:
+        if not self.staged:
+            y, op = self.read(lo, hi)
+            y, op = y.unsqueeze(0).to(self.device), op.to(self.device)
+            return self.model(y, op)[0].cpu()
+        parts = []
+        for a in range(lo, hi, self.piece):
+            y, op = self.read(a, min(a + self.piece, hi))
+            # the model's own initial estimate (its FBP window...): the network's training input
+            parts.append(self.model.initial_image(y.unsqueeze(0).to(self.device), op.to(self.device)))
+            del y, op
+        x0 = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-3)
+        del parts
+        return self.model(x0, None)[0].cpu()
+
+
+def _training_thickness(model: str | None) -> int | None:
+    """The slab thickness the run trained with (its intensity scale used it), if known: for an
+    export without a model card, read from the run directory's resolved config."""
+    if model is None or not Path(model).is_dir():
+        return None
+    resolved = Path(model) / "config.resolved.yaml"
+    if not resolved.is_file():
+        return None
+    import yaml
+
+    cfg = yaml.safe_load(resolved.read_text()) or {}
+    value = (cfg.get("data") or {}).get("slab_thickness")
+    return int(value) if value else None
