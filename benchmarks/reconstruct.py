@@ -60,7 +60,8 @@ def _weights(scratch: Path) -> str:
     import torch
 
     from pipeline.train.build import ScanFacts, build_model
-    from pipeline.train.config import LossConfig, MCTerm, ModelConfig
+    from pipeline.losses.registry import MCTerm
+    from pipeline.train.config import LossConfig, ModelConfig
     from pipeline.train.export import EXPORT_FORMAT
 
     path = scratch / "unet.pt"

@@ -7,7 +7,7 @@
 For each scan (the held-out family of ``benchmarks/quality.py`` by default, made here through
 ``recon3d simulate`` when missing, as ``benchmarks/classical.py`` does) and each classical method
 with its reference-free (auto) parameters, the whole 16-slice volume is reconstructed in memory
-and its error estimated by :func:`pipeline.reconstruct.estimate.estimate_error` with no
+and its error estimated by :func:`pipeline.estimate.estimate_error` with no
 reference. Printed per case: the true PSNR (magnitude, as ``recon3d evaluate``; and of the
 complex image for MRI, which the estimate targets), the estimate with its interval, the plain
 equivariant bootstrap's estimate beside it, the error of each in dB, and the wall time relative
@@ -37,11 +37,10 @@ def _reconstructor(scan, method: str):
     exported model (``*.pt``) under the scan's intensity scale."""
     import torch
 
-    from pipeline.reconstruct import ReconstructConfig
-    from pipeline.reconstruct.adapters import _Classical, _Network
-
     if method.endswith(".pt"):
         from pipeline.models import intensity_scale
+        from pipeline.reconstruct import ReconstructConfig
+        from pipeline.reconstruct.adapters import _Network
 
         net = _Network(scan, ReconstructConfig(scan=scan.path, out="unused", model=method, progress=False),
                        torch.device("cpu"), rank=0)
@@ -53,8 +52,9 @@ def _reconstructor(scan, method: str):
 
         return f, {"model": method, "intensity_scale": scale}
 
-    recon = _Classical(scan, ReconstructConfig(scan=scan.path, out="unused", method=method, progress=False),
-                       torch.device("cpu"))
+    from pipeline.classical import AutoClassical
+
+    recon = AutoClassical(scan, method, device=torch.device("cpu"))  # every parameter auto
     recon.calibrate(lambda _: None)
     return recon.apply, recon.parameters()
 
@@ -66,10 +66,8 @@ def _modality_of(weights: str) -> str:
 
 
 def case(scratch: Path, name: str, method: str, args) -> dict:
-    import torch
-
     from pipeline.data import open_scan
-    from pipeline.reconstruct.estimate import estimate_error, estimate_pilot, pilot_estimate
+    from pipeline.estimate import estimate_error, estimate_pilot, pilot_estimate
     from pipeline.reconstruct.adapters import _SlabReader
 
     scan = open_scan(make_scan(scratch, name))

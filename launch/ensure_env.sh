@@ -18,7 +18,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 
-STAMP="$VENV/.recon3d-installed"
+STAMP="$VENV/.recon3d-installed-${EXTRAS//,/+}"  # one per set of extras: the main job and the tests do not undo each other
 WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/launch/ensure_env.sh" | sha256sum | cut -c1-16)-$EXTRAS"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
     exit 0

@@ -3,5 +3,6 @@
 # runs `recon3d quickstart` (arguments are passed through; see `recon3d quickstart --help`).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/launch/ensure_env.sh"
+# the main job needs training and the report's pictures, not the test tools
+RECON3D_EXTRAS="${RECON3D_EXTRAS:-train,report}" bash "$ROOT/launch/ensure_env.sh"
 exec "$ROOT/.venv/bin/recon3d" quickstart "$@"

@@ -85,7 +85,7 @@ class LinearOperator(nn.Module):
     Subclasses implement ``_forward`` and ``_adjoint`` on already-checked tensors and may
     override ``_normal`` (``Aᴴ A`` without the intermediate) and ``_make_adjoint``.
 
-    Capabilities (what losses and reconstructors ask of an operator; docs/design.md,
+    Capabilities (what losses and reconstructors ask of an operator; docs/architecture.md,
     "Operator capabilities"). Each has a default that is right for a plain operator measuring
     every entry of its range; an operator overrides those that its physics changes:
 

@@ -193,16 +193,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quickstart(args: argparse.Namespace) -> int:
-    from pipeline.quickstart import QuickstartConfig, run_quickstart
+def _quickstart_config(args: argparse.Namespace):
+    """The :class:`~pipeline.quickstart.QuickstartConfig` of ``recon3d quickstart``."""
+    from pipeline.quickstart import QuickstartConfig
 
-    config = QuickstartConfig(
+    return QuickstartConfig(
         out=args.out, modality=args.modality, shape=tuple(args.shape), angles=args.angles,
         photons=args.photons, coils=args.coils, acceleration=args.acceleration,
         calibration=args.calibration, noise_sigma=args.noise_sigma, steps=args.steps,
         nproc=args.nproc, seed=args.seed, overrides=tuple(args.overrides), progress=args.progress,
         tv=args.tv, estimate=args.estimate,
     )
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from pipeline.quickstart import run_quickstart
+
+    config = _quickstart_config(args)
     result = run_quickstart(config)
     print((Path(config.out) / "README.md").read_text())
     return 0 if result.beats_baseline else 3

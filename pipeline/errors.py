@@ -26,6 +26,8 @@ __all__ = [
     "UntrustedFileError",
     "OutputConflictError",
     "StorageFullError",
+    "MissingExtraError",
+    "require_extra",
     "exit_code",
     "report_error",
     "storage_error",
@@ -54,6 +56,32 @@ class OutputConflictError(InputError):
 
 class StorageFullError(Recon3dError):
     """A write that ran out of space (or quota): names the path and the bytes it needed."""
+
+
+class MissingExtraError(Recon3dError):
+    """A command needs an optional part of recon3d that is not installed: names the extra."""
+
+
+def require_extra(module: str, extra: str, what: str, *, load: bool = True):
+    """Import ``module`` for ``what`` (``load=False``: only check that it is installed), or say
+    which extra of recon3d brings it.
+
+    ``pip install recon3d`` gives operators3d, the data layer, classical reconstruction and
+    evaluation; training (``train``), pictures (``report``) and dask clusters (``distributed``)
+    are extras, so a command that needs one names it instead of failing on an import.
+    """
+    import importlib
+    import importlib.util
+
+    try:
+        if not load:
+            if importlib.util.find_spec(module) is None:
+                raise ImportError(f"no module named {module!r}")
+            return None
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingExtraError(f"{what} needs {module.split('.')[0]}, which is not installed: "
+                                f"pip install 'recon3d[{extra}]' ({err})") from None
 
 
 def storage_error(err: OSError, path: str | os.PathLike, needed: int | None = None) -> Exception:

@@ -36,7 +36,7 @@ class ModelCard:
             initial estimate over the scan's slabs, :func:`pipeline.train.build.scan_scale`), or
             ``None`` when it does not normalise.
         receptive_radius: the model's receptive radius along D
-            (:func:`pipeline.reconstruct.halo.model_halo`); ``None`` when it normalises over its
+            (:func:`pipeline.models.receptive.model_halo`); ``None`` when it normalises over its
             whole input (no halo makes slabs exact).
         version: the card's format, :data:`CARD_VERSION`.
     """

@@ -31,34 +31,39 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
 import yaml
+from pydantic import Field, model_validator
 
+from pipeline.config_base import Settings
 from pipeline.errors import Recon3dError
 from pipeline.log import say
 
 MODALITIES = ("ct", "mri")
+#: A side of the quickstart volume: at least 4 voxels.
+_Size = Annotated[int, Field(ge=4)]
 
 
-@dataclass(frozen=True)
-class QuickstartConfig:
+class QuickstartConfig(Settings):
     """Settings of the built-in default job (``recon3d quickstart --help``)."""
 
+    _where: ClassVar[str] = "quickstart"
+    _flags: ClassVar[bool] = True
     out: Path = Path("outputs/quickstart")
-    modality: str = "ct"
-    shape: tuple[int, int, int] = (32, 128, 128)
+    modality: Literal[MODALITIES] = "ct"
+    shape: tuple[_Size, _Size, _Size] = (32, 128, 128)
     # CT
-    angles: int = 180
-    photons: float = 2000.0
+    angles: int = Field(180, ge=4)
+    photons: float = Field(2000.0, gt=0)
     # MRI
-    coils: int = 8
-    acceleration: float = 6.0
+    coils: int = Field(8, ge=1)
+    acceleration: float = Field(6.0, ge=1)
     calibration: int = 20
-    noise_sigma: float = 0.01
+    noise_sigma: float = Field(0.01, ge=0)
     # training
-    steps: int = 500
-    nproc: int = 2
+    steps: int = Field(500, ge=1)
+    nproc: int = Field(2, ge=1)
     seed: int = 0
     overrides: tuple[str, ...] = ()
     progress: bool = True
@@ -67,25 +72,11 @@ class QuickstartConfig:
     # beside the true PSNRs: what a user without a reference would be told, and how far off it is
     estimate: bool = True
 
-    def validate(self) -> None:
-        if self.modality not in MODALITIES:
-            raise ValueError(f"--modality must be one of {MODALITIES}, got {self.modality!r}")
-        if len(self.shape) != 3 or min(self.shape) < 4:
-            raise ValueError(f"--shape must be three sizes >= 4, got {tuple(self.shape)}")
+    @model_validator(mode="after")
+    def _two_slabs(self) -> "QuickstartConfig":
         if self.shape[0] < 2 * self.slab_thickness:
             raise ValueError(f"--shape: D must be >= {2 * self.slab_thickness} (two training slabs)")
-        if self.angles < 4:
-            raise ValueError(f"--angles must be >= 4, got {self.angles}")
-        if self.photons <= 0:
-            raise ValueError(f"--photons must be > 0, got {self.photons}")
-        if self.coils < 1:
-            raise ValueError(f"--coils must be >= 1, got {self.coils}")
-        if self.acceleration < 1:
-            raise ValueError(f"--acceleration must be >= 1, got {self.acceleration}")
-        if self.noise_sigma < 0:
-            raise ValueError(f"--noise-sigma must be >= 0, got {self.noise_sigma}")
-        if self.steps < 1 or self.nproc < 1:
-            raise ValueError(f"--steps and --nproc must be >= 1, got {self.steps}, {self.nproc}")
+        return self
 
     @property
     def slab_thickness(self) -> int:
@@ -218,7 +209,11 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
     from pipeline.reconstruct import ReconstructConfig, reconstruct
     from pipeline.reconstruct.report import report
 
-    config.validate()
+    from pipeline.errors import require_extra
+
+    # Checked before hours of work, not after: training and the report's pictures are extras.
+    require_extra("deepspeed", "train", "the quickstart's training", load=False)
+    require_extra("matplotlib", "report", "the quickstart's report", load=False)
     out = Path(config.out)
     from pipeline.outputs import check_job_folder
 
@@ -227,7 +222,7 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
                                          "summary.json", "README.md", "fbp.ome.zarr", "sense.ome.zarr", "tv.ome.zarr"))
     out.mkdir(parents=True, exist_ok=True)
     result = QuickstartResult(config={k: (str(v) if isinstance(v, Path) else v)
-                                      for k, v in asdict(config).items()})
+                                      for k, v in config.model_dump().items()})
     scan, run_dir = out / "scan.zarr", out / "run"
     baseline, recon = out / f"{config.baseline_method}.ome.zarr", out / "network.ome.zarr"
     tv = out / "tv.ome.zarr"

@@ -12,12 +12,15 @@ operator library (:mod:`operators3d.ct` ``fbp``/``fdk``/``filter_rows``, :func:`
   (:func:`tv_reconstruct`).
 * :mod:`.select` — the reference-free choice of the parameters on calibration blocks
   (:func:`select_fbp`, :func:`select_sense`, :func:`select_tv`; ``docs/classical.md``).
+* :mod:`.auto` — a scan's method with its parameters given or calibrated (``"auto"``):
+  :class:`AutoClassical`, what ``recon3d reconstruct`` and the training's validation baseline run.
 * :mod:`.baseline` — the classical estimate of any operator, restricted ones included, for
   models and losses: :func:`filtered_backprojection` (differentiable FBP/FDK) and
   :func:`classical_reconstruction`.
 """
 
-from . import baseline, select, slab, tv
+from . import auto, baseline, select, slab, tv
+from .auto import AUTO, AutoClassical
 from .baseline import classical_reconstruction, filtered_backprojection
 from .select import (
     CALIBRATION_VERSION,
@@ -37,4 +40,4 @@ from .select import (
 from .slab import METHODS, fbp_slab, fdk_backproject, fdk_filtered, n2i_slab, reconstruct_slab, sense_slab
 from .tv import TVProblem, tv_problem, tv_reconstruct
 
-__all__ = [*slab.__all__, *tv.__all__, *select.__all__, *baseline.__all__]
+__all__ = [*slab.__all__, *tv.__all__, *select.__all__, *baseline.__all__, *auto.__all__]

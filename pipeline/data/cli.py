@@ -34,7 +34,7 @@ __all__ = ["register", "run", "COMMANDS"]
 def _units(text: str) -> str:
     """A length unit OME-Zarr knows (``mm``, ``um``, ``micrometer``...): anything else would be
     stored in the scan and then dropped from every output without a word."""
-    from pipeline.reconstruct.ome import ngff_unit
+    from .units import ngff_unit
 
     if ngff_unit(text) is None:
         raise argparse.ArgumentTypeError(
@@ -50,10 +50,17 @@ _PHANTOM_HELP = ("a named phantom: shepp-logan, ellipsoids, foam, or the held-ou
                  "or a .npy / zarr volume (default: shepp-logan)")
 
 
-def _codec_args(p: argparse.ArgumentParser) -> None:
+# MRI voxels may be anisotropic (three sizes); a CT voxel is one size (the geometry is in its units).
+_MRI_VOXEL_HELP = "voxel size along D, H and W: three numbers (CT takes one) (default: 1 1 1)"
+_CT_VOXEL_HELP = ("voxel size, one number: the side of the cubic voxel, in the units of the detector "
+                  "spacing and distances (MRI takes three: DD DH DW) (default: 1)")
+
+
+def _codec_args(p: argparse.ArgumentParser, *, chunk_depth: bool = True) -> None:
     g = p.add_argument_group("storage")
-    g.add_argument("--chunk-depth", type=int, default=None,
-                   help="D-slices per chunk (default: about 8 MiB of measurements per chunk)")
+    if chunk_depth:  # preprocess's derived arrays take the scan's chunk depth: no option to ignore
+        g.add_argument("--chunk-depth", type=int, default=None,
+                       help="D-slices per chunk (default: about 8 MiB of measurements per chunk)")
     g.add_argument("--codec", default="zstd", choices=["zstd", "lz4", "lz4hc", "zlib", "blosclz", "none"],
                    help="Blosc compressor, or none (default: zstd)")
     g.add_argument("--clevel", type=int, default=3, help="compression level 0-9 (default: 3)")
@@ -107,7 +114,8 @@ def register(subparsers: Any) -> None:
     mri.add_argument("--noise-sigma", type=float, default=0.0,
                      help="complex Gaussian noise σ per real/imaginary part (default: 0)")
     mri.add_argument("--no-phase", action="store_true", help="keep the image real (no smooth phase)")
-    mri.add_argument("--voxel-size", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("DD", "DH", "DW"))
+    mri.add_argument("--voxel-size", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("DD", "DH", "DW"),
+                     help=_MRI_VOXEL_HELP)
     mri.add_argument("--units", type=_units, default="mm", help="length unit of --voxel-size and the geometry (default: mm)")
     mri.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     mri.add_argument("--out", required=True, help="the scan to write (folder or fsspec URL)")
@@ -128,7 +136,7 @@ def register(subparsers: Any) -> None:
     ct.add_argument("--det-count", type=int, default=None, help="detector columns U")
     ct.add_argument("--det-rows", type=int, default=None, help="cone-beam detector rows V")
     ct.add_argument("--det-spacing", type=float, default=1.0)
-    ct.add_argument("--voxel-size", type=float, default=1.0)
+    ct.add_argument("--voxel-size", type=float, default=1.0, help=_CT_VOXEL_HELP)
     ct.add_argument("--src-dist", type=float, default=None, help="cone beam: source to axis")
     ct.add_argument("--det-dist", type=float, default=None, help="cone beam: axis to detector")
     ct.add_argument("--units", type=_units, default="mm", help="length unit of --voxel-size and the geometry (default: mm)")
@@ -151,7 +159,8 @@ def register(subparsers: Any) -> None:
     im.add_argument("--calibration", type=int, default=None, help="calibration side (default: detect)")
     im.add_argument("--coil-maps", type=local_arg("ingest --coil-maps", _INGEST_WHY, as_path=False), default=None, help=".npy (C, D, H, W) coil maps (default: ESPIRiT)")
     im.add_argument("--noise-sigma", type=float, default=None, help="known noise σ (stored as the noise model)")
-    im.add_argument("--voxel-size", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("DD", "DH", "DW"))
+    im.add_argument("--voxel-size", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("DD", "DH", "DW"),
+                    help=_MRI_VOXEL_HELP)
     im.add_argument("--units", type=_units, default="mm", help="length unit of --voxel-size and the geometry (default: mm)")
     _codec_args(im)
     _job_args(im)
@@ -169,7 +178,7 @@ def register(subparsers: Any) -> None:
     ic.add_argument("--no-log", action="store_true", help="the projections already are line integrals")
     ic.add_argument("--geometry", default="parallel", choices=["parallel", "cone"])
     ic.add_argument("--det-spacing", type=float, default=1.0)
-    ic.add_argument("--voxel-size", type=float, default=1.0)
+    ic.add_argument("--voxel-size", type=float, default=1.0, help=_CT_VOXEL_HELP)
     ic.add_argument("--src-dist", type=float, default=None)
     ic.add_argument("--det-dist", type=float, default=None)
     ic.add_argument("--volume-shape", type=int, nargs=3, default=None, metavar=("D", "H", "W"))
@@ -201,7 +210,7 @@ def register(subparsers: Any) -> None:
     pre.add_argument("--filter", default="ram-lak", help="FBP/FDK window (default: ram-lak)")
     pre.add_argument("--sense-iters", type=int, default=20)
     pre.add_argument("--l2-weight", type=float, default=1e-3)
-    _codec_args(pre)
+    _codec_args(pre, chunk_depth=False)
     _job_args(pre)
 
 
@@ -220,9 +229,10 @@ def _outcome(outcome) -> None:
         _say(f"{verb} {outcome.path} ({outcome.tasks_run} of {outcome.tasks_total} tasks run)")
 
 
-def _simulate(args: argparse.Namespace) -> int:
+def _simulate_config(args: argparse.Namespace):
+    """The :class:`SimulateMRIConfig` or :class:`SimulateCTConfig` of ``recon3d simulate``."""
     from .phantoms import PHANTOMS
-    from .simulate import SimulateCTConfig, SimulateMRIConfig, simulate_ct, simulate_mri
+    from .simulate import SimulateCTConfig, SimulateMRIConfig
 
     shape = tuple(args.shape) if args.shape is not None else None
     if shape is None and args.phantom in PHANTOMS:
@@ -232,41 +242,52 @@ def _simulate(args: argparse.Namespace) -> int:
                   overwrite=args.overwrite, workers=args.workers, scheduler=args.scheduler,
                   progress=not args.no_progress)
     if args.modality == "mri":
-        config = SimulateMRIConfig(coils=args.coils, acceleration=args.acceleration,
-                                   calibration=args.calibration, mask=args.mask,
-                                   noise_sigma=args.noise_sigma, phase=not args.no_phase,
-                                   voxel_size=tuple(args.voxel_size), **common)
-        _outcome(simulate_mri(config))
-    else:
-        config = SimulateCTConfig(angles=args.angles, geometry=args.geometry,
-                                  attenuation=args.attenuation, photons=args.photons,
-                                  noise_sigma=args.noise_sigma or 0.0, det_count=args.det_count,
-                                  det_rows=args.det_rows, det_spacing=args.det_spacing,
-                                  voxel_size=args.voxel_size, src_dist=args.src_dist,
-                                  det_dist=args.det_dist, **common)
-        _outcome(simulate_ct(config))
+        return SimulateMRIConfig(coils=args.coils, acceleration=args.acceleration,
+                                 calibration=args.calibration, mask=args.mask,
+                                 noise_sigma=args.noise_sigma, phase=not args.no_phase,
+                                 voxel_size=tuple(args.voxel_size), **common)
+    return SimulateCTConfig(angles=args.angles, geometry=args.geometry,
+                            attenuation=args.attenuation, photons=args.photons,
+                            noise_sigma=args.noise_sigma or 0.0, det_count=args.det_count,
+                            det_rows=args.det_rows, det_spacing=args.det_spacing,
+                            voxel_size=args.voxel_size, src_dist=args.src_dist,
+                            det_dist=args.det_dist, **common)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from .simulate import simulate_ct, simulate_mri
+
+    config = _simulate_config(args)
+    _outcome(simulate_mri(config) if args.modality == "mri" else simulate_ct(config))
     return 0
 
 
-def _ingest(args: argparse.Namespace) -> int:
-    from .ingest import IngestCTConfig, IngestMRIConfig, ingest_ct, ingest_mri
+def _ingest_config(args: argparse.Namespace):
+    """The :class:`IngestMRIConfig` or :class:`IngestCTConfig` of ``recon3d ingest``."""
+    from .ingest import IngestCTConfig, IngestMRIConfig
 
     common = dict(source=args.source, out=args.out, chunk_depth=args.chunk_depth, codec=_codec(args),
                   units=args.units, overwrite=args.overwrite, workers=args.workers,
                   scheduler=args.scheduler, progress=not args.no_progress)
     if args.modality == "mri":
-        _outcome(ingest_mri(IngestMRIConfig(
+        return IngestMRIConfig(
             dataset=args.dataset, readout_crop=args.readout_crop, calibration=args.calibration,
             coil_maps=args.coil_maps, noise_sigma=args.noise_sigma,
-            voxel_size=tuple(args.voxel_size), **common)))
-    else:
-        _outcome(ingest_ct(IngestCTConfig(
-            angles=args.angles, angle_range=tuple(args.angle_range), angles_unit=args.angles_unit,
-            flat=args.flat, dark=args.dark, i0=args.i0, log=not args.no_log,
-            geometry=args.geometry, det_spacing=args.det_spacing, voxel_size=args.voxel_size,
-            src_dist=args.src_dist, det_dist=args.det_dist,
-            volume_shape=tuple(args.volume_shape) if args.volume_shape else None,
-            photons=args.photons, **common)))
+            voxel_size=tuple(args.voxel_size), **common)
+    return IngestCTConfig(
+        angles=args.angles, angle_range=tuple(args.angle_range), angles_unit=args.angles_unit,
+        flat=args.flat, dark=args.dark, i0=args.i0, log=not args.no_log,
+        geometry=args.geometry, det_spacing=args.det_spacing, voxel_size=args.voxel_size,
+        src_dist=args.src_dist, det_dist=args.det_dist,
+        volume_shape=tuple(args.volume_shape) if args.volume_shape else None,
+        photons=args.photons, **common)
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from .ingest import ingest_ct, ingest_mri
+
+    config = _ingest_config(args)
+    _outcome(ingest_mri(config) if args.modality == "mri" else ingest_ct(config))
     return 0
 
 
@@ -298,15 +319,21 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preprocess(args: argparse.Namespace) -> int:
-    from .preprocess import PreprocessConfig, preprocess
+def _preprocess_config(args: argparse.Namespace):
+    """The :class:`PreprocessConfig` of ``recon3d preprocess``."""
+    from .preprocess import PreprocessConfig
 
-    config = PreprocessConfig(scan=args.path, outputs=tuple(args.outputs) if args.outputs else None,
-                              n2i_splits=args.n2i_splits, filter=args.filter,
-                              sense_iters=args.sense_iters, l2_weight=args.l2_weight,
-                              codec=_codec(args), overwrite=args.overwrite, workers=args.workers,
-                              scheduler=args.scheduler, progress=not args.no_progress)
-    for name, state in preprocess(config).items():
+    return PreprocessConfig(scan=args.path, outputs=tuple(args.outputs) if args.outputs else None,
+                            n2i_splits=args.n2i_splits, filter=args.filter,
+                            sense_iters=args.sense_iters, l2_weight=args.l2_weight,
+                            codec=_codec(args), overwrite=args.overwrite, workers=args.workers,
+                            scheduler=args.scheduler, progress=not args.no_progress)
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from .preprocess import preprocess
+
+    for name, state in preprocess(_preprocess_config(args)).items():
         _say(f"{args.path}: derived/{name}: {state if state == 'already complete' else 'done (' + state + ')'}")
     return 0
 

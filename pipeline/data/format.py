@@ -29,8 +29,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
+from pydantic import Field
+
+from pipeline.config_base import Settings
 from pipeline.errors import InputError
 
 __all__ = [
@@ -82,12 +85,12 @@ def scan_name(path: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- codecs
-_CNAMES = ("zstd", "lz4", "lz4hc", "zlib", "blosclz")
-_SHUFFLES = ("shuffle", "bitshuffle", "noshuffle")
+#: Blosc compressor names, and ``none`` for uncompressed chunks; Blosc shuffle modes.
+COMPRESSORS = ("zstd", "lz4", "lz4hc", "zlib", "blosclz", "none")
+SHUFFLES = ("shuffle", "bitshuffle", "noshuffle")
 
 
-@dataclass(frozen=True)
-class CodecConfig:
+class CodecConfig(Settings):
     """How arrays are compressed.
 
     Args:
@@ -102,24 +105,12 @@ class CodecConfig:
             object stores that dislike many small objects); 0 for one object per chunk.
     """
 
-    compressor: str = "zstd"
-    clevel: int = 3
-    shuffle: str = "shuffle"
+    _where: ClassVar[str] = "CodecConfig"
+    compressor: Literal[COMPRESSORS] = "zstd"
+    clevel: int = Field(3, ge=0, le=9)
+    shuffle: Literal[SHUFFLES] = "shuffle"
     checksum: bool = True
-    shard_chunks: int = 0
-
-    def __post_init__(self) -> None:
-        if self.compressor not in _CNAMES + ("none",):
-            raise ValueError(
-                f"CodecConfig: compressor must be one of {_CNAMES + ('none',)}, "
-                f"got {self.compressor!r}"
-            )
-        if not 0 <= int(self.clevel) <= 9:
-            raise ValueError(f"CodecConfig: clevel must be in 0..9, got {self.clevel}")
-        if self.shuffle not in _SHUFFLES:
-            raise ValueError(f"CodecConfig: shuffle must be one of {_SHUFFLES}, got {self.shuffle!r}")
-        if int(self.shard_chunks) < 0:
-            raise ValueError(f"CodecConfig: shard_chunks must be >= 0, got {self.shard_chunks}")
+    shard_chunks: int = Field(0, ge=0)
 
     def compressors(self) -> list:
         from zarr.codecs import BloscCodec, Crc32cCodec
@@ -132,7 +123,7 @@ class CodecConfig:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CodecConfig":

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import zarr
 from zarr.core.sync import sync
+
+from pipeline.config_base import PathStr, Settings
 
 from ._npy import NpyArray
 from .format import (
@@ -49,9 +50,9 @@ from .format import (
 )
 from .ingest_sources import ProjectionSource, detect_calibration, open_kspace, read_field
 from .writer import (
+    RUN_SETTINGS,
     JobOutcome,
     SlabTask,
-    content_parameters,
     finish_scan,
     prepare_scan,
     run_tasks,
@@ -64,8 +65,7 @@ TMP = "_ingest"
 
 
 # ----------------------------------------------------------------------------- configs
-@dataclass(frozen=True)
-class IngestMRIConfig:
+class IngestMRIConfig(Settings):
     """Settings of ``recon3d ingest mri``.
 
     Args:
@@ -82,19 +82,21 @@ class IngestMRIConfig:
         block_bytes: the memory for one block of either pass (per worker).
     """
 
-    source: str
-    out: str
+    _where: ClassVar[str] = "ingest mri"
+    _flags: ClassVar[bool] = True
+    source: PathStr
+    out: PathStr
     dataset: str = "kspace"
     readout_crop: int | None = None
     calibration: int | None = None
-    coil_maps: str | None = None
+    coil_maps: PathStr | None = None
     noise_sigma: float | None = None
     espirit_kernel: int = 6
     espirit_threshold: float = 0.02
     espirit_crop: float = 0.95
     block_bytes: int = 128 << 20
     chunk_depth: int | None = None
-    codec: CodecConfig = field(default_factory=CodecConfig)
+    codec: CodecConfig = CodecConfig()
     voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
     units: str = "mm"
     overwrite: bool = False
@@ -104,11 +106,10 @@ class IngestMRIConfig:
 
     def parameters(self) -> dict[str, Any]:
         """What determines the scan's content (compared when resuming)."""
-        return content_parameters(self)
+        return self.model_dump(exclude=set(RUN_SETTINGS))
 
 
-@dataclass(frozen=True)
-class IngestCTConfig:
+class IngestCTConfig(Settings):
     """Settings of ``recon3d ingest ct``.
 
     Args:
@@ -134,16 +135,18 @@ class IngestCTConfig:
         block_bytes: the memory for one block of either pass (per worker).
     """
 
-    source: str
-    out: str
-    angles: str | None = None
+    _where: ClassVar[str] = "ingest ct"
+    _flags: ClassVar[bool] = True
+    source: PathStr
+    out: PathStr
+    angles: PathStr | None = None
     angle_range: tuple[float, float] = (0.0, 180.0)
-    angles_unit: str = "deg"
-    flat: str | None = None
-    dark: str | None = None
+    angles_unit: Literal["deg", "rad"] = "deg"
+    flat: PathStr | None = None
+    dark: PathStr | None = None
     i0: float | None = None
     log: bool = True
-    geometry: str = "parallel"
+    geometry: Literal["parallel", "cone"] = "parallel"
     det_spacing: float = 1.0
     voxel_size: float = 1.0
     src_dist: float | None = None
@@ -152,7 +155,7 @@ class IngestCTConfig:
     photons: float | None = None
     block_bytes: int = 128 << 20
     chunk_depth: int | None = None
-    codec: CodecConfig = field(default_factory=CodecConfig)
+    codec: CodecConfig = CodecConfig()
     units: str = "mm"
     overwrite: bool = False
     workers: int = 2
@@ -161,7 +164,7 @@ class IngestCTConfig:
 
     def parameters(self) -> dict[str, Any]:
         """What determines the scan's content (compared when resuming)."""
-        return content_parameters(self)
+        return self.model_dump(exclude=set(RUN_SETTINGS))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -326,8 +329,6 @@ def ingest_mri(config: IngestMRIConfig) -> JobOutcome:
 
 def _angles(config: IngestCTConfig, count: int) -> np.ndarray:
     scale = math.pi / 180 if config.angles_unit == "deg" else 1.0
-    if config.angles_unit not in ("deg", "rad"):
-        raise ValueError(f"ingest ct: --angles-unit must be 'deg' or 'rad', got {config.angles_unit!r}")
     if config.angles is not None:
         path = config.angles
         values = np.load(path) if path.endswith(".npy") else np.loadtxt(path, ndmin=1)
@@ -364,8 +365,6 @@ def ingest_ct(config: IngestCTConfig) -> JobOutcome:
             "ingest ct: −log needs the open-beam intensity: give --flat FILE or --i0 VALUE, or "
             "--no-log if the projections already are line integrals"
         )
-    if config.geometry not in ("parallel", "cone"):
-        raise ValueError(f"ingest ct: --geometry must be 'parallel' or 'cone', got {config.geometry!r}")
     if config.volume_shape is not None:
         vol = tuple(int(s) for s in config.volume_shape)
     else:

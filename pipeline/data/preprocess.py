@@ -19,11 +19,12 @@ touched).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import zarr
+
+from pipeline.config_base import PathStr, Settings
 
 from .format import (
     ATTRS_KEY,
@@ -43,8 +44,7 @@ DERIVED_OUTPUTS = {"ct": ("fbp", "n2i"), "mri": ("adjoint", "sense")}
 _DEFAULTS = {"ct": ("fbp", "n2i"), "mri": ("adjoint",)}
 
 
-@dataclass(frozen=True)
-class PreprocessConfig:
+class PreprocessConfig(Settings):
     """Settings of ``recon3d preprocess``.
 
     Args:
@@ -56,13 +56,15 @@ class PreprocessConfig:
         codec: compression of the outputs.
     """
 
-    scan: str
+    _where: ClassVar[str] = "preprocess"
+    _flags: ClassVar[bool] = True
+    scan: PathStr
     outputs: tuple[str, ...] | None = None
     n2i_splits: int = 4
     filter: str = "ram-lak"
     sense_iters: int = 20
     l2_weight: float = 1e-3
-    codec: CodecConfig = field(default_factory=CodecConfig)
+    codec: CodecConfig = CodecConfig()
     overwrite: bool = False
     workers: int = 2
     scheduler: str = "threads"

@@ -14,12 +14,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 from torch.utils.data import Sampler
+
+from pipeline.config_base import PathStr, Settings
 
 from .format import CTGeometry, ScanError
 from .phantoms import derive_seed
@@ -67,8 +70,7 @@ class SlabSample(NamedTuple):
     meta: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class SlabStreamConfig:
+class SlabStreamConfig(Settings):
     """Settings of a :class:`SlabStream`.
 
     Args:
@@ -105,8 +107,9 @@ class SlabStreamConfig:
         storage_options: passed to fsspec for URL scans.
     """
 
-    scans: tuple[str, ...]
-    mode: str = "measurements"
+    _where: ClassVar[str] = "SlabStreamConfig"
+    scans: tuple[PathStr, ...] = Field(min_length=1)
+    mode: Literal["measurements", "image"] = "measurements"
     slab_thickness: int | None = None
     image_arrays: tuple[str, ...] = ("n2i",)
     crop_shape: tuple[int, int, int] | None = None
@@ -114,32 +117,20 @@ class SlabStreamConfig:
     include_reference: bool = False
     shuffle: bool = True
     seed: int = 0
-    remainder: str = "pad"
-    num_workers: int = 2
-    worker_type: str = "thread"
-    prefetch_factor: int = 2
-    batch_size: int | None = None
+    remainder: Literal["pad", "drop", "uneven"] = "pad"
+    num_workers: int = Field(2, ge=0)
+    worker_type: Literal["thread", "process"] = "thread"
+    prefetch_factor: int = Field(2, ge=1)
+    batch_size: int | None = Field(None, ge=1)
     check_finite: bool = True
     multiprocessing_context: str | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = {}
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "scans", tuple(str(s) for s in self.scans))
-        where = "SlabStreamConfig"
-        if not self.scans:
-            raise ValueError(f"{where}: give at least one scan")
-        if self.mode not in ("measurements", "image"):
-            raise ValueError(f"{where}: mode must be 'measurements' or 'image', got {self.mode!r}")
-        if self.remainder not in ("pad", "drop", "uneven"):
-            raise ValueError(f"{where}: remainder must be 'pad', 'drop' or 'uneven', got {self.remainder!r}")
+    @model_validator(mode="after")
+    def _image_mode(self) -> "SlabStreamConfig":
         if self.mode == "image" and self.crop_shape is None:
-            raise ValueError(f"{where}: mode 'image' needs crop_shape=(d, h, w)")
-        if self.worker_type not in ("thread", "process"):
-            raise ValueError(f"{where}: worker_type must be 'thread' or 'process', got {self.worker_type!r}")
-        if self.num_workers < 0 or self.prefetch_factor < 1:
-            raise ValueError(f"{where}: num_workers must be >= 0 and prefetch_factor >= 1")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"{where}: batch_size must be None or >= 1, got {self.batch_size}")
+            raise ValueError("mode 'image' needs crop_shape=(d, h, w)")
+        return self
 
 
 # ----------------------------------------------------------------------------- catalogue

@@ -213,7 +213,8 @@ def slab_slices(depth: int, thickness: int, chunk_depth: int) -> list[slice]:
     if thickness < 1 or thickness % chunk_depth:
         raise ValueError(
             f"slab thickness {thickness} must be a positive multiple of the chunk depth "
-            f"{chunk_depth} (slabs are aligned to chunks)"
+            f"{chunk_depth} (slabs are aligned to chunks): use a multiple of {chunk_depth}, or make the "
+            f"scan with a --chunk-depth that divides {max(thickness, 1)} (recon3d simulate/ingest)"
         )
     return [slice(d, min(d + thickness, depth)) for d in range(0, depth, thickness)]
 

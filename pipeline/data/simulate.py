@@ -21,11 +21,13 @@ and a block of rows, whatever the volume (:mod:`pipeline.data.cone`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
+
+from pipeline.config_base import PathStr, Settings
 
 from .format import (
     ArraySpec,
@@ -39,13 +41,12 @@ from .format import (
 )
 from .phantoms import coil_maps_slab, derive_seed, make_volume_source, smooth_phase_slab
 from .store import create_array, stored_depth_of
-from .writer import JobOutcome, SlabTask, content_parameters, finish_scan, prepare_scan, run_tasks
+from .writer import RUN_SETTINGS, JobOutcome, SlabTask, finish_scan, prepare_scan, run_tasks
 
 __all__ = ["SimulateMRIConfig", "SimulateCTConfig", "simulate_mri", "simulate_ct"]
 
 
-@dataclass(frozen=True)
-class SimulateMRIConfig:
+class SimulateMRIConfig(Settings):
     """Settings of ``recon3d simulate mri``.
 
     Args:
@@ -69,18 +70,20 @@ class SimulateMRIConfig:
         workers: slabs computed at once; progress: show progress bars.
     """
 
-    out: str
+    _where: ClassVar[str] = "simulate mri"
+    _flags: ClassVar[bool] = True
+    out: PathStr
     shape: tuple[int, int, int] | None = (32, 128, 128)
-    coils: int = 8
-    acceleration: float = 4.0
-    calibration: int = 24
-    mask: str = "poisson"
+    coils: int = Field(8, ge=1)
+    acceleration: float = Field(4.0, ge=1)
+    calibration: int = Field(24, ge=0)
+    mask: Literal["poisson", "gaussian"] = "poisson"
     phantom: str = "shepp-logan"
-    noise_sigma: float = 0.0
+    noise_sigma: float = Field(0.0, ge=0, allow_inf_nan=False)
     phase: bool = True
     seed: int = 0
-    chunk_depth: int | None = None
-    codec: CodecConfig = field(default_factory=CodecConfig)
+    chunk_depth: int | None = Field(None, ge=1)
+    codec: CodecConfig = CodecConfig()
     voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
     units: str = "mm"
     overwrite: bool = False
@@ -88,28 +91,12 @@ class SimulateMRIConfig:
     scheduler: str = "threads"
     progress: bool = True
 
-    def validate(self) -> None:
-        where = "simulate mri"
-        if self.coils < 1:
-            raise ValueError(f"{where}: --coils must be >= 1, got {self.coils}")
-        if self.acceleration < 1:
-            raise ValueError(f"{where}: --acceleration must be >= 1, got {self.acceleration}")
-        if self.calibration < 0:
-            raise ValueError(f"{where}: --calibration must be >= 0, got {self.calibration}")
-        if self.mask not in ("poisson", "gaussian"):
-            raise ValueError(f"{where}: --mask must be 'poisson' or 'gaussian', got {self.mask!r}")
-        if not math.isfinite(self.noise_sigma) or self.noise_sigma < 0:
-            raise ValueError(f"{where}: --noise-sigma must be >= 0, got {self.noise_sigma}")
-        if self.chunk_depth is not None and self.chunk_depth < 1:
-            raise ValueError(f"{where}: --chunk-depth must be >= 1, got {self.chunk_depth}")
-
     def parameters(self) -> dict[str, Any]:
         """What determines the scan's content (compared when resuming)."""
-        return content_parameters(self)
+        return self.model_dump(exclude=set(RUN_SETTINGS))
 
 
-@dataclass(frozen=True)
-class SimulateCTConfig:
+class SimulateCTConfig(Settings):
     """Settings of ``recon3d simulate ct``.
 
     Args:
@@ -134,14 +121,16 @@ class SimulateCTConfig:
         seed, chunk_depth, codec, units, overwrite, workers, progress: as for MRI.
     """
 
-    out: str
+    _where: ClassVar[str] = "simulate ct"
+    _flags: ClassVar[bool] = True
+    out: PathStr
     shape: tuple[int, int, int] | None = (32, 128, 128)
-    angles: int = 180
-    geometry: str = "parallel"
+    angles: int = Field(180, ge=1)
+    geometry: Literal["parallel", "cone"] = "parallel"
     phantom: str = "shepp-logan"
-    attenuation: float = 4.0
-    photons: float | None = None
-    noise_sigma: float = 0.0
+    attenuation: float = Field(4.0, gt=0)
+    photons: float | None = Field(None, gt=0)
+    noise_sigma: float = Field(0.0, ge=0, allow_inf_nan=False)
     det_count: int | None = None
     det_rows: int | None = None
     det_spacing: float = 1.0
@@ -149,34 +138,23 @@ class SimulateCTConfig:
     src_dist: float | None = None
     det_dist: float | None = None
     seed: int = 0
-    chunk_depth: int | None = None
-    codec: CodecConfig = field(default_factory=CodecConfig)
+    chunk_depth: int | None = Field(None, ge=1)
+    codec: CodecConfig = CodecConfig()
     units: str = "mm"
     overwrite: bool = False
     workers: int = 2
     scheduler: str = "threads"
     progress: bool = True
 
-    def validate(self) -> None:
-        where = "simulate ct"
-        if self.angles < 1:
-            raise ValueError(f"{where}: --angles must be >= 1, got {self.angles}")
-        if self.geometry not in ("parallel", "cone"):
-            raise ValueError(f"{where}: --geometry must be 'parallel' or 'cone', got {self.geometry!r}")
+    @model_validator(mode="after")
+    def _one_noise(self) -> "SimulateCTConfig":
         if self.photons is not None and self.noise_sigma:
-            raise ValueError(f"{where}: give --photons or --noise-sigma, not both")
-        if self.photons is not None and not self.photons > 0:
-            raise ValueError(f"{where}: --photons must be > 0, got {self.photons}")
-        if not math.isfinite(self.noise_sigma) or self.noise_sigma < 0:
-            raise ValueError(f"{where}: --noise-sigma must be >= 0, got {self.noise_sigma}")
-        if not self.attenuation > 0:
-            raise ValueError(f"{where}: --attenuation must be > 0, got {self.attenuation}")
-        if self.chunk_depth is not None and self.chunk_depth < 1:
-            raise ValueError(f"{where}: --chunk-depth must be >= 1, got {self.chunk_depth}")
+            raise ValueError("give --photons or --noise-sigma, not both")
+        return self
 
     def parameters(self) -> dict[str, Any]:
         """What determines the scan's content (compared when resuming)."""
-        return content_parameters(self)
+        return self.model_dump(exclude=set(RUN_SETTINGS))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -209,7 +187,6 @@ def simulate_mri(config: SimulateMRIConfig) -> JobOutcome:
     """
     from operators3d import GaussianNoise, MultiCoilMRI, acceleration_of
 
-    config.validate()
     source = make_volume_source(config.phantom, config.shape, seed=config.seed)
     d, h, w = source.shape
     c = config.coils
@@ -330,7 +307,6 @@ def simulate_ct(config: SimulateCTConfig) -> JobOutcome:
         ``measurements (D, A, U)`` float32 (``D = V`` detector rows for cone beam),
         ``angles (A,)`` float64, ``reference (D, H, W)`` float32.
     """
-    config.validate()
     source = make_volume_source(config.phantom, config.shape, seed=config.seed)
     shape = source.shape
     d, h, w = shape

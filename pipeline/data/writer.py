@@ -13,7 +13,6 @@ Tasks run as a dask graph (``dask.delayed``), on the threaded scheduler by defau
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -48,12 +47,6 @@ class SlabTask:
 
 #: Config fields that say how a job runs, not what it writes: a resumed job may change them.
 RUN_SETTINGS = frozenset({"out", "overwrite", "workers", "scheduler", "progress", "block_bytes"})
-
-
-def content_parameters(config: Any) -> dict[str, Any]:
-    """The fields of a job's config dataclass that determine the scan's content (compared
-    when resuming): everything but :data:`RUN_SETTINGS`."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_SETTINGS}
 
 
 def _pending(tasks: Sequence[SlabTask]) -> list[SlabTask]:
@@ -119,9 +112,10 @@ def run_tasks(
         with bar:
             handle = bar.add_task(description, total=len(tasks), completed=done_before)
             if scheduler == "distributed":
-                from distributed import as_completed, get_client
+                from pipeline.errors import require_extra
 
-                client = get_client()
+                distributed = require_extra("distributed", "distributed", "--scheduler distributed")
+                client, as_completed = distributed.get_client(), distributed.as_completed
                 futures = [client.submit(t.fn, key=f"{description}-{t.name}", pure=False) for t in todo]
                 for fut in as_completed(futures):
                     fut.result()

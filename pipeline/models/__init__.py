@@ -13,6 +13,8 @@
   :class:`UnrolledNetwork` — gradient or CG data consistency alternating with a backbone.
 * :func:`to_channels` / :func:`from_channels` — complex images as two real channels, at the
   model boundary only.
+* :func:`model_halo` — a model's receptive radius along D (the halo that makes slab-wise
+  results exact), :func:`reconstructor_of` and :func:`retile` (:mod:`.receptive`).
 * :mod:`pipeline.models.physics` — the image-domain metric of parallel-beam CT measurements
   (what a model asks of an operator are the operator's own methods, ``op.lipschitz()``, ...).
 
@@ -28,6 +30,7 @@ Example::
 from .channels import from_channels, num_channels, to_channels
 from .operator_steps import initial_estimate, normal_solve
 from .reconstructors import ArtifactRemoval, UnrolledNetwork, intensity_scale, scan_intensity_scale
+from .receptive import model_halo, reconstructor_of, retile
 from .tiling import TiledBackbone, axis_windows, tile_shape_for, tile_starts
 from .dncnn import DnCNN3D
 from .unet import UNet3D, unet_receptive_radius
@@ -49,4 +52,7 @@ __all__ = [
     "to_channels",
     "from_channels",
     "num_channels",
+    "model_halo",
+    "reconstructor_of",
+    "retile",
 ]

@@ -1,7 +1,7 @@
 """The image-domain metric of parallel-beam CT measurements (:class:`ImageMetric`).
 
 What losses and reconstructors ask of an operator itself (its measured entries, restrictions,
-``‖A‖²``, kind) are the operator's own methods: docs/design.md, "Operator capabilities".
+``‖A‖²``, kind) are the operator's own methods: docs/architecture.md, "Operator capabilities".
 """
 
 from __future__ import annotations

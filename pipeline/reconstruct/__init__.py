@@ -4,7 +4,7 @@
   through a trained model or a classical method, into an OME-Zarr 0.5 image; resumable
   (completion records keyed by a fingerprint) and parallel (torchrun ranks, dask workers).
   The driver is :mod:`.reconstruct`; its parts: :mod:`.config` (settings), :mod:`.coordination`
-  (ranks, waits, the model's export), :mod:`.halo` (receptive radius, slab layout),
+  (ranks, waits, the model's export), :mod:`.halo` (the slab layout),
   :mod:`.adapters` (the reconstructors), :mod:`.store` (the output and its records), :mod:`.lease`.
 * :mod:`.ome` — OME-Zarr 0.5 metadata, the out-of-core mean pyramid, :func:`open_ome` and
   :func:`validate_ome`. The output format is written down in ``docs/output-format.md``.

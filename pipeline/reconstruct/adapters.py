@@ -2,7 +2,8 @@
 the scan to its image.
 
 * :class:`_SlabReader` — a D-range's measurements and operator, read chunk by chunk;
-* :class:`_Classical` — adjoint, FBP, SENSE or TV with given or calibrated parameters;
+* :class:`_Classical` — adjoint, FBP, SENSE or TV with given or calibrated parameters
+  (:class:`~pipeline.classical.auto.AutoClassical`, read slab by slab);
 * :class:`_Derived` — cone-beam FDK: the scan's ``derived/fbp``;
 * :class:`_Network` — an exported model under the scan's intensity scale; what it needs to know
   of its training run (the slab thickness of the scale) comes from the export's model card
@@ -14,16 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
+from pipeline.classical.auto import AutoClassical
 from pipeline.data.format import ATTRS_KEY, CTGeometry, ScanError
 from pipeline.modelcard import ModelCard, read_card
+from pipeline.models import model_halo, reconstructor_of, retile
 
 from .config import AUTO, TV_HALO, ReconstructConfig
 from .coordination import _say, resolve_model
-from .halo import _reconstructor, model_halo, retile
 
 
 def _weights_digest(path: Path) -> tuple[str, dict[str, Any], ModelCard | None]:
@@ -83,9 +85,10 @@ class _SlabReader:
         return self._read(self.scan.measurements, lo, hi), op
 
 
-class _Classical:
+class _Classical(AutoClassical):
     """A classical reconstruction of each input slab (no D coupling: halo 0; TV: a halo of
-    ``TV_HALO`` slices), with its parameters given or chosen by a calibration (``auto``)."""
+    ``TV_HALO`` slices): :class:`~pipeline.classical.auto.AutoClassical` with the method and
+    parameters of ``config``, read slab by slab."""
 
     multiple = 1
 
@@ -105,125 +108,22 @@ class _Classical:
         if m == "tv" and cone:
             raise ValueError("reconstruct: --method tv runs slab by slab, which cone-beam rays do not allow "
                              "(a ray crosses slabs); use --method fdk")
-        self.scan, self.method, self.device = scan, m, device
-        self.read = _SlabReader(scan)
-        self.config = config
+        c = config
+        cutoff = c.filter_cutoff if c.filter_cutoff is not None else (AUTO if c.filter == AUTO else 1.0)
+        given = {"filter": c.filter, "cutoff": cutoff, "l2_weight": c.l2_weight,
+                 "iterations": c.sense_iters if m == "sense" else c.tv_iters, "tv_weight": c.tv_weight}
+        super().__init__(scan, m, given, calibration_slabs=c.calibration_slabs, device=device,
+                         read=_SlabReader(scan))
         self.is_complex = mri
-        self.noise = scan.metadata.noise()
         self.radius = TV_HALO if m == "tv" else 0
         self.notes = ([f"3D TV couples neighbouring slices: each slab is solved with a halo of {TV_HALO} "
                        "slices (default), close to but not equal to the whole volume's solution"]
                       if m == "tv" else [])
-        c = config
-        cutoff = c.filter_cutoff if c.filter_cutoff is not None else (AUTO if c.filter == AUTO else 1.0)
-        given: dict[str, Any] = {}
-        if m == "fbp":
-            given = {"filter": c.filter, "cutoff": cutoff}
-        elif m == "sense":
-            given = {"l2_weight": c.l2_weight, "iterations": c.sense_iters}
-        elif m == "tv":
-            given = {"tv_weight": c.tv_weight, "iterations": c.tv_iters}
-        self.given = {k: (v if v == AUTO else (int(v) if k == "iterations" else
-                                               v if k == "filter" else float(v))) for k, v in given.items()}
-        self.params: dict[str, Any] = dict(self.given)
-        self.calibration: dict[str, Any] | None = None
-
-    @property
-    def needs_calibration(self) -> bool:
-        return any(v == AUTO for v in self.given.values())
-
-    def describe(self) -> dict[str, Any]:
-        # What is hashed: the settings as given ("auto" for a chosen value) and how the choice is
-        # made; the chosen values are recorded in the attributes (``calibration``) and reused.
-        params: dict[str, Any] = {"method": self.method, **self.given}
-        if self.needs_calibration:
-            from pipeline.classical import CALIBRATION_VERSION
-
-            params["calibration"] = {"version": CALIBRATION_VERSION, "slabs": int(self.config.calibration_slabs)}
-        return params
-
-    def parameters(self) -> dict[str, Any]:
-        """The values every slab uses (given or chosen)."""
-        return dict(self.params)
-
-    def calibrate(self, say: Callable[[str], None]) -> None:
-        """Choose the ``auto`` values on a few D-blocks of the scan (rank 0, before any slab)."""
-        from pipeline import classical as cl
-
-        given, scan = self.given, self.scan
-        depth = int(scan.metadata.volume_shape[0])
-        mri = scan.modality == "mri"
-        thickness = {"fbp": 4, "sense": 1, "tv": 2 if mri else 4}[self.method]
-        blocks = cl.calibration_blocks(depth, int(self.config.calibration_slabs), thickness)
-        variance = None
-        if self.noise is not None:
-            variance = cl.measurement_variance(self.noise, torch.zeros(1))
-        if variance is None or (self.method == "sense" and torch.is_tensor(variance)):
-            self.calibration = self._fallback(say)
-        else:
-            data = cl.calibration_data(scan, self.read, blocks, self.device)
-            if self.method == "fbp":
-                record = cl.select_fbp(
-                    data, self.noise,
-                    windows=cl.FBP_WINDOWS if given["filter"] == AUTO else (given["filter"],),
-                    cutoffs=cl.FBP_CUTOFFS if given["cutoff"] == AUTO else (given["cutoff"],), say=say)
-            elif self.method == "sense":
-                fixed = given["l2_weight"] != AUTO
-                record = cl.select_sense(
-                    data, self.noise, weights=[given["l2_weight"]] if fixed else cl.SENSE_WEIGHTS,
-                    relative=not fixed,
-                    iterations=cl.SENSE_ITERATIONS if given["iterations"] == AUTO else (given["iterations"],),
-                    say=say)
-            else:
-                record = cl.select_tv(
-                    data, self.noise, cl.tv_problem(scan),
-                    iterations=cl.TV_ITERATIONS if given["iterations"] == AUTO else (given["iterations"],),
-                    weight=None if given["tv_weight"] == AUTO else given["tv_weight"], say=say)
-            del data
-            self.calibration = record
-        self.apply_calibration(self.calibration)
-        chosen = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                           for k, v in self.calibration["chosen"].items())
-        say(f"calibration ({self.calibration['criterion']}, {self.calibration.get('seconds', 0):.0f} s): {chosen}")
-
-    def _fallback(self, say: Callable[[str], None]) -> dict[str, Any]:
-        """No usable noise model: the former fixed defaults (TV has none: its weight must be given)."""
-        why = ("the scan records no noise model" if self.noise is None
-               else f"its noise model ({self.noise.to_dict()}) has no estimate here")
-        if self.method == "tv" and self.given["tv_weight"] == AUTO:
-            raise ValueError(f"reconstruct: --tv-weight auto needs the scan's noise model, and {why}; "
-                             "give --tv-weight (and --tv-iters)")
-        defaults = {"filter": "ram-lak", "cutoff": 1.0, "l2_weight": 1e-3, "iterations": 20 if self.method == "sense" else 100}
-        chosen = {k: (defaults[k] if v == AUTO else v) for k, v in self.given.items()}
-        say(f"no reference-free choice: {why}; using {chosen}")
-        return {"version": None, "method": self.method, "criterion": "none", "reason": why,
-                "chosen": chosen, "candidates": []}
-
-    def apply_calibration(self, record: Mapping[str, Any] | None) -> None:
-        """Use a calibration's choice (this job's, or the one recorded in the output)."""
-        if not self.needs_calibration:
-            return
-        if not record or "chosen" not in record:
-            raise ScanError("reconstruct: the output records no calibration for its auto parameters; "
-                            "rerun with --overwrite or another --out")
-        self.calibration = dict(record)
-        for key, value in self.given.items():
-            if value == AUTO:
-                self.params[key] = record["chosen"][key]
 
     @torch.no_grad()
     def __call__(self, lo: int, hi: int) -> torch.Tensor:
         y, op = self.read(lo, hi)
         return self.apply(y.to(self.device), op.to(self.device)).cpu()
-
-    @torch.no_grad()
-    def apply(self, y: torch.Tensor, op) -> torch.Tensor:
-        """The method with this job's parameters on measurements ``y`` of operator ``op``
-        (a slab's, or another of the scan's kind: fewer views, another k-space mask)."""
-        from pipeline.classical import reconstruct_slab, tv_problem
-
-        problem = tv_problem(self.scan) if self.method == "tv" else None
-        return reconstruct_slab(self.method, y, op, self.params, noise=self.noise, problem=problem)
 
 
 class _Derived:
@@ -278,7 +178,7 @@ class _Network:
                 "slabs cannot equal the whole volume; pass --halo N to reconstruct anyway"
             )
         self.radius = int(radius or 0)
-        if scan.modality == "mri" and type(_reconstructor(self.model)).__name__ == "UnrolledNetwork":
+        if scan.modality == "mri" and type(reconstructor_of(self.model)).__name__ == "UnrolledNetwork":
             self.notes = self.notes + [
                 "unrolled step 1/L uses max sum|S|^2 over each input slab: the whole volume's for "
                 "coil maps normalised to sum|S|^2 = 1 (simulated, ESPIRiT), to float32 rounding"

@@ -128,16 +128,13 @@ def _auto_or(kind: type):
     return parse
 
 
-def _reconstruct(args: argparse.Namespace) -> int:
-    from pipeline.allocator import return_freed_memory_to_os
+def _config(args: argparse.Namespace):
+    """The :class:`~pipeline.reconstruct.config.ReconstructConfig` of ``recon3d reconstruct``."""
     from pipeline.data.format import CodecConfig
 
     from .config import ReconstructConfig
-    from .reconstruct import reconstruct
 
-    if args.memory == "lean":
-        return_freed_memory_to_os()
-    config = ReconstructConfig(
+    return ReconstructConfig(
         scan=args.scan, out=args.out, model=args.model, method=args.method, pick=args.pick, pyramid=args.pyramid,
         slab=args.slab, halo=args.halo, chunks=tuple(args.chunks) if args.chunks else None,
         tile=tuple(args.tile) if args.tile else None, overlap=args.overlap, filter=args.filter,
@@ -149,6 +146,16 @@ def _reconstruct(args: argparse.Namespace) -> int:
         device=args.device, workers=args.workers, scheduler=args.scheduler,
         progress=not args.no_progress, wait_timeout_s=args.wait_timeout,
     )
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from pipeline.allocator import return_freed_memory_to_os
+
+    from .reconstruct import reconstruct
+
+    if args.memory == "lean":
+        return_freed_memory_to_os()
+    config = _config(args)
     result = reconstruct(config)
     if result.rank == 0:
         from rich.console import Console

@@ -1,10 +1,14 @@
-"""The settings of ``recon3d reconstruct`` (:class:`ReconstructConfig`, checked when made), what a
+"""The settings of ``recon3d reconstruct`` (:class:`ReconstructConfig`, a pydantic model checked when made), what a
 process returns (:class:`ReconstructResult`) and the constants both name."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Mapping
+
+from pydantic import Field, NonNegativeInt, PositiveInt, StrictFloat, StrictInt, model_validator
+
+from pipeline.config_base import PathStr, Settings
 
 from pipeline.data.format import CodecConfig
 
@@ -18,8 +22,7 @@ TV_HALO = 2
 WAIT_TIMEOUT_S = 600.0
 
 
-@dataclass(frozen=True)
-class ReconstructConfig:
+class ReconstructConfig(Settings):
     """Settings of ``recon3d reconstruct``.
 
     Args:
@@ -76,62 +79,52 @@ class ReconstructConfig:
         storage_options: fsspec options of ``scan`` and ``out`` URLs.
     """
 
-    scan: str
-    out: str
-    model: str | None = None
-    method: str | None = None
+    _where: ClassVar[str] = "reconstruct"
+    _flags: ClassVar[bool] = True
+    scan: PathStr
+    out: PathStr
+    model: PathStr | None = None
+    method: Literal[METHODS] | None = None
     pick: str = "latest"
-    pyramid: int = 1
-    slab: int | None = None
-    halo: int | None = None
-    chunks: tuple[int, int, int] | None = None
-    tile: tuple[int, int, int] | None = None
-    overlap: int | None = None
+    pyramid: int = Field(1, ge=1)
+    slab: int | None = Field(None, ge=1)
+    halo: int | None = Field(None, ge=0)
+    chunks: tuple[PositiveInt, PositiveInt, PositiveInt] | None = None
+    tile: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt] | None = None
+    overlap: int | None = Field(None, ge=0)
     filter: str = AUTO
-    filter_cutoff: float | str | None = None
-    sense_iters: int | str = AUTO
-    l2_weight: float | str = AUTO
-    tv_weight: float | str = AUTO
-    tv_iters: int | str = AUTO
-    calibration_slabs: int = 3
+    # "auto" or a number, kept as given (``_check_classical`` checks it)
+    filter_cutoff: StrictFloat | StrictInt | str | None = None
+    sense_iters: StrictInt | StrictFloat | str = AUTO
+    l2_weight: StrictFloat | StrictInt | str = AUTO
+    tv_weight: StrictFloat | StrictInt | str = AUTO
+    tv_iters: StrictInt | StrictFloat | str = AUTO
+    calibration_slabs: int = Field(3, ge=1)
     keep_complex: bool = True
-    uncertainty: int = 0
+    uncertainty: int = Field(0, ge=0)
     uncertainty_seed: int = 0
-    codec: CodecConfig = field(default_factory=CodecConfig)
+    codec: CodecConfig = CodecConfig()
     overwrite: bool = False
     device: str = "auto"
     workers: int = 1
-    scheduler: str = "threads"
+    scheduler: Literal["threads", "sync", "distributed"] = "threads"
     progress: bool = True
-    wait_timeout_s: float = WAIT_TIMEOUT_S
+    wait_timeout_s: float = Field(WAIT_TIMEOUT_S, gt=0)
     lease_heartbeat_s: float | None = None
     lease_stale_s: float | None = None
     storage_options: Mapping[str, Any] | None = None
 
-    def __post_init__(self) -> None:
-        if (self.model is None) == (self.method is None):
-            raise ValueError("reconstruct: give exactly one of --model RUN_DIR|WEIGHTS and --method")
-        if self.method is not None and self.method not in METHODS:
-            raise ValueError(f"reconstruct: --method must be one of {METHODS}, got {self.method!r}")
-        if int(self.pyramid) < 1:
-            raise ValueError(f"reconstruct: --pyramid must be >= 1, got {self.pyramid}")
-        if int(self.uncertainty) < 0:
-            raise ValueError(f"reconstruct: --uncertainty must be >= 0 draws, got {self.uncertainty}")
-        for name in ("slab", "halo", "overlap"):
-            value = getattr(self, name)
-            if value is not None and int(value) < (1 if name == "slab" else 0):
-                raise ValueError(f"reconstruct: --{name} must be >= {1 if name == 'slab' else 0}, got {value}")
-        if self.chunks is not None and (len(self.chunks) != 3 or min(self.chunks) < 1):
-            raise ValueError(f"reconstruct: --chunks must be 3 positive ints (D H W), got {self.chunks}")
-        if self.tile is not None and (len(self.tile) != 3 or min(self.tile) < 0):
-            raise ValueError(f"reconstruct: --tile must be 3 ints >= 0 (D H W), got {self.tile}")
-        if not float(self.wait_timeout_s) > 0:
-            raise ValueError(f"reconstruct: --wait-timeout must be > 0 seconds, got {self.wait_timeout_s}")
+    @model_validator(mode="before")
+    @classmethod
+    def _model_or_method(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (data.get("model") is None) == (data.get("method") is None):
+            raise ValueError("give exactly one of --model RUN_DIR|WEIGHTS and --method")
+        return data
+
+    @model_validator(mode="after")
+    def _classical(self) -> "ReconstructConfig":
         _check_classical(self)
-        if self.scheduler not in ("threads", "sync", "distributed"):
-            raise ValueError(
-                f"reconstruct: --scheduler must be threads, sync or distributed, got {self.scheduler!r}"
-            )
+        return self
 
 
 def _check_classical(config: "ReconstructConfig") -> None:
@@ -139,7 +132,7 @@ def _check_classical(config: "ReconstructConfig") -> None:
     from operators3d.ct import FILTERS
 
     if config.filter not in (AUTO,) + tuple(FILTERS):
-        raise ValueError(f"reconstruct: --filter must be auto or one of {FILTERS}, got {config.filter!r}")
+        raise ValueError(f"--filter must be auto or one of {FILTERS}, got {config.filter!r}")
     checks = (("filter_cutoff", "--filter-cutoff", lambda v: 0 < float(v) <= 1, "in (0, 1]"),
               ("l2_weight", "--l2-weight", lambda v: float(v) >= 0, ">= 0"),
               ("tv_weight", "--tv-weight", lambda v: float(v) >= 0, ">= 0"),
@@ -154,9 +147,7 @@ def _check_classical(config: "ReconstructConfig") -> None:
         except (TypeError, ValueError):
             good = False
         if not good:
-            raise ValueError(f"reconstruct: {flag} must be auto or {what}, got {value!r}")
-    if int(config.calibration_slabs) < 1:
-        raise ValueError(f"reconstruct: --calibration-slabs must be >= 1, got {config.calibration_slabs}")
+            raise ValueError(f"{flag} must be auto or {what}, got {value!r}")
 
 
 @dataclass

@@ -49,9 +49,9 @@ def _device(spec: str) -> torch.device:
 def _say(message: str, progress: bool) -> None:
     """A message of ``recon3d reconstruct`` on stderr (with ``progress`` only)."""
     if progress:
-        from rich.console import Console
+        from pipeline.log import say
 
-        Console(stderr=True).print(f"[bold cyan]recon3d reconstruct[/] {message}", highlight=False)
+        say(f"recon3d reconstruct {message}", "reconstruct")
 
 
 class WaitTimeoutError(Recon3dError, TimeoutError):

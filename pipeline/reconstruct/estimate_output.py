@@ -1,9 +1,9 @@
 """The reference-free error estimate of a written output: ``recon3d evaluate OUT --estimate``.
 
 :func:`estimate_output` rebuilds the reconstruction that made an OME-Zarr output (from what its
-attributes record) and runs :func:`~pipeline.reconstruct.estimate.estimate_error` on a few
+attributes record) and runs :func:`~pipeline.estimate.estimate_error` on a few
 D-blocks of its scan; :class:`EstimateRefused` says why an output or scan cannot be estimated.
-The method is in :mod:`pipeline.reconstruct.estimate` and ``docs/estimate.md``.
+The method is in :mod:`pipeline.estimate` and ``docs/estimate.md``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 import torch
 
-from .estimate import HANDLED_NOISE, ErrorEstimate, estimate_error, estimate_pilot
+from pipeline.estimate import (HANDLED_NOISE, OUTSIDE_RATIO_CAUTION, ErrorEstimate, estimate_error, estimate_pilot,
+                               outside_ratio)
 
 __all__ = ["EstimateRefused", "estimate_output"]
 
@@ -29,7 +30,7 @@ def _output_reconstructor(image, scan, device: torch.device):
 
     from .adapters import _Classical, _Network
     from .config import ReconstructConfig
-    from .halo import _reconstructor
+    from pipeline.models import reconstructor_of
 
     attrs = image.attrs
     if attrs.get("kind") != "reconstruction" and attrs.get("written_by") != "reconstruct":
@@ -51,7 +52,7 @@ def _output_reconstructor(image, scan, device: torch.device):
             with torch.no_grad(), intensity_scale(net.model, scale):
                 return net.model(y.unsqueeze(0).to(device), op.to(device))[0]
 
-        kind = type(_reconstructor(net.model)).__name__
+        kind = type(reconstructor_of(net.model)).__name__
         return f, {"model": str(model), "network": kind, "intensity_scale": scale}
     if method in (None, "fdk"):
         raise EstimateRefused(f"'{image.path}' records method {method!r}; the estimate handles adjoint, fbp, "
@@ -127,6 +128,8 @@ def estimate_output(out, scan=None, *, blocks: int = 3, thickness: int | None = 
         est = estimate_error(y, op, noise, f, x_hat=x_hat, draws=draws, folds=folds, fraction=fraction, seed=seed + i,
                              pilot=estimate_pilot(y, op, noise, x_hat), say=say)
         rows.append({"d": [lo, hi], **est.to_dict()})
+        if op.kind == "parallel":
+            rows[-1]["outside_ratio"] = outside_ratio(x_hat)
         del y, op
     weights = [r["d"][1] - r["d"][0] for r in rows]
     total = float(sum(weights))
@@ -143,8 +146,16 @@ def estimate_output(out, scan=None, *, blocks: int = 3, thickness: int | None = 
     summary = ErrorEstimate(mse=mse, mse_low=low, mse_high=high, bootstrap_mse=avg("bootstrap_mse"), cv=avg("cv"),
                             ratio=avg("ratio"), ratios=[r["ratio"] for r in rows], draws=draws, folds=folds,
                             fraction=fraction, seed=int(seed))
+    cautions = []
+    outside = max((r.get("outside_ratio", 0.0) for r in rows), default=0.0)
+    if outside > OUTSIDE_RATIO_CAUTION:
+        cautions.append(
+            f"the object reaches outside the inscribed circle of the slices (mean there {outside:.2f} of the mean "
+            "inside): it is cut by the field of view, and the estimate's rotations see only the circle; on such "
+            "scans it was off by up to 3.7 dB, pessimistic (docs/estimate.md, Cautions)")
     return {
         **summary.psnr(float(data_range)),
+        "cautions": cautions,
         "estimator": summary.estimator,
         "estimated_mse": mse,
         "estimated_mse_low": low,

@@ -212,11 +212,12 @@ def _compute(tasks: list, scheduler: str, workers: int | None) -> list:
     import dask
 
     if scheduler == "distributed":
-        try:
-            from distributed import get_client
+        from pipeline.errors import require_extra
 
+        get_client = require_extra("distributed", "distributed", "--scheduler distributed").get_client
+        try:
             get_client()
-        except (ImportError, ValueError) as err:
+        except ValueError as err:
             raise ValueError(f"--scheduler distributed needs an active dask.distributed client ({err})") from None
         return list(dask.compute(*tasks))
     if scheduler == "sync":

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.log import say as log
 from pipeline.paths import local_arg
 
 from .evaluate import evaluate
@@ -122,7 +122,7 @@ def run_cli(args: argparse.Namespace) -> int:
         est = result["estimate"]
         _print_estimate(est, truth=est.get("true_psnr_complex", result["psnr"]))
     if args.json:
-        print(f"  written to {args.json}", file=sys.stderr)
+        log(f"  written to {args.json}", "evaluate")
     return 0
 
 
@@ -144,7 +144,7 @@ def _estimate(args: argparse.Namespace, data_range: float | None) -> dict[str, A
     from .estimate_output import estimate_output
 
     def say(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        log(message, "evaluate")
 
     return estimate_output(args.out, args.scan, blocks=args.estimate_blocks, thickness=args.estimate_slices,
                            draws=args.draws, folds=args.folds, fraction=args.holdout, seed=args.seed,
@@ -187,6 +187,8 @@ def _print_estimate(est: dict[str, Any], truth: float | None = None) -> None:
     print(f"    PSNR {est['estimated_psnr']:.2f} dB  [{est['estimated_psnr_low']:.2f}, {est['estimated_psnr_high']:.2f}]"
           f"   MSE {est['estimated_mse']:.4g}   (R = {est['data_range']:.6g}, {est['data_range_source']}; "
           f"{est['of']}){against}")
+    for caution in est.get("cautions", []):
+        print(f"    caution: {caution}")
 
 
 def _estimate_cli(args: argparse.Namespace) -> int:
@@ -197,5 +199,5 @@ def _estimate_cli(args: argparse.Namespace) -> int:
     print(f"{args.out} (scan {est['scan']}):")
     _print_estimate(est)
     if args.json:
-        print(f"  written to {args.json}", file=sys.stderr)
+        log(f"  written to {args.json}", "evaluate")
     return 0

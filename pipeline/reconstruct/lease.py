@@ -35,7 +35,6 @@ import json
 import os
 import posixpath
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -369,7 +368,10 @@ class Lease:
         Raises:
             OutputConflictError: another job holds a live lease of this output.
         """
-        say = say or (lambda message: print(f"recon3d reconstruct: {message}", file=sys.stderr))
+        if say is None:
+            from pipeline.log import say as log
+
+            say = lambda message: log(f"recon3d reconstruct: {message}", "reconstruct")  # noqa: E731
         for _ in range(5):
             self.acquired = time.time()
             if self.storage.create(self._payload()):

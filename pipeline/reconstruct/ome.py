@@ -26,10 +26,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import zarr
 
+from pipeline.data.units import SPACE_UNITS, TIME_UNITS, ngff_unit
+
 __all__ = [
     "NGFF_VERSION",
-    "SPACE_UNITS",
-    "ngff_unit",
     "level_shapes",
     "multiscales_metadata",
     "create_level",
@@ -44,42 +44,9 @@ __all__ = [
 NGFF_VERSION = "0.5"
 AXES = ("z", "y", "x")
 
-#: Space units the specification allows (UDUNITS-2 names).
-SPACE_UNITS = (
-    "angstrom", "attometer", "centimeter", "decimeter", "exameter", "femtometer", "foot",
-    "gigameter", "hectometer", "inch", "kilometer", "megameter", "meter", "micrometer", "mile",
-    "millimeter", "nanometer", "parsec", "petameter", "picometer", "terameter", "yard",
-    "yoctometer", "yottameter", "zeptometer", "zettameter",
-)
-#: Time units the specification allows (for the validator; recon3d writes no time axis).
-TIME_UNITS = (
-    "attosecond", "centisecond", "day", "decisecond", "exasecond", "femtosecond", "gigasecond",
-    "hectosecond", "hour", "kilosecond", "megasecond", "microsecond", "millisecond", "minute",
-    "nanosecond", "petasecond", "picosecond", "second", "terasecond", "yoctosecond",
-    "yottasecond", "zeptosecond", "zettasecond",
-)
-_UNIT_ALIASES = {
-    "m": "meter", "metre": "meter", "dm": "decimeter", "cm": "centimeter", "mm": "millimeter",
-    "um": "micrometer", "µm": "micrometer", "μm": "micrometer", "micron": "micrometer",
-    "nm": "nanometer", "pm": "picometer", "a": "angstrom", "å": "angstrom", "km": "kilometer",
-    "in": "inch", "ft": "foot",
-}
-
 
 class OMEError(ValueError):
     """An OME-Zarr image that does not follow the specification (the message lists why)."""
-
-
-def ngff_unit(units: str | None) -> str | None:
-    """The NGFF name of a length unit (``mm`` → ``millimeter``), or ``None`` if it has none."""
-    if not units:
-        return None
-    text = str(units).strip()
-    low = text.lower()
-    for name in SPACE_UNITS:
-        if low in (name, name.replace("meter", "metre")):
-            return name
-    return _UNIT_ALIASES.get(text, _UNIT_ALIASES.get(low))
 
 
 def level_shapes(shape: Sequence[int], levels: int) -> list[tuple[int, ...]]:

@@ -6,7 +6,7 @@ slab the reconstructor runs on an *input* slab extended by a halo along D (clipp
 volume's ends, its start rounded down to the network's pooling grid) and the result is cropped
 to the output slab. With a halo of at least the model's receptive radius along D the slab-wise
 result equals the model applied to the whole volume at once, to float rounding (see
-:func:`~pipeline.reconstruct.halo.model_halo` for the rule and its exceptions).
+:func:`~pipeline.models.receptive.model_halo` for the rule and its exceptions).
 
 This module is the driver (:func:`reconstruct`); the parts of the job live beside it:
 :mod:`.config` (the settings), :mod:`.coordination` (ranks, waits, the model and its export, the
@@ -111,7 +111,7 @@ def _scan_identity(scan, config: ReconstructConfig) -> dict[str, Any]:
 def _check_uncertainty(scan, recon) -> None:
     """``--uncertainty`` re-measures and re-runs each slab: it needs a slab operator and a noise
     model it can draw from."""
-    from .estimate import HANDLED_NOISE
+    from pipeline.estimate import HANDLED_NOISE
 
     if isinstance(recon, _Derived):
         raise ValueError("reconstruct: --uncertainty re-runs each slab from its measurements, which a cone-beam "

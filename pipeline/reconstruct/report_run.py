@@ -42,9 +42,9 @@ class ReportResult:
 
 def _figure(width: float, height: float):
     # A bare Figure renders with Agg without touching pyplot's global backend.
-    from matplotlib.figure import Figure
+    from pipeline.errors import require_extra
 
-    return Figure(figsize=(width, height))
+    return require_extra("matplotlib.figure", "report", "recon3d report's pictures").Figure(figsize=(width, height))
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

@@ -2,7 +2,8 @@
 
 Rank 0 prepares the output (:func:`_prepare`: created, resumed, or cleared when it holds another
 fingerprint), every rank writes its slabs (:func:`_write_slab`) and records each one complete
-(:meth:`_Output.record`, a small object carrying the fingerprint), and rank 0 finally builds the
+(:meth:`_Output.record`, a small zarr group whose attributes carry the fingerprint, so zarr sees
+a valid hierarchy and never warns about foreign objects), and rank 0 finally builds the
 pyramid and marks the output complete (:func:`_finish`). The format is written down in
 ``docs/output-format.md``.
 """
@@ -52,6 +53,7 @@ class _Output:
         self.path = str(path)
         self.storage_options = dict(storage_options or {})
         self.store = open_store(self.path, read_only=False, storage_options=self.storage_options)
+        self._prefixes_made: set[str] = set()
 
     def group(self, mode: str = "r+"):
         return open_group(self.path, mode=mode, storage_options=self.storage_options)
@@ -68,6 +70,17 @@ class _Output:
     def _prefix(fingerprint: str) -> str:
         return f"{RECORDS}/{fingerprint[:32]}/"
 
+    @staticmethod
+    def _slab_of(key: str) -> int | None:
+        """The slab of a record key: ``.../slab_NNNNNN/zarr.json`` (a group), or the plain
+        ``.../slab_NNNNNN.json`` object of outputs written before records were groups."""
+        parts = key.split("/")
+        name = parts[-2] if parts[-1] == "zarr.json" and len(parts) >= 2 else parts[-1]
+        name = name[:-5] if name.endswith(".json") else name
+        if name.startswith("slab_") and name[5:].isdigit():
+            return int(name[5:])
+        return None
+
     def recorded(self, fingerprint: str) -> set[int]:
         """The slabs that have a record object under ``fingerprint``'s prefix (content unchecked)."""
         from zarr.core.sync import sync
@@ -77,26 +90,25 @@ class _Output:
         async def keys() -> list[str]:
             return [k async for k in self.store.list_prefix(prefix)]
 
-        out = set()
-        for key in sync(keys()):
-            name = key.rsplit("/", 1)[-1]
-            if name.startswith("slab_") and name.endswith(".json"):
-                out.add(int(name[5:-5]))
-        return out
+        return {slab for slab in map(self._slab_of, sync(keys())) if slab is not None}
 
     def _read(self, fingerprint: str, index: int) -> dict[str, Any] | None:
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
-        key = f"{self._prefix(fingerprint)}slab_{index:06d}.json"
-        buf = sync(self.store.get(key, prototype=default_buffer_prototype()))
-        if buf is None:
-            return None
-        try:
-            value = json.loads(buf.to_bytes())
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
+        for key in (f"{self._prefix(fingerprint)}slab_{index:06d}/zarr.json",
+                    f"{self._prefix(fingerprint)}slab_{index:06d}.json"):  # the earlier plain object
+            buf = sync(self.store.get(key, prototype=default_buffer_prototype()))
+            if buf is None:
+                continue
+            try:
+                value = json.loads(buf.to_bytes())
+            except ValueError:
+                return None
+            if isinstance(value, dict) and key.endswith("/zarr.json"):
+                value = value.get("attributes")
+            return value if isinstance(value, dict) else None
+        return None
 
     def done(self, fingerprint: str, verified: set[int] | None = None) -> set[int]:
         """The slabs recorded complete **with** ``fingerprint``: the record exists and carries it.
@@ -118,9 +130,12 @@ class _Output:
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
-        key = f"{self._prefix(fingerprint)}slab_{index:06d}.json"
-        data = json.dumps({**info, "fingerprint": fingerprint}, sort_keys=True).encode()
-        sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+        prefix = self._prefix(fingerprint)
+        if prefix not in self._prefixes_made:  # the fingerprint's group (same bytes from every rank)
+            sync(self.store.set(f"{prefix}zarr.json", default_buffer_prototype().buffer.from_bytes(_group_json({}))))
+            self._prefixes_made.add(prefix)
+        data = _group_json({**info, "fingerprint": fingerprint})
+        sync(self.store.set(f"{prefix}slab_{index:06d}/zarr.json", default_buffer_prototype().buffer.from_bytes(data)))
 
     def read_records(self, fingerprint: str) -> dict[int, dict[str, Any]]:
         """Every completion record of ``fingerprint`` (for inspection and tests)."""
@@ -141,6 +156,12 @@ class _Output:
         if foreign:
             text += f" (slabs {', '.join(map(str, foreign[:20]))} have a record of another fingerprint)"
         return text
+
+
+def _group_json(attributes: Mapping[str, Any]) -> bytes:
+    """The ``zarr.json`` of a zarr v3 group with these attributes (one object, written at once)."""
+    return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": dict(attributes)},
+                      sort_keys=True).encode()
 
 
 def completion_records(out: str, *, storage_options: Mapping[str, Any] | None = None) -> dict[int, dict[str, Any]]:

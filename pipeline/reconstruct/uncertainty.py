@@ -4,7 +4,7 @@
 and reconstructs them again; every draw is seeded by ``(seed, draw, slice)`` alone
 (:func:`draw_rotation`, slab-exact Poisson re-measurement), so a slab's map equals the whole
 volume's. The error estimate it shares its bootstrap with is in
-:mod:`pipeline.reconstruct.estimate`.
+:mod:`pipeline.estimate`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .estimate import Reconstructor, pilot_estimate
+from pipeline.estimate import Reconstructor, pilot_estimate
 
 __all__ = ["bootstrap_uncertainty", "draw_rotation"]
 

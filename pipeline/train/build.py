@@ -122,16 +122,10 @@ def zero_last_convolution(backbone: nn.Module) -> None:
 
 def build_model(cfg: ModelConfig, facts: ScanFacts, *, precision: str = "fp32") -> nn.Module:
     """The reconstructor ``model(y, op)`` described by ``cfg`` for scans like ``facts``."""
-    from pipeline.models import ArtifactRemoval, DnCNN3D, TiledBackbone, UNet3D, UnrolledNetwork
+    from pipeline.models import TiledBackbone
+    from pipeline.models.registry import BACKBONES, RECONSTRUCTORS
 
-    ch = facts.channels
-    if cfg.backbone == "unet":
-        backbone: nn.Module = UNet3D(ch, ch, widths=cfg.widths, convs_per_level=cfg.convs_per_level,
-                                     norm=cfg.norm, activation=cfg.activation, residual=cfg.residual,
-                                     checkpoint=cfg.activation_checkpointing)
-    else:
-        backbone = DnCNN3D(ch, ch, width=cfg.dncnn_width, depth=cfg.dncnn_depth,
-                           activation=cfg.activation, residual=cfg.residual)
+    backbone = BACKBONES[cfg.backbone](cfg, facts.channels)
     if cfg.start_at_initial:
         zero_last_convolution(backbone)
     if precision != "fp32":
@@ -139,78 +133,20 @@ def build_model(cfg: ModelConfig, facts: ScanFacts, *, precision: str = "fp32") 
     if cfg.tile is not None:
         backbone = TiledBackbone(backbone, tile_shape=cfg.tile.shape, overlap=cfg.tile.overlap,
                                  checkpoint=cfg.tile.activation_checkpointing, tiles_per_batch=cfg.tile.tiles_per_batch)
-    initial = cfg.initial
-    if initial == "sense" and facts.modality != "mri":
+    if cfg.initial == "sense" and facts.modality != "mri":
         raise ConfigError("model.initial: 'sense' is for MRI scans; use 'fbp' or 'adjoint' for CT")
-    if cfg.reconstructor == "artifact_removal":
-        return ArtifactRemoval(backbone, initial=initial, normalize=cfg.normalize, fbp_filter=cfg.fbp_filter)
-    u = cfg.unrolled
-    return UnrolledNetwork(backbone, num_iters=u.iterations, data_consistency=u.data_consistency,
-                           shared=u.shared, initial=initial, normalize=cfg.normalize, step_size=u.step_size,
-                           fbp_filter=cfg.fbp_filter)
-
-
-_TRANSFORMS = {"rotate90": "Rotate90", "rotate": "Rotate", "reflect": "Reflect", "shift": "Shift",
-               "cube_rotations": "CubeRotation"}
+    return RECONSTRUCTORS[cfg.reconstructor](backbone, cfg)
 
 
 def build_loss(cfg: LossConfig, facts: ScanFacts, *, seed: int) -> Any:
-    """The weighted sum of the configured terms; ``seed`` seeds each term's generator."""
-    import operators3d
-    from pipeline.losses import (
-        EquivariantImagingLoss,
-        MeasurementConsistencyLoss,
-        Noise2InverseLoss,
-        SplittingLoss,
-        SSDULoss,
-        SupervisedLoss,
-        SureGaussianLoss,
-        SurePoissonLoss,
-        WeightedSum,
-    )
+    """The weighted sum of the configured terms (built by :data:`~pipeline.losses.registry.LOSS_TERMS`);
+    ``seed`` seeds each term's generator."""
+    from pipeline.losses import WeightedSum
+    from pipeline.losses.registry import LOSS_TERMS
 
     terms = []
     for i, t in enumerate(cfg.terms):
-        where = f"loss.terms[{i}] ({t.name})"
-        s = derived_seed(seed, "loss-term", i)
-        if t.name == "mc":
-            loss: Any = MeasurementConsistencyLoss()
-        elif t.name == "ei":
-            noise = None
-            if t.noise:
-                if facts.noise_model is None:
-                    raise ConfigError(f"{where}: noise: true (robust EI) needs scans with a noise model in their metadata")
-                noise = facts.noise_model
-            loss = EquivariantImagingLoss(transform=getattr(operators3d, _TRANSFORMS[t.transform]),
-                                          noise_model=noise, seed=s)
-        elif t.name == "sure":
-            nm = facts.noise_model
-            if nm is None:
-                raise ConfigError(f"{where}: SURE needs scans with a noise model in their metadata")
-            if isinstance(nm, (operators3d.GaussianNoise, operators3d.TransmissionNoise)):
-                if t.metric == "image" and (facts.modality, facts.geometry) != ("ct", "parallel"):
-                    raise ConfigError(f"{where}: metric: image needs parallel-beam CT scans")
-                loss = SureGaussianLoss(noise_model=nm, tau=t.tau, metric=t.metric, seed=s)
-            else:
-                if t.metric == "image":
-                    raise ConfigError(f"{where}: metric: image needs Gaussian or transmission noise, "
-                                      f"the scans have {nm.kind}")
-                loss = SurePoissonLoss(noise_model=nm, tau=t.tau, seed=s)
-        elif t.name == "splitting":
-            loss = SplittingLoss(t.rho, seed=s)
-        elif t.name == "supervised":
-            if facts.without_reference:
-                raise ConfigError(
-                    f"{where}: needs the scans' reference array, and {facts.without_reference[0]} has none "
-                    f"({len(facts.without_reference)} scan(s) without one); simulated scans carry it, measured "
-                    "ones do not: train those with a self-supervised term")
-            loss = SupervisedLoss(metric=t.metric)
-        elif t.name == "ssdu":
-            if facts.modality != "mri":
-                raise ConfigError(f"{where}: SSDU splits MRI k-space; use n2i or splitting for CT")
-            loss = SSDULoss(t.rho, metric=t.metric, weighted=t.weighted, seed=s)
-        else:
-            loss = Noise2InverseLoss(t.num_splits, target=t.target, seed=s)
+        loss = LOSS_TERMS[t.name].build(t, facts, derived_seed(seed, "loss-term", i), f"loss.terms[{i}] ({t.name})")
         terms.append((t.weight, loss))
     return WeightedSum(terms)
 
@@ -253,13 +189,8 @@ def build_stream(cfg: DataConfig, *, seed: int, rank: int, world_size: int, incl
     reference in ``meta["reference"]`` when ``include_reference``: a supervised term)."""
     from pipeline.data import SlabStream, SlabStreamConfig
 
-    stream_cfg = SlabStreamConfig(
-        scans=tuple(cfg.scans), mode=cfg.mode, slab_thickness=cfg.slab_thickness,
-        image_arrays=tuple(cfg.image_arrays), crop_shape=cfg.crop_shape,
-        crops_per_scan=cfg.crops_per_scan, shuffle=cfg.shuffle, seed=seed,
-        num_workers=cfg.num_workers, worker_type=cfg.worker_type, prefetch_factor=cfg.prefetch_factor,
-        storage_options=dict(cfg.storage_options), include_reference=include_reference,
-    )
+    # every key of data: is a SlabStreamConfig setting (it refuses unknown ones)
+    stream_cfg = SlabStreamConfig(**cfg.model_dump(), seed=seed, include_reference=include_reference)
     try:
         return SlabStream(stream_cfg, rank=rank, world_size=world_size)
     except ValueError as exc:

@@ -16,10 +16,14 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from pipeline.config_base import ConfigError, FrozenModel
+from pipeline.losses.registry import LOSS_TERMS, SPLITTING_TERMS, EITerm, MCTerm, TermConfig
+from pipeline.models.registry import BACKBONES, RECONSTRUCTORS
 
 __all__ = [
     "ConfigError",
@@ -40,14 +44,6 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """An experiment config that cannot be used; the message says which key and why."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 def _renamed_key(data: Any, old: str, new: str, where: str) -> Any:
     """Read a key under its old name, with a message saying the new one (both given: refused)."""
     if not isinstance(data, dict) or old not in data:
@@ -62,7 +58,7 @@ def _renamed_key(data: Any, old: str, new: str, where: str) -> Any:
 
 
 # ----------------------------------------------------------------------------- sections
-class RunConfig(_Section):
+class RunConfig(FrozenModel):
     """How long to train and the root seed.
 
     ``max_steps`` counts optimizer steps (a step takes ``gradient_accumulation_steps``
@@ -84,7 +80,7 @@ class RunConfig(_Section):
                                        "over its smallest value after warm-up (0: never)")
 
 
-class DataConfig(_Section):
+class DataConfig(FrozenModel):
     """Training scans and how they are streamed (``pipeline.data.SlabStream``)."""
 
     scans: list[str] = Field(min_length=1)
@@ -106,7 +102,7 @@ class DataConfig(_Section):
         return self
 
 
-class TileConfig(_Section):
+class TileConfig(FrozenModel):
     """Tiled evaluation of the backbone with activation checkpointing per tile."""
 
     shape: tuple[int, int, int]
@@ -120,17 +116,17 @@ class TileConfig(_Section):
         return _renamed_key(data, "checkpoint", "activation_checkpointing", "model.tile")
 
 
-class UnrolledConfig(_Section):
+class UnrolledConfig(FrozenModel):
     iterations: int = Field(5, ge=1)
     data_consistency: Literal["gradient", "cg"] = "gradient"
     shared: bool = True
     step_size: float = Field(1.0, gt=0)
 
 
-class ModelConfig(_Section):
+class ModelConfig(FrozenModel):
     """The reconstructor ``model(y, op)``: a backbone on an initial estimate, or unrolled."""
 
-    backbone: Literal["unet", "dncnn"] = "unet"
+    backbone: Literal[tuple(BACKBONES)] = "unet"
     widths: list[int] = [16, 32]
     convs_per_level: int = Field(2, ge=1)
     norm: Literal["none", "batch", "instance", "group"] = "none"
@@ -141,7 +137,7 @@ class ModelConfig(_Section):
     # Recompute activations in the backward pass instead of keeping them (torch's non-reentrant
     # checkpointing): per U-Net level, or the whole network around its level checkpoints.
     activation_checkpointing: Literal["none", "level", "network"] = "none"
-    reconstructor: Literal["artifact_removal", "unrolled"] = "artifact_removal"
+    reconstructor: Literal[tuple(RECONSTRUCTORS)] = "artifact_removal"
     initial: Literal["adjoint", "fbp", "sense"] = "adjoint"
     fbp_filter: Literal["ram-lak", "shepp-logan", "cosine", "hann"] = "ram-lak"  # initial: fbp's window
     normalize: bool = True
@@ -170,80 +166,20 @@ class ModelConfig(_Section):
         return v
 
 
-# Loss terms: a list of {name: ..., weight: ..., options}.
-class _Term(_Section):
-    weight: float = Field(1.0, ge=0)
-
-
-class MCTerm(_Term):
-    """Measurement consistency ``‖A x̂ − y‖²``."""
-
-    name: Literal["mc"]
-
-
-class EITerm(_Term):
-    """Equivariant imaging; ``noise: true`` adds fresh noise of the scan's model (robust EI)."""
-
-    name: Literal["ei"]
-    transform: Literal["rotate90", "rotate", "reflect", "shift", "cube_rotations"] = "rotate90"
-    noise: bool = False
-
-
-class SureTerm(_Term):
-    """SURE (Gaussian, and CT transmission noise after −log) / PURE, PG-URE (Poisson,
-    Poisson–Gaussian) with the scan's noise model. ``metric: image`` (parallel-beam CT,
-    Gaussian-type noise) estimates the image-domain error instead of the measurement error."""
-
-    name: Literal["sure"]
-    tau: float | None = Field(None, gt=0)
-    metric: Literal["measurement", "image"] = "measurement"
-
-
-class SplittingTerm(_Term):
-    name: Literal["splitting"]
-    rho: float = Field(0.4, gt=0, lt=1)
-
-
-class SSDUTerm(_Term):
-    name: Literal["ssdu"]
-    rho: float = Field(0.4, gt=0, lt=1)
-    metric: Literal["l1l2", "mse"] = "l1l2"
-    weighted: bool = False
-
-
-class N2ITerm(_Term):
-    name: Literal["n2i"]
-    num_splits: int = Field(4, ge=2)
-    target: Literal["reconstruction", "measurement"] = "reconstruction"
-
-
-class SupervisedTerm(_Term):
-    """MSE (or L1) against the scan's ``reference`` array — simulated scans only. Not a
-    self-supervised loss: it measures the gap a self-supervised recipe leaves to a network
-    trained with ground truth, through the same command."""
-
-    name: Literal["supervised"]
-    metric: Literal["mse", "l1"] = "mse"
-
-
-Term = Annotated[Union[MCTerm, EITerm, SureTerm, SplittingTerm, SSDUTerm, N2ITerm, SupervisedTerm],
-                 Field(discriminator="name")]
-
-
-class LossConfig(_Section):
+class LossConfig(FrozenModel):
     """The loss: a weighted sum of terms (at most one splitting term, which wraps the model)."""
 
-    terms: list[Term] = Field(default_factory=lambda: [MCTerm(name="mc"), EITerm(name="ei")], min_length=1)
+    terms: list[TermConfig] = Field(default_factory=lambda: [MCTerm(name="mc"), EITerm(name="ei")], min_length=1)
 
     @model_validator(mode="after")
     def _one_split(self) -> "LossConfig":
-        splits = [t.name for t in self.terms if t.name in ("splitting", "ssdu", "n2i")]
+        splits = [t.name for t in self.terms if t.name in SPLITTING_TERMS]
         if len(splits) > 1:
-            raise ValueError(f"at most one splitting term (splitting, ssdu, n2i), got {splits}")
+            raise ValueError(f"at most one splitting term ({', '.join(SPLITTING_TERMS)}), got {splits}")
         return self
 
 
-class OptimizerConfig(_Section):
+class OptimizerConfig(FrozenModel):
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -251,7 +187,7 @@ class OptimizerConfig(_Section):
     momentum: float = Field(0.9, ge=0)
 
 
-class ScheduleConfig(_Section):
+class ScheduleConfig(FrozenModel):
     """Learning rate as a pure function of the step (nothing to checkpoint)."""
 
     name: Literal["constant", "cosine"] = "constant"
@@ -259,7 +195,7 @@ class ScheduleConfig(_Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
 
 
-class DeepSpeedConfig(_Section):
+class DeepSpeedConfig(FrozenModel):
     """DeepSpeed engine settings (``pipeline.train.engine`` turns them into DeepSpeed's dict)."""
 
     zero_stage: Literal[0, 1, 2, 3] = 2
@@ -280,7 +216,7 @@ class DeepSpeedConfig(_Section):
         return self
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(FrozenModel):
     every: int = Field(50, ge=1, description="save every N optimizer steps (and at the end)")
     keep_last: int = Field(3, ge=1)
     dir: str | None = Field(None, description="default RUN_DIR/checkpoints")
@@ -290,13 +226,13 @@ class CheckpointConfig(_Section):
         "references, 'loss' the lowest validation loss; `recon3d reconstruct --model RUN --pick best` uses it")
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(FrozenModel):
     every: int = Field(1, ge=1)
     tensorboard: bool = True
     progress: bool = True
 
 
-class ValidationConfig(_Section):
+class ValidationConfig(FrozenModel):
     """Held-out scans: PSNR/SSIM where a reference exists, the training loss otherwise."""
 
     scans: list[str] = []
@@ -309,7 +245,7 @@ class ValidationConfig(_Section):
     estimate_folds: int = Field(2, ge=1, description="held-out parts per cross-validation")
 
 
-class ExperimentConfig(_Section):
+class ExperimentConfig(FrozenModel):
     @model_validator(mode="after")
     def _keep_best(self) -> "ExperimentConfig":
         best = self.checkpoint.keep_best
@@ -335,7 +271,7 @@ class ExperimentConfig(_Section):
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"config error in {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _TERM_TAGS))
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in LOSS_TERMS))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -351,11 +287,6 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-_TERM_TAGS = {"mc", "ei", "sure", "splitting", "ssdu", "n2i", "supervised"}
-_TERM_TYPES = {"mc": MCTerm, "ei": EITerm, "sure": SureTerm, "splitting": SplittingTerm,
-               "ssdu": SSDUTerm, "n2i": N2ITerm, "supervised": SupervisedTerm}
-
-
 def _section_at(loc: tuple) -> type[BaseModel] | None:
     """The config class at a location of the raw YAML (for listing the allowed keys)."""
     cls: type[BaseModel] | None = ExperimentConfig
@@ -364,8 +295,8 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
             return None
         if isinstance(part, int):
             continue
-        if part in _TERM_TAGS and cls is LossConfig:
-            return _TERM_TYPES[part]
+        if part in LOSS_TERMS and cls is LossConfig:
+            return LOSS_TERMS[part].config
         field = cls.model_fields.get(str(part))
         if field is None:
             return None

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import require_extra
 from ..safeload import deepspeed_loads
 from .config import ExperimentConfig
 from .distributed import DistContext
@@ -50,6 +51,7 @@ def _deepspeed():
     # DeepSpeed logs to stdout (its handler keeps the stream it saw at import): imported with
     # stdout pointing at stderr, its messages are chatter on stderr and stdout keeps the results.
     with contextlib.redirect_stdout(sys.stderr):
+        require_extra("deepspeed", "train", "training (DeepSpeed ZeRO)")
         if os.environ.get("RECON3D_DEEPSPEED_OPS") != "1":
             import deepspeed.ops
 
@@ -61,9 +63,9 @@ def _deepspeed():
         if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
             handler.setStream(sys.stderr)
 
-    # DeepSpeed's ZeRO calls torch's all_gather_into_tensor, deprecated in recent torch: one
-    # FutureWarning per rank per run that says nothing to a user of recon3d.
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*is deprecated",
+    # DeepSpeed's ZeRO calls torch's all_gather_into_tensor and reduce_scatter_tensor, deprecated
+    # in recent torch: FutureWarnings per rank per run that say nothing to a user of recon3d.
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*is deprecated",
                             category=FutureWarning)
     return deepspeed
 

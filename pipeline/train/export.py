@@ -114,13 +114,13 @@ def _operator(modality: str, data: dict[str, Any]) -> str | None:
 
 def model_card(model: nn.Module, info: CheckpointInfo, run_dir: Path) -> ModelCard:
     """The model card of ``model``, trained by the run at ``run_dir`` up to checkpoint ``info``."""
-    from pipeline.reconstruct.halo import _reconstructor, model_halo
+    from pipeline.models import model_halo, reconstructor_of
 
     data = _training_config(info, run_dir).get("data") or {}
     modality = str(info.manifest["modality"])
     thickness = data.get("slab_thickness")
     radius = model_halo(model)[0]
-    normalize = bool(getattr(_reconstructor(model), "normalize", False))
+    normalize = bool(getattr(reconstructor_of(model), "normalize", False))
     return ModelCard(modality=modality, operator=_operator(modality, data),
                      slab_thickness=int(thickness) if thickness else None,
                      intensity_scale="initial-rms" if normalize else None, receptive_radius=radius)
@@ -183,13 +183,15 @@ def load_exported(path: str | Path, *, map_location: str | torch.device = "cpu")
 def _build(payload: dict[str, Any]) -> nn.Module:
     """The model of an export's payload, its weights loaded."""
     from .build import ScanFacts, build_model, wrap_for_loss
-    from .config import LossConfig, MCTerm, ModelConfig
+    from pipeline.losses.registry import SPLITTING_TERMS, MCTerm
+
+    from .config import LossConfig, ModelConfig
 
     facts = ScanFacts(payload["modality"], "", None, int(payload["channels"]))
     model = build_model(ModelConfig.model_validate(payload["model_config"]), facts)
     loss_cfg = LossConfig.model_validate(payload["loss_config"])
     # Only a splitting term changes the model (it wraps it); the other terms are not needed.
-    split = [t for t in loss_cfg.terms if t.name in ("splitting", "ssdu", "n2i")]
+    split = [t for t in loss_cfg.terms if t.name in SPLITTING_TERMS]
     splitting = LossConfig(terms=split or [MCTerm(name="mc")])
     model = wrap_for_loss(model, splitting, facts)
     model.load_state_dict(payload["state_dict"], strict=True)

@@ -2,7 +2,7 @@
 
 Every rank runs every validation slab (under ZeRO-3 each forward needs all ranks; the set is a few
 slabs). With a reference: PSNR and SSIM; always: the loss on the held-out slabs; with
-``validation.estimate``: the reference-free estimate of the error (:mod:`pipeline.reconstruct.estimate`)
+``validation.estimate``: the reference-free estimate of the error (:mod:`pipeline.estimate`)
 and the classical baseline's on the same slabs and draws, with a warning when the network is
 estimated worse than the baseline. ``checkpoint.keep_best`` ranks validations by one metric
 (:data:`BEST_METRIC`) and keeps the best checkpoint.
@@ -31,7 +31,7 @@ def check_estimable(paths: list[str]) -> None:
     slabs of its own (not cone beam)."""
     from pipeline.data import open_scan
     from pipeline.data.format import CTGeometry
-    from pipeline.reconstruct.estimate import HANDLED_NOISE
+    from pipeline.estimate import HANDLED_NOISE
 
     for path in paths:
         scan = open_scan(path)
@@ -147,7 +147,7 @@ class Validation:
         seeded by the slab alone, so every validation, and the baseline, use the same ones (every
         rank too: ZeRO-3 needs all ranks in each forward); the peak is the pilot's, which does not
         change with training, so PSNRs of different steps compare."""
-        from pipeline.reconstruct.estimate import estimate_error, estimate_pilot, pilot_estimate
+        from pipeline.estimate import estimate_error, estimate_pilot, pilot_estimate
 
         cfg = self.trainer.config.validation
         noise = scan.metadata.noise()
@@ -183,16 +183,14 @@ class Validation:
                                "estimate_peak": peak}
         key = "|".join(f"{scan.path}:{d.start}:{d.stop}" for scan, d in jobs)
         if key not in self._baselines:
-            from pipeline.reconstruct import ReconstructConfig
-            from pipeline.reconstruct.adapters import _Classical
+            from pipeline.classical import AutoClassical
 
             recons: dict[str, Any] = {}  # one calibration per scan
             values, method = [], None
             for index, (scan, d_slice) in enumerate(jobs):
                 method = "fbp" if scan.modality == "ct" else "sense"
                 if str(scan.path) not in recons:
-                    recon = _Classical(scan, ReconstructConfig(scan=str(scan.path), out="unused", method=method,
-                                                               progress=False), self.trainer.ctx.device)
+                    recon = AutoClassical(scan, method, device=self.trainer.ctx.device)  # every parameter auto
                     recon.calibrate(lambda _: None)
                     recons[str(scan.path)] = recon
                 y, op = scan.slab(d_slice)

@@ -170,9 +170,9 @@ def test_record_of_a_foreign_fingerprint_prevents_complete(tmp_path, scan):
     first = reconstruct(_config(scan, out))
     before = _level0(out)
     o = _Output(str(out), None)
-    key = next((out / "records").glob("*/slab_000001.json"))
+    key = next((out / "records").glob("*/slab_000001/zarr.json"))
     record = json.loads(key.read_text())
-    record["fingerprint"] = "0" * 64  # a writer of other settings recorded this slab
+    record["attributes"]["fingerprint"] = "0" * 64  # a writer of other settings recorded this slab
     key.write_text(json.dumps(record))
     assert o.done(first.fingerprint) == {0, 2, 3}
     again = reconstruct(_config(scan, out))
@@ -201,9 +201,15 @@ def test_wait_for_other_ranks_times_out_naming_the_missing_slabs(tmp_path, scan,
     assert read_lease(str(out)) is None  # released on failure
     # Records of slabs 1 and 3 under this fingerprint's prefix but written with another: still missing.
     fingerprint = _attrs(out)["fingerprint"]
-    for i in (1, 3):
-        key = out / "records" / fingerprint[:32] / f"slab_{i:06d}.json"
-        key.write_text(json.dumps({"slab": i, "fingerprint": "0" * 64}))
+    for i in (1, 3):  # slab 1 as the plain object of earlier versions, slab 3 as today's group
+        if i == 1:
+            key = out / "records" / fingerprint[:32] / f"slab_{i:06d}.json"
+            key.write_text(json.dumps({"slab": i, "fingerprint": "0" * 64}))
+        else:
+            key = out / "records" / fingerprint[:32] / f"slab_{i:06d}" / "zarr.json"
+            key.parent.mkdir()
+            key.write_text(json.dumps({"zarr_format": 3, "node_type": "group",
+                                       "attributes": {"slab": i, "fingerprint": "0" * 64}}))
     with pytest.raises(WaitTimeoutError) as timeout:
         reconstruct(_config(scan, out, wait_timeout_s=1.0))
     assert ": 1, 3 (slabs 1, 3 have a record of another fingerprint)" in str(timeout.value)
@@ -218,7 +224,7 @@ def test_waiting_rank_stops_when_another_job_takes_the_lease(tmp_path, scan, mon
     def take_over() -> None:  # once rank 0 waits for rank 1's slabs, another job takes the lease
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if len(list((out / "records").glob("*/slab_*.json"))) >= 2:
+            if len(list((out / "records").glob("*/slab_*/zarr.json"))) >= 2:
                 _write_lease(out, fingerprint="cd" * 32, heartbeat=time.time())
                 return
             time.sleep(0.05)

@@ -19,7 +19,8 @@ CT_SHAPE = (12, 16, 16)
 def save_model(path: Path, modality: str, *, seed: int = 0, **model_config) -> Path:
     """An export file (``pipeline.train.export`` format) of a freshly initialised model."""
     from pipeline.train.build import ScanFacts, build_model
-    from pipeline.train.config import LossConfig, MCTerm, ModelConfig
+    from pipeline.losses.registry import MCTerm
+    from pipeline.train.config import LossConfig, ModelConfig
     from pipeline.train.export import EXPORT_FORMAT
 
     channels = 2 if modality == "mri" else 1

@@ -1,4 +1,4 @@
-"""Reference-free error estimates (pipeline/reconstruct/estimate.py): held-out splits, the
+"""Reference-free error estimates (pipeline/estimate.py): held-out splits, the
 cross-validation statistic's noise debiasing, reproducibility."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from operators3d import GaussianNoise, MultiCoilMRI, ParallelBeamCT, TransmissionNoise, poisson_disc_mask
 from operators3d.coils import simulate_coil_maps
-from pipeline.reconstruct.estimate import cross_validation, estimate_error, holdout_splits
+from pipeline.estimate import cross_validation, estimate_error, holdout_splits
 
 
 def _mri(seed: int = 0):
@@ -125,7 +125,7 @@ def _radial_power(x: torch.Tensor, band: tuple[float, float]) -> float:
 
 
 def test_matched_pilot_gives_back_the_detail_the_data_carry():
-    from pipeline.reconstruct.estimate import matched_pilot, pilot_estimate
+    from pipeline.estimate import matched_pilot, pilot_estimate
 
     n = 48
     op = ParallelBeamCT(volume_shape=(2, n, n), angles=torch.arange(90) * (math.pi / 90)).to(torch.float64)

@@ -80,3 +80,22 @@ def test_evaluate_needs_a_reference_or_the_estimate(tmp_path, ct_scan, capsys):
     capsys.readouterr()
     assert main(["evaluate", out]) == 2
     assert "--reference SCAN, or --estimate" in capsys.readouterr().err
+
+
+def test_an_object_cut_by_the_field_of_view_is_flagged_not_silently_estimated(tmp_path, ct_scan, capsys):
+    """The bootstrap's rotations keep the slices' inscribed circle: an object reaching outside it
+    (cut by the field of view) is assessed on part of itself, and the output says so."""
+    inside = _estimate(tmp_path, _recon(ct_scan, tmp_path / "in", method="fbp"), name="in.json")
+    assert inside["cautions"] == [] and all(abs(b["outside_ratio"]) < 0.1 for b in inside["blocks"])
+
+    cut = str(tmp_path / "cut.zarr")
+    assert main(["simulate", "ct", "--shape", "4", "32", "32", "--angles", "24", "--phantom", "industrial-crop",
+                 "--photons", "1e4", "--chunk-depth", "2", "--seed", "3", "--no-progress", "--workers", "1",
+                 "--out", cut]) == 0
+    out = _recon(cut, tmp_path / "cut_fbp", method="fbp")
+    flagged = _estimate(tmp_path, out, name="cut.json")
+    assert len(flagged["cautions"]) == 1 and "cut by the field of view" in flagged["cautions"][0]
+    assert max(b["outside_ratio"] for b in flagged["blocks"]) > 0.3
+    capsys.readouterr()
+    assert main(["evaluate", out, "--estimate", *FAST]) == 0
+    assert "caution: the object reaches outside the inscribed circle" in capsys.readouterr().out

@@ -25,7 +25,8 @@ def _fake_run(root: Path, modality: str, *, thickness: int | None, **model_confi
     """A run directory holding one complete ZeRO-0 checkpoint of a fresh model: what export reads
     (no training); its manifest's config says ``data.slab_thickness = thickness``."""
     from pipeline.train.build import ScanFacts, build_model
-    from pipeline.train.config import LossConfig, MCTerm, ModelConfig
+    from pipeline.losses.registry import MCTerm
+    from pipeline.train.config import LossConfig, ModelConfig
 
     channels = 2 if modality == "mri" else 1
     cfg = ModelConfig.model_validate(model_config)

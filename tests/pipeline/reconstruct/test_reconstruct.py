@@ -12,12 +12,13 @@ import torch
 import zarr
 
 from pipeline.data import ScanError, open_scan
+from pipeline.data.units import ngff_unit
 from pipeline.errors import OutputConflictError
 from pipeline.reconstruct import (ReconstructConfig, ReconstructResult, completion_records, open_ome, reconstruct,
                                   validate_ome)
 from pipeline.reconstruct.adapters import _Network
 from pipeline.reconstruct.coordination import resolve_model
-from pipeline.reconstruct.ome import downsample_mean, multiscales_metadata, ngff_unit
+from pipeline.reconstruct.ome import downsample_mean, multiscales_metadata
 from reconstruct_helpers import MRI_SHAPE, save_model, whole_volume
 
 # The driver module (its name is shadowed by the function in the package namespace): where the
@@ -244,6 +245,15 @@ def test_changed_model_or_setting_recomputes_everything(tmp_path, mri_scan):
     assert len(completion_records(str(out))) == changed.slabs_total
     # Only the new fingerprint's records remain.
     assert sorted(p.name for p in (out / "records").iterdir()) == sorted(["zarr.json", changed.fingerprint[:32]])
+    # The records are zarr groups: walking the output meets nothing zarr does not know (no warning).
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        members = [k for k, _ in zarr.open_group(str(out), mode="r").members(max_depth=None)]
+    assert f"records/{changed.fingerprint[:32]}/slab_000000" in members
     setting = _run(mri_scan, out, model=str(b), slab=2, halo=9)
     assert setting.state == "recomputed" and setting.slabs_run == setting.slabs_total == MRI_SHAPE[0] // 2
     torch.testing.assert_close(_level(out), whole_volume(b, mri_scan).abs(), rtol=1e-5, atol=1e-6)

@@ -23,6 +23,24 @@ def test_example_configs_validate(path):
     assert load_config(dict(__import__("yaml").safe_load(dump_config(cfg)))) == cfg
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_the_scan_command_in_each_example_makes_a_scan_it_trains_on(path, tmp_path):
+    """Each example config names the command that makes its scan: that scan must fit the config
+    (its slabs aligned to the scan's chunks), or a user following the file is refused at once."""
+    import shlex
+
+    from pipeline.cli import main
+    from pipeline.data import open_scan
+
+    line = next(l for l in path.read_text().splitlines() if l.startswith("#") and "recon3d simulate" in l)
+    args = shlex.split(line.split("recon3d", 1)[1])
+    out = args.index("--out") + 1
+    args[out] = str(tmp_path / "scan.zarr")
+    assert main([*args, "--no-progress"]) == 0
+    cfg = load_config(path)
+    assert open_scan(args[out]).slab_slices(cfg.data.slab_thickness)
+
+
 def test_errors_name_each_bad_key_and_what_is_allowed(tmp_path):
     raw = tiny_config("scan.zarr")
     raw["model"]["widthz"] = [4]
