@@ -216,9 +216,9 @@ def register(subparsers: Any) -> None:
 
 # ----------------------------------------------------------------------------- running
 def _say(message: str) -> None:
-    from rich.console import Console
+    from pipeline.log import say
 
-    Console(stderr=True).print(f"[bold cyan]recon3d[/] {message}", highlight=False)
+    say(f"recon3d {message}", "data")
 
 
 def _outcome(outcome) -> None:

@@ -158,11 +158,11 @@ def _reconstruct(args: argparse.Namespace) -> int:
     config = _config(args)
     result = reconstruct(config)
     if result.rank == 0:
-        from rich.console import Console
+        from pipeline.log import say
 
         verb = {"already complete": "already complete, nothing to do"}.get(
             result.state, f"{result.state}: {result.slabs_run} of {result.slabs_total} slabs run here")
-        Console(stderr=True).print(f"[bold cyan]recon3d[/] {result.path}: {verb}", highlight=False)
+        say(f"recon3d {result.path}: {verb}", "reconstruct")
     return 0
 
 
