@@ -172,7 +172,8 @@ def main() -> None:
         if ct.exists():
             import ct as ct_bench  # noqa: E402
 
-            ct_bench.main()
+            # ct.py's own options, not this script's (--section, --repeat): only the threads
+            ct_bench.main([] if args.threads is None else ["--threads", str(args.threads)])
         else:
             print("\n(CT section: benchmarks/ct.py not present)")
 
