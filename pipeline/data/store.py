@@ -21,7 +21,7 @@ import zarr
 from zarr.core.sync import sync
 
 from pipeline.errors import storage_error
-from pipeline.paths import is_url
+from pipeline.paths import is_url, local_path
 
 from .format import ArraySpec, CodecConfig, ScanError
 
@@ -91,9 +91,7 @@ def open_store(path: Any, *, read_only: bool, storage_options: Mapping[str, Any]
 
     if is_url(path):
         return FsspecStore.from_url(str(path), read_only=read_only, storage_options=dict(storage_options or {}))
-    text = str(path)
-    if text.startswith("file://"):
-        text = text[len("file://") :]
+    text = str(local_path(path))
     if _CHECKED_LOCAL_STORE is None:
         _CHECKED_LOCAL_STORE = _local_store_class()
     return _CHECKED_LOCAL_STORE(text, read_only=read_only)

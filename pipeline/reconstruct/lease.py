@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from pipeline.errors import OutputConflictError, Recon3dError
-from pipeline.paths import is_url
+from pipeline.paths import is_url, local_path
 
 __all__ = [
     "HEARTBEAT_S",
@@ -83,9 +83,7 @@ def job_id() -> str | None:
 
 def lease_path(out: str) -> str:
     """Where the lease of output ``out`` lives: a hidden object beside it."""
-    text = str(out)
-    if text.startswith("file://"):
-        text = text[len("file://"):]
+    text = str(out) if is_url(out) else str(local_path(out))
     text = text.rstrip("/") or text
     split = posixpath.split if is_url(text) else os.path.split
     parent, name = split(text)

@@ -10,12 +10,11 @@ planes. Writing OME-Zarr is :mod:`pipeline.reconstruct.ome`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from pipeline.paths import is_url
+from pipeline.paths import is_url, local_path
 
 __all__ = ["OmeImage", "open_ome_image", "open_zarr", "require_exists"]
 
@@ -67,7 +66,7 @@ class OmeImage:
 
 
 def require_exists(path: Any, what: str) -> None:
-    if not is_url(path) and not Path(str(path).removeprefix("file://")).exists():
+    if not is_url(path) and not local_path(path).exists():
         raise FileNotFoundError(f"{what} '{path}' not found")
 
 

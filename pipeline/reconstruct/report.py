@@ -74,8 +74,11 @@ def report(
         FileNotFoundError: ``target`` (or a baseline, or ``reference``) does not exist.
         ValueError: ``target`` is neither a run nor an OME-Zarr image; shapes disagree.
     """
-    root = Path(str(target).removeprefix("file://"))
-    if "://" in str(target).removeprefix("file://"):
+    from pipeline.paths import is_url, local_path
+
+    url = is_url(target)
+    root = Path(str(target)) if url else local_path(target)
+    if url:
         if out_dir is None:
             raise ValueError(f"report target '{target}' is a URL: give the output folder (--out DIR)")
     elif not root.exists():
