@@ -15,7 +15,10 @@ maps and reference; made here, untimed, when missing), each case runs in a fresh
 * **model** — ``reconstruct(model=...)`` with a small untrained network (a 2-level U-Net of
   widths 4, 8 on an ``Aᴴy`` initial estimate, receptive radius 9: halo 9, slabs of ``--slab``
   slices, 8 by default, so every slab reads 26–27), backbone tiles of :data:`TILE`, under the
-  scan's intensity scale.
+  scan's intensity scale. ``--slab 0``: the slab ``--memory-budget`` chooses (the default of
+  ``recon3d reconstruct``); the table then also gives the chosen slab, the halo overhead (input
+  slices computed / output slices) and the estimated peak next to the measured one
+  (``pipeline/reconstruct/memory.py``).
 
 Throughput is output voxels (D·H·W) per second of the whole job (reads, compute, writes,
 completion records, pyramid). Peak memory is the PSS of the process (and any children), sampled
@@ -75,8 +78,16 @@ def _weights(scratch: Path) -> str:
     return str(path)
 
 
+def _slab_text(memory: dict | None) -> str:
+    """The model case's slab, its overhead and estimated peak (from the output's attributes)."""
+    if not memory:
+        return "slab ?"
+    return (f"slab {memory['slab']} from {memory['slab_from']}, {memory['overhead']:.2f}x slices computed, "
+            f"estimated peak {memory['estimated_peak'] / MIB:.0f} MiB")
+
+
 # ----------------------------------------------------------------------------- children
-def _child(case: str, scan: str, scratch: Path, workers: int, slab: int) -> None:
+def _child(case: str, scan: str, scratch: Path, workers: int, slab: int, budget: str) -> None:
     """Runs in a fresh process; prints READY after imports, then one JSON line of results."""
     import numpy as np
     import torch
@@ -89,8 +100,11 @@ def _child(case: str, scan: str, scratch: Path, workers: int, slab: int) -> None
     if not os.environ.get("RECON3D_BENCH_GLIBC_DEFAULT"):
         # As the CLI does; RECON3D_BENCH_MMAP_THRESHOLD (bytes) tries another threshold.
         return_freed_memory_to_os(int(os.environ.get("RECON3D_BENCH_MMAP_THRESHOLD", 1 << 20)))
+    import resource
+
     print("READY", flush=True)
     sys.stdin.readline()  # the parent has taken the baseline
+    idle_rss = _rss()
     t0 = time.perf_counter()
     result: dict = {}
     if case.startswith("read"):
@@ -110,18 +124,31 @@ def _child(case: str, scan: str, scratch: Path, workers: int, slab: int) -> None
                                        progress=False)
         else:
             config = ReconstructConfig(scan=scan, out=str(out), model=_weights(scratch), chunks=(8, 256, 256),
-                                       slab=slab, tile=TILE, workers=workers, progress=False)
+                                       slab=slab or None, memory_budget=budget, tile=TILE, workers=workers,
+                                       progress=False)
         res = reconstruct(config)
         assert res.complete, res
+        if case == "model":
+            import zarr
+
+            result["memory"] = dict(zarr.open_group(str(out), mode="r").attrs.get("recon3d", {})).get("memory")
         shutil.rmtree(out, ignore_errors=True)
     result["seconds"] = time.perf_counter() - t0
+    # The exact high-water mark (the PSS samples can miss a short peak), above the idle RSS.
+    result["maxrss_above"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - idle_rss
     print(json.dumps(result), flush=True)
 
 
-def _run_child(case: str, scan: str, scratch: Path, workers: int, slab: int) -> dict:
+def _rss() -> int:
+    """This process's resident set size (bytes)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _run_child(case: str, scan: str, scratch: Path, workers: int, slab: int, budget: str) -> dict:
     result, monitor = run_monitored_child(
         [sys.executable, __file__, "--child", case, "--scratch", str(scratch), "--scan", scan,
-         "--workers", str(workers), "--slab", str(slab)], case)
+         "--workers", str(workers), "--slab", str(slab), "--memory-budget", budget], case)
     result.update(peak=monitor.peak, idle=monitor.baseline, above=monitor.peak_above_baseline)
     return result
 
@@ -133,13 +160,15 @@ def main() -> None:
     parser.add_argument("--cases", default="read,adjoint,model", help="comma-separated: read, adjoint, model")
     parser.add_argument("--workers", type=int, default=1, help="slabs at once (default: 1)")
     parser.add_argument("--slab", type=int, default=8,
-                        help="output slab of the model case, a multiple of 8 (default: 8; input: slab + 2 x 9)")
+                        help="output slab of the model case, a multiple of 8 (default: 8; input: slab + 2 x 9); "
+                        "0: chosen from --memory-budget")
+    parser.add_argument("--memory-budget", default="1GiB", help="with --slab 0 (default: 1GiB)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch scan")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--scan", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child, args.scan, args.scratch, args.workers, args.slab)
+        _child(args.child, args.scan, args.scratch, args.workers, args.slab, args.memory_budget)
         return
     args.scratch.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.scratch).free
@@ -156,7 +185,7 @@ def main() -> None:
             (["read-after"] if "read" in cases else [])
         for case in order:
             load = os.getloadavg()[0]
-            results[case] = _run_child(case, scan, args.scratch, args.workers, args.slab)
+            results[case] = _run_child(case, scan, args.scratch, args.workers, args.slab, args.memory_budget)
             results[case]["load"] = f"{load:.1f} → {os.getloadavg()[0]:.1f}"
         read_s = [results[c]["seconds"] for c in ("read-before", "read-after") if c in results]
         ref_rate = voxels / (sum(read_s) / len(read_s)) if read_s else None
@@ -166,13 +195,16 @@ def main() -> None:
             label = {"read-before": "zarr read + decode (measurements, coil maps), before",
                      "read-after": "zarr read + decode, after",
                      "adjoint": f"reconstruct --method adjoint --pyramid 3, workers {args.workers}",
-                     "model": f"reconstruct --model (U-Net 4,8; halo 9; slab {args.slab}), workers {args.workers}"}[case]
+                     "model": f"reconstruct --model (U-Net 4,8; halo 9; {_slab_text(r.get('memory'))}), "
+                              f"workers {args.workers}"}[case]
             rows.append([label, r["load"], f"{r['seconds']:.1f}", f"{rate / 1e6:.2f}",
                          f"{rate / ref_rate:.2f}" if ref_rate else "-", f"{r['above'] / MIB:.0f}",
+                         f"{r['maxrss_above'] / MIB:.0f}",
                          f"**{r['above'] / size:.3f}**", f"{r['peak'] / MIB:.0f}", f"{r['peak'] / size:.3f}"])
         print_table(f"Reconstruction of a {size / GIB:.2f} GiB MRI scan ({args.depth}×256×256, 8 coils); "
                     "peak PSS relative to the scan (target ≤ 0.125)",
-                    ["job", "load avg", "s", "Mvoxel/s", "vs read", "peak MiB above idle", "above idle / scan",
+                    ["job", "load avg", "s", "Mvoxel/s", "vs read", "peak MiB above idle", "max RSS MiB above idle",
+                     "above idle / scan",
                      "peak MiB total", "total / scan"], rows)
     finally:
         if not args.keep:

@@ -29,6 +29,12 @@ CPU_BLOCK_BYTES = 2 << 20
 CPU_TABLE_BYTES = 16 << 20
 CUDA_BLOCK_BYTES = 256 << 20
 CUDA_TABLE_BYTES = 512 << 20
+#: Cone blocks on CPU: each torch call of a cone block does less work than a parallel one, so
+#: 2 MiB blocks are bound by per-call overhead (2/8/32 MiB measured at 128³: 8 was fastest).
+CPU_CONE_BLOCK_BYTES = 8 << 20
+#: Bytes of cached cone tables per device kind, all operators together (_table_cache.py).
+CPU_TABLE_CACHE_BYTES = 256 << 20
+CUDA_TABLE_CACHE_BYTES = 2 << 30
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -43,6 +49,19 @@ def table_bytes_for(device: torch.device, given: int | None) -> int:
     if given is not None:
         return max(1, int(given))
     return CUDA_TABLE_BYTES if device.type == "cuda" else CPU_TABLE_BYTES
+
+
+def cone_block_bytes_for(device: torch.device, given: int | None) -> int:
+    """``given`` if set, else the cone's CPU block (:data:`CPU_CONE_BLOCK_BYTES`) or the CUDA
+    default."""
+    if given is None and device.type != "cuda":
+        return CPU_CONE_BLOCK_BYTES
+    return block_bytes_for(device, given)
+
+
+def table_cache_bytes_for(device: torch.device) -> int:
+    """Budget of :mod:`._table_cache` for one device."""
+    return CUDA_TABLE_CACHE_BYTES if device.type == "cuda" else CPU_TABLE_CACHE_BYTES
 
 
 def check_dtype(x: torch.Tensor, where: str) -> None:

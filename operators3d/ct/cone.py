@@ -22,7 +22,13 @@ the two contiguous D-rows it crosses in each plane once (volume laid out as rows
 ``(H·W, B, D)``) and interpolates them along D at the rows' heights, which are affine in v
 (:func:`~operators3d.ct._kernels.two_stage_gather`). The adjoint scatters with the same tables
 in the reverse order (``scatter_add_`` along D, then ``index_add_`` of rows): the exact
-transpose, a kernel of its own.
+transpose, a kernel of its own. Blocks default to ``_kernels.CPU_CONE_BLOCK_BYTES`` (8 MiB) on
+CPU: a cone block does little work per torch call, so smaller blocks are overhead-bound. The
+in-plane tables of each chunk of angles depend neither on D nor on the detector rows: they
+are kept in a process-wide LRU cache (:mod:`~operators3d.ct._table_cache`, at most
+``_kernels.CPU_TABLE_CACHE_BYTES`` = 256 MiB on CPU, 2 GiB per CUDA device; keyed by in-plane
+geometry, angles, chunk, dtype and device), so repeated calls and every slab and row window
+of the same volume skip rebuilding them; only the step lengths (per row) are made per call.
 
 Sub-volumes and detector windows: diverging rays cross D-slices, so a D-slab of the volume is
 measured by all the rows its shadow covers, and a block of rows sees a D-range of the volume
@@ -39,12 +45,14 @@ of the additions.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Sequence
 
 import torch
 
 from . import _kernels as K
+from . import _table_cache
 from .cone_shadow import _check_cone, _column_ranges, _rows_hit, _slices_seen
 from .geometry import (
     ConeGeometry,
@@ -149,6 +157,9 @@ class ConeBeamCT(CTProjector):
         _check_cone(vol, geom, allow_truncation)
         self._setup(vol, geom, angles, allow_truncation, block_bytes, table_bytes)
         self._column_lo, self._column_hi = _column_ranges(vol, geom)
+        sig = (shape[1:], vs, geom.det_shape[1], geom.det_spacing[1], geom.src_dist,
+               geom.det_dist, hashlib.sha1(geom.angles.numpy().tobytes()).hexdigest())
+        self.__dict__["_plane_key"] = sig
 
     @staticmethod
     def _arguments(vol: VolumeGeometry, geom: ConeGeometry) -> dict:
@@ -243,8 +254,8 @@ class ConeBeamCT(CTProjector):
         """In-plane Joseph tables of the chunk's ray columns (computed in float64).
 
         Columns ``u0 ≤ u < u1``. Returns ``row_index, row_weight (A_c·Ur, S, 2)``,
-        ``zslope (A_c·Ur, S)`` (voxel units of D per physical detector height) and
-        ``step (A_c·Ur, 1, V)`` (step lengths).
+        ``zslope (A_c·Ur, S)`` (voxel units of D per physical detector height); they do not
+        depend on D or the detector rows, so slabs and windows share them (:meth:`_tables`).
         """
         num_d, num_h, num_w = self.domain_shape
         g = self.geometry
@@ -291,16 +302,39 @@ class ConeBeamCT(CTProjector):
             (torch.where(ok0, row0, zero), torch.where(ok1, row0 + stride2, zero)), dim=-1
         )
         row_weight = torch.stack((torch.where(ok0, w0, 0), torch.where(ok1, w1, 0)), dim=-1)
-        z_v = g.row_heights(device=device)
-        norm = torch.sqrt(r_x**2 + r_y**2 + z_v[None, None, :] ** 2)
-        step_len = vs * norm / torch.maximum(r_x.abs(), r_y.abs())  # (A_c, U, V)
         n = theta.shape[0] * (u1 - u0)
         return (
             row_index.reshape(n, num_s, 2).to(K.index_dtype(zero + 1)),
             row_weight.reshape(n, num_s, 2).to(dtype),
             (tau / vs).reshape(n, num_s).to(dtype),
-            step_len.reshape(n, 1, num_v).to(dtype),
         )
+
+    def _step_lengths(self, sl: slice, u0: int, u1: int, dtype, device) -> torch.Tensor:
+        """``(A_c·Ur, 1, V)`` step lengths ``voxel_size · |r| / max(|r_x|, |r_y|)`` (float64
+        arithmetic, as :meth:`_ray_tables`)."""
+        g = self.geometry
+        num_v, num_u = g.det_shape
+        big = g.src_dist + g.det_dist
+        f64 = torch.float64
+        theta = g.angles[sl].to(device=device, dtype=f64)[:, None, None]
+        cos, sin = torch.cos(theta), torch.sin(theta)
+        s_u = ((torch.arange(u0, u1, device=device, dtype=f64) - (num_u - 1) / 2)
+               * g.det_spacing[1])[None, :, None]
+        r_x = -big * sin + s_u * cos
+        r_y = big * cos + s_u * sin
+        z_v = g.row_heights(device=device)
+        norm = torch.sqrt(r_x**2 + r_y**2 + z_v[None, None, :] ** 2)
+        step_len = self.volume_geometry.voxel_size * norm / torch.maximum(r_x.abs(), r_y.abs())
+        return step_len.reshape(-1, 1, num_v).to(dtype)
+
+    def _tables(self, sl: slice, u0: int, u1: int, dtype, device):
+        """:meth:`_ray_tables` from the process-wide cache (:mod:`._table_cache`, shared by
+        slabs and windows of the same volume) and this call's :meth:`_step_lengths`."""
+        key = ("cone", self._plane_key, sl.start, sl.stop, u0, u1, dtype, str(device))
+        plane = _table_cache.cached(
+            key, key[:2] + key[-2:], device, lambda: self._ray_tables(sl, u0, u1, dtype, device)
+        )
+        return plane + (self._step_lengths(sl, u0, u1, dtype, device),)
 
     def _detector_heights(self, dtype, device) -> torch.Tensor:
         return self.geometry.row_heights(device=device).to(dtype)
@@ -313,7 +347,8 @@ class ConeBeamCT(CTProjector):
         lead = x.shape[:-3]
         batch = math.prod(lead)
         dtype, device = x.dtype, x.device
-        block, table = self._budgets(device)
+        table = self._budgets(device)[1]
+        block = K.cone_block_bytes_for(device, self.block_bytes)
         zero = num_h * num_w
         # Rows (H·W, B, D) with zero pads along D (one before, two after) and a zero row.
         xv = torch.zeros(zero + 1, batch, num_d + 3, dtype=dtype, device=device)
@@ -328,7 +363,7 @@ class ConeBeamCT(CTProjector):
             u0, u1 = self._columns(sl)
             if u1 == u0:
                 continue
-            row_index, row_weight, zslope, step_len = self._ray_tables(sl, u0, u1, dtype, device)
+            row_index, row_weight, zslope, step_len = self._tables(sl, u0, u1, dtype, device)
             rays = torch.empty(row_index.shape[0], batch, num_v, dtype=dtype, device=device)
             K.two_stage_gather(
                 xv, row_index, row_weight, zslope, zcoord, zoff, rays,
@@ -346,7 +381,8 @@ class ConeBeamCT(CTProjector):
         lead = y.shape[:-3]
         batch = math.prod(lead)
         dtype, device = y.dtype, y.device
-        block, table = self._budgets(device)
+        table = self._budgets(device)[1]
+        block = K.cone_block_bytes_for(device, self.block_bytes)
         zero = num_h * num_w
         acc = torch.zeros(zero + 1, batch, num_d + 3, dtype=dtype, device=device)
         yb = y.reshape(batch, num_v, num_a, num_u)
@@ -357,7 +393,7 @@ class ConeBeamCT(CTProjector):
             u0, u1 = self._columns(sl)
             if u1 == u0:
                 continue
-            row_index, row_weight, zslope, step_len = self._ray_tables(sl, u0, u1, dtype, device)
+            row_index, row_weight, zslope, step_len = self._tables(sl, u0, u1, dtype, device)
             num_c = sl.stop - sl.start
             rays = yb[:, :, sl, u0:u1].permute(2, 3, 0, 1).reshape(num_c * (u1 - u0), batch, num_v)
             rays = rays * step_len

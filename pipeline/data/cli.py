@@ -22,11 +22,25 @@ import argparse
 import sys
 from typing import Any
 
-from pipeline.paths import local_arg
+from pipeline.paths import is_url, local_arg
 
-#: Why ingest reads local sources only.
-_INGEST_WHY = ("the HDF5/TIFF/.npy readers open local files; copy the source to a local or mounted "
-               "folder first (its output --out may be a URL)")
+#: The endings a URL source of ``ingest mri`` is read by (ranged .npy reads, h5py on a file object).
+_MRI_URL_ENDINGS = (".npy", ".h5", ".hdf5")
+
+
+def _source_arg(what: str, endings: tuple[str, ...] = ()) -> Any:
+    """An argparse ``type=`` for an ingest input: a local path, or a URL read through fsspec;
+    with ``endings``, a URL of another kind is a usage error that says which are read."""
+    local = local_arg(what, f"a URL is read only as {'/'.join(endings)}; copy other files to a local or "
+                            f"mounted folder first", as_path=False)
+
+    def convert(text: str) -> str:
+        if is_url(text) and (not endings or text.lower().endswith(endings)):
+            return text
+        return local(text)
+
+    convert.__name__ = "path or URL"
+    return convert
 
 __all__ = ["register", "run", "COMMANDS"]
 
@@ -71,8 +85,10 @@ def _codec_args(p: argparse.ArgumentParser, *, chunk_depth: bool = True) -> None
                    "(the default; accepted for old command lines)")
     g.add_argument("--no-checksum", dest="checksum", action="store_false",
                    help="leave the CRC32C out (a flipped bit that still decodes then goes unnoticed)")
-    g.add_argument("--shard-chunks", type=int, default=0,
-                   help="chunks per shard along D (zarr sharding, for object stores; default: off)")
+    g.add_argument("--shard-chunks", default="auto", metavar="N|auto",
+                   help="chunks per shard along D (zarr sharding: one object per shard); 0 for one object "
+                   "per chunk; default auto: about 64 MiB shards when the output is a URL (s3://...), "
+                   "off on a local disk")
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -151,13 +167,13 @@ def register(subparsers: Any) -> None:
                                 "Rerunning an interrupted command finishes it.")
     ing_sub = ing.add_subparsers(dest="modality", metavar="MODALITY", required=True)
     im = ing_sub.add_parser("mri", help="3D Cartesian k-space (HDF5 or .npy) to hybrid space")
-    im.add_argument("source", type=local_arg("ingest SOURCE", _INGEST_WHY, as_path=False), help="k-space .h5/.hdf5 (dataset (C, kx, ky, kz) or ISMRMRD) or .npy")
+    im.add_argument("source", type=_source_arg("ingest SOURCE", _MRI_URL_ENDINGS), help="k-space .h5/.hdf5 (dataset (C, kx, ky, kz) or ISMRMRD) or .npy; a path or a URL (s3://...)")
     im.add_argument("--out", required=True)
     im.add_argument("--dataset", default="kspace", help="HDF5 dataset name (default: kspace)")
     im.add_argument("--readout-crop", type=int, default=None,
                     help="keep this many central readout positions (drops oversampling)")
     im.add_argument("--calibration", type=int, default=None, help="calibration side (default: detect)")
-    im.add_argument("--coil-maps", type=local_arg("ingest --coil-maps", _INGEST_WHY, as_path=False), default=None, help=".npy (C, D, H, W) coil maps (default: ESPIRiT)")
+    im.add_argument("--coil-maps", type=_source_arg("ingest --coil-maps", (".npy",)), default=None, help=".npy (C, D, H, W) coil maps (default: ESPIRiT)")
     im.add_argument("--noise-sigma", type=float, default=None, help="known noise σ (stored as the noise model)")
     im.add_argument("--voxel-size", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("DD", "DH", "DW"),
                     help=_MRI_VOXEL_HELP)
@@ -166,14 +182,14 @@ def register(subparsers: Any) -> None:
     _job_args(im)
 
     ic = ing_sub.add_parser("ct", help="projections (TIFF stack or .npy (A, V, U)) to (D, A, U)")
-    ic.add_argument("source", type=local_arg("ingest SOURCE", _INGEST_WHY, as_path=False), help="a folder of TIFFs (one per angle), a glob, or .npy (A, V, U)")
+    ic.add_argument("source", type=_source_arg("ingest SOURCE"), help="a folder of TIFFs (one per angle), a glob, or .npy (A, V, U); a path or a URL")
     ic.add_argument("--out", required=True)
-    ic.add_argument("--angles", type=local_arg("ingest --angles", _INGEST_WHY, as_path=False), default=None, help="text/.npy file with one angle per projection")
+    ic.add_argument("--angles", type=_source_arg("ingest --angles"), default=None, help="text/.npy file with one angle per projection")
     ic.add_argument("--angle-range", type=float, nargs=2, default=(0.0, 180.0), metavar=("START", "STOP"),
                     help="uniform angles over [START, STOP) when no --angles file (default: 0 180)")
     ic.add_argument("--angles-unit", default="deg", choices=["deg", "rad"])
-    ic.add_argument("--flat", type=local_arg("ingest --flat", _INGEST_WHY, as_path=False), default=None, help="flat field image/stack/folder")
-    ic.add_argument("--dark", type=local_arg("ingest --dark", _INGEST_WHY, as_path=False), default=None, help="dark field image/stack/folder")
+    ic.add_argument("--flat", type=_source_arg("ingest --flat"), default=None, help="flat field image/stack/folder")
+    ic.add_argument("--dark", type=_source_arg("ingest --dark"), default=None, help="dark field image/stack/folder")
     ic.add_argument("--i0", type=float, default=None, help="open-beam intensity when no --flat")
     ic.add_argument("--no-log", action="store_true", help="the projections already are line integrals")
     ic.add_argument("--geometry", default="parallel", choices=["parallel", "cone"])

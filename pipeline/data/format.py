@@ -31,7 +31,7 @@ import datetime as _dt
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Mapping
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.config_base import Settings
 from pipeline.errors import InputError
@@ -90,6 +90,11 @@ COMPRESSORS = ("zstd", "lz4", "lz4hc", "zlib", "blosclz", "none")
 SHUFFLES = ("shuffle", "bitshuffle", "noshuffle")
 
 
+#: The size ``shard_chunks: auto`` aims at for a shard on an object store: large enough that a
+#: request's latency is small against its transfer, small enough for a writer's memory.
+SHARD_TARGET_BYTES = 64 << 20
+
+
 class CodecConfig(Settings):
     """How arrays are compressed.
 
@@ -102,7 +107,9 @@ class CodecConfig(Settings):
             list), so a flipped bit is found on read even where the chunk still decodes.
             On by default; ``False`` (``--no-checksum``) leaves it out.
         shard_chunks: when > 0, store this many chunks along D per shard (zarr sharding, for
-            object stores that dislike many small objects); 0 for one object per chunk.
+            object stores that dislike many small objects); 0 for one object per chunk;
+            ``auto`` (default): sharded on an object store (about :data:`SHARD_TARGET_BYTES`
+            per shard, see :meth:`chunks_per_shard`), one object per chunk on a local disk.
     """
 
     _where: ClassVar[str] = "CodecConfig"
@@ -110,7 +117,42 @@ class CodecConfig(Settings):
     clevel: int = Field(3, ge=0, le=9)
     shuffle: Literal[SHUFFLES] = "shuffle"
     checksum: bool = True
-    shard_chunks: int = Field(0, ge=0)
+    shard_chunks: int | Literal["auto"] = Field("auto")
+
+    @field_validator("shard_chunks", mode="before")
+    @classmethod
+    def _shard_chunks(cls, value: Any) -> Any:
+        """A number (``"4"`` from a command line too, ``>= 0``) or ``auto``."""
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        raise ValueError(f"shard_chunks: a whole number of chunks per shard >= 0 (0: no sharding) or 'auto', "
+                         f"got {value!r}")
+
+    def chunks_per_shard(self, chunk_bytes: int, chunks_along_d: int, *, object_store: bool) -> int:
+        """Chunks along D per shard for chunks of ``chunk_bytes`` (0: not sharded). ``auto``: on
+        an object store, enough chunks for :data:`SHARD_TARGET_BYTES` (one request per shard,
+        not per chunk), at most the array's depth; on a local disk 0 (one file per chunk)."""
+        if self.shard_chunks != "auto":
+            return int(self.shard_chunks)
+        if not object_store:
+            return 0
+        count = min(chunks_along_d, -(-SHARD_TARGET_BYTES // max(1, int(chunk_bytes))))
+        return count if count > 1 else 0  # a shard of one chunk is the chunk plus an index: no gain
+
+    def resolved(self, slice_bytes: int, chunk_depth: int, depth: int, *, object_store: bool) -> "CodecConfig":
+        """This codec with ``auto`` made a number, one for all the arrays of a job (their writers
+        cover whole shards of every array only if all share the shard depth): from the largest
+        array's bytes per D-slice (``slice_bytes``), the chunk depth and the largest depth."""
+        if self.shard_chunks != "auto":
+            return self
+        chunk_depth = max(1, int(chunk_depth))
+        count = self.chunks_per_shard(int(slice_bytes) * chunk_depth, -(-int(depth) // chunk_depth),
+                                      object_store=object_store)
+        return self.model_copy(update={"shard_chunks": count})
 
     def compressors(self) -> list:
         from zarr.codecs import BloscCodec, Crc32cCodec
@@ -125,9 +167,30 @@ class CodecConfig(Settings):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
+    def recorded(self, out: Any) -> dict[str, Any]:
+        """The codec as a job records it (compared when resuming, hashed into fingerprints):
+        ``auto`` for a local ``out`` is what it means there, 0 (unsharded), so outputs written
+        before ``auto`` existed (when 0 was the default) still resume."""
+        from pipeline.paths import is_url
+
+        data = self.to_dict()
+        if data["shard_chunks"] == "auto" and not is_url(out):
+            data["shard_chunks"] = 0
+        return data
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CodecConfig":
         return cls(**dict(data))
+
+
+def on_object_store(group: Any) -> bool:
+    """Whether a zarr group (or array) is in an object store (an fsspec store other than a local
+    disk), where ``shard_chunks: auto`` shards: each object costs a request there."""
+    fs = getattr(getattr(group, "store", None), "fs", None)
+    if fs is None:  # zarr's LocalStore, MemoryStore
+        return False
+    protocol = fs.protocol
+    return not set((protocol,) if isinstance(protocol, str) else protocol) & {"file", "local"}
 
 
 # ----------------------------------------------------------------------------- geometry

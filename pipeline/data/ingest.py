@@ -26,6 +26,7 @@ stopped. The inputs are only read, by the readers of :mod:`pipeline.data.ingest_
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from typing import Any, ClassVar, Literal
@@ -36,8 +37,9 @@ import zarr
 from zarr.core.sync import sync
 
 from pipeline.config_base import PathStr, Settings
+from pipeline.paths import is_url
 
-from ._npy import NpyArray
+from ._npy import NpyArray, open_url
 from .format import (
     ArraySpec,
     CodecConfig,
@@ -106,7 +108,7 @@ class IngestMRIConfig(Settings):
 
     def parameters(self) -> dict[str, Any]:
         """What determines the scan's content (compared when resuming)."""
-        return self.model_dump(exclude=set(RUN_SETTINGS))
+        return {**self.model_dump(exclude=set(RUN_SETTINGS)), "codec": self.codec.recorded(self.out)}
 
 
 class IngestCTConfig(Settings):
@@ -164,7 +166,7 @@ class IngestCTConfig(Settings):
 
     def parameters(self) -> dict[str, Any]:
         """What determines the scan's content (compared when resuming)."""
-        return self.model_dump(exclude=set(RUN_SETTINGS))
+        return {**self.model_dump(exclude=set(RUN_SETTINGS)), "codec": self.codec.recorded(self.out)}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -245,7 +247,7 @@ def ingest_mri(config: IngestMRIConfig) -> JobOutcome:
             units=config.units,
         )
         group, state = prepare_scan(config.out, meta, config.parameters(), tool="recon3d ingest mri",
-                                    overwrite=config.overwrite, sources=[os.path.abspath(config.source)])
+                                    overwrite=config.overwrite, sources=[_source_id(config.source)])
         if state == "complete":
             return JobOutcome(str(config.out), "already complete")
         resume = state == "resumed"
@@ -327,11 +329,20 @@ def ingest_mri(config: IngestMRIConfig) -> JobOutcome:
             handle.close()
 
 
+def _source_id(source: str) -> str:
+    """The source as recorded (and kept apart from the output): a URL as given, a path absolute."""
+    return source if is_url(source) else os.path.abspath(source)
+
+
 def _angles(config: IngestCTConfig, count: int) -> np.ndarray:
     scale = math.pi / 180 if config.angles_unit == "deg" else 1.0
     if config.angles is not None:
         path = config.angles
-        values = np.load(path) if path.endswith(".npy") else np.loadtxt(path, ndmin=1)
+        if is_url(path):
+            with open_url(path) as f:
+                values = np.load(f) if path.endswith(".npy") else np.loadtxt(io.TextIOWrapper(f), ndmin=1)
+        else:
+            values = np.load(path) if path.endswith(".npy") else np.loadtxt(path, ndmin=1)
         values = np.asarray(values, dtype=np.float64).ravel()
         if len(values) != count:
             raise ValueError(
@@ -383,7 +394,7 @@ def ingest_ct(config: IngestCTConfig) -> JobOutcome:
                         noise_model=noise,
                         voxel_size=(config.voxel_size,) * 3, units=config.units)
     group, state = prepare_scan(config.out, meta, config.parameters(), tool="recon3d ingest ct",
-                                overwrite=config.overwrite, sources=[os.path.abspath(config.source)])
+                                overwrite=config.overwrite, sources=[_source_id(config.source)])
     if state == "complete":
         return JobOutcome(str(config.out), "already complete")
     resume = state == "resumed"

@@ -6,7 +6,11 @@
 * CT projections ``(A, V, U)``: :class:`ProjectionSource` (a folder of TIFF files, one per
   angle, in name order, or ``.npy``) and :func:`read_field` (a flat or dark field).
 
-Nothing here writes: the inputs are only read.
+Each may be a local path or an fsspec URL (``s3://…``; the storage options of ``fsspec.config``
+apply): a ``.npy`` is read by ranged requests (:class:`~._npy.NpyArray`), an HDF5 file through
+an fsspec file object (``h5py.File(fileobj)``, which reads only the blocks it needs), a TIFF per
+file object; a folder or glob of TIFFs is listed in the store. Nothing is downloaded whole
+ahead of time and nothing here writes: the inputs are only read.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from ._npy import NpyArray
+from pipeline.paths import is_url
+
+from ._npy import NpyArray, open_url
 
 __all__ = ["KSpaceSource", "ArrayKSpace", "ISMRMRDKSpace", "open_kspace", "detect_calibration",
            "ProjectionSource", "read_field"]
@@ -126,9 +132,38 @@ class ISMRMRDKSpace(KSpaceSource):
         return out
 
 
+class _RemoteHDF5:
+    """An HDF5 file read through an fsspec file object: closing it closes both."""
+
+    def __init__(self, url: str) -> None:
+        import h5py
+
+        self.fileobj = open_url(url)
+        try:
+            self.file = h5py.File(self.fileobj, "r")
+        except BaseException:
+            self.fileobj.close()
+            raise
+
+    def __getitem__(self, key: str) -> Any:
+        return self.file[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.file
+
+    def keys(self) -> Any:
+        return self.file.keys()
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            self.fileobj.close()
+
+
 def open_kspace(path: str, dataset: str = "kspace") -> tuple[KSpaceSource, Any]:
-    """The k-space source of ``path`` and a handle to close (or ``None``)."""
-    if not Path(path).exists():
+    """The k-space source of ``path`` (a local path or a URL) and a handle to close (or ``None``)."""
+    if not is_url(path) and not Path(path).exists():
         raise FileNotFoundError(f"k-space '{path}' does not exist")
     if path.endswith(".npy"):
         return ArrayKSpace(path, NpyArray(path)), None
@@ -136,7 +171,7 @@ def open_kspace(path: str, dataset: str = "kspace") -> tuple[KSpaceSource, Any]:
         import h5py
     except ImportError as err:  # pragma: no cover - h5py is a dependency
         raise ImportError("reading HDF5 k-space needs h5py (pip install h5py)") from err
-    handle = h5py.File(path, "r")
+    handle = _RemoteHDF5(path) if is_url(path) else h5py.File(path, "r")
     try:
         if dataset in handle:
             return ArrayKSpace(path, handle[dataset]), handle
@@ -167,14 +202,44 @@ def detect_calibration(mask: np.ndarray) -> int:
 
 # ----------------------------------------------------------------------------- CT sources
 def _read_image(path: str) -> np.ndarray:
-    if path.endswith(".npy"):
-        return np.load(path)
+    """A ``.npy`` or TIFF image, local or at a URL (read through a file object)."""
     import tifffile
 
+    if is_url(path):
+        with open_url(path) as f:
+            return np.load(f) if path.endswith(".npy") else tifffile.imread(f)
+    if path.endswith(".npy"):
+        return np.load(path)
     return tifffile.imread(path)
 
 
+def _is_dir(path: str) -> bool:
+    """Whether ``path`` (local or a URL) is a folder."""
+    if is_url(path):
+        from fsspec.core import url_to_fs
+
+        fs, key = url_to_fs(path)
+        return bool(fs.isdir(key))
+    return os.path.isdir(path)
+
+
+def _url_tiff_files(source: str) -> list[str]:
+    """The TIFFs of a folder URL (by name) or the matches of a glob URL, as URLs."""
+    from fsspec.core import url_to_fs
+
+    fs, key = url_to_fs(source)
+    if any(c in key for c in "*?["):  # a glob
+        found = fs.glob(key)
+    elif fs.isdir(key):
+        found = [p for p in fs.ls(key, detail=False) if p.lower().endswith((".tif", ".tiff"))]
+    else:
+        found = []
+    return [fs.unstrip_protocol(p) for p in sorted(found)]
+
+
 def _tiff_files(source: str) -> list[str]:
+    if is_url(source):
+        return _url_tiff_files(source)
     if os.path.isdir(source):
         files = sorted(
             str(p) for p in Path(source).iterdir() if p.suffix.lower() in (".tif", ".tiff")
@@ -192,7 +257,7 @@ class ProjectionSource:
         self.files: list[str] = []
         self.array = None
         if source.endswith(".npy"):
-            if not Path(source).exists():
+            if not is_url(source) and not Path(source).exists():
                 raise FileNotFoundError(f"projections '{source}' do not exist")
             self.array = NpyArray(source)
             if self.array.ndim != 3:
@@ -226,7 +291,7 @@ class ProjectionSource:
 def read_field(path: str | None, shape: tuple[int, int], what: str) -> np.ndarray | None:
     if path is None:
         return None
-    if os.path.isdir(path):
+    if _is_dir(path):
         stack = np.stack([_read_image(f) for f in _tiff_files(path)])
     else:
         stack = np.asarray(_read_image(path), dtype=np.float64)

@@ -33,6 +33,7 @@ from .format import (
     CTGeometry,
     ScanError,
     now_iso,
+    on_object_store,
 )
 from .store import create_array, open_group, stored_depth_of
 from .scan import open_scan
@@ -71,7 +72,7 @@ class PreprocessConfig(Settings):
     progress: bool = True
 
     def parameters(self, output: str) -> dict[str, Any]:
-        base: dict[str, Any] = {"codec": self.codec.to_dict()}
+        base: dict[str, Any] = {"codec": self.codec.recorded(self.scan)}
         if output in ("fbp", "n2i"):
             base["filter"] = self.filter
         if output == "n2i":
@@ -132,6 +133,8 @@ def preprocess(config: PreprocessConfig) -> dict[str, str]:
     root = open_group(config.scan, mode="r+")
     derived = root.require_group("derived")
     shape = tuple(scan.metadata.volume_shape)
+    codec = config.codec.resolved(8 * config.n2i_splits * shape[1] * shape[2], scan.chunk_depth, shape[0],
+                                  object_store=on_object_store(root))  # one shard depth for every derived array
     states: dict[str, str] = {}
     arrays = {}
     for name in outputs:
@@ -150,7 +153,7 @@ def preprocess(config: PreprocessConfig) -> dict[str, str]:
             arr = derived[name]
         else:
             spec = _spec(name, shape, config.n2i_splits, modality)
-            arr = create_array(derived, spec, chunk_depth=scan.chunk_depth, codec=config.codec, overwrite=True)
+            arr = create_array(derived, spec, chunk_depth=scan.chunk_depth, codec=codec, overwrite=True)
             arr.attrs[ATTRS_KEY] = {"status": "incomplete", "parameters": params, "created": now_iso(),
                                     "written_by": "preprocess"}
         states[name] = state

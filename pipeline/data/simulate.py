@@ -38,6 +38,7 @@ from .format import (
     ct_specs,
     default_chunk_depth,
     mri_specs,
+    on_object_store,
 )
 from .phantoms import coil_maps_slab, derive_seed, make_volume_source, smooth_phase_slab
 from .store import create_array, stored_depth_of
@@ -93,7 +94,7 @@ class SimulateMRIConfig(Settings):
 
     def parameters(self) -> dict[str, Any]:
         """What determines the scan's content (compared when resuming)."""
-        return self.model_dump(exclude=set(RUN_SETTINGS))
+        return {**self.model_dump(exclude=set(RUN_SETTINGS)), "codec": self.codec.recorded(self.out)}
 
 
 class SimulateCTConfig(Settings):
@@ -154,7 +155,7 @@ class SimulateCTConfig(Settings):
 
     def parameters(self) -> dict[str, Any]:
         """What determines the scan's content (compared when resuming)."""
-        return self.model_dump(exclude=set(RUN_SETTINGS))
+        return {**self.model_dump(exclude=set(RUN_SETTINGS)), "codec": self.codec.recorded(self.out)}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -251,7 +252,14 @@ def simulate_mri(config: SimulateMRIConfig) -> JobOutcome:
 
 
 def _arrays(group, specs: dict[str, ArraySpec], chunk_depth: int, codec: CodecConfig, *, resume: bool):
-    """Create the arrays (or reopen them when resuming), writable with every chunk stored."""
+    """Create the arrays (or reopen them when resuming), writable with every chunk stored; one
+    shard depth for all of them (``shard_chunks: auto`` resolved from the largest)."""
+    with_d = [s for s in specs.values() if s.d_axis is not None]
+    if with_d:
+        slice_bytes = max(int(np.prod(s.shape)) // max(1, s.shape[s.d_axis]) * np.dtype(s.dtype).itemsize
+                          for s in with_d)
+        codec = codec.resolved(slice_bytes, chunk_depth, max(s.shape[s.d_axis] for s in with_d),
+                               object_store=on_object_store(group))
     out = {}
     existing = set(group.array_keys()) if resume else set()
     for name, spec in specs.items():

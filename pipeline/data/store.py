@@ -23,7 +23,7 @@ from zarr.core.sync import sync
 from pipeline.errors import storage_error
 from pipeline.paths import is_url, local_path
 
-from .format import ArraySpec, CodecConfig, ScanError
+from .format import ArraySpec, CodecConfig, ScanError, on_object_store
 
 __all__ = [
     "open_store",
@@ -224,9 +224,11 @@ def create_array(
     shards = None
     if axis is not None:
         chunks[axis] = min(int(chunk_depth), spec.shape[axis])
-        if codec.shard_chunks > 0:
+        per_shard = codec.chunks_per_shard(int(np.prod(chunks)) * np.dtype(spec.dtype).itemsize,
+                                           -(-spec.shape[axis] // chunks[axis]), object_store=on_object_store(group))
+        if per_shard > 0:
             shards = list(spec.shape)
-            shards[axis] = min(chunks[axis] * int(codec.shard_chunks), spec.shape[axis])
+            shards[axis] = min(chunks[axis] * per_shard, spec.shape[axis])
             # A shard holds whole chunks: round the shard depth down to a multiple.
             shards[axis] = max(chunks[axis], shards[axis] // chunks[axis] * chunks[axis])
     kwargs: dict[str, Any] = {}

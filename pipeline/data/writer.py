@@ -63,6 +63,24 @@ def _pending(tasks: Sequence[SlabTask]) -> list[SlabTask]:
     ]
 
 
+_THREADS_SAID: set[str] = set()
+
+
+def _set_threads(torch: Any, workers: int) -> None:
+    """Set this rank's torch threads per task (:func:`pipeline.threads.choose_threads`); rank 0
+    says the choice once per process."""
+    from pipeline.distributed import rank_and_world
+    from pipeline.log import say
+    from pipeline.threads import choose_threads
+
+    choice = choose_threads(None, what="slab tasks", workers=workers)
+    torch.set_num_threads(choice.threads)
+    rank = rank_and_world()[0] or int(os.environ.get("RANK") or 0)  # torchrun's, before any group
+    if choice.reason not in _THREADS_SAID and rank == 0:
+        _THREADS_SAID.add(choice.reason)
+        say(f"[recon3d] torch threads per task: {choice.reason}", "data")
+
+
 def run_tasks(
     tasks: Sequence[SlabTask],
     *,
@@ -102,12 +120,12 @@ def run_tasks(
         transient=False,
     )
     threads_before = torch.get_num_threads()
-    if scheduler == "threads":
-        # Dask runs `workers` tasks at once; share the cores between them instead of
-        # letting each task's torch ops spawn a full pool — never more threads than the
-        # process had (OMP_NUM_THREADS=1 stays 1: on a shared machine 2 spinning threads per
-        # op made the iterative methods 20x slower).
-        torch.set_num_threads(max(1, min(threads_before, (os.cpu_count() or 1) // workers)))
+    if scheduler in ("threads", "sync"):
+        # Dask runs `workers` tasks at once; share this rank's CPUs (affinity, cgroup quota, ranks
+        # on the node: pipeline/threads.py) between them instead of letting each task's torch ops
+        # spawn a full pool (OMP_NUM_THREADS=1 stays 1: on a shared machine 2 spinning threads
+        # per op made the iterative methods 20x slower).
+        _set_threads(torch, workers if scheduler == "threads" else 1)
     try:
         with bar:
             handle = bar.add_task(description, total=len(tasks), completed=done_before)

@@ -219,6 +219,28 @@ class _Network:
         return {"model": {"sha256": self.digest, **self.info}, "tile": self.tile, "overlap": self.overlap,
                 "scale_thickness": self.scale_thickness}
 
+    def memory_model(self, shape: tuple[int, int, int], config: ReconstructConfig):
+        """What this model's slab peak is estimated from (:mod:`.memory`): the scan's bytes per
+        slice, the image's, the backbone's activation bytes per voxel (measured once on a small
+        zero input) and its tiling."""
+        from pipeline.models.receptive import _backbones
+        from pipeline.models.tiling import TiledBackbone
+
+        from .memory import MemoryModel, activation_bytes_per_voxel
+
+        d, h, w = shape
+        data = self.scan.measurements.nbytes // max(1, self.scan.measurements.depth)
+        if self.scan.coil_maps is not None:
+            data += self.scan.coil_maps.nbytes // max(1, self.scan.coil_maps.depth)
+        backbones = _backbones(reconstructor_of(self.model))
+        tiled = next((bb for bb in backbones if isinstance(bb, TiledBackbone)), None)
+        per_voxel = activation_bytes_per_voxel(backbones, 2 if self.is_complex else 1, self.multiple, self.device)
+        return MemoryModel(shape=(d, h, w), data_per_slice=int(data),
+                           image_per_slice=h * w * (8 if self.is_complex else 4), activation_per_voxel=per_voxel,
+                           tile=tuple(tiled.tile_shape) if tiled is not None else None,
+                           tiles_per_batch=int(tiled.tiles_per_batch) if tiled is not None else 1,
+                           staged=self.staged, workers=max(1, int(config.workers)))
+
     @property
     def staged(self) -> bool:
         """Whether the model is an ``ArtifactRemoval`` with a D-local initial estimate, which

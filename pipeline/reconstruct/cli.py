@@ -50,8 +50,12 @@ def register(subparsers: Any) -> None:
                      help="resolution levels: level l is the 2x mean of level l-1 (default: 1)")
     g = rec.add_argument_group("slabs and tiles")
     g.add_argument("--slab", type=int, default=None,
-                   help="output slab thickness along D, a multiple of the chunk depth "
-                   "(default: a chunk; for a model the smallest multiple >= 2 x halo)")
+                   help="output slab thickness along D, a multiple of the chunk depth (default: a chunk; "
+                   "for a model the thickest whose estimated peak fits --memory-budget)")
+    g.add_argument("--memory-budget", type=_bytes, default="1GiB", metavar="SIZE",
+                   help="with a model and no --slab: the estimated peak memory the slabs in flight may take, "
+                   "e.g. 512MiB, 1GiB, 2G or bytes (default: 1GiB); the choice is logged and recorded in "
+                   "the output's 'memory' attribute")
     g.add_argument("--halo", type=int, default=None,
                    help="input slices added on each side of a slab (default: the model's receptive radius)")
     g.add_argument("--chunks", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
@@ -128,6 +132,16 @@ def _auto_or(kind: type):
     return parse
 
 
+def _bytes(text: str) -> int:
+    """An argparse type: a memory size (``512MiB``, ``1GiB``, ``2G``, bytes)."""
+    from .memory import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _config(args: argparse.Namespace):
     """The :class:`~pipeline.reconstruct.config.ReconstructConfig` of ``recon3d reconstruct``."""
     from pipeline.data.format import CodecConfig
@@ -136,7 +150,8 @@ def _config(args: argparse.Namespace):
 
     return ReconstructConfig(
         scan=args.scan, out=args.out, model=args.model, method=args.method, pick=args.pick, pyramid=args.pyramid,
-        slab=args.slab, halo=args.halo, chunks=tuple(args.chunks) if args.chunks else None,
+        slab=args.slab, halo=args.halo, memory_budget=args.memory_budget,
+        chunks=tuple(args.chunks) if args.chunks else None,
         tile=tuple(args.tile) if args.tile else None, overlap=args.overlap, filter=args.filter,
         filter_cutoff=args.filter_cutoff, sense_iters=args.sense_iters, l2_weight=args.l2_weight,
         tv_weight=args.tv_weight, tv_iters=args.tv_iters, calibration_slabs=args.calibration_slabs,

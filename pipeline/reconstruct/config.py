@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Mapping
 
-from pydantic import Field, NonNegativeInt, PositiveInt, StrictFloat, StrictInt, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, StrictFloat, StrictInt, field_validator, model_validator
 
 from pipeline.config_base import PathStr, Settings
 
@@ -39,7 +39,11 @@ class ReconstructConfig(Settings):
             PDHG per slab, with a halo of ``TV_HALO`` slices).
         pyramid: resolution levels (level ``l`` is the 2× mean of level ``l − 1``).
         slab: output slab thickness along D, a multiple of the output chunk depth (default:
-            one chunk for classical methods; for a model the smallest multiple ≥ 2·halo).
+            one chunk for classical methods; for a model the thickest whose estimated peak fits
+            ``memory_budget``, :mod:`pipeline.reconstruct.memory`).
+        memory_budget: bytes (or a string: ``512MiB``, ``1GiB``, ``2G``) the slabs in flight of
+            a model may take at their estimated peak, when ``slab`` is not given (default 1 GiB).
+            Not part of the fingerprint; the slab it chooses is.
         halo: input slices added on each side of a slab (default: the model's receptive
             radius along D; 0 for classical methods).
         chunks: output chunk shape ``(D, H, W)`` (default ``(16, 256, 256)`` clipped).
@@ -89,6 +93,7 @@ class ReconstructConfig(Settings):
     pyramid: int = Field(1, ge=1)
     slab: int | None = Field(None, ge=1)
     halo: int | None = Field(None, ge=0)
+    memory_budget: int = 1 << 30
     chunks: tuple[PositiveInt, PositiveInt, PositiveInt] | None = None
     tile: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt] | None = None
     overlap: int | None = Field(None, ge=0)
@@ -120,6 +125,13 @@ class ReconstructConfig(Settings):
         if isinstance(data, dict) and (data.get("model") is None) == (data.get("method") is None):
             raise ValueError("give exactly one of --model RUN_DIR|WEIGHTS and --method")
         return data
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _bytes(cls, value: Any) -> int:
+        from .memory import parse_bytes
+
+        return parse_bytes(value)
 
     @model_validator(mode="after")
     def _classical(self) -> "ReconstructConfig":

@@ -125,13 +125,16 @@ def create_level(
     *,
     dtype: str = "float32",
     compressors: list | None = None,
+    shards: Sequence[int] | None = None,
 ) -> zarr.Array:
-    """Create (replacing) the array ``path`` of an image: dims ``z, y, x``, NaN fill value.
+    """Create (replacing) the array ``path`` of an image: dims ``z, y, x``, NaN fill value;
+    ``shards``: zarr sharding, a shard of that shape one stored object (whole chunks).
 
     A chunk never written reads as NaN, never as zeros that look like data.
     """
     chunks = tuple(max(1, min(int(c), int(s))) for c, s in zip(chunks, shape))
     fill: Any = complex(np.nan, np.nan) if np.dtype(dtype).kind == "c" else np.nan
+    extra: dict[str, Any] = {} if shards is None else {"shards": tuple(int(s) for s in shards)}
     return group.create_array(
         path,
         shape=tuple(int(s) for s in shape),
@@ -142,6 +145,7 @@ def create_level(
         dimension_names=AXES,
         config={"write_empty_chunks": True},
         overwrite=True,
+        **extra,
     )
 
 

@@ -43,8 +43,10 @@ with a message naming what is missing. Within a rank, slabs run as dask tasks (t
 or a ``dask.distributed`` cluster), ``workers`` at a time.
 
 Memory: ``workers`` input slabs with halo, their measurements and the network's activations
-(bounded by its tiling), never the volume; see ``docs/output-format.md`` (*Memory*) and
-``benchmarks/reconstruct.py``.
+(bounded by its tiling), never the volume. Without ``--slab`` a model's slab is the thickest
+whose estimated peak fits ``--memory-budget`` (:mod:`.memory`; logged, recorded in the output's
+``memory`` attribute; a resumed output keeps its recorded slab); see ``docs/output-format.md``
+(*Memory*) and ``benchmarks/reconstruct.py``.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from pipeline.data.format import CTGeometry, now_iso
 from .adapters import _Classical, _Derived, _Network
 from .config import ReconstructConfig, ReconstructResult
 from .coordination import _check_lease, _device, _lease_times, _poll, _say, _wait_for_slabs, rank_and_world
-from .halo import _Layout, _layout
+from .halo import _Layout, _layout, describe_memory
 from .lease import Lease, check_joined
 from .store import (COMPLEX, OUTPUT_FORMAT, UNCERTAINTY, UNCERTAINTY_VERSION, _KIND, _finish, _Output, _prepare,
                     _reopen, _write_slab)
@@ -136,6 +138,41 @@ def _uncertainty(recon, scan, lo: int, hi: int, config: ReconstructConfig) -> to
     return u.cpu()
 
 
+def _settings(config: ReconstructConfig, scan, recon, layout: _Layout, keep_complex: bool) -> tuple[Any, str]:
+    """The output's ``settings`` (everything that determines the values) and their fingerprint."""
+    from pipeline.data.writer import jsonable
+
+    described = {
+        "format_version": OUTPUT_FORMAT,
+        "scan": _scan_identity(scan, config),
+        "reconstructor": recon.describe(),
+        "layout": {"shape": layout.shape, "chunks": layout.chunks, "slab": layout.slab, "halo": layout.halo,
+                   "input_grid": layout.multiple, "complex": keep_complex, "codec": config.codec.recorded(config.out)},
+    }
+    if int(config.uncertainty) > 0:
+        described["uncertainty"] = {"draws": int(config.uncertainty), "seed": int(config.uncertainty_seed),
+                                    "version": UNCERTAINTY_VERSION}
+    settings = jsonable(described)
+    return settings, _digest(settings)
+
+
+def _keep_recorded_slab(out: _Output, config: ReconstructConfig, scan, recon, layout: _Layout, keep_complex: bool,
+                        settings: Any, fingerprint: str) -> tuple[_Layout, Any, str]:
+    """A budget-chosen slab depends on ``--workers`` and the budget, which a job may change when
+    it resumes: an output whose budget-chosen slab differs, but which matches in everything else,
+    keeps its slab (and is resumed, not recomputed)."""
+    before = out.info() or {}
+    recorded = before.get("memory") or {}
+    if (before.get("kind") != _KIND or before.get("fingerprint") == fingerprint
+            or recorded.get("slab_from") != "--memory-budget" or not recorded.get("slab")):
+        return layout, settings, fingerprint
+    kept = layout.with_slab(int(recorded["slab"]), "the output's record (resumed)", int(config.memory_budget))
+    kept_settings, kept_fingerprint = _settings(config, scan, recon, kept, keep_complex)
+    if kept_fingerprint != before.get("fingerprint"):
+        return layout, settings, fingerprint
+    return kept, kept_settings, kept_fingerprint
+
+
 def reconstruct(config: ReconstructConfig) -> ReconstructResult:
     """Reconstruct ``config.scan`` into the OME-Zarr image ``config.out`` (this rank's share).
 
@@ -151,7 +188,6 @@ def reconstruct(config: ReconstructConfig) -> ReconstructResult:
         WaitTimeoutError: a rank waited longer than ``wait_timeout_s`` for the others.
     """
     from pipeline.data import open_scan
-    from pipeline.data.writer import jsonable
 
     rank, world = rank_and_world()
     device = _device(config.device)
@@ -164,26 +200,21 @@ def reconstruct(config: ReconstructConfig) -> ReconstructResult:
         recon = _Network(scan, config, device, rank=rank)
     shape = tuple(int(s) for s in scan.metadata.volume_shape)
     layout = _layout(config, shape, recon)  # type: ignore[arg-type]
-    if isinstance(recon, _Network):
-        recon.piece = max(scan.chunk_depth, layout.slab // scan.chunk_depth * scan.chunk_depth)
     keep_complex = bool(recon.is_complex and config.keep_complex)
-    described = {
-        "format_version": OUTPUT_FORMAT,
-        "scan": _scan_identity(scan, config),
-        "reconstructor": recon.describe(),
-        "layout": {"shape": layout.shape, "chunks": layout.chunks, "slab": layout.slab, "halo": layout.halo,
-                   "input_grid": layout.multiple, "complex": keep_complex, "codec": config.codec.to_dict()},
-    }
     if int(config.uncertainty) > 0:
         _check_uncertainty(scan, recon)
-        described["uncertainty"] = {"draws": int(config.uncertainty), "seed": int(config.uncertainty_seed),
-                                    "version": UNCERTAINTY_VERSION}
-    settings = jsonable(described)
-    fingerprint = _digest(settings)
+    settings, fingerprint = _settings(config, scan, recon, layout, keep_complex)
+    out = _Output(config.out, config.storage_options)
+    if layout.memory is not None and config.slab is None:
+        layout, settings, fingerprint = _keep_recorded_slab(out, config, scan, recon, layout, keep_complex,
+                                                            settings, fingerprint)
+    if layout.memory is not None:
+        _say(describe_memory(layout.memory), config.progress and rank == 0)
+    if isinstance(recon, _Network):
+        recon.piece = max(scan.chunk_depth, layout.slab // scan.chunk_depth * scan.chunk_depth)
     notes = list(recon.notes)
     if layout.halo < recon.radius:
         notes.append(f"halo {layout.halo} < receptive radius {recon.radius}: slab edges differ from the whole volume")
-    out = _Output(config.out, config.storage_options)
     slabs = layout.slabs()
     heartbeat_s, stale_s = _lease_times(config)
     if rank != 0:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
-from pipeline.data.format import ATTRS_KEY, ScanError, now_iso
+from pipeline.data.format import ATTRS_KEY, CodecConfig, ScanError, now_iso, on_object_store
 from pipeline.data.store import open_group, open_store
 from pipeline.errors import Recon3dError
 
@@ -188,6 +188,26 @@ def _guard_local(path: str, config: ReconstructConfig):
     return check_output(path, "reconstruct", inputs=[config.scan], storage_options=config.storage_options)
 
 
+def _level0_shards(codec: CodecConfig, layout: _Layout, itemsize: int, group) -> tuple[int, int, int] | None:
+    """The shard shape of the arrays written slab by slab (level 0, ``complex``), or ``None``.
+
+    ``shard_chunks: auto`` shards an output on an object store (one object per shard instead of
+    per chunk): whole planes (H, W) and a depth of chunks that divides the output slab, so each
+    slab's writer writes whole shards and no two writers share one; about 64 MiB when the slab
+    allows. Pyramid levels and the uncertainty map, written chunk by chunk, are not sharded."""
+    d, h, w = layout.shape
+    c0 = layout.chunks[0]
+    wanted = codec.chunks_per_shard(c0 * h * w * itemsize, -(-d // c0), object_store=on_object_store(group))
+    if wanted <= 0 and not (codec.shard_chunks == "auto" and on_object_store(group)):
+        return None
+    in_slab = -(-min(layout.slab, d) // c0)  # chunks per slab (slabs are whole chunks, but for the last)
+    whole = layout.slab >= d  # one slab: any shard depth; else one that divides the slab
+    count = max(k for k in range(1, min(max(wanted, 1), in_slab) + 1) if whole or in_slab % k == 0)
+    c1, c2 = layout.chunks[1:]
+    shard = (count * c0, -(-h // c1) * c1, -(-w // c2) * c2)  # whole chunks; edge shards partial, as chunks
+    return None if shard == tuple(layout.chunks) else shard
+
+
 def _write_slab(level0, cplx, a: int, b: int, x: torch.Tensor) -> None:
     """Write output slab ``[a, b)``: whole chunks of level 0 (and of ``complex``)."""
     if x.is_complex():
@@ -283,9 +303,11 @@ def _prepare(out: _Output, config, scan, recon, layout: _Layout, settings, finge
                                     "complete": False}})
     group.require_group(RECORDS)
     for level, shape in enumerate(levels):
-        ome.create_level(group, str(level), shape, layout.chunks, compressors=compressors)
+        ome.create_level(group, str(level), shape, layout.chunks, compressors=compressors,
+                         shards=None if level else _level0_shards(config.codec, layout, 4, group))
     if keep_complex:
-        ome.create_level(group, COMPLEX, layout.shape, layout.chunks, dtype="complex64", compressors=compressors)
+        ome.create_level(group, COMPLEX, layout.shape, layout.chunks, dtype="complex64", compressors=compressors,
+                         shards=_level0_shards(config.codec, layout, 8, group))
     if int(config.uncertainty) > 0:
         _create_uncertainty(group, config, scan, levels, layout.chunks, compressors)
     attrs = {
@@ -307,6 +329,7 @@ def _prepare(out: _Output, config, scan, recon, layout: _Layout, settings, finge
         "parameters": recon.parameters() if isinstance(recon, _Classical) else None,
         "calibration": getattr(recon, "calibration", None),
         "receptive_radius": recon.radius,
+        "memory": layout.memory,  # the slab choice and its estimated peak (pipeline/reconstruct/memory.py)
         "exact": layout.halo >= recon.radius and not notes,
         "notes": notes,
         "slabs": len(layout.slabs()),

@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,7 @@ import numpy as np
 import torch
 
 from ..errors import Recon3dError, storage_error
+from ..log import say
 from ..safeload import load as safe_load, numpy_array_globals
 from .distributed import DistContext, barrier
 
@@ -229,22 +232,34 @@ class CheckpointManager:
         directory: the run's checkpoints directory.
         ctx: this rank's distributed context.
         keep_last: complete saves to keep.
+        mirror: an fsspec URL that rank 0 copies each complete save to (:mod:`.mirror`), or ``None``.
+        storage_options: fsspec options of the mirror's store.
     """
 
-    def __init__(self, directory: Path, ctx: DistContext, *, keep_last: int = 3) -> None:
+    def __init__(self, directory: Path, ctx: DistContext, *, keep_last: int = 3, mirror: str | None = None,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        from .mirror import CheckpointMirror
+
         self.directory = Path(directory)
         self.ctx = ctx
         self.keep_last = keep_last
+        self.mirror = (CheckpointMirror(mirror, keep_last=keep_last, storage_options=storage_options)
+                       if mirror and ctx.is_main else None)
+        self._mirror_job: tuple[threading.Thread, Path, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ save
-    def save(self, engine, step: int, rank_state: dict[str, Any], manifest: dict[str, Any]) -> tuple[Path, float, int]:
-        """Save step ``step``: DeepSpeed's shards, this rank's state, then the manifest and ``latest``.
+    def save(self, engine, step: int, rank_state: dict[str, Any], manifest: dict[str, Any], *,
+             warn: Callable[[str], None] | None = None) -> tuple[Path, float, int]:
+        """Save step ``step``: DeepSpeed's shards, this rank's state, then the manifest and ``latest``;
+        then rank 0 starts copying it to the mirror, if any, in the background (this call first
+        waits for the previous copy; a failure there is ``warn(message)``, not an error).
 
         Returns:
             ``(path, seconds, bytes)`` of the save (bytes summed over every rank's files).
         """
         from .engine import save_engine
 
+        self.finish_mirror(warn)  # the previous save's copy, before this save may prune its files
         t0 = time.perf_counter()
         tag = tag_of(step)
         path = self.directory / tag
@@ -279,7 +294,58 @@ class CheckpointManager:
         except BaseException:
             self._discard_partial(tag)
             raise
-        return path, time.perf_counter() - t0, nbytes
+        seconds = time.perf_counter() - t0
+        if self.mirror is not None:
+            self._start_mirror(path)
+        return path, seconds, nbytes
+
+    # ------------------------------------------------------------------ mirror
+    def _start_mirror(self, path: Path) -> None:
+        """Rank 0: copy the complete save ``path`` to the mirror in a background thread (training
+        goes on meanwhile; the next save, or :meth:`finish_mirror`, waits for it)."""
+        result: dict[str, Any] = {}
+        best = (self.best() or {}).get("tag")
+
+        def run() -> None:
+            try:
+                result["done"] = self.mirror.push(path, best=best)
+            except Exception as err:  # noqa: BLE001 - the mirror is a copy: never lose the run over it
+                result["error"] = err
+
+        thread = threading.Thread(target=run, name="checkpoint-mirror", daemon=False)
+        thread.start()
+        self._mirror_job = (thread, path, result)
+
+    def finish_mirror(self, warn: Callable[[str], None] | None = None) -> bool | None:
+        """Wait for the mirror copy in flight, if any: ``True`` once complete; ``False`` after a
+        failure, told as ``warn(message)`` (the local checkpoint is whole: the run goes on)."""
+        if self._mirror_job is None:
+            return None
+        thread, path, result = self._mirror_job
+        self._mirror_job = None
+        thread.join()
+        if "error" in result:
+            err = result["error"]
+            message = (f"checkpoint mirror {self.mirror.url}: copying {path.name} failed "
+                       f"({type(err).__name__}: {str(err).strip()[:200]}); the local checkpoint is complete and "
+                       f"the mirror's 'latest' still names its previous copy")
+            if warn is not None:
+                warn(message)
+            else:
+                say(message, "train", level=logging.WARNING)
+            return False
+        seconds, nbytes = result["done"]
+        say(f"checkpoint mirror: copied {path.name} to {self.mirror.url} ({nbytes / 2**20:.1f} MiB, {seconds:.2f} s)",
+            "train")
+        return True
+
+    def push_mirror(self, path: Path, warn: Callable[[str], None] | None = None) -> bool:
+        """Rank 0: copy the complete save ``path`` to the mirror and wait (see :meth:`finish_mirror`)."""
+        if self.mirror is None:
+            return False
+        self.finish_mirror(warn)
+        self._start_mirror(path)
+        return bool(self.finish_mirror(warn))
 
     def _expected_bytes(self, engine) -> int | None:
         """About what a save needs: the last complete save's size, else 4× the weights (weights,

@@ -75,7 +75,9 @@ class RunConfig(FrozenModel):
     max_steps: int = Field(100, ge=1)
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, ge=1, description="torch threads per rank (None: torch's default)")
+    threads: int | None = Field(None, ge=1, description="torch threads per rank; None: OMP_NUM_THREADS if "
+                                "set, else the CPUs this process may use (affinity, cgroup quota) divided by "
+                                "the ranks on this node (pipeline/threads.py)")
     loss_growth_warning: float = Field(1000.0, ge=0, description="warn when the loss grows by this factor "
                                        "over its smallest value after warm-up (0: never)")
 
@@ -224,6 +226,10 @@ class CheckpointConfig(FrozenModel):
         "none", description="also keep the checkpoint of the best validation, never pruned: 'estimate' the lowest "
         "reference-free estimated error (needs validation.estimate), 'psnr' the highest PSNR against the validation "
         "references, 'loss' the lowest validation loss; `recon3d reconstruct --model RUN --pick best` uses it")
+    mirror: str | None = Field(None, description="an fsspec URL (s3://bucket/run, ...) that rank 0 copies each complete "
+                               "save to, then writes URL/latest; old copies pruned like keep_last; a failed copy is a "
+                               "warning, not an error. To resume from it, copy it back to a local path (DeepSpeed "
+                               "needs one) and pass that to --resume")
 
 
 class LoggingConfig(FrozenModel):

@@ -41,6 +41,7 @@ from .resume import checkpoints_in, config_diff, move_aside, schedule_changes
 from .validation import Validation, check_estimable
 from pipeline.errors import InputError, Recon3dError
 from pipeline.log import say
+from pipeline.threads import choose_threads
 from pipeline.models import intensity_scale
 
 __all__ = ["TrainResult", "train", "Trainer", "DivergenceError"]
@@ -77,8 +78,11 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ctx = ctx
         cfg = config
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
+        # Threads per rank from the CPUs this process may use (pipeline/threads.py, issue 17.5).
+        self.threads = choose_threads(cfg.run.threads, what="training")
+        torch.set_num_threads(self.threads.threads)
+        if ctx.is_main:
+            say(f"[recon3d] torch threads per rank: {self.threads.reason}", "train")
         self.facts = build.scan_facts(cfg.data.scans, storage_options=cfg.data.storage_options)
         if cfg.validation.scans:
             vf = build.scan_facts(cfg.validation.scans, what="validation.scans")
@@ -108,7 +112,8 @@ class Trainer:
                                          rank=ctx.rank, world_size=ctx.world_size,
                                          include_reference=self.loss.needs_reference)
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
-        self.checkpoints = CheckpointManager(ckpt_dir, ctx, keep_last=cfg.checkpoint.keep_last)
+        self.checkpoints = CheckpointManager(ckpt_dir, ctx, keep_last=cfg.checkpoint.keep_last,
+                                             mirror=cfg.checkpoint.mirror, storage_options=cfg.data.storage_options)
         self.engine = None
         self.step = 0
         self._grad_norm_here: bool | None = None
@@ -196,7 +201,9 @@ class Trainer:
             yield from self.stream
 
     def save(self, monitor: Monitor, reason: str) -> Path:
-        path, seconds, nbytes = self.checkpoints.save(self.engine, self.step, self.rank_state(), self.manifest())
+        path, seconds, nbytes = self.checkpoints.save(
+            self.engine, self.step, self.rank_state(), self.manifest(),
+            warn=lambda m: monitor.event("warning", self.step, m, what="checkpoint_mirror"))
         monitor.event("checkpoint", self.step, f"saved {path} ({nbytes / 2**20:.1f} MiB, {seconds:.2f} s, {reason})",
                       path=str(path), seconds=seconds, bytes=nbytes, reason=reason)
         return path
@@ -225,7 +232,8 @@ class Trainer:
                       f"{self.ctx.world_size} rank(s), backend {self.ctx.backend or 'none'}, device "
                       f"{self.ctx.device}, precision {cfg.deepspeed.precision}, ZeRO {cfg.deepspeed.zero_stage}",
                       world_size=self.ctx.world_size, backend=self.ctx.backend or "none",
-                      device=str(self.ctx.device), precision=cfg.deepspeed.precision)
+                      device=str(self.ctx.device), precision=cfg.deepspeed.precision,
+                      threads=self.threads.threads, threads_source=self.threads.source)
         if info is not None:
             how = "same world size" if not universal else f"world size {info.world_size} → {self.ctx.world_size} (universal)"
             monitor.event("resume", self.step, f"resumed from {info.path} ({how}, {load_s:.2f} s)",
@@ -278,6 +286,7 @@ class Trainer:
                     monitor.event("stop", self.step, f"stopped by {result.stopped_by}: saved and exiting {when}",
                                   seconds_after_signal=waited)
         finally:
+            self.checkpoints.finish_mirror(lambda m: monitor.event("warning", self.step, m, what="checkpoint_mirror"))
             monitor.close()
         result.step = self.step
         return result

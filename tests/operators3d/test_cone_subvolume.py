@@ -221,3 +221,38 @@ def test_cuda_pieces_match_cpu():
     torch.testing.assert_close(piece(x.cuda()).cpu(), fx, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(piece.adjoint(y.cuda()).cpu(), ay, rtol=1e-10, atol=1e-10)
     check_operator(piece)
+
+
+
+def test_tables_are_cached_shared_by_pieces_and_bounded(monkeypatch):
+    from operators3d.ct import _kernels as K
+    from operators3d.ct import _table_cache
+
+    _table_cache.clear()
+    op = _cone(table_bytes=1)  # one chunk per angle: several cache entries
+    x = _x()
+    first = op(x)
+    held = _table_cache.held_bytes("cpu")
+    assert 0 < held <= K.CPU_TABLE_CACHE_BYTES
+    torch.testing.assert_close(op(x), first, rtol=0, atol=0)  # served from the cache
+    assert _table_cache.held_bytes("cpu") == held
+    rows = op.rows_hit_by(slice(2, 5))
+    piece = op.slab(slice(2, 5)).rows(rows)  # a thin piece reuses the whole's tables
+    piece(x[2:5])
+    piece.adjoint(first[rows])
+    assert _table_cache.held_bytes("cpu") == held
+    op(x.float())  # another dtype: tables of its own
+    assert _table_cache.held_bytes("cpu") > held
+    # A budget smaller than the tables: the first chunks stay, the rest are rebuilt per call;
+    # another geometry (group) evicts them.
+    _table_cache.clear()
+    monkeypatch.setattr(K, "CPU_TABLE_CACHE_BYTES", held // 3)
+    torch.testing.assert_close(op(x), first, rtol=0, atol=0)
+    kept = _table_cache.held_bytes("cpu")
+    assert 0 < kept <= held // 3
+    torch.testing.assert_close(op(x), first, rtol=0, atol=0)
+    assert _table_cache.held_bytes("cpu") == kept
+    op.subset(slice(0, 4))(x)
+    assert 0 < _table_cache.held_bytes("cpu") <= held // 3
+    _table_cache.clear()
+    assert _table_cache.held_bytes() == 0

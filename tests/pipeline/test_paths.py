@@ -37,7 +37,7 @@ def test_local_path_strips_file_scheme_and_refuses_urls():
     (["quickstart", "--out", "s3://b/quickstart"], "quickstart --out"),
     (["report", "out.ome.zarr", "--out", "s3://b/report"], "report --out"),
     (["evaluate", "out.ome.zarr", "--json", "s3://b/metrics.json"], "evaluate --json"),
-    (["ingest", "ct", "s3://b/projections.npy", "--out", "scan.zarr"], "ingest SOURCE"),
+    (["ingest", "mri", "s3://b/kspace.dat", "--out", "scan.zarr"], "ingest SOURCE"),  # .npy/.h5 URLs are read
 ])
 def test_local_only_arguments_refuse_urls_and_write_nothing(argv, named, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

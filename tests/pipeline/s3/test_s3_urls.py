@@ -96,7 +96,7 @@ def test_model_url_on_s3_equals_the_local_file(s3, tmp_path, monkeypatch):
     (["report", "s3://BUCKET/out.zarr", "--out", "s3://BUCKET/report"], "report --out"),
     (["evaluate", "s3://BUCKET/out.zarr", "--reference", "s3://BUCKET/scan.zarr", "--json",
       "s3://BUCKET/metrics.json"], "evaluate --json"),
-    (["ingest", "ct", "s3://BUCKET/projections.npy", "--out", "s3://BUCKET/scan.zarr"], "ingest SOURCE"),
+    (["ingest", "mri", "s3://BUCKET/kspace.dat", "--out", "s3://BUCKET/scan.zarr"], "ingest SOURCE"),
 ])
 def test_local_only_arguments_refuse_s3_and_write_nothing(argv, named, s3, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

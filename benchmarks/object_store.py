@@ -1,0 +1,234 @@
+"""Object-store benchmark (issue 17): the same scan on a local S3 server and on local disk.
+
+    .venv/bin/python benchmarks/object_store.py [--depth 64] [--repeat 2] [--scratch DIR]
+
+Starts a moto S3 server on 127.0.0.1 (its own process, its objects in its memory), simulates one
+MRI scan (``--depth`` slices of 256×256, 8 coils: 64 → about 0.57 GB) into it and the same scan
+onto local disk — each as ``recon3d simulate`` writes it: on ``s3://`` sharded by default
+(``--shard-chunks auto``), locally one file per chunk — then measures, local and s3 alternated
+``--repeat`` times (the machine is shared; each ratio is against the local figure of the same
+round):
+
+* **sequential read** — every chunk along D of ``measurements`` and ``coil_maps``, one after
+  another (plain zarr), decompressed MB/s;
+* **stream** — one pass of :class:`pipeline.data.SlabStream` (2 reader threads), MB/s delivered;
+* **reconstruct** — ``recon3d reconstruct --method adjoint`` of the scan to an OME-Zarr image on
+  the same store (s3 → s3, local → local), MB/s of measurements reconstructed;
+
+each also on a third copy in the bucket written with ``--shard-chunks 0`` (one object per chunk);
+and the requests the S3 server answered per GiB of decompressed data for each (counted from the
+server's request log). Prints Markdown tables; the owner records them in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import machine_line, print_table  # noqa: E402
+
+GIB = 1 << 30
+_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+class RequestCounter:
+    """Counts the S3 server's requests: werkzeug logs one line per request answered on the
+    server's stderr (``127.0.0.1 - - [..] "GET /bucket/key HTTP/1.1" 206 -``), read here in a thread."""
+
+    def __init__(self, stream) -> None:
+        self.count = 0
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            if '" ' in line and "HTTP/1." in line:
+                self.count += 1
+
+    def settle(self) -> int:
+        """The count once the server has logged what it answered (its log trails the replies)."""
+        last = -1
+        while last != self.count:
+            last = self.count
+            time.sleep(0.3)
+        return self.count
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server() -> tuple[subprocess.Popen, str, RequestCounter]:
+    """A moto S3 server in its own process on a free port of 127.0.0.1 (objects in its memory),
+    and the counter of its requests."""
+    os.environ.update(_AWS_ENV)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    counter = RequestCounter(proc.stderr)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, endpoint, counter
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("the moto server exited at start (is moto[server] installed?)")
+            time.sleep(0.1)
+    proc.terminate()
+    raise RuntimeError("the moto server did not start within 30 s")
+
+
+def _sequential(path: str) -> int:
+    """Read every chunk along D of the scan's measurements and coil maps; the bytes read."""
+    from pipeline.data import open_scan
+
+    scan = open_scan(path)
+    total = 0
+    for name in ("measurements", "coil_maps"):
+        arr = scan.group[name]
+        axis = list(arr.metadata.dimension_names).index("d")
+        for d0 in range(0, arr.shape[axis], scan.chunk_depth):
+            sel = [slice(None)] * arr.ndim
+            sel[axis] = slice(d0, d0 + scan.chunk_depth)
+            total += arr[tuple(sel)].nbytes
+    return total
+
+
+def _stream(path: str) -> int:
+    """One pass of the slab stream with 2 reader threads; the bytes delivered."""
+    from pipeline.data import SlabStream, SlabStreamConfig
+
+    total = 0
+    for y, op, _ in SlabStream(SlabStreamConfig(scans=(path,), num_workers=2, seed=1, prefetch_factor=4)):
+        total += y.numel() * y.element_size() + op.coil_maps.numel() * op.coil_maps.element_size()
+    return total
+
+
+def _reconstruct(path: str, out: str) -> int:
+    """``recon3d reconstruct --method adjoint`` of ``path`` to ``out``; the measurement bytes."""
+    from pipeline.cli import main
+    from pipeline.data import open_scan
+
+    if main(["reconstruct", "--method", "adjoint", "--scan", path, "--out", out, "--workers", "2",
+             "--no-progress", "--overwrite"]) != 0:
+        raise RuntimeError(f"reconstruct {path} → {out} failed")
+    return int(open_scan(path).group["measurements"].nbytes)
+
+
+def _remove(url: str) -> None:
+    """Delete ``url`` (a folder or zarr group, local or in the store) if it exists."""
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def _raw_get_rate(url: str) -> float:
+    """MB/s of plain GETs of the stored objects under ``url`` (compressed bytes, no decoding):
+    what the server itself delivers to one client thread."""
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(url)
+    keys = [k for k in fs.find(path) if "/c/" in k]
+    t0 = time.perf_counter()
+    total = sum(len(fs.cat_file(k)) for k in keys)
+    return total / (time.perf_counter() - t0) / 1e6
+
+
+def _measure(fn, counter: RequestCounter) -> tuple[int, float, int]:
+    before, t0 = counter.settle(), time.perf_counter()
+    nbytes = fn()
+    seconds = time.perf_counter() - t0
+    return nbytes, seconds, counter.settle() - before
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=64, help="D of the MRI scan (64: about 0.57 GB)")
+    parser.add_argument("--repeat", type=int, default=2, help="rounds of local and s3, alternated")
+    parser.add_argument("--scratch", type=Path, default=None, help="local folder (default: a temporary one)")
+    args = parser.parse_args()
+
+    import fsspec.config
+
+    from pipeline.cli import main as recon3d
+    from pipeline.data import inspect_scan
+
+    server, endpoint, counter = start_server()
+    options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    fsspec.config.conf["s3"] = dict(options)  # what --storage-options does for a command
+    import s3fs
+
+    scratch = args.scratch or Path(tempfile.mkdtemp(prefix="recon3d-object-store-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    local, remote, chunked = str(scratch / "mri.zarr"), "s3://bench/mri.zarr", "s3://bench/mri-chunks.zarr"
+    simulate = ["simulate", "mri", "--shape", str(args.depth), "256", "256", "--coils", "8", "--acceleration", "4",
+                "--noise-sigma", "0.05", "--seed", "0", "--workers", "2", "--no-progress", "--overwrite"]
+    targets = {"local": (local, str(scratch / "out.ome.zarr"), []), "s3": (remote, "s3://bench/out.ome.zarr", []),
+               "s3 unsharded": (chunked, "s3://bench/out-chunks.ome.zarr", ["--shard-chunks", "0"])}
+    try:
+        s3fs.S3FileSystem(**options).mkdir("bench")
+        setup = {}
+        for label, (target, _, extra) in targets.items():
+            t0, n0 = time.perf_counter(), counter.settle()
+            if recon3d([*simulate, "--out", target, *extra]) != 0:
+                raise RuntimeError(f"simulate → {target} failed")
+            setup[label] = (time.perf_counter() - t0, counter.settle() - n0)
+        info = inspect_scan(remote)
+        size = sum(a.nbytes for a in info.arrays)
+        shards = {a.name: a.shards for a in info.arrays}
+        print(f"# object store vs local disk\n\n{machine_line()}\nload: {os.getloadavg()}\n"
+              f"scan: MRI {args.depth}×256×256, 8 coils, {size / GIB:.2f} GiB decompressed; "
+              f"s3 shards: {json.dumps({k: v for k, v in shards.items() if v})}")
+        print("simulate: " + ", ".join(f"{lab} {sec:.1f} s" + (f" ({n / (size / GIB):.0f} requests/GiB written)"
+                                                               if lab != "local" else "")
+                                       for lab, (sec, n) in setup.items()))
+        print(f"the server's plain GET rate (stored objects, compressed, one thread): "
+              f"{_raw_get_rate(remote):.0f} MB/s")
+        work = {"sequential read": lambda p, o: _sequential(p), "stream (2 threads)": lambda p, o: _stream(p),
+                "reconstruct adjoint": _reconstruct}
+        results: dict[str, dict[str, list[tuple[int, float, int]]]] = {k: {lab: [] for lab in targets} for k in work}
+        for _ in range(args.repeat):
+            for name, fn in work.items():
+                for label, (path, out, _) in targets.items():
+                    _remove(out)  # each round reconstructs anew (a complete output is not redone)
+                    results[name][label].append(_measure(lambda: fn(path, out), counter))
+        rows = []
+        for name, per in results.items():
+            rates = {lab: [b / s / 1e6 for b, s, _ in per[lab]] for lab in per}
+            ratios = [s3 / lo for s3, lo in zip(rates["s3"], rates["local"])]
+            requests = {lab: statistics.median(n / (b / GIB) for b, _, n in per[lab]) for lab in per if lab != "local"}
+            rows.append([name, " ".join(f"{r:.0f}" for r in rates["local"]), " ".join(f"{r:.0f}" for r in rates["s3"]),
+                         " ".join(f"{r:.2f}" for r in ratios), f"{statistics.median(ratios):.2f}",
+                         f"{requests['s3']:.0f}", " ".join(f"{r:.0f}" for r in rates["s3 unsharded"]),
+                         f"{requests['s3 unsharded']:.0f}"])
+        print_table("Throughput, MB/s decompressed (each round: local, s3, s3 unsharded)",
+                    ["what", "local MB/s", "s3 MB/s", "ratio per round", "median ratio", "s3 requests/GiB",
+                     "s3 unsharded MB/s", "unsharded requests/GiB"], rows)
+        print(f"\nload after: {os.getloadavg()}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        if args.scratch is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The output slab of ``recon3d reconstruct --model`` chosen from a memory budget.
+
+Each input slab is the output slab plus a halo on each side, so thin slabs compute the halo
+many times over (slab 8, halo 9: 26 input slices per 8 output slices, 3.4×). Without
+``--slab``, the driver takes the thickest slab (a multiple of the output chunk depth) whose
+*estimated* peak fits ``--memory-budget``:
+
+    workers × (data copies × data bytes/slice × slices read at once
+               + image copies × image bytes/slice × input slices
+               + activation bytes/voxel × backbone voxels)
+
+* data: the measurements (and MRI coil maps) a slab reads. A staged model reads its input in
+  pieces of one output slab and frees each once its initial estimate is made (one copy); any
+  other model holds the whole input slab's and applies its operator to it (two copies: the
+  coil images or projections it makes);
+* image: :data:`IMAGE_COPIES` copies of the input slab's image (initial estimate, backbone
+  input and output, tile accumulator and weights);
+* activations: the backbone's peak of live tensor bytes per input voxel, measured once on a
+  small zero input (:func:`activation_bytes_per_voxel`; deterministic, so every rank of a job
+  chooses the same slab), times the input slab's voxels, or one batch of tiles when tiled.
+
+``benchmarks/reconstruct.py`` compares the estimate with the measured peak.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from pipeline.models.tiling import TiledBackbone
+
+__all__ = ["parse_bytes", "format_bytes", "activation_bytes_per_voxel", "MemoryModel", "choose_slab",
+           "DEFAULT_BUDGET", "IMAGE_COPIES", "DATA_COPIES"]
+
+DEFAULT_BUDGET = 1 << 30
+#: Copies of the input slab's image alive at the peak (estimate's constant, see the module doc).
+IMAGE_COPIES = 4
+#: Copies of the data read at once: a staged model's pieces, any other model's input slab.
+DATA_COPIES = {True: 1, False: 2}
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """Bytes from ``512MiB``, ``1GiB``, ``2G`` (SI: 2·10⁹), ``1.5GB`` or a plain number of bytes."""
+    if isinstance(text, bool):
+        raise ValueError(f"a memory size must be bytes or a string like 1GiB, got {text!r}")
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise ValueError(f"a memory size is a number with an optional unit (B, KiB, MiB, GiB, TiB, "
+                             f"K, M, G, T), e.g. 512MiB, 1GiB, 2G; got {text!r}")
+        value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"a memory size must be positive, got {text!r}")
+    return value
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes as KiB, MiB or GiB."""
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):.2f} GiB"
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.1f} KiB"
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the tensor storages the ops under it allocate, while they live, and
+    their peak: storages the inputs already held (views, in-place results) are not counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = self.peak = 0
+        self.refs: dict[int, list[int]] = {}
+
+    def _drop(self, key: int) -> None:
+        ref = self.refs.get(key)
+        if ref is not None:
+            ref[0] -= 1
+            if ref[0] == 0:
+                self.current -= ref[1]
+                del self.refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        held = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if key in self.refs:
+                self.refs[key][0] += 1
+            elif key in held or size == 0:
+                continue
+            else:
+                self.refs[key] = [1, size]
+                self.current += size
+                self.peak = max(self.peak, self.current)
+            weakref.finalize(t, self._drop, key)
+        return out
+
+
+@torch.no_grad()
+def activation_bytes_per_voxel(backbones: list[torch.nn.Module], channels: int, multiple: int,
+                               device: torch.device) -> float:
+    """The largest peak of live tensor bytes per input voxel of ``backbones`` (untiled), each
+    run once on a zero input ``(1, channels, 2g, s, s)`` (``g`` = the pooling grid, ``s`` ≥ 16
+    on the grid): what a backbone pass adds to memory, output included, input excluded."""
+    g = max(1, int(multiple))
+    s = -(-max(16, 2 * g) // g) * g
+    best = 0.0
+    for bb in backbones:
+        inner = bb.backbone if isinstance(bb, TiledBackbone) else bb  # the tiled network itself
+        dtype = next((p.dtype for p in inner.parameters() if p.is_floating_point()), torch.float32)
+        x = torch.zeros(1, int(getattr(inner, "in_channels", None) or channels), 2 * g, s, s, dtype=dtype,
+                        device=device)
+        with _LiveBytes() as live:
+            y = inner(x)
+            del y
+        best = max(best, live.peak / (2 * g * s * s))
+    return best
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """What a slab's peak is estimated from (bytes; see the module doc)."""
+
+    shape: tuple[int, int, int]
+    data_per_slice: int
+    image_per_slice: int
+    activation_per_voxel: float
+    tile: tuple[int, int, int] | None
+    tiles_per_batch: int
+    staged: bool
+    workers: int
+
+    def input_slices(self, slab: int, halo: int, multiple: int) -> int:
+        """The most input slices an output slab of ``slab`` reads (halo both sides, the start
+        rounded down to the grid), at most the volume."""
+        return min(self.shape[0], slab + 2 * halo + max(0, int(multiple) - 1))
+
+    def estimate(self, slab: int, halo: int, multiple: int) -> int:
+        """The estimated peak bytes of ``workers`` slabs of ``slab`` output slices in flight."""
+        d, h, w = self.shape
+        slab = min(slab, d)
+        n = self.input_slices(slab, halo, multiple)
+        read = slab if self.staged else n
+        if self.tile is not None and any(self.tile):
+            td, th, tw = self.tile
+            voxels = self.tiles_per_batch * min(n, td or n) * min(h, th or h) * min(w, tw or w)
+        else:
+            voxels = n * h * w
+        one = DATA_COPIES[self.staged] * self.data_per_slice * read + IMAGE_COPIES * self.image_per_slice * n \
+            + self.activation_per_voxel * voxels
+        return int(self.workers * one)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data_bytes_per_slice": self.data_per_slice, "image_bytes_per_slice": self.image_per_slice,
+                "activation_bytes_per_voxel": round(self.activation_per_voxel, 3),
+                "tile": list(self.tile) if self.tile else None, "workers": self.workers}
+
+
+def choose_slab(model: MemoryModel, budget: int, *, chunk: int, halo: int, multiple: int) -> int:
+    """The thickest output slab (a multiple of ``chunk``, and of the grid ``multiple`` when
+    thicker than one step of both) whose estimate fits ``budget``; at most the volume.
+
+    Raises:
+        ValueError: not even one chunk fits; the message names the budget one chunk needs.
+    """
+    d = model.shape[0]
+    need = model.estimate(chunk, halo, multiple)
+    if need > budget:
+        raise ValueError(f"reconstruct: --memory-budget {format_bytes(budget)} is below what a slab of one "
+                         f"output chunk ({chunk} slices, halo {halo}) needs: about {format_bytes(need)} "
+                         f"({need} bytes) with {model.workers} worker(s); raise it to at least that, lower "
+                         "--workers, or give --slab/--tile")
+    top = -(-d // chunk)  # chunks that cover the volume
+    lo, hi = 1, top  # the largest k with estimate(k·chunk) ≤ budget (the estimate grows with k)
+    while lo < hi:
+        k = (lo + hi + 1) // 2
+        if model.estimate(k * chunk, halo, multiple) <= budget:
+            lo = k
+        else:
+            hi = k - 1
+    slab = lo * chunk
+    step = chunk * int(multiple) // math.gcd(chunk, int(multiple))
+    if slab < d and slab >= step:
+        slab = slab // step * step
+    return slab
