@@ -3,8 +3,10 @@
 recon3d reads and writes scans and OME-Zarr images through fsspec, so those arguments may be
 local folders or URLs (``s3://bucket/scan.zarr``, ``gs://…``, ``memory://…``); ``file://PATH``
 is the local ``PATH``. Other things are local only, for a stated reason: a training run
-directory (DeepSpeed writes its checkpoints with filesystem calls), an exported weights file, a
-report's figures, an ingested source file. An argument of that kind given as a URL is refused
+directory (DeepSpeed writes its checkpoints with filesystem calls; ``checkpoint.mirror`` copies
+each save to a URL), the file an export writes, a report's figures, an ``--json`` file. Ingest
+sources (``.npy``, HDF5, TIFF) and ``reconstruct --model`` weights may be URLs: they are read
+through fsspec. An argument of a local-only kind given as a URL is refused
 with the reason — never turned into a local folder named ``s3:`` (which ``pathlib`` would do:
 ``Path("s3://b/run")`` is the relative path ``s3:/b/run``).
 """

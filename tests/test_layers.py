@@ -2,7 +2,7 @@
 
 From the bottom: the operator library ``operators3d``; the foundations (the top-level modules of
 ``pipeline``: errors, paths, log, safeload, allocator, metrics, distributed, config_base,
-modelcard, outputs) and the scan format ``pipeline.data``; the building blocks ``pipeline.losses``,
+modelcard, outputs, threads) and the scan format ``pipeline.data``; the building blocks ``pipeline.losses``,
 ``pipeline.models``, ``pipeline.classical`` and the reference-free error estimate
 ``pipeline.estimate`` (it runs classical pilots, a loss's k-space centre and a model's image
 metric, so it sits with them); the peers ``pipeline.train`` and ``pipeline.reconstruct``, which
