@@ -126,7 +126,7 @@ def train_config(config: QuickstartConfig, scan: str) -> dict[str, Any]:
     if not path.is_file():
         raise Recon3dError(f"quickstart: the recipe {path} is missing (run from a clone of the repository)")
     recipe = yaml.safe_load(path.read_text())
-    threads = max(1, (os.cpu_count() or 1) // config.nproc)
+    threads = _threads(config)
     schedule = dict(recipe.get("schedule", {}))
     if "warmup_steps" in schedule:
         schedule["warmup_steps"] = min(int(schedule["warmup_steps"]), config.steps // 10)
@@ -161,6 +161,14 @@ def _simulate(config: QuickstartConfig, scan: Path) -> None:
                                        chunk_depth=config.slab_thickness, progress=config.progress))
 
 
+def _threads(config: QuickstartConfig) -> int:
+    """Torch threads per training process: the CPUs this process may use (affinity, cgroup
+    quota; :mod:`pipeline.threads`) shared by the ``--nproc`` processes."""
+    from pipeline.threads import threads_per_rank
+
+    return threads_per_rank(config.nproc, env={})
+
+
 def _train(config: QuickstartConfig, cfg_path: Path, run_dir: Path) -> None:
     """``recon3d train`` on ``nproc`` processes (torchrun), resuming a checkpoint if any."""
     args = ["-m", "pipeline.cli", "train", str(cfg_path), "--run-dir", str(run_dir), "--resume", "auto"]
@@ -174,7 +182,7 @@ def _train(config: QuickstartConfig, cfg_path: Path, run_dir: Path) -> None:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // config.nproc))
+    env["OMP_NUM_THREADS"] = str(_threads(config))
     _say(" ".join(["recon3d train", str(cfg_path), "--run-dir", str(run_dir), "--resume auto",
                    f"({config.nproc} process{'es' if config.nproc > 1 else ''})"]))
     proc = subprocess.Popen(cmd, env=env)

@@ -12,10 +12,11 @@ from pipeline.config_base import PathStr, Settings
 
 from pipeline.data.format import CodecConfig
 
+from pipeline.classical.auto import AUTO  # one spelling of 'choose it', for classical and reconstruct
+
 __all__ = ["ReconstructConfig", "ReconstructResult", "METHODS", "AUTO", "TV_HALO", "WAIT_TIMEOUT_S"]
 
 METHODS = ("adjoint", "fbp", "fdk", "sense", "tv")
-AUTO = "auto"
 #: Input slices added on each side of a slab for TV (3D TV couples neighbouring slices).
 TV_HALO = 2
 # Minutes, not a day: a rank that waits this long is waiting for one that died or was refused.

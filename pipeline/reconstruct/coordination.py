@@ -1,6 +1,6 @@
 """How the ranks of a ``recon3d reconstruct`` job work together without a process group.
 
-* :func:`rank_and_world` and the rank's device; messages of rank 0 (:func:`_say`);
+* :func:`env_rank_and_world` and the rank's device; messages of rank 0 (:func:`_say`);
 * waits by polling (:func:`_poll`, :class:`WaitTimeoutError`): rank 0 for the other ranks'
   slabs (:func:`_wait_for_slabs`), the others for rank 0's preparation or export;
 * the model: a run directory's export, made first (by rank 0) when missing or older than the
@@ -25,10 +25,10 @@ from .lease import HEARTBEAT_S, STALE_S, Lease, LeaseLostError, read_lease
 if TYPE_CHECKING:
     from .store import _Output
 
-__all__ = ["rank_and_world", "resolve_model", "WaitTimeoutError"]
+__all__ = ["env_rank_and_world", "resolve_model", "WaitTimeoutError"]
 
 
-def rank_and_world() -> tuple[int, int]:
+def env_rank_and_world() -> tuple[int, int]:
     """``(RANK, WORLD_SIZE)`` from the environment (torchrun sets them), default ``(0, 1)``."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world < 1 or not 0 <= rank < world:

@@ -66,7 +66,7 @@ from pipeline.data.format import CTGeometry, now_iso
 
 from .adapters import _Classical, _Derived, _Network
 from .config import ReconstructConfig, ReconstructResult
-from .coordination import _check_lease, _device, _lease_times, _poll, _say, _wait_for_slabs, rank_and_world
+from .coordination import _check_lease, _device, _lease_times, _poll, _say, _wait_for_slabs, env_rank_and_world
 from .halo import _Layout, _layout, describe_memory
 from .lease import Lease, check_joined
 from .store import (COMPLEX, OUTPUT_FORMAT, UNCERTAINTY, UNCERTAINTY_VERSION, _KIND, _finish, _Output, _prepare,
@@ -189,7 +189,7 @@ def reconstruct(config: ReconstructConfig) -> ReconstructResult:
     """
     from pipeline.data import open_scan
 
-    rank, world = rank_and_world()
+    rank, world = env_rank_and_world()
     device = _device(config.device)
     scan = open_scan(config.scan, storage_options=config.storage_options)
     geom = scan.metadata.geometry
