@@ -32,6 +32,10 @@ class DistContext:
         return self.rank == 0
 
 
+#: File stores of one-rank groups made here (no torchrun), removed at shutdown.
+_STORE_FILES: list[str] = []
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return default if value in (None, "") else int(value)
@@ -58,6 +62,7 @@ def init_distributed(device: str = "auto", *, timeout_s: int = 600) -> DistConte
             import tempfile
 
             store_file = tempfile.NamedTemporaryFile(prefix="recon3d-pg-", delete=False).name
+            _STORE_FILES.append(store_file)  # removed by shutdown_distributed
             store = dist.FileStore(store_file, 1)
             dist.init_process_group(backend, store=store, rank=0, world_size=1,
                                     timeout=datetime.timedelta(seconds=timeout_s))
@@ -72,8 +77,14 @@ def init_distributed(device: str = "auto", *, timeout_s: int = 600) -> DistConte
 
 
 def shutdown_distributed() -> None:
+    """Leave the process group; remove the file store a one-rank group was made on."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    while _STORE_FILES:
+        try:
+            os.unlink(_STORE_FILES.pop())
+        except FileNotFoundError:
+            pass
 
 
 def any_rank(flag: bool, ctx: DistContext) -> bool:
