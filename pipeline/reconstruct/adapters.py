@@ -50,10 +50,10 @@ def _weights_digest(path: Path) -> tuple[str, dict[str, Any], ModelCard | None]:
 
 
 class _SlabReader:
-    """``(y, op)`` of a D-range of a scan, as ``Scan.slab`` gives, read chunk by chunk into
-    preallocated tensors: the peak is the slab plus one chunk, not twice the slab (which
-    ``ScanArray.read``'s concatenation of the chunks costs). The MRI mask is read once, so
-    every slab operator shares it (and its cached FFT phases)."""
+    """``(y, op)`` of a D-range of a scan, as ``Scan.slab`` gives, read one stored object (a
+    chunk, or a whole shard in one request on an object store) at a time into preallocated
+    tensors: the peak is the slab plus one stored object, not twice the slab. The MRI mask is
+    read once, so every slab operator shares it (and its cached FFT phases)."""
 
     def __init__(self, scan) -> None:
         self.scan = scan
@@ -61,13 +61,13 @@ class _SlabReader:
 
     @staticmethod
     def _read(array, lo: int, hi: int) -> torch.Tensor:
-        axis, step = array.d_axis, array.chunk_depth
+        axis, step = array.d_axis, array.stored_depth
         shape = list(array.shape)
         shape[axis] = hi - lo
         out: torch.Tensor | None = None
         for start in range(lo // step * step, hi, step):
             a, b = max(lo, start), min(hi, start + step)
-            part = array.read_torch(slice(a, b))  # one chunk: checked present, decoded, finite
+            part = array.read_torch(slice(a, b))  # one object: checked present, decoded, finite
             if out is None:
                 out = torch.empty(shape, dtype=part.dtype)
             out.narrow(axis, a - lo, b - a).copy_(part)
@@ -150,6 +150,14 @@ class _Derived:
         return self.array.read_torch(slice(lo, hi))
 
 
+def _training_tiles(model: torch.nn.Module) -> tuple[int, int, int] | None:
+    """The tile shape the model's backbone was trained with, if it was tiled."""
+    from pipeline.models.tiling import TiledBackbone
+
+    tiled = next((m for m in model.modules() if isinstance(m, TiledBackbone)), None)
+    return tuple(int(t) for t in tiled.tile_shape) if tiled is not None else None
+
+
 class _Network:
     """An exported model ``model(y, op)`` on each input slab, under the scan's intensity scale."""
 
@@ -170,8 +178,16 @@ class _Network:
                 f"reconstruct: the model was trained on {self.info['modality']} scans, the scan is {scan.modality}"
             )
         model = load_exported(self.weights)
-        self.model = retile(model, config.tile, config.overlap).to(device).eval()
+        tile, trained_tiles = config.tile, _training_tiles(model)
+        if tile is None and trained_tiles is not None:
+            # Tiles bound a training step's memory (their overlap is rarely exact); here the
+            # memory budget chooses the slab instead, and the output is the network itself.
+            tile = (0, 0, 0)
+        self.model = retile(model, tile, config.overlap).to(device).eval()
         radius, self.multiple, self.notes = model_halo(self.model)
+        if tile != config.tile:
+            _say(f"the model was trained on tiles {trained_tiles}; it runs untiled here (the memory budget "
+                 "chooses the slab); --tile D H W tiles it", config.progress and rank == 0)
         if radius is None and config.halo is None:
             raise ValueError(
                 "reconstruct: the model normalises over its whole input (instance/group norm), so "
@@ -190,7 +206,7 @@ class _Network:
         self.storage_options = dict(config.storage_options or {}) or None
         self.scale: float | None = None
         self.piece = scan.chunk_depth  # slices per read of a staged initial estimate (set per job)
-        self.tile = config.tile
+        self.tile = tile
         self.overlap = config.overlap
 
     def _scale_thickness(self, config: ReconstructConfig, rank: int) -> int | None:

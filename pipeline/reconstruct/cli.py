@@ -61,7 +61,8 @@ def register(subparsers: Any) -> None:
     g.add_argument("--chunks", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                    help="output chunk shape (default: 16 256 256, clipped to the volume)")
     g.add_argument("--tile", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
-                   help="run the backbone on tiles of this shape (overrides the model's; 0 0 0: untiled)")
+                   help="run the backbone on tiles of this shape (default: untiled, also for a model trained "
+                   "on tiles; 0 0 0: untiled)")
     g.add_argument("--overlap", type=int, default=None,
                    help="tile overlap (default: twice the receptive radius, which is exact)")
     c = rec.add_argument_group(

@@ -48,8 +48,9 @@ class ReconstructConfig(Settings):
         halo: input slices added on each side of a slab (default: the model's receptive
             radius along D; 0 for classical methods).
         chunks: output chunk shape ``(D, H, W)`` (default ``(16, 256, 256)`` clipped).
-        tile: run the model's backbone on tiles of this ``(D, H, W)`` (overrides the model's
-            own tiling); ``(0, 0, 0)`` removes the model's tiling.
+        tile: run the model's backbone on tiles of this ``(D, H, W)``; ``(0, 0, 0)`` or
+            ``None`` (the default): untiled, also for a model trained on tiles (training tiles
+            bound a step's memory; here the memory budget chooses the slab).
         overlap: tile overlap (default ``2 × radius``: exact).
         filter, filter_cutoff: FBP window and its cutoff (a fraction of Nyquist); sense_iters,
             l2_weight: SENSE's CG iterations and Tikhonov weight; tv_weight, tv_iters: TV's

@@ -75,7 +75,8 @@ def test_slabs_equal_the_whole_volume(tmp_path, mri_scan, ct_scan, kind, cfg):
 
 
 def test_tile_override_and_untiling(tmp_path, mri_scan):
-    """--tile retiles the backbone (exact overlap by default); 0 0 0 removes a model's tiling."""
+    """--tile retiles the backbone (exact overlap by default); 0 0 0 removes a model's tiling,
+    and so does the default: training tiles (here D 4 < the slab, overlap 2 < 2r) are not used."""
     plain = save_model(tmp_path / "plain.pt", "mri", backbone="dncnn", dncnn_width=4, dncnn_depth=3)
     tiled = save_model(tmp_path / "tiled.pt", "mri", backbone="dncnn", dncnn_width=4, dncnn_depth=3,
                        tile={"shape": [4, 8, 8], "overlap": 2})  # inexact: overlap < 2r
@@ -86,7 +87,11 @@ def test_tile_override_and_untiling(tmp_path, mri_scan):
     _run(mri_scan, tmp_path / "b", model=str(tiled), tile=(0, 0, 0), slab=4)
     torch.testing.assert_close(_level(tmp_path / "b"), whole, rtol=1e-5, atol=1e-6)
     _run(mri_scan, tmp_path / "c", model=str(tiled), slab=4)
+    torch.testing.assert_close(_level(tmp_path / "c"), whole, rtol=1e-5, atol=1e-6)
     info = _info(tmp_path / "c")
+    assert info["exact"] is True and info["settings"]["reconstructor"]["tile"] == [0, 0, 0]
+    _run(mri_scan, tmp_path / "d", model=str(tiled), slab=4, tile=(8, 8, 8), overlap=2)
+    info = _info(tmp_path / "d")
     assert info["exact"] is False and any("tiles overlap" in n for n in info["notes"])
 
 
