@@ -171,10 +171,11 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.allocator import keep_freed_memory
     from pipeline.train import load_config, train
 
-    # Every step frees and reallocates the same slab-sized tensors: keep them in the heap
-    # instead of a fresh page-faulted mmap each time (pipeline/allocator.py).
-    keep_freed_memory()
     config = load_config(args.config, args.overrides)
+    if config.run.memory == "fast":
+        # Every step frees and reallocates the same slab-sized tensors: keep them in the heap
+        # instead of a fresh page-faulted mmap each time (pipeline/allocator.py).
+        keep_freed_memory()
     run_dir = args.run_dir or Path("runs") / args.config.stem
     # the scans the experiment names (data, validation) may be URLs: --storage-options reaches them
     with storage_options_applied(args.storage_options or {}, _strings(config.model_dump())):

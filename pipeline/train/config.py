@@ -80,6 +80,10 @@ class RunConfig(FrozenModel):
                                 "the ranks on this node (pipeline/threads.py)")
     loss_growth_warning: float = Field(1000.0, ge=0, description="warn when the loss grows by this factor "
                                        "over its smallest value after warm-up (0: never)")
+    memory: Literal["fast", "lean"] = Field("fast", description="fast: freed heap pages are kept for the next "
+                                            "step (faster steps, RSS holds the heap's high-water mark); lean: "
+                                            "glibc's defaults, freed slab-sized blocks go back to the OS "
+                                            "(pipeline/allocator.py)")
 
 
 class DataConfig(FrozenModel):
