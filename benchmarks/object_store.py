@@ -1,6 +1,7 @@
 """Object-store benchmark (issue 17): the same scan on a local S3 server and on local disk.
 
     .venv/bin/python benchmarks/object_store.py [--depth 64] [--repeat 2] [--scratch DIR]
+        [--stream-threads 2]
 
 Starts a moto S3 server on 127.0.0.1 (its own process, its objects in its memory), simulates one
 MRI scan (``--depth`` slices of 256×256, 8 coils: 64 → about 0.57 GB) into it and the same scan
@@ -11,13 +12,20 @@ round):
 
 * **sequential read** — every chunk along D of ``measurements`` and ``coil_maps``, one after
   another (plain zarr), decompressed MB/s;
-* **stream** — one pass of :class:`pipeline.data.SlabStream` (2 reader threads), MB/s delivered;
+* **sequential read by stored object** — the same through :meth:`ScanArray.read
+  <pipeline.data.scan.ScanArray.read>` one stored object (a shard on s3, a chunk locally) at a
+  time, with its presence and finite checks: a whole shard in one request;
+* **stream** — one pass of :class:`pipeline.data.SlabStream` (``--stream-threads`` reader
+  threads, default 2), MB/s delivered;
 * **reconstruct** — ``recon3d reconstruct --method adjoint`` of the scan to an OME-Zarr image on
   the same store (s3 → s3, local → local), MB/s of measurements reconstructed;
 
 each also on a third copy in the bucket written with ``--shard-chunks 0`` (one object per chunk);
 and the requests the S3 server answered per GiB of decompressed data for each (counted from the
-server's request log). Prints Markdown tables; the owner records them in BENCHMARKS.md.
+server's request log). moto answers a byte range (a shard's index, one chunk of a shard) in
+time proportional to the whole object, where a real object store takes time proportional to
+the range: reads of parts of shards are slower here than they would be there. Prints Markdown
+tables; the owner records them in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -110,12 +118,25 @@ def _sequential(path: str) -> int:
     return total
 
 
-def _stream(path: str) -> int:
-    """One pass of the slab stream with 2 reader threads; the bytes delivered."""
+def _sequential_stored(path: str) -> int:
+    """Read the scan's measurements and coil maps one stored object along D at a time through
+    :meth:`ScanArray.read` (checks included); the bytes read."""
+    from pipeline.data import open_scan
+
+    scan = open_scan(path)
+    total = 0
+    for arr in (scan.measurements, scan.coil_maps):
+        for d0 in range(0, arr.depth, arr.stored_depth):
+            total += arr.read(slice(d0, d0 + arr.stored_depth)).nbytes
+    return total
+
+
+def _stream(path: str, threads: int = 2) -> int:
+    """One pass of the slab stream with ``threads`` reader threads; the bytes delivered."""
     from pipeline.data import SlabStream, SlabStreamConfig
 
     total = 0
-    for y, op, _ in SlabStream(SlabStreamConfig(scans=(path,), num_workers=2, seed=1, prefetch_factor=4)):
+    for y, op, _ in SlabStream(SlabStreamConfig(scans=(path,), num_workers=threads, seed=1, prefetch_factor=4)):
         total += y.numel() * y.element_size() + op.coil_maps.numel() * op.coil_maps.element_size()
     return total
 
@@ -164,6 +185,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=64, help="D of the MRI scan (64: about 0.57 GB)")
     parser.add_argument("--repeat", type=int, default=2, help="rounds of local and s3, alternated")
     parser.add_argument("--scratch", type=Path, default=None, help="local folder (default: a temporary one)")
+    parser.add_argument("--stream-threads", type=int, default=2, help="reader threads of the stream")
     args = parser.parse_args()
 
     import fsspec.config
@@ -194,7 +216,7 @@ def main() -> None:
         info = inspect_scan(remote)
         size = sum(a.nbytes for a in info.arrays)
         shards = {a.name: a.shards for a in info.arrays}
-        print(f"# object store vs local disk\n\n{machine_line()}\nload: {os.getloadavg()}\n"
+        print(f"# object store (moto) vs local disk\n\n{machine_line()}\nload: {os.getloadavg()}\n"
               f"scan: MRI {args.depth}×256×256, 8 coils, {size / GIB:.2f} GiB decompressed; "
               f"s3 shards: {json.dumps({k: v for k, v in shards.items() if v})}")
         print("simulate: " + ", ".join(f"{lab} {sec:.1f} s" + (f" ({n / (size / GIB):.0f} requests/GiB written)"
@@ -202,7 +224,10 @@ def main() -> None:
                                        for lab, (sec, n) in setup.items()))
         print(f"the server's plain GET rate (stored objects, compressed, one thread): "
               f"{_raw_get_rate(remote):.0f} MB/s")
-        work = {"sequential read": lambda p, o: _sequential(p), "stream (2 threads)": lambda p, o: _stream(p),
+        threads = args.stream_threads
+        work = {"sequential read": lambda p, o: _sequential(p),
+                "sequential read by stored object": lambda p, o: _sequential_stored(p),
+                f"stream ({threads} threads)": lambda p, o: _stream(p, threads),
                 "reconstruct adjoint": _reconstruct}
         results: dict[str, dict[str, list[tuple[int, float, int]]]] = {k: {lab: [] for lab in targets} for k in work}
         for _ in range(args.repeat):

@@ -4,7 +4,8 @@ Every read goes through :meth:`ScanArray.read`, which
 
 1. checks that each stored object (chunk, or shard) along D that the read touches is in the
    store — zarr would silently return the fill value for a missing one;
-2. reads chunk by chunk, turning a decode failure into :class:`CorruptChunkError`;
+2. reads one stored object at a time (a whole shard in one request, see
+   :mod:`pipeline.data._objectstore`), turning a decode failure into :class:`CorruptChunkError`;
 3. optionally checks that the values are finite.
 
 Each error names the scan, the array and the chunk index (and the D range it covers).
@@ -32,6 +33,7 @@ from .format import (
     ScanMetadata,
     specs_for,
 )
+from ._objectstore import read_d_range
 from .store import (
     d_axis_of,
     metadata_error,
@@ -165,27 +167,8 @@ class ScanArray:
             if check_finite:
                 self._check_finite(out, 0)
             return out
-        cd = self.chunk_depth
-        first, last = start // cd, (stop - 1) // cd
-        out = None
-        # Chunk by chunk into one preallocated array: the peak is the result plus one chunk,
-        # not twice the result (as a concatenation of the parts would be).
-        for index in range(first, last + 1):
-            lo, hi = max(start, index * cd), min(stop, (index + 1) * cd)
-            part = self._read_chunk(index, lo, hi)
-            if check_finite:
-                self._check_finite(part, index)
-            if first == last:
-                return part
-            if out is None:
-                shape = list(part.shape)
-                shape[self.d_axis] = stop - start
-                out = np.empty(shape, dtype=part.dtype)
-            dst: list[Any] = [slice(None)] * out.ndim
-            dst[self.d_axis] = slice(lo - start, hi - start)
-            out[tuple(dst)] = part
-            del part
-        return out
+        # One zarr read per stored object (a whole shard in one request), into one result.
+        return read_d_range(self, start, stop, check_finite=check_finite)
 
     def _check_finite(self, values: np.ndarray, index: int) -> None:
         if values.dtype.kind not in "fc":

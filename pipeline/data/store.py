@@ -23,6 +23,7 @@ from zarr.core.sync import sync
 from pipeline.errors import storage_error
 from pipeline.paths import is_url, local_path
 
+from ._objectstore import index_caching_store_class
 from .format import ArraySpec, CodecConfig, ScanError, on_object_store
 
 __all__ = [
@@ -84,13 +85,15 @@ def open_store(path: Any, *, read_only: bool, storage_options: Mapping[str, Any]
     """A zarr store for a local folder or an fsspec URL (``s3://``, ``gs://``, ``memory://``...).
 
     A local store raises :class:`~pipeline.errors.StorageFullError` (path and bytes) when the
-    disk fills up while writing an object.
+    disk fills up while writing an object. A URL opened read-only keeps the shard indexes it has
+    read (see :func:`pipeline.data._objectstore.index_caching_store_class`).
     """
     global _CHECKED_LOCAL_STORE
     from zarr.storage import FsspecStore
 
     if is_url(path):
-        return FsspecStore.from_url(str(path), read_only=read_only, storage_options=dict(storage_options or {}))
+        cls = index_caching_store_class() if read_only else FsspecStore
+        return cls.from_url(str(path), read_only=read_only, storage_options=dict(storage_options or {}))
     text = str(local_path(path))
     if _CHECKED_LOCAL_STORE is None:
         _CHECKED_LOCAL_STORE = _local_store_class()
