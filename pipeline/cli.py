@@ -148,6 +148,10 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="start over at step 0 in a run directory that holds checkpoints; its "
                     "checkpoints/, metrics.jsonl and tensorboard/ are renamed *.replaced-DATE-TIME "
                     "(kept, not deleted)")
+    tr.add_argument("--init", type=local_arg("train --init", "the pretrained weights are read from the local "
+                                             "filesystem"), default=None, metavar="RUN_DIR|WEIGHTS",
+                    help="start from trained weights (model.init): an exported file or a run directory; the "
+                    "config's network must match it (pipeline/train/finetune.py)")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set optimizer.lr=3e-4 (repeatable)")
 
@@ -171,7 +175,8 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.allocator import keep_freed_memory
     from pipeline.train import load_config, train
 
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"model.init={args.init}"] if args.init is not None else [])
+    config = load_config(args.config, overrides)
     if config.run.memory == "fast":
         # Every step frees and reallocates the same slab-sized tensors: keep them in the heap
         # instead of a fresh page-faulted mmap each time (pipeline/allocator.py).

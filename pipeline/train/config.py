@@ -152,6 +152,13 @@ class ModelConfig(FrozenModel):
     start_at_initial: bool = False
     unrolled: UnrolledConfig = UnrolledConfig()
     tile: TileConfig | None = None
+    init: str | None = Field(None, description="start from trained weights: an exported file (recon3d export) "
+                             "or a run directory (its latest checkpoint); the architecture must match this "
+                             "config's; applied at step 0 only (a resumed run continues from its checkpoint); "
+                             "pipeline/train/finetune.py")
+    freeze: list[str] = Field([], description="parts of the network left untrained, by name: a U-Net's "
+                              "encoder, decoder or head, a DnCNN's body/head, or any dotted parameter-name "
+                              "prefix of the reconstructor")
 
     @model_validator(mode="before")
     @classmethod

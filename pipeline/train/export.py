@@ -26,7 +26,7 @@ from ..modelcard import ModelCard
 from ..safeload import load as safe_load
 from .checkpoint import CheckpointInfo, read_checkpoint
 
-__all__ = ["export_run", "load_exported", "read_export", "check_finite", "model_card", "EXPORT_FORMAT"]
+__all__ = ["export_run", "run_payload", "load_exported", "read_export", "check_finite", "model_card", "EXPORT_FORMAT"]
 
 EXPORT_FORMAT = "recon3d-weights-1"
 
@@ -59,6 +59,19 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, checkpoint
     path = Path(out) if out is not None else run_dir / "export" / "model.pt"
     # Checked before anything is read: a refused target costs nothing and loses nothing.
     _check_target(path, Path(checkpoint) if checkpoint is not None else run_dir / "checkpoints")
+    payload = run_payload(run_dir, checkpoint=checkpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def run_payload(run_dir: str | Path, *, checkpoint: str | Path | None = None) -> dict[str, Any]:
+    """What :func:`export_run` writes, in memory: the merged weights of the run's latest
+    checkpoint (or ``checkpoint``) with their configs and model card (``model.init`` reads a
+    run directory this way)."""
+    run_dir = Path(run_dir)
     info = read_checkpoint(checkpoint if checkpoint is not None else run_dir / "checkpoints")
     state = _state_dict(info)
     expected = info.manifest["param_shapes"]
@@ -76,11 +89,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, checkpoint
         "source": str(info.path),
     }
     payload["model_card"] = model_card(_build(payload), info, run_dir).to_dict()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    return payload
 
 
 def _training_config(info: CheckpointInfo, run_dir: Path) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from .config import ConfigError, ExperimentConfig, dump_config
 from .distributed import DistContext, any_rank, barrier, init_distributed, mean_over_ranks, shutdown_distributed
 from .monitor import LossGrowthWatch, Monitor
 from .preemption import ParentWatch, StopRequest, under_torchrun
+from .finetune import apply_freeze, check_architecture, frozen_count, init_payload, load_init
 from .resume import checkpoints_in, config_diff, move_aside, schedule_changes
 from .validation import Validation, check_estimable
 from pipeline.errors import InputError, Recon3dError
@@ -101,6 +102,7 @@ class Trainer:
         model = build.build_model(cfg.model, self.facts, precision=precision)
         self.loss = build.build_loss(cfg.loss, self.facts, seed=build.derived_seed(cfg.run.seed, "loss", ctx.rank))
         self.model = self.loss.adapt_model(model)
+        self.frozen = apply_freeze(self.model, list(cfg.model.freeze))  # before the optimizer is built
         self.param_shapes = _param_shapes(self.model)  # before ZeRO-3 partitions them to size 0
         # One intensity scale per scan (not per slab), as whole-scan reconstruction uses.
         self.scales: dict[str, float | None] = {}
@@ -118,6 +120,17 @@ class Trainer:
         self.step = 0
         self._grad_norm_here: bool | None = None
         self.validation = Validation(self)
+
+    def _init_weights(self) -> str:
+        """Load ``model.init`` into the network (step 0 of a fresh run; every rank reads it)."""
+        cfg, source = self.config, str(self.config.model.init)
+        payload = init_payload(source)
+        check_architecture(payload, cfg.model, modality=self.facts.modality, channels=self.facts.channels,
+                           source=source)
+        count = load_init(self.model, payload, source)
+        frozen, total = frozen_count(self.model)
+        return (f"weights from {source} (step {payload.get('step')}, {count} tensors)"
+                + (f"; {frozen} of {total} parameters frozen ({', '.join(cfg.model.freeze)})" if frozen else ""))
 
     # ------------------------------------------------------------------ resume
     def find_resume(self, resume: str | None) -> CheckpointInfo | None:
@@ -213,6 +226,7 @@ class Trainer:
 
         cfg = self.config
         info = self.find_resume(resume)
+        init_note = self._init_weights() if info is None and cfg.model.init else None
         optimizer = build.build_optimizer(cfg, self.model)
         universal = info is not None and info.world_size != self.ctx.world_size
         self.engine = create_engine(cfg, self.model.to(self.ctx.device), optimizer, self.ctx, load_universal=universal)
@@ -234,6 +248,8 @@ class Trainer:
                       world_size=self.ctx.world_size, backend=self.ctx.backend or "none",
                       device=str(self.ctx.device), precision=cfg.deepspeed.precision,
                       threads=self.threads.threads, threads_source=self.threads.source)
+        if init_note:
+            monitor.event("init", self.step, init_note, source=str(cfg.model.init), frozen=len(self.frozen))
         if info is not None:
             how = "same world size" if not universal else f"world size {info.world_size} → {self.ctx.world_size} (universal)"
             monitor.event("resume", self.step, f"resumed from {info.path} ({how}, {load_s:.2f} s)",
