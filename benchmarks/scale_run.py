@@ -229,6 +229,15 @@ def main() -> None:
     results: list[dict] = []
     info: dict = {"modality": args.modality, "depth": depth, "hw": hw, "voxels": voxels, "gib": args.gib,
                   "train_overrides": args.overrides}
+    earlier = scratch / f"scale_{tag}.json"
+    if earlier.is_file() and set(stages) != set(STAGES):
+        # A partial rerun (e.g. train onwards with another model) keeps the other stages' figures.
+        old = json.loads(earlier.read_text())
+        results = [r for r in old["stages"] if r["stage"] not in stages]
+        info = {**old["info"], "train_overrides": args.overrides if "train" in stages
+                else old["info"].get("train_overrides")}
+        depth, voxels = int(info["depth"]), int(info["voxels"])  # the scan made then
+        print(f"kept the figures of {', '.join(r['stage'] for r in results)} from {earlier}")
 
     def log(name: str) -> Path:
         return scratch / f"{tag}_{name}.log"
@@ -292,7 +301,8 @@ def main() -> None:
             level0 = sum(v for k, v in recon_bytes.items() if k.split("/")[-1] == "0")
             ref = array_bytes(scan, ["reference"]).get("reference", 0)
             res.update(bytes_read=level0 + ref, bytes_written=0, voxels=voxels)
-        results.append(res)
+        results = [r for r in results if r["stage"] != stage] + [res]
+        results.sort(key=lambda r: STAGES.index(r["stage"]))
         (scratch / f"scale_{tag}.json").write_text(json.dumps({"info": info, "stages": results}, indent=1))
 
     read_rate = next((r["bytes_read"] / r["seconds"] for r in results if r["stage"] == "read"), None)

@@ -53,7 +53,7 @@ def register(subparsers: Any) -> None:
                    help="output slab thickness along D, a multiple of the chunk depth (default: a chunk; "
                    "for a model the thickest whose estimated peak fits --memory-budget)")
     g.add_argument("--memory-budget", type=_bytes, default="1GiB", metavar="SIZE",
-                   help="with a model and no --slab: the estimated peak memory the slabs in flight may take, "
+                   help="with a model and no --slab: the estimated peak memory of the process with its slabs in flight, "
                    "e.g. 512MiB, 1GiB, 2G or bytes (default: 1GiB); the choice is logged and recorded in "
                    "the output's 'memory' attribute")
     g.add_argument("--halo", type=int, default=None,

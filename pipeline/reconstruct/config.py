@@ -42,8 +42,9 @@ class ReconstructConfig(Settings):
         slab: output slab thickness along D, a multiple of the output chunk depth (default:
             one chunk for classical methods; for a model the thickest whose estimated peak fits
             ``memory_budget``, :mod:`pipeline.reconstruct.memory`).
-        memory_budget: bytes (or a string: ``512MiB``, ``1GiB``, ``2G``) the slabs in flight of
-            a model may take at their estimated peak, when ``slab`` is not given (default 1 GiB).
+        memory_budget: bytes (or a string: ``512MiB``, ``1GiB``, ``2G``) the process may take at
+            its estimated peak with a model's slabs in flight, when ``slab`` is not given
+            (default 1 GiB; :mod:`pipeline.reconstruct.memory`).
             Not part of the fingerprint; the slab it chooses is.
         halo: input slices added on each side of a slab (default: the model's receptive
             radius along D; 0 for classical methods).

@@ -5,9 +5,15 @@ many times over (slab 8, halo 9: 26 input slices per 8 output slices, 3.4×). Wi
 ``--slab``, the driver takes the thickest slab (a multiple of the output chunk depth) whose
 *estimated* peak fits ``--memory-budget``:
 
-    workers × (data copies × data bytes/slice × slices read at once
-               + image copies × image bytes/slice × input slices
-               + activation bytes/voxel × backbone voxels)
+    PROCESS_BYTES + workers × (data copies × data bytes/slice × slices read at once
+                               + image copies × image bytes/slice × input slices
+                               + activation bytes/voxel × backbone voxels)
+
+so the budget bounds the whole process, as a per-process memory limit (a scheduler's
+``--mem-per-cpu``, a container's) does:
+
+* :data:`PROCESS_BYTES` (256 MiB): Python, torch, zarr, dask and the model, held before any
+  slab (170–260 MiB measured on CPU, BENCHMARKS.md issue 17.2);
 
 * data: the measurements (and MRI coil maps) a slab reads. A staged model reads its input in
   pieces of one output slab and frees each once its initial estimate is made (one copy); any
@@ -37,9 +43,11 @@ from torch.utils._pytree import tree_leaves
 from pipeline.models.tiling import TiledBackbone
 
 __all__ = ["parse_bytes", "format_bytes", "activation_bytes_per_voxel", "MemoryModel", "choose_slab",
-           "DEFAULT_BUDGET", "IMAGE_COPIES", "DATA_COPIES"]
+           "DEFAULT_BUDGET", "PROCESS_BYTES", "IMAGE_COPIES", "DATA_COPIES"]
 
 DEFAULT_BUDGET = 1 << 30
+#: What the process holds before any slab (interpreter, libraries, model), in the estimate once.
+PROCESS_BYTES = 256 << 20
 #: Copies of the input slab's image alive at the peak (estimate's constant, see the module doc).
 IMAGE_COPIES = 4
 #: Copies of the data read at once: a staged model's pieces, any other model's input slab.
@@ -150,7 +158,8 @@ class MemoryModel:
         return min(self.shape[0], slab + 2 * halo + max(0, int(multiple) - 1))
 
     def estimate(self, slab: int, halo: int, multiple: int) -> int:
-        """The estimated peak bytes of ``workers`` slabs of ``slab`` output slices in flight."""
+        """The estimated peak bytes of the process with ``workers`` slabs of ``slab`` output slices
+        in flight."""
         d, h, w = self.shape
         slab = min(slab, d)
         n = self.input_slices(slab, halo, multiple)
@@ -162,7 +171,7 @@ class MemoryModel:
             voxels = n * h * w
         one = DATA_COPIES[self.staged] * self.data_per_slice * read + IMAGE_COPIES * self.image_per_slice * n \
             + self.activation_per_voxel * voxels
-        return int(self.workers * one)
+        return int(PROCESS_BYTES + self.workers * one)
 
     def to_dict(self) -> dict[str, Any]:
         return {"data_bytes_per_slice": self.data_per_slice, "image_bytes_per_slice": self.image_per_slice,

@@ -14,7 +14,8 @@ from pipeline.data import open_scan
 from pipeline.reconstruct import ReconstructConfig, open_ome, reconstruct
 from pipeline.reconstruct.adapters import _Network
 from pipeline.reconstruct.halo import _layout
-from pipeline.reconstruct.memory import MemoryModel, activation_bytes_per_voxel, choose_slab, parse_bytes
+from pipeline.reconstruct.memory import (PROCESS_BYTES, MemoryModel, activation_bytes_per_voxel, choose_slab,
+                                        parse_bytes)
 from reconstruct_helpers import MRI_SHAPE, save_model, whole_volume
 
 UNET = dict(widths=[4, 8])
@@ -93,10 +94,12 @@ def test_small_budget_smaller_slab_and_its_floor(tmp_path, mri_scan):
     with pytest.raises(ValueError, match=f"at least that.*|{one_chunk} bytes") as err:
         _layout(_config(mri_scan, weights, memory_budget=one_chunk - 1), MRI_SHAPE, net)
     assert f"({one_chunk} bytes)" in str(err.value) and "one output chunk (2 slices" in str(err.value)
-    # Two workers hold two slabs: half the budget each.
-    two = _layout(_config(mri_scan, weights, memory_budget=2 * one_chunk, workers=2), MRI_SHAPE, net)
+    # Two workers hold two slabs (one process): what is left after the process's own bytes, halved.
+    both = PROCESS_BYTES + 2 * (one_chunk - PROCESS_BYTES)
+    two = _layout(_config(mri_scan, weights, memory_budget=both, workers=2), MRI_SHAPE, net)
     assert two.slab == 2 and two.memory["workers"] == 2
-    assert _layout(_config(mri_scan, weights, memory_budget=2 * one_chunk), MRI_SHAPE, net).slab > 2
+    assert two.memory["estimated_peak"] == both
+    assert _layout(_config(mri_scan, weights, memory_budget=both), MRI_SHAPE, net).slab > 2
 
 
 def test_explicit_slab_wins_and_keeps_the_fingerprint(tmp_path, mri_scan):
@@ -119,13 +122,14 @@ def test_explicit_slab_wins_and_keeps_the_fingerprint(tmp_path, mri_scan):
 def test_choose_slab_steps_on_chunks_and_grid():
     model = MemoryModel(shape=(1000, 64, 64), data_per_slice=1000, image_per_slice=64 * 64 * 4,
                         activation_per_voxel=100.0, tile=None, tiles_per_batch=1, staged=False, workers=1)
-    slab = choose_slab(model, 50 << 20, chunk=6, halo=9, multiple=4)
+    budget = PROCESS_BYTES + (50 << 20)  # the process's own bytes and 50 MiB of slabs
+    slab = choose_slab(model, budget, chunk=6, halo=9, multiple=4)
     assert slab % 6 == 0 and slab % 12 == 0
-    assert model.estimate(slab, 9, 4) <= 50 << 20 < model.estimate(slab + 12, 9, 4)
+    assert model.estimate(slab, 9, 4) <= budget < model.estimate(slab + 12, 9, 4)
     assert choose_slab(model, 1 << 40, chunk=6, halo=9, multiple=4) == 1002  # covers the volume
     tiled = MemoryModel(shape=(1000, 64, 64), data_per_slice=0, image_per_slice=0, activation_per_voxel=100.0,
                         tile=(16, 32, 32), tiles_per_batch=2, staged=True, workers=1)
-    assert tiled.estimate(8, 9, 1) == tiled.estimate(800, 9, 1) == 100 * 2 * 16 * 32 * 32
+    assert tiled.estimate(8, 9, 1) == tiled.estimate(800, 9, 1) == PROCESS_BYTES + 100 * 2 * 16 * 32 * 32
 
 
 def test_activation_measure_is_linear_and_deterministic():
