@@ -9,9 +9,11 @@ weights (built per chunk of angles from the geometry, never stored as a matrix):
   k = (step, neighbour)) and its gather-form adjoint (rows = voxel columns, k = (angle, ray)).
 * **two-stage gather** for geometries in which D is not separable (cone beam, FDK): first a
   weighted pair of rows (in-plane interpolation), then a linear interpolation along the row
-  at positions that are affine in the output index (``torch.gather``), summed over steps.
-  Its exact transpose scatters with the same tables (``scatter_add_`` along the row, then
-  ``index_add_`` of rows).
+  at positions that are affine in the output index (both neighbours fetched by 1-D
+  ``index_select`` from the flat lines), summed over steps. FDK's backprojection uses this
+  rectangular kernel; the cone projector runs the same scheme, and its exact transpose
+  (``scatter_add_`` along the row, then ``index_add_`` of rows), over compact (ray column,
+  plane) pairs (:mod:`._cone_kernels`).
 
 Work is cut in blocks of about ``block_bytes`` of gathered data, reusing one buffer, so a
 call's temporaries stay a fixed, small size whatever the volume: fresh multi-megabyte
@@ -114,7 +116,8 @@ def gather_matvec(
     return buffer
 
 
-def z_tables(zslope: torch.Tensor, zcoord: torch.Tensor, zoff: float, length: int):
+def z_tables(zslope: torch.Tensor, zcoord: torch.Tensor, zoff: float, length: int,
+             index_dtype: torch.dtype = torch.int64):
     """Linear interpolation along a padded row at ``pos = zslope · zcoord + zoff``.
 
     The row holds ``length`` values at indices ``1..length`` of a padded row of
@@ -130,21 +133,28 @@ def z_tables(zslope: torch.Tensor, zcoord: torch.Tensor, zoff: float, length: in
     Shape:
         ``zslope (R, S)``, ``zcoord (M,)`` → ``index, frac`` of shape ``(R, S, M)``:
         ``value = (1 − frac) · row[index] + frac · row[index + 1]``. The forward and its
-        transpose both call this function, so they use identical tables.
+        transpose both call this function, so they use identical tables. ``index`` has
+        ``index_dtype`` (int32 converts several times faster than int64 on CPU).
     """
     whole = math.floor(zoff)
     shifted = torch.full((), zoff - whole + 1, dtype=zslope.dtype, device=zslope.device)
-    pos = torch.addcmul(shifted, zslope[:, :, None], zcoord).clamp_(-whole, length + 1 - whole)
+    pos = torch.mul(zslope[:, :, None], zcoord).add_(shifted).clamp_(-whole, length + 1 - whole)
     index = torch.floor(pos)
     frac = pos.sub_(index)
-    return index.add_(whole).to(torch.int64), frac
+    return index.to(index_dtype).add_(whole), frac
 
 
-def _expand_channels(index: torch.Tensor, channels: int) -> torch.Tensor:
-    index = index[:, :, None, :]
-    if channels == 1:
-        return index
-    return index.expand(index.shape[0], index.shape[1], channels, index.shape[3])
+def _flat_base(m: int, num_s: int, channels: int, width: int, device) -> torch.Tensor:
+    """``(m, S, C, 1)`` offsets of each (ray, step, channel) line in a flat ``(m, S, C, P)``."""
+    dtype = torch.int32 if m * num_s * channels * width < 2**31 - 2 else torch.int64
+    base = torch.arange(m * num_s * channels, device=device, dtype=dtype) * width
+    return base.view(m, num_s, channels, 1)
+
+
+def _cone_rows(num_r: int, num_s: int, channels: int, width: int, num_m: int,
+               itemsize: int, block_bytes: int) -> int:
+    per_r = num_s * channels * (3 * width + 4 * num_m) * itemsize + num_s * num_m * 12
+    return max(1, min(num_r, block_bytes // max(1, per_r)))
 
 
 def two_stage_gather(
@@ -169,70 +179,39 @@ def two_stage_gather(
     Math:
         ``out[r, c, m] (+)= Σ_s Σ_k w[r, s, k] · interp(src[idx[r, s, k], c], pos[r, s, m])``,
         ``pos = zslope[r, s] · zcoord[m] + zoff`` (linear interpolation, zero outside).
+
+    Kernel: the interpolated lines of a block are laid out flat ``(m, S, C, P)`` and both
+    neighbours of every sample are fetched by 1-D ``index_select`` (one flat index, the upper
+    neighbour from the same buffer shifted by one entry): no index expansion over channels
+    and no int64 conversion (1-D gathers accept int32 indices), both costly on CPU.
     """
     num_r, num_s, _ = row_index.shape
     channels, width = src.shape[1], src.shape[2]
     length = width - 3
     num_m = zcoord.numel()
     flat = src.view(src.shape[0], channels * width)
-    per_r = num_s * (channels * (3 * width + 3 * num_m) + 3 * num_m) * src.element_size()
-    rows = max(1, min(num_r, block_bytes // max(1, per_r)))
+    rows = _cone_rows(num_r, num_s, channels, width, num_m, src.element_size(), block_bytes)
+    base = g = line = None
     for r0 in range(0, num_r, rows):
         r1 = min(num_r, r0 + rows)
         m = r1 - r0
-        g = flat.index_select(0, row_index[r0:r1].reshape(-1)).view(m, num_s, 2, channels, width)
+        if base is None or base.shape[0] != m:
+            base = _flat_base(m, num_s, channels, width, src.device)
+            g = torch.empty(m * num_s * 2, channels * width, dtype=src.dtype, device=src.device)
+            line = torch.empty(m, num_s, channels, width, dtype=src.dtype, device=src.device)
+        torch.index_select(flat, 0, row_index[r0:r1].reshape(-1), out=g)
+        gv = g.view(m, num_s, 2, channels, width)
         w = row_weight[r0:r1, :, :, None, None]
-        line = g[:, :, 0] * w[:, :, 0]
-        line.addcmul_(g[:, :, 1], w[:, :, 1])  # (m, S, C, P): in-plane interpolation
-        index, frac = z_tables(zslope[r0:r1], zcoord, zoff, length)
-        index = _expand_channels(index, channels)
-        lo = torch.gather(line, 3, index)
-        hi = torch.gather(line[..., 1:], 3, index)
-        val = lo.lerp_(hi, frac[:, :, None, :])
+        torch.mul(gv[:, :, 0], w[:, :, 0], out=line)
+        line.addcmul_(gv[:, :, 1], w[:, :, 1])  # (m, S, C, P): in-plane interpolation
+        index, frac = z_tables(zslope[r0:r1], zcoord, zoff, length, base.dtype)
+        fi = (index[:, :, None, :] + base).view(-1)  # (m, S, C, M) flat
+        lf = line.view(-1)
+        lo = lf.index_select(0, fi)
+        hi = lf[1:].index_select(0, fi)
+        val = lo.lerp_(hi, frac[:, :, None, :].expand(m, num_s, channels, num_m).reshape(-1))
+        val = val.view(m, num_s, channels, num_m)
         if accumulate:
             out[r0:r1] += val.sum(1)
         else:
             torch.sum(val, 1, out=out[r0:r1])
-
-
-def two_stage_scatter(
-    grad: torch.Tensor,
-    row_index: torch.Tensor,
-    row_weight: torch.Tensor,
-    zslope: torch.Tensor,
-    zcoord: torch.Tensor,
-    zoff: float,
-    dst: torch.Tensor,
-    *,
-    block_bytes: int,
-) -> None:
-    """The exact transpose of :func:`two_stage_gather`: ``dst += Gᵀ grad`` (same tables).
-
-    Shape:
-        ``grad (R, C, M)``; ``dst (rows, C, P)``; the rest as in :func:`two_stage_gather`.
-    """
-    num_r, num_s, _ = row_index.shape
-    channels, width = dst.shape[1], dst.shape[2]
-    length = width - 3
-    num_m = zcoord.numel()
-    flat = dst.view(dst.shape[0], channels * width)
-    per_r = num_s * (channels * (4 * width + 3 * num_m) + 3 * num_m) * dst.element_size()
-    rows = max(1, min(num_r, block_bytes // max(1, per_r)))
-    line = None
-    for r0 in range(0, num_r, rows):
-        r1 = min(num_r, r0 + rows)
-        m = r1 - r0
-        index, frac = z_tables(zslope[r0:r1], zcoord, zoff, length)
-        index = _expand_channels(index, channels)
-        frac = frac[:, :, None, :]
-        g = grad[r0:r1, None, :, :]  # (m, 1, C, M)
-        hi = g * frac
-        lo = g - hi  # (1 − frac) · g
-        if line is None or line.shape[0] != m:
-            line = torch.empty(m, num_s, channels, width, dtype=dst.dtype, device=dst.device)
-        line.zero_()
-        line.scatter_add_(3, index, lo)
-        line[..., 1:].scatter_add_(3, index, hi)
-        w = row_weight[r0:r1, :, :, None, None]
-        pair = line[:, :, None] * w  # (m, S, 2, C, P)
-        flat.index_add_(0, row_index[r0:r1].reshape(-1), pair.view(m * num_s * 2, channels * width))

@@ -19,13 +19,17 @@ zero outside the volume) and weighs each step by its length
 Kernels: all rays of one detector column lie in one plane through the source, so their
 in-plane crossing points (and weights) are shared by every detector row: a ray column gathers
 the two contiguous D-rows it crosses in each plane once (volume laid out as rows
-``(H·W, B, D)``) and interpolates them along D at the rows' heights, which are affine in v
-(:func:`~operators3d.ct._kernels.two_stage_gather`). The adjoint scatters with the same tables
-in the reverse order (``scatter_add_`` along D, then ``index_add_`` of rows): the exact
-transpose, a kernel of its own. Blocks default to ``_kernels.CPU_CONE_BLOCK_BYTES`` (8 MiB) on
-CPU: a cone block does little work per torch call, so smaller blocks are overhead-bound. The
-in-plane tables of each chunk of angles depend neither on D nor on the detector rows: they
-are kept in a process-wide LRU cache (:mod:`~operators3d.ct._table_cache`, at most
+``(H·W, B, D)``) and interpolates them along D at the rows' heights, which are affine in v.
+The tables keep only the (ray column, plane) *pairs* that meet the volume (about two thirds
+of ``A·U·S``), sorted by D-slope, and the kernels work on blocks of pairs
+(:mod:`~operators3d.ct._cone_kernels`): the forward fetches both D-neighbours of every sample
+by 1-D ``index_select`` from the interpolated lines and sums the planes with an
+``index_add_`` of whole rows; the adjoint is its exact transpose with the same tables and the
+same position arithmetic (1-D ``scatter_add_`` into the lines, ``index_add_`` of the weighted
+lines into the D-rows). A block computes only the detector rows its pairs can reach (similar
+slopes reach nearly the same rows). Blocks default to ``_kernels.CPU_CONE_BLOCK_BYTES``
+(8 MiB) on CPU. The tables of each chunk of angles depend neither on D nor on the detector
+rows: they are kept in a process-wide LRU cache (:mod:`~operators3d.ct._table_cache`, at most
 ``_kernels.CPU_TABLE_CACHE_BYTES`` = 256 MiB on CPU, 2 GiB per CUDA device; keyed by in-plane
 geometry, angles, chunk, dtype and device), so repeated calls and every slab and row window
 of the same volume skip rebuilding them; only the step lengths (per row) are made per call.
@@ -38,9 +42,9 @@ linear, so the projection of the whole volume is the sum over D-slabs of the sla
 projections, and row ``v`` of a window is row ``v`` of the whole. :meth:`ConeBeamCT.rows_hit_by`
 and :meth:`ConeBeamCT.slices_seen_by` say which rows a slab reaches and which slices a window
 sees (conservatively), so out-of-core jobs touch only those (``pipeline/data/cone.py``). Slabs
-and windows get bitwise the same interpolation weights as the whole (see
-:func:`~operators3d.ct._kernels.z_tables`), so the pieces add up to the whole to the rounding
-of the additions.
+and windows get bitwise the same interpolation weights as the whole (the fraction of the
+D-offset is rounded alone, see :func:`~operators3d.ct._kernels.z_tables`), so the pieces add
+up to the whole to the rounding of the additions.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from typing import Sequence
 
 import torch
 
+from . import _cone_kernels as CK
 from . import _kernels as K
 from . import _table_cache
 from .cone_shadow import _check_cone, _column_ranges, _rows_hit, _slices_seen
@@ -253,17 +258,16 @@ class ConeBeamCT(CTProjector):
     def _ray_tables(self, sl: slice, u0: int, u1: int, dtype, device):
         """In-plane Joseph tables of the chunk's ray columns (computed in float64).
 
-        Columns ``u0 ≤ u < u1``. Returns ``row_index, row_weight (A_c·Ur, S, 2)``,
-        ``zslope (A_c·Ur, S)`` (voxel units of D per physical detector height); they do not
-        depend on D or the detector rows, so slabs and windows share them (:meth:`_tables`).
+        Columns ``u0 ≤ u < u1``. Returns, for the ``Q`` (ray column, plane) pairs that meet the
+        volume (in increasing ``zslope``), ``row_index, row_weight (Q, 2)``, ``zslope (Q,)``
+        (voxel units of D per physical detector height) and ``ray (Q,)`` (the ray column,
+        ``angle · Ur + u − u0``); they do not depend on D or the detector rows, so slabs and
+        windows share them (:meth:`_tables`).
         """
-        num_d, num_h, num_w = self.domain_shape
-        g = self.geometry
-        vs = self.volume_geometry.voxel_size
-        num_v, num_u = g.det_shape
-        du = g.det_spacing[1]
-        src, det = g.src_dist, g.det_dist
-        big = src + det
+        _, num_h, num_w = self.domain_shape
+        g, vs = self.geometry, self.volume_geometry.voxel_size
+        num_u, du = g.det_shape[1], g.det_spacing[1]
+        src, big = g.src_dist, g.src_dist + g.det_dist
         f64 = torch.float64
         theta = g.angles[sl].to(device=device, dtype=f64)[:, None, None]
         cos, sin = torch.cos(theta), torch.sin(theta)
@@ -303,10 +307,18 @@ class ConeBeamCT(CTProjector):
         )
         row_weight = torch.stack((torch.where(ok0, w0, 0), torch.where(ok1, w1, 0)), dim=-1)
         n = theta.shape[0] * (u1 - u0)
+        row_index = row_index.reshape(n, num_s, 2)
+        # Only the (ray column, plane) pairs that meet the volume, sorted by D-slope so that
+        # the pairs of a block reach nearly the same detector rows (_cone_kernels.py).
+        keep = (row_index != zero).any(-1)
+        zslope = (tau / vs).expand(theta.shape[0], u1 - u0, num_s).reshape(n, num_s)[keep]
+        order = torch.sort(zslope.to(dtype), stable=True).indices
+        ray = torch.arange(n, device=device)[:, None].expand(n, num_s)[keep][order]
         return (
-            row_index.reshape(n, num_s, 2).to(K.index_dtype(zero + 1)),
-            row_weight.reshape(n, num_s, 2).to(dtype),
-            (tau / vs).reshape(n, num_s).to(dtype),
+            row_index[keep][order].to(K.index_dtype(zero + 1)),
+            row_weight.reshape(n, num_s, 2)[keep][order].to(dtype),
+            zslope[order].to(dtype),
+            ray,
         )
 
     def _step_lengths(self, sl: slice, u0: int, u1: int, dtype, device) -> torch.Tensor:
@@ -363,14 +375,13 @@ class ConeBeamCT(CTProjector):
             u0, u1 = self._columns(sl)
             if u1 == u0:
                 continue
-            row_index, row_weight, zslope, step_len = self._tables(sl, u0, u1, dtype, device)
-            rays = torch.empty(row_index.shape[0], batch, num_v, dtype=dtype, device=device)
-            K.two_stage_gather(
-                xv, row_index, row_weight, zslope, zcoord, zoff, rays,
-                block_bytes=block, accumulate=False,
+            row_index, row_weight, zslope, ray, step_len = self._tables(sl, u0, u1, dtype, device)
+            num_c = sl.stop - sl.start
+            rays = torch.zeros(num_c * (u1 - u0), batch, num_v, dtype=dtype, device=device)
+            CK.pair_gather(
+                xv, row_index, row_weight, zslope, ray, zcoord, zoff, rays, block_bytes=block
             )
             rays.mul_(step_len)
-            num_c = sl.stop - sl.start
             y[:, :, sl, u0:u1].copy_(rays.view(num_c, u1 - u0, batch, num_v).permute(2, 3, 0, 1))
         return y.view(lead + (num_v, num_a, num_u))
 
@@ -393,12 +404,12 @@ class ConeBeamCT(CTProjector):
             u0, u1 = self._columns(sl)
             if u1 == u0:
                 continue
-            row_index, row_weight, zslope, step_len = self._tables(sl, u0, u1, dtype, device)
+            row_index, row_weight, zslope, ray, step_len = self._tables(sl, u0, u1, dtype, device)
             num_c = sl.stop - sl.start
             rays = yb[:, :, sl, u0:u1].permute(2, 3, 0, 1).reshape(num_c * (u1 - u0), batch, num_v)
             rays = rays * step_len
-            K.two_stage_scatter(
-                rays, row_index, row_weight, zslope, zcoord, zoff, acc, block_bytes=block
+            CK.pair_scatter(
+                rays, row_index, row_weight, zslope, ray, zcoord, zoff, acc, block_bytes=block
             )
         out = acc[:zero].view(num_h, num_w, batch, num_d + 3)[..., 1 : num_d + 1]
         return out.permute(2, 3, 0, 1).reshape(lead + (num_d, num_h, num_w))

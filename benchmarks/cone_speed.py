@@ -1,0 +1,140 @@
+"""Cone-beam projector speed on CPU against the parallel-beam projector measured in the same run.
+
+For each case (a cubic and a non-cubic volume), prints per application: process CPU seconds
+(the best of ``--repeat`` runs after a warm-up: on a shared machine CPU time is far steadier
+than wall time; with one thread they agree on an idle machine) and
+nanoseconds per voxel-ray update (``D·H·W·A`` updates) of ``ParallelBeamCT`` (half turn) and
+``ConeBeamCT`` (full turn, the detector of ``min_det_shape``), forward and adjoint; the cone's
+adjoint / forward ratio and cone / parallel per update; and the process CPU seconds of a
+whole-volume cone forward (and adjoint) against the same computed by thin D-slabs the way
+``pipeline/data/cone.py`` does it (``op.slab(s).rows(op.slab(s).rows_hit_by(...))``, summed),
+as a ratio pieces / whole. Targets (issue 17.4): cone within 3× of parallel per update,
+adjoint ≤ 1.3× forward, slab pieces ≤ 1.2× whole.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/cone_speed.py [--threads 1] [--quick] [--slab 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._common import machine_line, print_table  # noqa: E402
+from operators3d.ct import ConeBeamCT, ParallelBeamCT, min_det_shape  # noqa: E402
+
+
+def _angles(num: int, full_turn: bool) -> torch.Tensor:
+    span = 2 * math.pi if full_turn else math.pi
+    return torch.arange(num, dtype=torch.float64) * span / num
+
+
+def cone_op(shape, num_angles: int) -> ConeBeamCT:
+    """The cone of ``benchmarks/ct.py`` (source at 3 N, detector at N, pitch 4/3) for a shape."""
+    n = max(shape)
+    geo = dict(volume_shape=tuple(shape), angles=_angles(num_angles, True), src_dist=3.0 * n,
+               det_dist=1.0 * n, det_spacing=4 / 3)
+    return ConeBeamCT(det_shape=min_det_shape(**geo), **geo)
+
+
+def _cpu_time(fn, repeat: int) -> float:
+    fn()
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t0)
+    return best
+
+
+def _pieces(op: ConeBeamCT, x: torch.Tensor, y: torch.Tensor, thick: int):
+    num_d = op.domain_shape[0]
+
+    def forward():
+        out = torch.zeros(op.range_shape, dtype=x.dtype)
+        for d0 in range(0, num_d, thick):
+            d1 = min(num_d, d0 + thick)
+            sub = op.slab(slice(d0, d1))
+            hit = sub.rows_hit_by(slice(0, d1 - d0))
+            if hit.start < hit.stop:
+                out[hit] += sub.rows(hit)(x[d0:d1])
+        return out
+
+    def adjoint():
+        out = torch.empty(op.domain_shape, dtype=y.dtype)
+        for d0 in range(0, num_d, thick):
+            d1 = min(num_d, d0 + thick)
+            sub = op.slab(slice(d0, d1))
+            hit = sub.rows_hit_by(slice(0, d1 - d0))
+            out[d0:d1] = sub.rows(hit).adjoint(y[hit])
+        return out
+
+    return forward, adjoint
+
+
+def run_case(shape, num_angles: int, repeat: int, thick: int) -> tuple[list, list]:
+    updates = math.prod(shape) * num_angles
+    par = ParallelBeamCT(volume_shape=shape, angles=_angles(num_angles, False))
+    cone = cone_op(shape, num_angles)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        yp, yc = par(x), cone(x)
+        pf = _cpu_time(lambda: par(x), repeat)
+        pa = _cpu_time(lambda: par.adjoint(yp), repeat)
+        cf = wf = _cpu_time(lambda: cone(x), repeat)
+        ca = wa = _cpu_time(lambda: cone.adjoint(yc), repeat)
+        fwd_p, adj_p = _pieces(cone, x, yc, thick)
+        sf = _cpu_time(fwd_p, repeat)
+        sa = _cpu_time(adj_p, repeat)
+    ns = lambda t: t / updates * 1e9  # noqa: E731
+    size = "×".join(map(str, shape)) + f" × {num_angles}"
+    det = f"{cone.range_shape[0]}×{cone.range_shape[2]}"
+    speed = [size, det, f"{pf:.3f}", f"{pa:.3f}", f"{cf:.3f}", f"{ca:.3f}",
+             f"{ns(pf):.2f} / {ns(pa):.2f}", f"{ns(cf):.2f} / {ns(ca):.2f}",
+             f"{ca / cf:.2f}", f"{cf / pf:.2f} / {ca / pa:.2f}"]
+    slabs = [size, str(thick), f"{wf:.2f}", f"{sf:.2f}", f"{sf / wf:.2f}", f"{wa:.2f}",
+             f"{sa:.2f}", f"{sa / wa:.2f}"]
+    return speed, slabs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="64³ × 90 and 40×56×72 × 60")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--slab", type=int, default=8, help="slab thickness (slices)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cases = ([((64, 64, 64), 90), ((40, 56, 72), 60)] if args.quick
+             else [((128, 128, 128), 180), ((80, 112, 144), 120)])
+    print(machine_line())
+    speed, slabs = [], []
+    for shape, num_angles in cases:
+        s, p = run_case(shape, num_angles, args.repeat, args.slab)
+        speed.append(s)
+        slabs.append(p)
+    print_table(
+        f"Cone vs parallel, float32, CPU, {torch.get_num_threads()} thread(s)",
+        ["size", "detector", "parallel fwd s", "parallel adj s", "cone fwd s", "cone adj s",
+         "parallel ns/update fwd / adj", "cone ns/update fwd / adj", "cone adj / fwd",
+         "cone / parallel fwd / adj"],
+        speed,
+    )
+    print_table(
+        "Cone by D-slabs (pipeline/data/cone.py pattern) vs whole, process CPU seconds",
+        ["size", "slab", "whole fwd", "pieces fwd", "pieces / whole fwd", "whole adj",
+         "pieces adj", "pieces / whole adj"],
+        slabs,
+    )
+
+
+if __name__ == "__main__":
+    main()

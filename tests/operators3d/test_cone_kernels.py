@@ -1,0 +1,143 @@
+"""The cone-beam pair kernels (operators3d/ct/_cone_kernels.py): values, transposition, paths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from operators3d.ct import ConeBeamCT, min_det_shape
+from operators3d.ct import _cone_kernels as CK
+
+
+def _tables(num_rows, num_q, num_r, width, gen, dtype=torch.float64):
+    """Random pair tables: two row indices (the last row is the zero row), weights, slopes in
+    ``[0.4, 1.6]``, ray columns in ray-major order."""
+    row_index = torch.randint(0, num_rows, (num_q, 2), generator=gen).to(torch.int32)
+    row_index[::7, 1] = num_rows  # some missing neighbours
+    row_weight = torch.rand(num_q, 2, generator=gen, dtype=dtype)
+    zslope = (0.4 + 1.2 * torch.rand(num_q, generator=gen, dtype=torch.float64)).to(dtype)
+    ray = torch.sort(torch.randint(0, num_r, (num_q,), generator=gen)).values
+    return row_index, row_weight, zslope, ray
+
+
+def _src(num_rows, channels, length, gen, dtype=torch.float64):
+    src = torch.zeros(num_rows + 1, channels, length + 3, dtype=dtype)
+    src[:num_rows, :, 1 : length + 1] = torch.randn(num_rows, channels, length, generator=gen,
+                                                    dtype=dtype)
+    return src
+
+
+def _reference(src, row_index, row_weight, zslope, ray, zcoord, zoff, num_r):
+    """Sample by sample: linear interpolation along D of the in-plane pair, zero outside."""
+    channels, width = src.shape[1], src.shape[2]
+    length = width - 3
+    out = torch.zeros(num_r, channels, zcoord.numel(), dtype=src.dtype)
+    for q in range(row_index.shape[0]):
+        line = (row_weight[q, 0] * src[int(row_index[q, 0])]
+                + row_weight[q, 1] * src[int(row_index[q, 1])])[:, 1 : length + 1]
+        for m, z in enumerate(zcoord.tolist()):
+            pos = float(zslope[q]) * z + zoff
+            j = math.floor(pos)
+            f = pos - j
+            for k, wk in ((j, 1 - f), (j + 1, f)):
+                if 0 <= k < length:
+                    out[int(ray[q]), :, m] += wk * line[:, k]
+    return out
+
+
+@pytest.mark.parametrize("windows", [False, True])  # every row / the rows a block reaches
+@pytest.mark.parametrize("channels", [1, 3])
+def test_pair_gather_matches_a_sample_by_sample_reference(monkeypatch, windows, channels):
+    monkeypatch.setattr(CK, "ROW_WINDOWS", windows)
+    gen = torch.Generator().manual_seed(1)
+    num_rows, length, num_r, num_m = 11, 6, 5, 13
+    src = _src(num_rows, channels, length, gen)
+    tables = _tables(num_rows, 40, num_r, length + 3, gen)
+    zcoord = (torch.arange(num_m, dtype=torch.float64) - 6) * 0.7
+    for zoff in (2.5, 3.25, -4.0):  # the volume's middle, an offset, beyond the rows
+        out = torch.zeros(num_r, channels, num_m, dtype=torch.float64)
+        CK.pair_gather(src, *tables, zcoord, zoff, out, block_bytes=2000)
+        ref = _reference(src, *tables, zcoord, zoff, num_r)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("windows", [False, True])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_pair_scatter_is_the_exact_transpose(monkeypatch, windows, channels):
+    monkeypatch.setattr(CK, "ROW_WINDOWS", windows)
+    gen = torch.Generator().manual_seed(2)
+    num_rows, length, num_r, num_m = 17, 9, 7, 21
+    tables = _tables(num_rows, 90, num_r, length + 3, gen)
+    zcoord = (torch.arange(num_m, dtype=torch.float64) - 10) * 0.6
+    for zoff, block in ((4.0, 3000), (1.5, 1 << 20), (12.0, 1)):
+        src = _src(num_rows, channels, length, gen)
+        out = torch.zeros(num_r, channels, num_m, dtype=torch.float64)
+        CK.pair_gather(src, *tables, zcoord, zoff, out, block_bytes=block)
+        grad = torch.randn(num_r, channels, num_m, generator=gen, dtype=torch.float64)
+        dst = torch.zeros_like(src)
+        CK.pair_scatter(grad, *tables, zcoord, zoff, dst, block_bytes=block)
+        lhs, rhs = (out * grad).sum(), (src * dst).sum()
+        assert abs(lhs - rhs) <= 1e-12 * max(abs(lhs), abs(rhs), 1.0)
+
+
+def test_row_windows_and_every_row_agree(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    num_rows, length, num_r, num_m = 9, 4, 6, 40  # thin slab, many rows: narrow windows
+    src = _src(num_rows, 2, length, gen)
+    row_index, row_weight, zslope, ray = _tables(num_rows, 60, num_r, length + 3, gen)
+    order = torch.sort(zslope).indices  # as the projector's tables: by slope
+    tables = (row_index[order], row_weight[order], zslope[order], ray[order])
+    zcoord = (torch.arange(num_m, dtype=torch.float64) - 20) * 1.5
+    for zoff in (2.0, -3.0, 9.5):  # through, below and above the rows' reach
+        start, stop = CK.row_windows(tables[2], zcoord, zoff, length)
+        assert (stop - start).max() < num_m // 2
+        got = {}
+        for windows in (False, True):
+            monkeypatch.setattr(CK, "ROW_WINDOWS", windows)
+            out = torch.zeros(num_r, 2, num_m, dtype=torch.float64)
+            CK.pair_gather(src, *tables, zcoord, zoff, out, block_bytes=4000)
+            grad = torch.randn(num_r, 2, num_m, generator=torch.Generator().manual_seed(4),
+                               dtype=torch.float64)
+            dst = torch.zeros_like(src)
+            CK.pair_scatter(grad, *tables, zcoord, zoff, dst, block_bytes=4000)
+            # Pads and the zero row collect what falls outside the volume: only it counts.
+            got[windows] = (out, dst[:num_rows, :, 1 : length + 1])
+        for a, b in zip(got[False], got[True]):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_row_windows_do_not_apply_to_few_rows_or_bad_slopes(monkeypatch):
+    zslope = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    assert CK.row_windows(zslope, torch.arange(1.0), 0.0, 5) is None
+    assert CK.row_windows(-zslope, torch.arange(20.0), 0.0, 5) is None
+    start, stop = CK.row_windows(zslope, torch.arange(20.0, dtype=torch.float64) - 10, 2.0, 3)
+    assert (start >= 0).all() and (stop <= 20).all() and (start < stop).all()
+    monkeypatch.setattr(CK, "ROW_WINDOWS", False)
+    assert CK.row_windows(zslope, torch.arange(20.0), 0.0, 5) is None
+
+
+@pytest.mark.parametrize("windows", [False, True])
+@pytest.mark.parametrize("shape", [(12, 10, 14), (7, 16, 9)])
+def test_cone_dot_test_whole_and_thin_slabs(monkeypatch, shape, windows):
+    monkeypatch.setattr(CK, "ROW_WINDOWS", windows)
+    angles = torch.arange(10, dtype=torch.float64) * 2 * math.pi / 10
+    geo = dict(volume_shape=shape, angles=angles, src_dist=30.0, det_dist=12.0,
+               det_spacing=(0.9, 1.2))
+    op = ConeBeamCT(det_shape=min_det_shape(**geo), **geo)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    y = torch.randn(op.range_shape, generator=gen, dtype=torch.float64)
+    lhs, rhs = (op(x) * y).sum(), (x * op.adjoint(y)).sum()
+    assert abs(lhs - rhs) <= 1e-12 * abs(lhs)
+    whole = op(x)
+    total = torch.zeros_like(whole)
+    for d0 in range(0, shape[0], 2):
+        d1 = min(shape[0], d0 + 2)
+        sub = op.slab(slice(d0, d1))
+        hit = sub.rows_hit_by(slice(0, d1 - d0))
+        total[hit] += sub.rows(hit)(x[d0:d1])
+        piece = sub.rows(hit).adjoint(y[hit])
+        torch.testing.assert_close(piece, op.adjoint(y)[d0:d1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(total, whole, rtol=1e-12, atol=1e-12)
