@@ -54,6 +54,7 @@ from .noise import (
     TransmissionNoise,
     noise_model_from_dict,
 )
+from .nonlinear import Clip, NonLinearForward, Quantize, Sign, nonlinear_from_dict
 from .phantoms import ellipsoid_phantom, shepp_logan_3d
 from .restrict import IndexSelect, MaskedOperator
 from .transforms import (
@@ -107,6 +108,11 @@ __all__ = [
     "PoissonGaussianNoise",
     "TransmissionNoise",
     "noise_model_from_dict",
+    "NonLinearForward",
+    "Clip",
+    "Quantize",
+    "Sign",
+    "nonlinear_from_dict",
     "GroupAction",
     "ComposedAction",
     "Rotate90",

@@ -155,6 +155,12 @@ def register(subparsers: Any) -> None:
     ct.add_argument("--voxel-size", type=float, default=1.0, help=_CT_VOXEL_HELP)
     ct.add_argument("--src-dist", type=float, default=None, help="cone beam: source to axis")
     ct.add_argument("--det-dist", type=float, default=None, help="cone beam: axis to detector")
+    ct.add_argument("--saturation", type=float, default=None, metavar="S",
+                    help="the detector saturates at the fraction S of the open-beam count (S*I0 photons "
+                    "with --photons): line integrals below -log S read -log S (default: no saturation)")
+    ct.add_argument("--bits", type=int, default=None, metavar="B",
+                    help="quantise the line integrals to B bits, uniformly on [-log S (0 without "
+                    "--saturation), --attenuation] (default: not quantised)")
     ct.add_argument("--units", type=_units, default="mm", help="length unit of --voxel-size and the geometry (default: mm)")
     ct.add_argument("--seed", type=int, default=0)
     ct.add_argument("--out", required=True)
@@ -267,7 +273,8 @@ def _simulate_config(args: argparse.Namespace):
                             noise_sigma=args.noise_sigma or 0.0, det_count=args.det_count,
                             det_rows=args.det_rows, det_spacing=args.det_spacing,
                             voxel_size=args.voxel_size, src_dist=args.src_dist,
-                            det_dist=args.det_dist, **common)
+                            det_dist=args.det_dist, saturation=args.saturation, bits=args.bits,
+                            **common)
 
 
 def _simulate(args: argparse.Namespace) -> int:

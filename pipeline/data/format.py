@@ -317,6 +317,9 @@ class ScanMetadata:
             operator noise model describes it, else ``None``. Scans written before the
             transmission model existed kept their photon count here; reading them moves it to
             ``noise_model``.
+        detector: a non-linear detector (``None``: linear): ``{"model": "clip" | "quantize",
+            "low", "high", ...}`` in the stored units; ``operators3d.nonlinear_from_dict(detector,
+            A)`` is its forward model ``y = g(A x)`` (``docs/scan-format.md``).
         voxel_size: ``(dD, dH, dW)`` in ``units``.
         units: length unit of ``voxel_size`` and the geometry.
         status: ``incomplete`` while a job writes the scan, ``complete`` after.
@@ -330,6 +333,7 @@ class ScanMetadata:
     chunk_depth: int
     noise_model: dict[str, Any] | None = None
     acquisition_noise: dict[str, Any] | None = None
+    detector: dict[str, Any] | None = None
     voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
     units: str = "mm"
     status: str = "incomplete"
@@ -348,6 +352,8 @@ class ScanMetadata:
             raise ScanError(f"chunk_depth must be >= 1, got {self.chunk_depth}")
         if self.status not in ("incomplete", "complete"):
             raise ScanError(f"status must be 'incomplete' or 'complete', got {self.status!r}")
+        if self.detector is not None and not (isinstance(self.detector, Mapping) and "model" in self.detector):
+            raise ScanError(f"detector must be null or a mapping with a 'model', got {self.detector!r}")
 
     @property
     def measurement_depth(self) -> int:
@@ -379,6 +385,7 @@ class ScanMetadata:
             "geometry": self.geometry.to_dict(),
             "noise_model": self.noise_model,
             "acquisition_noise": self.acquisition_noise,
+            "detector": self.detector,
             "provenance": self.provenance,
         }
 
@@ -404,6 +411,7 @@ class ScanMetadata:
                 geometry=geometry,
                 chunk_depth=int(data["chunk_depth"]),
                 **_noise_fields(data.get("noise_model"), data.get("acquisition_noise")),
+                detector=data.get("detector"),
                 voxel_size=tuple(float(v) for v in data.get("voxel_size", (1.0, 1.0, 1.0))),  # type: ignore[arg-type]
                 units=str(data.get("units", "mm")),
                 status=str(data.get("status", "incomplete")),

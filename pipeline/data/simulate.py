@@ -11,7 +11,9 @@ MRI (hybrid space): ``y = M ⊙ F₂(S ⊙ x) + n`` per D-slice, ``x`` the phant
 calibration block, ``n`` complex Gaussian (``σ`` per real and imaginary part) on sampled entries.
 
 CT: ``p = A x`` (line integrals); with ``photons = I0`` the counts are ``N ~ Poisson(I0 e^{−p})``
-and ``y = −log(max(N, 1) / I0)``; with ``noise_sigma`` ``y = p + σ n``. Parallel beam is exact
+and ``y = −log(max(N, 1) / I0)``; with ``noise_sigma`` ``y = p + σ n``. A non-ideal detector
+(``saturation``, ``bits``) then acts on ``y`` entry by entry (:func:`detector_record`), and the
+scan records it as ``detector`` (the :mod:`operators3d.nonlinear` model). Parallel beam is exact
 slab by slab. Cone beam couples D-slices: every detector row sees a D-range of the volume, so
 it is simulated in blocks of detector rows, each adding the exact projections of the volume
 slabs its rays can cross (computed from the geometry), one slab at a time; memory is a slab
@@ -44,7 +46,7 @@ from .phantoms import coil_maps_slab, derive_seed, make_volume_source, smooth_ph
 from .store import create_array, stored_depth_of
 from .writer import RUN_SETTINGS, JobOutcome, SlabTask, finish_scan, prepare_scan, run_tasks
 
-__all__ = ["SimulateMRIConfig", "SimulateCTConfig", "simulate_mri", "simulate_ct"]
+__all__ = ["SimulateMRIConfig", "SimulateCTConfig", "simulate_mri", "simulate_ct", "detector_record"]
 
 
 class SimulateMRIConfig(Settings):
@@ -119,6 +121,11 @@ class SimulateCTConfig(Settings):
         det_spacing: detector pitch; voxel_size: in-plane voxel size.
         src_dist, det_dist: cone-beam source–axis and axis–detector distances (default 4·W
             and 2·W voxels).
+        saturation: the detector's maximum count as a fraction ``S`` of the open-beam count
+            (``S·I0`` photons with ``photons``): a ray transmitting more reads as ``S``, so
+            the stored line integrals are clipped from below at ``−log S``.
+        bits: quantise the stored line integrals with a uniform ``B``-bit quantiser on
+            ``[lo, hi] = [−log S (0 without saturation), attenuation]``.
         seed, chunk_depth, codec, units, overwrite, workers, progress: as for MRI.
     """
 
@@ -138,6 +145,8 @@ class SimulateCTConfig(Settings):
     voxel_size: float = 1.0
     src_dist: float | None = None
     det_dist: float | None = None
+    saturation: float | None = Field(None, gt=0, allow_inf_nan=False)
+    bits: int | None = Field(None, ge=1, le=32)
     seed: int = 0
     chunk_depth: int | None = Field(None, ge=1)
     codec: CodecConfig = CodecConfig()
@@ -151,11 +160,16 @@ class SimulateCTConfig(Settings):
     def _one_noise(self) -> "SimulateCTConfig":
         if self.photons is not None and self.noise_sigma:
             raise ValueError("give --photons or --noise-sigma, not both")
+        if self.bits is not None and self.saturation is not None and -math.log(self.saturation) >= self.attenuation:
+            raise ValueError(f"--bits quantises [-log S, attenuation] = [{-math.log(self.saturation):.4g}, "
+                             f"{self.attenuation:.4g}]: raise --saturation or --attenuation")
         return self
 
     def parameters(self) -> dict[str, Any]:
-        """What determines the scan's content (compared when resuming)."""
-        return {**self.model_dump(exclude=set(RUN_SETTINGS)), "codec": self.codec.recorded(self.out)}
+        """What determines the scan's content (compared when resuming); an ideal detector's unset
+        ``saturation``/``bits`` are left out, so scans written before they existed still resume."""
+        params = {**self.model_dump(exclude=set(RUN_SETTINGS)), "codec": self.codec.recorded(self.out)}
+        return {k: v for k, v in params.items() if not (k in ("saturation", "bits") and v is None)}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -308,6 +322,68 @@ def _apply_ct_noise(p: torch.Tensor, config: SimulateCTConfig, gen: torch.Genera
     return p
 
 
+def detector_record(config: SimulateCTConfig) -> dict[str, Any] | None:
+    """The scan's ``detector`` record (``docs/scan-format.md``), ``None`` for an ideal detector.
+
+    ``model`` is ``clip`` (``saturation`` alone: ``y = clamp(y, low, high)``) or ``quantize``
+    (``bits``: the uniform quantiser on ``[low, high]``, which saturates at both ends, so it
+    includes the clip); ``low``/``high`` are in the stored units (line integrals).
+    ``operators3d.nonlinear_from_dict(record, A)`` is the noise-free forward model
+    ``y = g(A x)``. A saturating detector clips at ``low = −log S``; with ``photons`` a zero
+    count is read as one, which clips at ``high = log I0`` (photon-starved rays).
+    ``fraction_at_low``/``fraction_at_high`` (the share of measurements read at each end, written
+    when the scan completes) are ``None`` until then and for an unbounded side.
+    """
+    if config.saturation is None and config.bits is None:
+        return None
+    low = -math.log(config.saturation) if config.saturation is not None else None
+    record: dict[str, Any] = {"saturation": config.saturation,
+                              "saturation_count": (config.saturation * config.photons
+                                                   if config.saturation is not None and config.photons else None)}
+    if config.bits is not None:
+        model = {"model": "quantize", "bits": int(config.bits), "low": 0.0 if low is None else low,
+                 "high": float(config.attenuation)}
+    else:
+        model = {"model": "clip", "low": low,
+                 "high": math.log(config.photons) if config.photons is not None else None}
+    return {**model, **record, "fraction_at_low": None, "fraction_at_high": None}
+
+
+def _apply_detector(y: torch.Tensor, record: dict[str, Any] | None) -> torch.Tensor:
+    """The detector of ``record`` on (noisy) line integrals ``y``, entry by entry."""
+    from operators3d.nonlinear import clip_values, quantize_values
+
+    if record is None:
+        return y
+    if record["model"] == "quantize":
+        return quantize_values(y, record["bits"], record["low"], record["high"])
+    return clip_values(y, record["low"], record["high"])
+
+
+def _detector_fractions(meas, record: dict[str, Any]) -> dict[str, float | None]:
+    """The share of the stored measurements read at the detector's lowest and highest values
+    (``None`` for an unbounded side), counted stored object by stored object."""
+    ends = _apply_detector(torch.tensor([-math.inf, math.inf], dtype=torch.float32), record).numpy()
+    at_low = at_high = total = 0
+    v = meas.shape[0]
+    for _, d0, d1 in _stored_ranges(v, stored_depth_of(meas)):
+        block = np.asarray(meas[d0:d1])
+        at_low += int(np.count_nonzero(block <= ends[0]))
+        at_high += int(np.count_nonzero(block >= ends[1]))
+        total += block.size
+    return {"fraction_at_low": at_low / total if np.isfinite(ends[0]) else None,
+            "fraction_at_high": at_high / total if np.isfinite(ends[1]) else None}
+
+
+def _say_detector(path: Any, record: dict[str, Any]) -> None:
+    from pipeline.log import say
+
+    parts = [f"{100 * record[f'fraction_at_{end}']:.2f}% at {end} = {record[end]:.4g}"
+             for end in ("low", "high") if record[f"fraction_at_{end}"] is not None]
+    kind = f"{record['bits']}-bit quantiser" if record["model"] == "quantize" else "saturation"
+    say(f"recon3d simulate ct: {path}: detector ({kind}): measurements {', '.join(parts)}", "data")
+
+
 def simulate_ct(config: SimulateCTConfig) -> JobOutcome:
     """Write (or finish) a simulated CT scan; see the module docstring.
 
@@ -325,12 +401,14 @@ def simulate_ct(config: SimulateCTConfig) -> JobOutcome:
     angles = np.arange(a, dtype=np.float64) * (span / a)
     chunk_depth = config.chunk_depth or default_chunk_depth(max(a * u, h * w) * 4, max(d, v))
     noise_model = _ct_noise(config)
+    detector = detector_record(config)
     meta = ScanMetadata(
         modality="ct",
         volume_shape=shape,
         geometry=geom,
         chunk_depth=min(chunk_depth, max(d, v)),
         noise_model=noise_model,
+        detector=detector,
         voxel_size=(config.voxel_size,) * 3,
         units=config.units,
     )
@@ -365,7 +443,8 @@ def simulate_ct(config: SimulateCTConfig) -> JobOutcome:
             for k0 in range(d0, d1, cd):
                 k1 = min(k0 + cd, d1)
                 gen = _chunk_generator(config.seed, "noise", k0 // cd)
-                p[k0 - d0 : k1 - d0] = _apply_ct_noise(p[k0 - d0 : k1 - d0], config, gen)
+                p[k0 - d0 : k1 - d0] = _apply_detector(_apply_ct_noise(p[k0 - d0 : k1 - d0], config, gen),
+                                                       detector)
             ref[d0:d1] = x.numpy()
             meas[d0:d1] = p.numpy()
 
@@ -377,10 +456,16 @@ def simulate_ct(config: SimulateCTConfig) -> JobOutcome:
         from .cone import cone_simulation_tasks
 
         def noisy(p: torch.Tensor, chunk: int) -> torch.Tensor:
-            return _apply_ct_noise(p, config, _chunk_generator(config.seed, "noise", chunk))
+            return _apply_detector(_apply_ct_noise(p, config, _chunk_generator(config.seed, "noise", chunk)),
+                                   detector)
 
         tasks += cone_simulation_tasks(meta, angles_t, meas, ref, reference_slab, noisy)
     ran = run_tasks(tasks, description="simulate ct", workers=config.workers,
                     scheduler=config.scheduler, progress=config.progress)
-    finish_scan(group)
+    if detector is None:
+        finish_scan(group)
+    else:  # counted on what is stored: right however many runs wrote it, on any scheduler
+        detector = {**detector, **_detector_fractions(meas, detector)}
+        finish_scan(group, detector=detector)
+        _say_detector(config.out, detector)
     return JobOutcome(str(config.out), state, ran, len(tasks))

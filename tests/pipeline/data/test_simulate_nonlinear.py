@@ -1,0 +1,178 @@
+"""``recon3d simulate ct --saturation S --bits B``: the stored measurements are the linear scan's
+put through the recorded detector, the record rebuilds the forward model, and the share of
+saturated measurements is counted on what is stored."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from operators3d import Clip, Identity, Quantize, nonlinear_from_dict
+from pipeline.cli import _build_parser
+from pipeline.data import open_scan
+from pipeline.data.cli import _simulate_config
+from pipeline.data.format import ScanError, ScanMetadata
+from pipeline.data.simulate import SimulateCTConfig
+from scan_factories import make_ct
+
+
+def _stored(path) -> np.ndarray:
+    return open_scan(path).measurements.read()
+
+
+def _detector(path) -> dict:
+    return open_scan(path).metadata.detector
+
+
+def _apply(record: dict, y: np.ndarray) -> np.ndarray:
+    """The recorded detector, rebuilt as an operators3d model on ``y`` (identity linear part)."""
+    model = nonlinear_from_dict(record, Identity(y.shape))
+    return model(torch.from_numpy(y)).numpy()
+
+
+def _check_fractions(record: dict, y: np.ndarray) -> None:
+    """The recorded shares are those of the stored values at the detector's two end readings."""
+    bottom, top = _apply(record, np.array([-np.inf, np.inf], dtype=np.float32))
+    for end, at in (("low", y == bottom), ("high", y == top)):
+        if record[end] is None:
+            assert record[f"fraction_at_{end}"] is None
+        else:
+            assert record[f"fraction_at_{end}"] == at.mean()
+
+
+def test_saturation_clips_the_photon_counts_as_recorded(tmp_path):
+    linear = _stored(make_ct(tmp_path / "linear.zarr", photons=1e3, seed=4).path)
+    out = make_ct(tmp_path / "sat.zarr", photons=1e3, seed=4, saturation=0.5)
+    y, record = _stored(out.path), _detector(out.path)
+    assert record["model"] == "clip" and record["saturation"] == 0.5
+    assert record["saturation_count"] == 500.0
+    assert record["low"] == pytest.approx(-math.log(0.5)) and record["high"] == pytest.approx(math.log(1e3))
+    # the same noise, then the detector: the linear scan clipped, bit for bit
+    np.testing.assert_array_equal(y, np.clip(linear, np.float32(record["low"]), np.float32(record["high"])))
+    np.testing.assert_array_equal(y, _apply(record, linear))
+    assert y.min() == np.float32(-math.log(0.5)) and (linear < y.min()).any()
+    assert 0 < record["fraction_at_low"] < 1
+    _check_fractions(record, y)
+    assert isinstance(nonlinear_from_dict(record, Identity((2,))), Clip)
+
+
+def test_noise_free_saturated_scan_is_the_recorded_model_of_its_operator(tmp_path):
+    out = make_ct(tmp_path / "sat.zarr", saturation=0.7)
+    scan = open_scan(out.path)
+    record = scan.metadata.detector
+    assert record["high"] is None and record["saturation_count"] is None and record["fraction_at_high"] is None
+    for sl in scan.slab_slices():
+        y, op = scan.slab(sl)
+        model = nonlinear_from_dict(record, op)
+        x = torch.from_numpy(scan.reference.read(sl))
+        torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.linear_part(x).clamp_min(-math.log(0.7)), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("bits", "changes"), [
+    (3, {"noise_sigma": 0.05}),
+    (4, {"photons": 300.0, "saturation": 0.8}),
+    (1, {"phantom": "foam"}),  # one bit: foam's rays straddle the midpoint attenuation/2
+])
+def test_bits_quantise_the_line_integrals_as_recorded(tmp_path, bits, changes):
+    linear = _stored(make_ct(tmp_path / "linear.zarr", seed=2, **changes).path)
+    out = make_ct(tmp_path / "q.zarr", seed=2, bits=bits, **changes)
+    y, record = _stored(out.path), _detector(out.path)
+    lo = -math.log(changes["saturation"]) if "saturation" in changes else 0.0
+    assert record["model"] == "quantize" and record["bits"] == bits
+    assert record["low"] == pytest.approx(lo) and record["high"] == 4.0  # [−log S or 0, attenuation]
+    np.testing.assert_array_equal(y, _apply(record, linear))
+    levels = np.float32(lo) + np.arange(2**bits, dtype=np.float32) * np.float32((4.0 - lo) / (2**bits - 1))
+    assert np.isclose(y.reshape(-1, 1), levels[None], rtol=0, atol=1e-6).any(axis=1).all()
+    assert len(np.unique(y)) <= 2**bits
+    if bits == 1:
+        assert set(np.unique(y).tolist()) == {np.float32(lo), np.float32(4.0)}
+        np.testing.assert_array_equal(y == np.float32(4.0), linear >= (lo + 4.0) / 2)
+        assert 0 < record["fraction_at_high"] < 1
+    assert record["fraction_at_low"] > 0
+    _check_fractions(record, y)
+    assert isinstance(nonlinear_from_dict(record, Identity((2,))), Quantize)
+
+
+def test_cone_beam_measurements_go_through_the_detector_too(tmp_path):
+    common = dict(geometry="cone", angles=12, seed=1, noise_sigma=0.02)
+    linear = _stored(make_ct(tmp_path / "linear.zarr", **common).path)
+    out = make_ct(tmp_path / "q.zarr", bits=2, saturation=0.9, **common)
+    y, record = _stored(out.path), _detector(out.path)
+    np.testing.assert_array_equal(y, _apply(record, linear))
+    _check_fractions(record, y)
+
+
+def test_a_resumed_job_counts_the_fractions_on_everything_stored(tmp_path, monkeypatch):
+    from pipeline.data import phantoms
+
+    original = phantoms.AnalyticPhantom.slab
+    calls = {"n": 0}
+
+    def flaky(self, d0, d1):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return original(self, d0, d1)
+
+    monkeypatch.setattr(phantoms.AnalyticPhantom, "slab", flaky)
+    path = tmp_path / "killed.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        make_ct(path, photons=1e3, saturation=0.5)
+    monkeypatch.setattr(phantoms.AnalyticPhantom, "slab", original)
+    outcome = make_ct(path, photons=1e3, saturation=0.5)
+    assert outcome.state == "resumed" and 0 < outcome.tasks_run < outcome.tasks_total
+    clean = make_ct(tmp_path / "clean.zarr", photons=1e3, saturation=0.5)
+    assert _detector(path) == _detector(clean.path) and _detector(path)["fraction_at_low"] > 0
+    assert make_ct(path, photons=1e3, saturation=0.5).state == "already complete"
+
+
+def test_the_fractions_are_reported(tmp_path, capsys):
+    from pipeline.cli import main
+
+    out = tmp_path / "s.zarr"
+    assert main(["simulate", "ct", "--shape", "4", "12", "12", "--angles", "6", "--saturation", "0.5",
+                 "--photons", "1e3", "--out", str(out), "--no-progress", "--scheduler", "sync"]) == 0
+    record = _detector(out)
+    said = capsys.readouterr()
+    text = said.out + said.err
+    assert f"{100 * record['fraction_at_low']:.2f}% at low" in text
+    assert f"{100 * record['fraction_at_high']:.2f}% at high" in text
+
+
+def test_an_ideal_detector_records_nothing_and_old_scans_still_resume(tmp_path):
+    out = make_ct(tmp_path / "s.zarr")
+    assert _detector(out.path) is None
+    params = SimulateCTConfig(out="x.zarr").parameters()
+    assert "saturation" not in params and "bits" not in params
+    assert SimulateCTConfig(out="x.zarr", bits=2).parameters()["bits"] == 2
+
+
+def test_cli_flags_fill_the_config():
+    args = _build_parser().parse_args(["simulate", "ct", "--out", "x.zarr", "--saturation", "0.25", "--bits", "6"])
+    config = _simulate_config(args)
+    assert config.saturation == 0.25 and config.bits == 6
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"saturation": 0.0}, "--saturation must be > 0"),
+    ({"saturation": -1.0}, "--saturation must be > 0"),
+    ({"saturation": math.inf}, "--saturation"),
+    ({"bits": 0}, "--bits must be >= 1"),
+    ({"bits": 33}, "--bits must be <= 32"),
+    ({"bits": 2, "saturation": math.exp(-4.5)}, "raise --saturation or --attenuation"),
+])
+def test_bad_detector_settings_are_refused(changes, match):
+    with pytest.raises(ValueError, match=match):
+        SimulateCTConfig(out="x.zarr", **changes)
+
+
+def test_detector_metadata_round_trips_and_is_checked(tmp_path):
+    meta = open_scan(make_ct(tmp_path / "s.zarr", bits=2).path).metadata
+    assert ScanMetadata.from_dict(meta.to_dict()) == meta
+    assert ScanMetadata.from_dict({k: v for k, v in meta.to_dict().items() if k != "detector"}).detector is None
+    with pytest.raises(ScanError, match="detector must be null or a mapping"):
+        ScanMetadata.from_dict(meta.to_dict() | {"detector": "clipped"})
