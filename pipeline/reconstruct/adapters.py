@@ -205,7 +205,9 @@ class _Network:
         self.scale_thickness = self._scale_thickness(config, rank)
         self.storage_options = dict(config.storage_options or {}) or None
         self.scale: float | None = None
-        self.piece = scan.chunk_depth  # slices per read of a staged initial estimate (set per job)
+        # Slices per read of a staged initial estimate: one stored object (a chunk, or a shard on
+        # an object store), so the data held at once does not grow with the slab.
+        self.piece = max(1, int(scan.measurements.stored_depth), int(scan.chunk_depth))
         self.tile = tile
         self.overlap = config.overlap
 
@@ -255,7 +257,7 @@ class _Network:
                            image_per_slice=h * w * (8 if self.is_complex else 4), activation_per_voxel=per_voxel,
                            tile=tuple(tiled.tile_shape) if tiled is not None else None,
                            tiles_per_batch=int(tiled.tiles_per_batch) if tiled is not None else 1,
-                           staged=self.staged, workers=max(1, int(config.workers)))
+                           staged=self.staged, workers=max(1, int(config.workers)), piece=self.piece)
 
     @property
     def staged(self) -> bool:

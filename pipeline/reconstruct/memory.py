@@ -16,9 +16,10 @@ so the budget bounds the whole process, as a per-process memory limit (a schedul
   slab (170–260 MiB measured on CPU, BENCHMARKS.md issue 17.2);
 
 * data: the measurements (and MRI coil maps) a slab reads. A staged model reads its input in
-  pieces of one output slab and frees each once its initial estimate is made (one copy); any
-  other model holds the whole input slab's and applies its operator to it (two copies: the
-  coil images or projections it makes);
+  pieces of one stored object (a chunk, or a shard on an object store) and frees each once its
+  initial estimate is made (one copy of one piece, whatever the slab); any other model holds
+  the whole input slab's and applies its operator to it (two copies: the coil images or
+  projections it makes);
 * image: :data:`IMAGE_COPIES` copies of the input slab's image (initial estimate, backbone
   input and output, tile accumulator and weights);
 * activations: the backbone's peak of live tensor bytes per input voxel, measured once on a
@@ -151,6 +152,7 @@ class MemoryModel:
     tiles_per_batch: int
     staged: bool
     workers: int
+    piece: int = 0  # slices per read of a staged model (0: the output slab)
 
     def input_slices(self, slab: int, halo: int, multiple: int) -> int:
         """The most input slices an output slab of ``slab`` reads (halo both sides, the start
@@ -163,7 +165,7 @@ class MemoryModel:
         d, h, w = self.shape
         slab = min(slab, d)
         n = self.input_slices(slab, halo, multiple)
-        read = slab if self.staged else n
+        read = (min(self.piece, n) if self.piece else slab) if self.staged else n
         if self.tile is not None and any(self.tile):
             td, th, tw = self.tile
             voxels = self.tiles_per_batch * min(n, td or n) * min(h, th or h) * min(w, tw or w)
@@ -176,7 +178,7 @@ class MemoryModel:
     def to_dict(self) -> dict[str, Any]:
         return {"data_bytes_per_slice": self.data_per_slice, "image_bytes_per_slice": self.image_per_slice,
                 "activation_bytes_per_voxel": round(self.activation_per_voxel, 3),
-                "tile": list(self.tile) if self.tile else None, "workers": self.workers}
+                "tile": list(self.tile) if self.tile else None, "workers": self.workers, "piece": self.piece}
 
 
 def choose_slab(model: MemoryModel, budget: int, *, chunk: int, halo: int, multiple: int) -> int:

@@ -210,8 +210,6 @@ def reconstruct(config: ReconstructConfig) -> ReconstructResult:
                                                             settings, fingerprint)
     if layout.memory is not None:
         _say(describe_memory(layout.memory), config.progress and rank == 0)
-    if isinstance(recon, _Network):
-        recon.piece = max(scan.chunk_depth, layout.slab // scan.chunk_depth * scan.chunk_depth)
     notes = list(recon.notes)
     if layout.halo < recon.radius:
         notes.append(f"halo {layout.halo} < receptive radius {recon.radius}: slab edges differ from the whole volume")
