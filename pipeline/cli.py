@@ -172,7 +172,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipeline.allocator import keep_freed_memory
+    from pipeline.allocator import keep_freed_memory, return_freed_memory_to_os
     from pipeline.train import load_config, train
 
     overrides = list(args.overrides) + ([f"model.init={args.init}"] if args.init is not None else [])
@@ -181,6 +181,9 @@ def _train(args: argparse.Namespace) -> int:
         # Every step frees and reallocates the same slab-sized tensors: keep them in the heap
         # instead of a fresh page-faulted mmap each time (pipeline/allocator.py).
         keep_freed_memory()
+    else:
+        # Blocks of 1 MiB or more are mapped and unmapped on free: RSS follows the live tensors.
+        return_freed_memory_to_os()
     run_dir = args.run_dir or Path("runs") / args.config.stem
     # the scans the experiment names (data, validation) may be URLs: --storage-options reaches them
     with storage_options_applied(args.storage_options or {}, _strings(config.model_dump())):

@@ -24,7 +24,8 @@ so the budget bounds the whole process, as a per-process memory limit (a schedul
   input and output, tile accumulator and weights);
 * activations: the backbone's peak of live tensor bytes per input voxel, measured once on a
   small zero input (:func:`activation_bytes_per_voxel`; deterministic, so every rank of a job
-  chooses the same slab), times the input slab's voxels, or one batch of tiles when tiled.
+  chooses the same slab), plus on CPU the convolutions' own workspace
+  (:data:`CPU_CONV_WORKSPACE`), times the input slab's voxels, or one batch of tiles when tiled.
 
 ``benchmarks/reconstruct.py`` compares the estimate with the measured peak.
 """
@@ -44,11 +45,16 @@ from torch.utils._pytree import tree_leaves
 from pipeline.models.tiling import TiledBackbone
 
 __all__ = ["parse_bytes", "format_bytes", "activation_bytes_per_voxel", "MemoryModel", "choose_slab",
-           "DEFAULT_BUDGET", "PROCESS_BYTES", "IMAGE_COPIES", "DATA_COPIES"]
+           "DEFAULT_BUDGET", "PROCESS_BYTES", "CPU_CONV_WORKSPACE", "IMAGE_COPIES", "DATA_COPIES"]
 
 DEFAULT_BUDGET = 1 << 30
 #: What the process holds before any slab (interpreter, libraries, model), in the estimate once.
 PROCESS_BYTES = 256 << 20
+#: Bytes per input voxel (float32) that a backbone pass holds on CPU outside the tensors the
+#: dispatcher sees: the convolution library's blocked copy of a layer's input, channels padded
+#: to 16 floats (64 B). Measured as RSS high-water minus the count on 24×256×256 inputs: +71,
+#: +69 and +71 B/voxel for U-Nets [4, 8], [8, 16, 32] and [16, 32] (BENCHMARKS.md, issue 17.2).
+CPU_CONV_WORKSPACE = 72
 #: Copies of the input slab's image alive at the peak (estimate's constant, see the module doc).
 IMAGE_COPIES = 4
 #: Copies of the data read at once: a staged model's pieces, any other model's input slab.
@@ -124,7 +130,8 @@ def activation_bytes_per_voxel(backbones: list[torch.nn.Module], channels: int, 
                                device: torch.device) -> float:
     """The largest peak of live tensor bytes per input voxel of ``backbones`` (untiled), each
     run once on a zero input ``(1, channels, 2g, s, s)`` (``g`` = the pooling grid, ``s`` ≥ 16
-    on the grid): what a backbone pass adds to memory, output included, input excluded."""
+    on the grid): what a backbone pass adds to memory, output included, input excluded; on CPU
+    plus :data:`CPU_CONV_WORKSPACE`, which the count cannot see."""
     g = max(1, int(multiple))
     s = -(-max(16, 2 * g) // g) * g
     best = 0.0
@@ -136,7 +143,8 @@ def activation_bytes_per_voxel(backbones: list[torch.nn.Module], channels: int, 
         with _LiveBytes() as live:
             y = inner(x)
             del y
-        best = max(best, live.peak / (2 * g * s * s))
+        extra = CPU_CONV_WORKSPACE * x.element_size() / 4 if x.device.type == "cpu" else 0.0
+        best = max(best, live.peak / (2 * g * s * s) + extra)
     return best
 
 

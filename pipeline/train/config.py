@@ -82,8 +82,8 @@ class RunConfig(FrozenModel):
                                        "over its smallest value after warm-up (0: never)")
     memory: Literal["fast", "lean"] = Field("fast", description="fast: freed heap pages are kept for the next "
                                             "step (faster steps, RSS holds the heap's high-water mark); lean: "
-                                            "glibc's defaults, freed slab-sized blocks go back to the OS "
-                                            "(pipeline/allocator.py)")
+                                            "blocks of 1 MiB or more go back to the OS when freed, so RSS "
+                                            "follows the live tensors (pipeline/allocator.py)")
 
 
 class DataConfig(FrozenModel):
