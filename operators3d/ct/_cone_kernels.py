@@ -137,6 +137,23 @@ def _positions(zslope, zcoord, zoff: float, length: int, base, buf: _Buffers):
     return flat, frac
 
 
+def _sizes(row_index: torch.Tensor, lines: torch.Tensor, zcoord: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(pairs, channels, padded row width, row length, output rows) of a pair kernel."""
+    channels, width = lines.shape[1], lines.shape[2]
+    return row_index.shape[0], channels, width, width - 3, zcoord.numel()
+
+
+def _plan(num_q: int, channels: int, width: int, num_m: int, lines: torch.Tensor, zoff: float,
+          block_bytes: int, *, scatter: bool):
+    """The pairs per block, the flat offset of each (pair, channel) line and the reused buffers."""
+    q_step = pair_block(num_q, channels, width, num_m, lines.element_size(), block_bytes)
+    idt = _index_dtype(q_step * channels * width + abs(zoff) + 2)
+    base = (torch.arange(q_step * channels, device=lines.device, dtype=idt) * width).view(
+        q_step, channels, 1) + math.floor(zoff)
+    buf = _Buffers(q_step * num_m, q_step * channels * num_m, lines.dtype, idt, lines.device, scatter)
+    return q_step, base, buf
+
+
 def pair_gather(
     src: torch.Tensor,
     row_index: torch.Tensor,
@@ -156,18 +173,11 @@ def pair_gather(
         :func:`~operators3d.ct._kernels.z_tables`); ``row_index, row_weight (Q, 2)``;
         ``zslope, ray (Q,)``; ``zcoord (M,)``; ``out (R, C, M)`` (accumulated into).
     """
-    num_q = row_index.shape[0]
-    channels, width = src.shape[1], src.shape[2]
-    length = width - 3
-    num_m = zcoord.numel()
+    num_q, channels, width, length, num_m = _sizes(row_index, src, zcoord)
     dtype, device = src.dtype, src.device
     flat = src.view(src.shape[0], channels * width)
     out_rows = out.view(out.shape[0], channels * num_m)
-    q_step = pair_block(num_q, channels, width, num_m, src.element_size(), block_bytes)
-    idt = _index_dtype(q_step * channels * width + abs(zoff) + 2)
-    base = (torch.arange(q_step * channels, device=device, dtype=idt) * width).view(
-        q_step, channels, 1) + math.floor(zoff)
-    buf = _Buffers(q_step * num_m, q_step * channels * num_m, dtype, idt, device, False)
+    q_step, base, buf = _plan(num_q, channels, width, num_m, src, zoff, block_bytes, scatter=False)
     g = torch.empty(q_step * 2, channels * width, dtype=dtype, device=device)
     line = torch.empty(q_step, channels, width, dtype=dtype, device=device)
     lo = torch.empty(q_step * channels * num_m, dtype=dtype, device=device)
@@ -219,17 +229,10 @@ def pair_scatter(
     Shape:
         ``grad (R, C, M)``; ``dst (rows, C, P)``; the rest as in :func:`pair_gather`.
     """
-    num_q = row_index.shape[0]
-    channels, width = dst.shape[1], dst.shape[2]
-    length = width - 3
-    num_m = zcoord.numel()
+    num_q, channels, width, length, num_m = _sizes(row_index, dst, zcoord)
     dtype, device = dst.dtype, dst.device
     flat = dst.view(dst.shape[0], channels * width)
-    q_step = pair_block(num_q, channels, width, num_m, dst.element_size(), block_bytes)
-    idt = _index_dtype(q_step * channels * width + abs(zoff) + 2)
-    base = (torch.arange(q_step * channels, device=device, dtype=idt) * width).view(
-        q_step, channels, 1) + math.floor(zoff)
-    buf = _Buffers(q_step * num_m, q_step * channels * num_m, dtype, idt, device, True)
+    q_step, base, buf = _plan(num_q, channels, width, num_m, dst, zoff, block_bytes, scatter=True)
     gg = torch.empty(q_step, channels * num_m, dtype=dtype, device=device)
     hi = torch.empty(q_step, channels, num_m, dtype=dtype, device=device)
     line = torch.empty(q_step, channels, width, dtype=dtype, device=device)
