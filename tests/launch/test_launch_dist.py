@@ -58,6 +58,10 @@ def config(tmp_path_factory) -> Path:
     return path
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Job:
     """One launch script in the background, its output in ``log``."""
 
@@ -68,8 +72,11 @@ class Job:
         full_env.update(RECON3D_PYTHON=sys.executable, OMP_NUM_THREADS="1", RETRY_DELAY="1",
                         PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
         self._out = open(log, "w")
+        # SIGINT as at a terminal: a suite started in the background (`.ci/run &`) inherits it
+        # ignored, and bash cannot trap a signal ignored when it started.
         self.proc = subprocess.Popen(["bash", str(script), str(config), str(run_dir)], cwd=ROOT, env=full_env,
-                                     stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_default_sigint)
 
     def workers(self) -> list[psutil.Process]:
         """The training processes: children of torchrun, itself the script's child."""
