@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 import tempfile
 import time
@@ -98,8 +97,7 @@ def train(cfg, facts, vols: list, device, *, init: str | None = None, eval_vol=N
     Returns ``(model, train_seconds, curve)`` with ``curve`` a list of
     ``{"step", "psnr", "ssim"}``.
     """
-    from pipeline.models import intensity_scale
-    from pipeline.train.build import build_loss, build_model, build_optimizer, derived_seed, learning_rate
+    from pipeline.train.build import build_loss, build_model, build_optimizer, derived_seed
     from pipeline.train.finetune import apply_freeze, check_architecture, init_payload, load_init
 
     torch.manual_seed(derived_seed(cfg.run.seed, "init"))
@@ -114,7 +112,6 @@ def train(cfg, facts, vols: list, device, *, init: str | None = None, eval_vol=N
     model, loss = model.to(device), loss.to(device)
     Q.set_scales(model, vols)
     opt = build_optimizer(cfg, model)
-    clip = cfg.deepspeed.gradient_clipping
     steps = cfg.run.max_steps
     gen = torch.Generator().manual_seed(derived_seed(cfg.run.seed, "quality-slabs"))
     curve: list[dict] = []
@@ -136,23 +133,7 @@ def train(cfg, facts, vols: list, device, *, init: str | None = None, eval_vol=N
             eval_s += time.perf_counter() - te
         if step == steps:
             break
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        v = vols[int(torch.randint(len(vols), (1,), generator=gen))]
-        thick = min(cfg.data.slab_thickness, v.depth)
-        d0 = int(torch.randint(v.depth - thick + 1, (1,), generator=gen))
-        y, op, ref = v.slab(d0, thick)
-        kw = {"reference": ref.unsqueeze(0)} if loss.needs_reference else {}
-        with intensity_scale(model, v.scale):
-            x_hat = model(y.unsqueeze(0), op)
-            out = loss(x_hat, y.unsqueeze(0), op, model, **kw)
-        opt.zero_grad(set_to_none=True)
-        out.total.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        if not math.isfinite(float(out.total.detach())):
-            raise RuntimeError(f"{label}: the loss is not finite at step {step + 1}")
+        Q.train_step(model, loss, opt, cfg, vols, gen, step, label)
     return model, time.perf_counter() - t0 - eval_s, curve
 
 

@@ -271,6 +271,37 @@ def set_scales(model: torch.nn.Module, volumes: list[Volume]) -> None:
         v.scale = scan_intensity_scale(model, [(v.y, v.op)])
 
 
+
+def train_step(model, loss, opt, cfg, vols, gen: torch.Generator, step: int, label: str) -> float:
+    """One optimizer step of ``loss`` on a random D-slab (``data.slab_thickness`` slices, at most
+    the volume's depth) of a random volume of ``vols``, at the schedule's rate; the loss value.
+
+    Raises:
+        RuntimeError: the loss is not finite.
+    """
+    from pipeline.models import intensity_scale
+    from pipeline.train.build import learning_rate
+
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(cfg, step)
+    v = vols[int(torch.randint(len(vols), (1,), generator=gen))]
+    thick = min(cfg.data.slab_thickness, v.depth)
+    d0 = int(torch.randint(v.depth - thick + 1, (1,), generator=gen))
+    y, op, ref = v.slab(d0, thick)
+    kw = {"reference": ref.unsqueeze(0)} if loss.needs_reference else {}
+    with intensity_scale(model, v.scale):
+        x_hat = model(y.unsqueeze(0), op)
+        out = loss(x_hat, y.unsqueeze(0), op, model, **kw)
+    opt.zero_grad(set_to_none=True)
+    out.total.backward()
+    if cfg.deepspeed.gradient_clipping:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.deepspeed.gradient_clipping)
+    opt.step()
+    value = float(out.total.detach())
+    if not math.isfinite(value):
+        raise RuntimeError(f"{label}: the loss is not finite at step {step + 1}")
+    return value
+
 def train(cfg, facts, train_vols: list[Volume], device, *, curve_vols=(), curve_every: int = 0,
           label: str = "", verbose: bool = False) -> tuple:
     """Train the model of ``cfg`` with its loss, optimiser and schedule on in-memory volumes.
@@ -282,8 +313,7 @@ def train(cfg, facts, train_vols: list[Volume], device, *, curve_vols=(), curve_
     per step. Every ``curve_every`` steps the whole ``curve_vols`` are reconstructed and scored
     (the dB/step curve).
     """
-    from pipeline.models import intensity_scale
-    from pipeline.train.build import build_loss, build_model, build_optimizer, derived_seed, learning_rate
+    from pipeline.train.build import build_loss, build_model, build_optimizer, derived_seed
 
     torch.manual_seed(derived_seed(cfg.run.seed, "init"))
     model = build_model(cfg.model, facts)
@@ -292,7 +322,6 @@ def train(cfg, facts, train_vols: list[Volume], device, *, curve_vols=(), curve_
     loss = loss.to(device)
     set_scales(model, train_vols)
     opt = build_optimizer(cfg, model)
-    clip = cfg.deepspeed.gradient_clipping
     steps = cfg.run.max_steps
     gen = torch.Generator().manual_seed(derived_seed(cfg.run.seed, "quality-slabs"))
     curve = []
@@ -314,24 +343,7 @@ def train(cfg, facts, train_vols: list[Volume], device, *, curve_vols=(), curve_
             te = time.perf_counter()
             point(step)
             eval_s += time.perf_counter() - te
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        v = train_vols[int(torch.randint(len(train_vols), (1,), generator=gen))]
-        thick = min(cfg.data.slab_thickness, v.depth)
-        d0 = int(torch.randint(v.depth - thick + 1, (1,), generator=gen))
-        y, op, ref = v.slab(d0, thick)
-        kw = {"reference": ref.unsqueeze(0)} if loss.needs_reference else {}
-        with intensity_scale(model, v.scale):
-            x_hat = model(y.unsqueeze(0), op)
-            out = loss(x_hat, y.unsqueeze(0), op, model, **kw)
-        opt.zero_grad(set_to_none=True)
-        out.total.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        history.append(float(out.total.detach()))
-        if not math.isfinite(history[-1]):
-            raise RuntimeError(f"{label}: the loss is not finite at step {step + 1}")
+        history.append(train_step(model, loss, opt, cfg, train_vols, gen, step, label))
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0 - eval_s
