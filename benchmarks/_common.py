@@ -193,3 +193,17 @@ def run_monitored_child(argv: list[str], name: str, *, interval: float = 0.2) ->
     if proc.returncode != 0 or not out.strip():
         raise RuntimeError(f"child {name} failed with exit code {proc.returncode}")
     return json.loads(out), monitor
+
+
+def scratch_dir(given, prefix: str):
+    """``(path, handle)``: the folder ``given`` (made if missing), or a fresh temporary one whose
+    ``handle`` (a ``TemporaryDirectory``; ``None`` for ``given``) removes it when cleaned up."""
+    import tempfile
+    from pathlib import Path
+
+    if given is None:
+        handle = tempfile.TemporaryDirectory(prefix=prefix)
+        return Path(handle.name), handle
+    path = Path(given)
+    path.mkdir(parents=True, exist_ok=True)
+    return path, None

@@ -46,7 +46,6 @@ import argparse
 import hashlib
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -55,7 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import quality as Q  # noqa: E402
-from _common import machine_line, print_table  # noqa: E402
+from _common import machine_line, print_table, scratch_dir as _scratch_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {
@@ -291,13 +290,7 @@ def main(argv=None) -> None:
     args.phantom = "ellipsoids"  # the tuning family (quality.simulate's default phantom)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    tmp = None
-    if args.scratch is None:
-        tmp = tempfile.TemporaryDirectory(prefix="recon3d-finetune-")
-        scratch_dir = Path(tmp.name)
-    else:
-        scratch_dir = Path(args.scratch)
-        scratch_dir.mkdir(parents=True, exist_ok=True)
+    scratch_dir, tmp = _scratch_dir(args.scratch, "recon3d-finetune-")
     modalities = ("mri", "ct") if args.modality == "all" else (args.modality,)
     t0 = time.perf_counter()
     results = {m: run_modality(m, args, scratch_dir, device) for m in modalities}

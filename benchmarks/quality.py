@@ -56,7 +56,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +64,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import machine_line, print_table  # noqa: E402
+from _common import machine_line, print_table, scratch_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {
@@ -602,13 +601,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    tmp = None
-    if args.scratch is None:
-        tmp = tempfile.TemporaryDirectory(prefix="recon3d-quality-")
-        scratch = Path(tmp.name)
-    else:
-        scratch = Path(args.scratch)
-        scratch.mkdir(parents=True, exist_ok=True)
+    scratch, tmp = scratch_dir(args.scratch, "recon3d-quality-")
     modalities = ("mri", "ct") if args.modality == "all" else (args.modality,)
     out = {"machine": machine_line(), "device": str(device), "threads": args.threads,
            "args": vars(args) | {"shape": list(args.shape)}}

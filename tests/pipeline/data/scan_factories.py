@@ -20,3 +20,20 @@ def make_ct(path, **changes):
                   scheduler="sync", progress=False)
     config.update(changes)
     return simulate_ct(SimulateCTConfig(**config))
+
+
+def kill_phantom_at_slab(monkeypatch, n: int = 3) -> None:
+    """Make the ``n``-th phantom slab a simulation asks for raise ``KeyboardInterrupt``: a job
+    killed part-way, its earlier slabs written (``monkeypatch.undo()`` or a new setattr restores)."""
+    from pipeline.data import phantoms
+
+    original = phantoms.AnalyticPhantom.slab
+    calls = {"n": 0}
+
+    def flaky(self, d0, d1):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("killed")
+        return original(self, d0, d1)
+
+    monkeypatch.setattr(phantoms.AnalyticPhantom, "slab", flaky)

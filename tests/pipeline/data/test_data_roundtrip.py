@@ -16,7 +16,7 @@ from pipeline.data import (
     open_scan,
 )
 from pipeline.data.phantoms import coil_maps_slab, make_volume_source
-from scan_factories import MRI_SHAPE, make_ct, make_mri
+from scan_factories import MRI_SHAPE, kill_phantom_at_slab, make_ct, make_mri
 
 
 def _stream_all(path, **kw):
@@ -126,15 +126,7 @@ def test_interrupted_simulation_is_incomplete_and_rerun_finishes(tmp_path, monke
     from pipeline.data import phantoms
 
     original = phantoms.AnalyticPhantom.slab
-    calls = {"n": 0}
-
-    def flaky(self, d0, d1):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("killed")
-        return original(self, d0, d1)
-
-    monkeypatch.setattr(phantoms.AnalyticPhantom, "slab", flaky)
+    kill_phantom_at_slab(monkeypatch, 3)
     path = tmp_path / "killed.zarr"
     with pytest.raises(KeyboardInterrupt):
         make_mri(path, noise_sigma=0.01)

@@ -16,7 +16,7 @@ from pipeline.data import open_scan
 from pipeline.data.cli import _simulate_config
 from pipeline.data.format import ScanError, ScanMetadata
 from pipeline.data.simulate import SimulateCTConfig
-from scan_factories import make_ct
+from scan_factories import kill_phantom_at_slab, make_ct
 
 
 def _stored(path) -> np.ndarray:
@@ -110,15 +110,7 @@ def test_a_resumed_job_counts_the_fractions_on_everything_stored(tmp_path, monke
     from pipeline.data import phantoms
 
     original = phantoms.AnalyticPhantom.slab
-    calls = {"n": 0}
-
-    def flaky(self, d0, d1):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("killed")
-        return original(self, d0, d1)
-
-    monkeypatch.setattr(phantoms.AnalyticPhantom, "slab", flaky)
+    kill_phantom_at_slab(monkeypatch, 3)
     path = tmp_path / "killed.zarr"
     with pytest.raises(KeyboardInterrupt):
         make_ct(path, photons=1e3, saturation=0.5)
