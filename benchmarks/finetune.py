@@ -269,13 +269,7 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 4x32x32 scans, N=10, P=6, one pretraining scan (figures mean nothing)")
     p.add_argument("--verbose", action="store_true")
-    g = p.add_argument_group("data (as benchmarks/quality.py)")
-    g.add_argument("--coils", type=int, default=8)
-    g.add_argument("--acceleration", type=float, default=6.0)
-    g.add_argument("--calibration", type=int, default=20)
-    g.add_argument("--noise-sigma", type=float, default=0.01)
-    g.add_argument("--angles", type=int, default=60)
-    g.add_argument("--photons", type=float, default=1e4)
+    Q.add_scan_arguments(p.add_argument_group("data (as benchmarks/quality.py)"))
     args = p.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():

@@ -271,6 +271,16 @@ def set_scales(model: torch.nn.Module, volumes: list[Volume]) -> None:
 
 
 
+
+def add_scan_arguments(group) -> None:
+    """The simulated scans' settings (MRI coils, mask, noise; CT angles, photons) on ``group``."""
+    group.add_argument("--coils", type=int, default=8)
+    group.add_argument("--acceleration", type=float, default=6.0)
+    group.add_argument("--calibration", type=int, default=20)
+    group.add_argument("--noise-sigma", type=float, default=0.01)
+    group.add_argument("--angles", type=int, default=60)
+    group.add_argument("--photons", type=float, default=1e4)
+
 def train_step(model, loss, opt, cfg, vols, gen: torch.Generator, step: int, label: str) -> float:
     """One optimizer step of ``loss`` on a random D-slab (``data.slab_thickness`` slices, at most
     the volume's depth) of a random volume of ``vols``, at the schedule's rate; the loss value.
@@ -591,12 +601,7 @@ def main(argv=None) -> None:
     p.add_argument("--verbose", action="store_true", help="print the dB/step points as they are measured")
     g = p.add_argument_group("data")
     g.add_argument("--phantom", default="ellipsoids", help="the tuning set's phantom")
-    g.add_argument("--coils", type=int, default=8)
-    g.add_argument("--acceleration", type=float, default=6.0)
-    g.add_argument("--calibration", type=int, default=20)
-    g.add_argument("--noise-sigma", type=float, default=0.01)
-    g.add_argument("--angles", type=int, default=60)
-    g.add_argument("--photons", type=float, default=1e4)
+    add_scan_arguments(g)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
