@@ -382,6 +382,13 @@ def _say_detector(path: Any, record: dict[str, Any]) -> None:
              for end in ("low", "high") if record[f"fraction_at_{end}"] is not None]
     kind = f"{record['bits']}-bit quantiser" if record["model"] == "quantize" else "saturation"
     say(f"recon3d simulate ct: {path}: detector ({kind}): measurements {', '.join(parts)}", "data")
+    low = record.get("fraction_at_low") or 0.0
+    if record["model"] == "clip" and low > 0.5:
+        import logging
+
+        say(f"recon3d simulate ct: warning: {100 * low:.0f}% of the rays saturate (line integrals below "
+            f"{record['low']:.4g}): the level is below most of this object's attenuation; a level closer "
+            "to 1 clips only the rays through air and thin edges", "data", level=logging.WARNING)
 
 
 def simulate_ct(config: SimulateCTConfig) -> JobOutcome:

@@ -133,6 +133,18 @@ def test_the_fractions_are_reported(tmp_path, capsys):
     text = said.out + said.err
     assert f"{100 * record['fraction_at_low']:.2f}% at low" in text
     assert f"{100 * record['fraction_at_high']:.2f}% at high" in text
+    assert ("of the rays saturate" in text) == (record["fraction_at_low"] > 0.5)
+
+
+def test_a_level_that_clips_most_rays_is_warned_about(tmp_path, capsys):
+    from pipeline.cli import main
+
+    out = tmp_path / "s.zarr"  # shepp-logan's line integrals stay below -log 0.3 = 1.2: every ray clips
+    assert main(["simulate", "ct", "--shape", "4", "16", "16", "--angles", "6", "--saturation", "0.3",
+                 "--out", str(out), "--no-progress", "--scheduler", "sync"]) == 0
+    said = capsys.readouterr()
+    assert _detector(out)["fraction_at_low"] > 0.5
+    assert "warning: " in said.err and "of the rays saturate" in said.err
 
 
 def test_an_ideal_detector_records_nothing_and_old_scans_still_resume(tmp_path):
