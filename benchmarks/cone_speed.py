@@ -58,22 +58,23 @@ def _cpu_time(fn, repeat: int) -> float:
 def _pieces(op: ConeBeamCT, x: torch.Tensor, y: torch.Tensor, thick: int):
     num_d = op.domain_shape[0]
 
-    def forward():
-        out = torch.zeros(op.range_shape, dtype=x.dtype)
+    def slabs():
+        """Each D-slab's bounds, its operator and the detector rows it reaches."""
         for d0 in range(0, num_d, thick):
             d1 = min(num_d, d0 + thick)
             sub = op.slab(slice(d0, d1))
-            hit = sub.rows_hit_by(slice(0, d1 - d0))
+            yield d0, d1, sub, sub.rows_hit_by(slice(0, d1 - d0))
+
+    def forward():
+        out = torch.zeros(op.range_shape, dtype=x.dtype)
+        for d0, d1, sub, hit in slabs():
             if hit.start < hit.stop:
                 out[hit] += sub.rows(hit)(x[d0:d1])
         return out
 
     def adjoint():
         out = torch.empty(op.domain_shape, dtype=y.dtype)
-        for d0 in range(0, num_d, thick):
-            d1 = min(num_d, d0 + thick)
-            sub = op.slab(slice(d0, d1))
-            hit = sub.rows_hit_by(slice(0, d1 - d0))
+        for d0, d1, sub, hit in slabs():
             out[d0:d1] = sub.rows(hit).adjoint(y[hit])
         return out
 

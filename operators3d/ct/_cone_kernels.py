@@ -92,6 +92,15 @@ def _block_rows(windows, q0: int, q1: int, num_m: int) -> tuple[int, int]:
     return int(start[q0:q1].min()), int(stop[q0:q1].max())
 
 
+def _blocks(windows, num_q: int, q_step: int, num_m: int):
+    """``(q0, q1, v0, v1)`` of each block of ``q_step`` pairs that reaches some row."""
+    for q0 in range(0, num_q, q_step):
+        q1 = min(num_q, q0 + q_step)
+        v0, v1 = _block_rows(windows, q0, q1, num_m)
+        if v1 > v0:
+            yield q0, q1, v0, v1
+
+
 def _index_dtype(count: int) -> torch.dtype:
     return torch.int32 if count < 2**31 - 2 else torch.int64
 
@@ -183,14 +192,8 @@ def pair_gather(
     lo = torch.empty(q_step * channels * num_m, dtype=dtype, device=device)
     hi = torch.empty_like(lo)
     full = torch.empty(q_step, channels, num_m, dtype=dtype, device=device)
-    windows = row_windows(zslope, zcoord, zoff, length)
-    for q0 in range(0, num_q, q_step):
-        q1 = min(num_q, q0 + q_step)
-        m = q1 - q0
-        v0, v1 = _block_rows(windows, q0, q1, num_m)
-        if v1 <= v0:
-            continue
-        nm = v1 - v0
+    for q0, q1, v0, v1 in _blocks(row_windows(zslope, zcoord, zoff, length), num_q, q_step, num_m):
+        m, nm = q1 - q0, v1 - v0
         gm = g[: 2 * m]
         torch.index_select(flat, 0, row_index[q0:q1].reshape(-1), out=gm)
         gv = gm.view(m, 2, channels, width)
@@ -237,14 +240,8 @@ def pair_scatter(
     hi = torch.empty(q_step, channels, num_m, dtype=dtype, device=device)
     line = torch.empty(q_step, channels, width, dtype=dtype, device=device)
     pair = torch.empty(q_step, 2, channels, width, dtype=dtype, device=device)
-    windows = row_windows(zslope, zcoord, zoff, length)
-    for q0 in range(0, num_q, q_step):
-        q1 = min(num_q, q0 + q_step)
-        m = q1 - q0
-        v0, v1 = _block_rows(windows, q0, q1, num_m)
-        if v1 <= v0:
-            continue
-        nm = v1 - v0
+    for q0, q1, v0, v1 in _blocks(row_windows(zslope, zcoord, zoff, length), num_q, q_step, num_m):
+        m, nm = q1 - q0, v1 - v0
         g = gg.view(-1)[: m * channels * nm].view(m, channels, nm)
         torch.index_select(grad[:, :, v0:v1], 0, ray[q0:q1], out=g)
         zc = zcoord[v0:v1]
