@@ -50,10 +50,10 @@ def _weights_digest(path: Path) -> tuple[str, dict[str, Any], ModelCard | None]:
 
 
 class _SlabReader:
-    """``(y, op)`` of a D-range of a scan, as ``Scan.slab`` gives, read one stored object (a
-    chunk, or a whole shard in one request on an object store) at a time into preallocated
-    tensors: the peak is the slab plus one stored object, not twice the slab. The MRI mask is
-    read once, so every slab operator shares it (and its cached FFT phases)."""
+    """``(y, op)`` of a D-range of a scan, as ``Scan.slab`` gives. ``ScanArray.read`` reads one
+    stored object (a chunk, or a whole shard in one request on an object store) at a time into
+    one preallocated result: the peak is the slab plus one stored object. The MRI mask is read
+    once, so every slab operator shares it (and its cached FFT phases)."""
 
     def __init__(self, scan) -> None:
         self.scan = scan
@@ -61,19 +61,7 @@ class _SlabReader:
 
     @staticmethod
     def _read(array, lo: int, hi: int) -> torch.Tensor:
-        axis, step = array.d_axis, array.stored_depth
-        shape = list(array.shape)
-        shape[axis] = hi - lo
-        out: torch.Tensor | None = None
-        for start in range(lo // step * step, hi, step):
-            a, b = max(lo, start), min(hi, start + step)
-            part = array.read_torch(slice(a, b))  # one object: checked present, decoded, finite
-            if out is None:
-                out = torch.empty(shape, dtype=part.dtype)
-            out.narrow(axis, a - lo, b - a).copy_(part)
-            del part
-        assert out is not None
-        return out
+        return array.read_torch(slice(lo, hi))  # checked present, decoded, finite
 
     def __call__(self, lo: int, hi: int):
         if self.mask is not None:
