@@ -196,6 +196,23 @@ class NonLinearForward(nn.Module):
             return _ApplyNonLinear.apply(x, self)
         return self._g(self._measure(x))
 
+    def apply_values(self, z: torch.Tensor) -> torch.Tensor:
+        """``g(z)`` on given measurements ``z`` (``A x`` plus fresh noise, say), differentiable
+        in ``z`` with this model's ``g'`` (the surrogate where one is used, zero for
+        ``gradient="zero"``) — what re-measuring ``A T x̂ + n′`` through the detector needs.
+
+        Math:
+            value ``g(z)``; gradient ``∂/∂z = g'(z)``: ``g(z) + g'(z) ⊙ (z − stop_grad(z))``.
+        """
+        if z.is_complex():
+            raise TypeError(f"{self.name}.apply_values: {self.name} acts on real measurements, got {z.dtype}")
+        with torch.no_grad():
+            value = self._g(z)
+            deriv = self._derivative(z) if z.requires_grad else None
+        if deriv is None or not torch.is_grad_enabled():
+            return value
+        return value + self._scale(z - z.detach(), deriv)
+
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
         """``g'(A x)`` (of the surrogate where one is used), as a real tensor of ``A x``'s shape."""
         with torch.no_grad():

@@ -158,9 +158,19 @@ def register(subparsers: Any) -> None:
     ct.add_argument("--saturation", type=float, default=None, metavar="S",
                     help="the detector saturates at the fraction S of the open-beam count (S*I0 photons "
                     "with --photons): line integrals below -log S read -log S (default: no saturation)")
+    ct.add_argument("--floor", type=float, default=None, metavar="F",
+                    help="the smallest count the detector reads, as the fraction F of the open-beam count "
+                    "(photon starvation behind dense material): line integrals above -log F read -log F "
+                    "(default: no floor)")
     ct.add_argument("--bits", type=int, default=None, metavar="B",
                     help="quantise the line integrals to B bits, uniformly on [-log S (0 without "
-                    "--saturation), --attenuation] (default: not quantised)")
+                    "--saturation), -log F (--attenuation without --floor)] (default: not quantised)")
+    ct.add_argument("--one-bit", type=float, default=None, metavar="T",
+                    help="store one bit per ray: +1 where the line integral is at least T, -1 elsewhere "
+                    "(a comparator; not with --saturation, --floor or --bits)")
+    ct.add_argument("--one-bit-width", type=float, default=0.1, metavar="W",
+                    help="with --one-bit: the temperature of the logistic consistency loss a network is "
+                    "trained with, in line-integral units (recorded as the model's width; default 0.1)")
     ct.add_argument("--units", type=_units, default="mm", help="length unit of --voxel-size and the geometry (default: mm)")
     ct.add_argument("--seed", type=int, default=0)
     ct.add_argument("--out", required=True)
@@ -274,6 +284,7 @@ def _simulate_config(args: argparse.Namespace):
                             det_rows=args.det_rows, det_spacing=args.det_spacing,
                             voxel_size=args.voxel_size, src_dist=args.src_dist,
                             det_dist=args.det_dist, saturation=args.saturation, bits=args.bits,
+                            floor=args.floor, one_bit=args.one_bit, one_bit_width=args.one_bit_width,
                             **common)
 
 

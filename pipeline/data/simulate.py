@@ -124,8 +124,16 @@ class SimulateCTConfig(Settings):
         saturation: the detector's maximum count as a fraction ``S`` of the open-beam count
             (``S·I0`` photons with ``photons``): a ray transmitting more reads as ``S``, so
             the stored line integrals are clipped from below at ``−log S``.
+        floor: the smallest count the detector reads, as a fraction ``F`` of the open-beam
+            count (a dark-noise floor, photon starvation behind dense material): a ray
+            transmitting less reads as ``F``, so the line integrals are clipped from above at
+            ``−log F``. ``F < S``.
         bits: quantise the stored line integrals with a uniform ``B``-bit quantiser on
-            ``[lo, hi] = [−log S (0 without saturation), attenuation]``.
+            ``[lo, hi] = [−log S (0 without saturation), −log F (attenuation without floor)]``.
+        one_bit: store one bit per ray, ``sign(y − T)`` (``+1`` where the line integral is at
+            least ``T``, else ``−1``): a comparator instead of an ADC. Not with the options above.
+        one_bit_width: the recorded ``width`` of the one-bit model (line-integral units): the
+            temperature of the logistic consistency loss a network is trained with.
         seed, chunk_depth, codec, units, overwrite, workers, progress: as for MRI.
     """
 
@@ -146,7 +154,10 @@ class SimulateCTConfig(Settings):
     src_dist: float | None = None
     det_dist: float | None = None
     saturation: float | None = Field(None, gt=0, allow_inf_nan=False)
+    floor: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False)
     bits: int | None = Field(None, ge=1, le=32)
+    one_bit: float | None = Field(None, allow_inf_nan=False)
+    one_bit_width: float = Field(0.1, gt=0, allow_inf_nan=False)
     seed: int = 0
     chunk_depth: int | None = Field(None, ge=1)
     codec: CodecConfig = CodecConfig()
@@ -160,16 +171,26 @@ class SimulateCTConfig(Settings):
     def _one_noise(self) -> "SimulateCTConfig":
         if self.photons is not None and self.noise_sigma:
             raise ValueError("give --photons or --noise-sigma, not both")
-        if self.bits is not None and self.saturation is not None and -math.log(self.saturation) >= self.attenuation:
-            raise ValueError(f"--bits quantises [-log S, attenuation] = [{-math.log(self.saturation):.4g}, "
-                             f"{self.attenuation:.4g}]: raise --saturation or --attenuation")
+        top = -math.log(self.floor) if self.floor is not None else self.attenuation
+        if self.bits is not None and self.saturation is not None and -math.log(self.saturation) >= top:
+            raise ValueError(f"--bits quantises [-log S, {'-log F' if self.floor else 'attenuation'}] = "
+                             f"[{-math.log(self.saturation):.4g}, {top:.4g}]: raise --saturation"
+                             f"{'' if self.floor else ' or --attenuation'}")
+        if self.floor is not None and self.saturation is not None and self.floor >= self.saturation:
+            raise ValueError(f"--floor F ({self.floor:g}) must be below --saturation S ({self.saturation:g}): "
+                             "the detector reads counts between F·I0 and S·I0")
+        if self.one_bit is not None and (self.bits, self.saturation, self.floor) != (None, None, None):
+            raise ValueError("--one-bit T stores one bit per ray: not with --bits, --saturation or --floor")
         return self
 
     def parameters(self) -> dict[str, Any]:
         """What determines the scan's content (compared when resuming); an ideal detector's unset
         ``saturation``/``bits`` are left out, so scans written before they existed still resume."""
         params = {**self.model_dump(exclude=set(RUN_SETTINGS)), "codec": self.codec.recorded(self.out)}
-        return {k: v for k, v in params.items() if not (k in ("saturation", "bits") and v is None)}
+        optional = ("saturation", "bits", "floor", "one_bit")
+        if self.one_bit is None:
+            params.pop("one_bit_width", None)
+        return {k: v for k, v in params.items() if not (k in optional and v is None)}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -325,36 +346,47 @@ def _apply_ct_noise(p: torch.Tensor, config: SimulateCTConfig, gen: torch.Genera
 def detector_record(config: SimulateCTConfig) -> dict[str, Any] | None:
     """The scan's ``detector`` record (``docs/scan-format.md``), ``None`` for an ideal detector.
 
-    ``model`` is ``clip`` (``saturation`` alone: ``y = clamp(y, low, high)``) or ``quantize``
+    ``model`` is ``clip`` (``saturation``/``floor``: ``y = clamp(y, low, high)``), ``quantize``
     (``bits``: the uniform quantiser on ``[low, high]``, which saturates at both ends, so it
-    includes the clip); ``low``/``high`` are in the stored units (line integrals).
+    includes the clip) or ``sign`` (``one_bit``: ``±1`` about ``threshold``, stored as ``±1``,
+    with ``gradient: zero`` — no gradient through the comparator, as in Tachella & Jacques
+    2023); ``low``/``high``/``threshold`` are in line-integral units.
     ``operators3d.nonlinear_from_dict(record, A)`` is the noise-free forward model
-    ``y = g(A x)``. A saturating detector clips at ``low = −log S``; with ``photons`` a zero
-    count is read as one, which clips at ``high = log I0`` (photon-starved rays).
+    ``y = g(A x)``. A saturating detector clips at ``low = −log S``; a count floor at
+    ``high = −log F``; with ``photons`` a zero count is read as one, which clips at
+    ``high = log I0`` (photon-starved rays) when no lower one is set.
     ``fraction_at_low``/``fraction_at_high`` (the share of measurements read at each end, written
     when the scan completes) are ``None`` until then and for an unbounded side.
     """
-    if config.saturation is None and config.bits is None:
+    if config.one_bit is not None:
+        return {"model": "sign", "threshold": float(config.one_bit), "width": float(config.one_bit_width),
+                "gradient": "zero", "fraction_at_low": None, "fraction_at_high": None}
+    if config.saturation is None and config.bits is None and config.floor is None:
         return None
     low = -math.log(config.saturation) if config.saturation is not None else None
+    tops = [v for v in (-math.log(config.floor) if config.floor is not None else None,
+                        math.log(config.photons) if config.photons is not None else None) if v is not None]
+    high = min(tops) if tops else None
     record: dict[str, Any] = {"saturation": config.saturation,
                               "saturation_count": (config.saturation * config.photons
-                                                   if config.saturation is not None and config.photons else None)}
+                                                   if config.saturation is not None and config.photons else None),
+                              "floor": config.floor}
     if config.bits is not None:
         model = {"model": "quantize", "bits": int(config.bits), "low": 0.0 if low is None else low,
-                 "high": float(config.attenuation)}
+                 "high": -math.log(config.floor) if config.floor is not None else float(config.attenuation)}
     else:
-        model = {"model": "clip", "low": low,
-                 "high": math.log(config.photons) if config.photons is not None else None}
+        model = {"model": "clip", "low": low, "high": high}
     return {**model, **record, "fraction_at_low": None, "fraction_at_high": None}
 
 
 def _apply_detector(y: torch.Tensor, record: dict[str, Any] | None) -> torch.Tensor:
     """The detector of ``record`` on (noisy) line integrals ``y``, entry by entry."""
-    from operators3d.nonlinear import clip_values, quantize_values
+    from operators3d.nonlinear import clip_values, quantize_values, sign_values
 
     if record is None:
         return y
+    if record["model"] == "sign":
+        return sign_values(y, record["threshold"])
     if record["model"] == "quantize":
         return quantize_values(y, record["bits"], record["low"], record["high"])
     return clip_values(y, record["low"], record["high"])
@@ -378,17 +410,26 @@ def _detector_fractions(meas, record: dict[str, Any]) -> dict[str, float | None]
 def _say_detector(path: Any, record: dict[str, Any]) -> None:
     from pipeline.log import say
 
+    if record["model"] == "sign":
+        say(f"recon3d simulate ct: {path}: detector (one bit, threshold {record['threshold']:.4g}): "
+            f"{100 * record['fraction_at_high']:.2f}% of the rays read +1", "data")
+        return
     parts = [f"{100 * record[f'fraction_at_{end}']:.2f}% at {end} = {record[end]:.4g}"
              for end in ("low", "high") if record[f"fraction_at_{end}"] is not None]
-    kind = f"{record['bits']}-bit quantiser" if record["model"] == "quantize" else "saturation"
+    kind = f"{record['bits']}-bit quantiser" if record["model"] == "quantize" else "clipping"
     say(f"recon3d simulate ct: {path}: detector ({kind}): measurements {', '.join(parts)}", "data")
     low = record.get("fraction_at_low") or 0.0
-    if record["model"] == "clip" and low > 0.5:
-        import logging
+    high = record.get("fraction_at_high") or 0.0
+    import logging
 
+    if record["model"] == "clip" and low > 0.5:
         say(f"recon3d simulate ct: warning: {100 * low:.0f}% of the rays saturate (line integrals below "
             f"{record['low']:.4g}): the level is below most of this object's attenuation; a level closer "
             "to 1 clips only the rays through air and thin edges", "data", level=logging.WARNING)
+    if record["model"] == "clip" and high > 0.5:
+        say(f"recon3d simulate ct: warning: {100 * high:.0f}% of the rays read the count floor (line "
+            f"integrals above {record['high']:.4g}): a lower --floor clips only the rays through the densest "
+            "parts", "data", level=logging.WARNING)
 
 
 def simulate_ct(config: SimulateCTConfig) -> JobOutcome:

@@ -117,6 +117,7 @@ class SlabDataset(Dataset):
             "position": key.position,
             "noise_model": scan.metadata.noise_model,
             "acquisition_noise": scan.metadata.acquisition_noise,
+            "detector": scan.metadata.detector,
         }
         if self.config.mode == "measurements":
             if scan.modality == "ct":

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 
 from .base import Loss, LossOutput, squared_residual
+from .detector import detector_model, nonlinear_consistency
 
 __all__ = ["MeasurementConsistencyLoss", "SupervisedLoss"]
 
@@ -22,16 +23,30 @@ class MeasurementConsistencyLoss(Loss):
 
     Math:
         ``L = ‖y − A x̂‖² / m``, ``m`` = number of measured entries (a complex entry counts once
-        and contributes ``|z|²``).
+        and contributes ``|z|²``). With a non-linear ``detector``, in the measurement space of
+        ``y = g(A x)``: ``‖y − g(A x̂)‖² / m`` (clip, quantise) or the one-bit logistic loss
+        (:func:`~pipeline.losses.detector.nonlinear_consistency`).
+
+    Args:
+        detector: a scan's ``detector`` record (``operators3d.nonlinear_from_dict``), or
+            ``None`` for linear measurements.
     """
 
     name: ClassVar[str] = "mc"
 
-    def __init__(self) -> None:
+    def __init__(self, *, detector: Mapping[str, Any] | None = None) -> None:
         super().__init__(seed=0)
+        self.detector = None if detector is None else dict(detector)
+
+    def extra_repr(self) -> str:
+        return "" if self.detector is None else f"detector={self.detector.get('model')}"
 
     def _loss(self, x_hat, y, op, model) -> LossOutput:
-        value = squared_residual(op, x_hat, y) / op.num_measured(y)
+        forward = detector_model(self.detector, op)
+        if forward is None:
+            value = squared_residual(op, x_hat, y) / op.num_measured(y)
+        else:
+            value = nonlinear_consistency(forward, x_hat, y, op.num_measured(y))
         return LossOutput(value, {self.name: value.detach()})
 
 

@@ -16,6 +16,7 @@ from operators3d import GroupAction, NoiseModel, PoissonGaussianNoise, PoissonNo
 
 from .base import Loss, LossOutput, WeightedSum
 from .consistency import MeasurementConsistencyLoss, _mean_sq
+from .detector import detector_model
 
 __all__ = ["EquivariantImagingLoss", "robust_ei", "equivariant_imaging"]
 
@@ -55,6 +56,9 @@ class EquivariantImagingLoss(Loss):
             volume's ``shape``), a fixed ``GroupAction``, or any callable on volumes.
         noise_model: re-measure with fresh noise from this model (robust EI); ``None`` for EI.
         transform_options: keyword arguments of ``transform.sample`` (e.g. ``plane=``).
+        detector: a scan's non-linear ``detector`` record: the re-measurement goes through it,
+            ``x₃ = f(g(A T_g x̂ + n′), A)`` (Tachella & Jacques 2023 for sign, Sechaud et al.
+            2024 for clipping), with the gradient of ``g`` its model documents.
         seed: seed of the loss's generator (transforms and noise).
     """
 
@@ -66,9 +70,11 @@ class EquivariantImagingLoss(Loss):
         transform: Transform,
         noise_model: NoiseModel | None = None,
         transform_options: Mapping[str, Any] | None = None,
+        detector: Mapping[str, Any] | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__(seed=seed)
+        self.detector = None if detector is None else dict(detector)
         if not callable(transform):
             raise TypeError(
                 f"EquivariantImagingLoss: transform must be a GroupAction (class or instance) or "
@@ -89,7 +95,8 @@ class EquivariantImagingLoss(Loss):
             name = t.__name__
         else:
             name = repr(t) if isinstance(t, GroupAction) else "callable"
-        return f"transform={name}, noise_model={self.noise_model}"
+        detector = "" if self.detector is None else f", detector={self.detector.get('model')}"
+        return f"transform={name}, noise_model={self.noise_model}{detector}"
 
     def _loss(self, x_hat, y, op, model) -> LossOutput:
         model = self._require_model(model)
@@ -108,6 +115,9 @@ class EquivariantImagingLoss(Loss):
                 self.noise_model, (PoissonNoise, PoissonGaussianNoise)
             ) else {}
             y2 = self.noise_model.sample(y2, generator=dev, mask=mask, **kwargs)
+        detector = detector_model(self.detector, op)
+        if detector is not None:  # the detector acts after the noise, as when the scan was measured
+            y2 = detector.apply_values(y2)
         x3 = model(y2, op)
         del y2
         value = _mean_sq(x3, x2)
@@ -116,11 +126,13 @@ class EquivariantImagingLoss(Loss):
 
 def equivariant_imaging(
     *, transform: Transform, weight: float = 1.0, transform_options: Mapping[str, Any] | None = None,
-    seed: int | None = None,
+    detector: Mapping[str, Any] | None = None, seed: int | None = None,
 ) -> WeightedSum:
-    """EI as in the paper: ``MC + α · EI`` (:class:`WeightedSum` with parts ``mc`` and ``ei``)."""
-    ei = EquivariantImagingLoss(transform=transform, transform_options=transform_options, seed=seed)
-    return WeightedSum([(1.0, MeasurementConsistencyLoss()), (float(weight), ei)])
+    """EI as in the paper: ``MC + α · EI`` (:class:`WeightedSum` with parts ``mc`` and ``ei``);
+    with a non-linear ``detector`` both terms measure through it."""
+    ei = EquivariantImagingLoss(transform=transform, transform_options=transform_options, detector=detector,
+                                seed=seed)
+    return WeightedSum([(1.0, MeasurementConsistencyLoss(detector=detector)), (float(weight), ei)])
 
 
 def robust_ei(

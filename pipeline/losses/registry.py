@@ -32,13 +32,14 @@ class _Term(FrozenModel):
 
 
 class MCTerm(_Term):
-    """Measurement consistency ``‖A x̂ − y‖²``."""
+    """Measurement consistency ``‖A x̂ − y‖²`` (through the scans' detector when it is non-linear)."""
 
     name: Literal["mc"]
 
 
 class EITerm(_Term):
-    """Equivariant imaging; ``noise: true`` adds fresh noise of the scan's model (robust EI)."""
+    """Equivariant imaging; ``noise: true`` adds fresh noise of the scan's model (robust EI); the
+    re-measurement goes through the scans' detector when it is non-linear."""
 
     name: Literal["ei"]
     transform: Literal["rotate90", "rotate", "reflect", "shift", "cube_rotations"] = "rotate90"
@@ -89,8 +90,18 @@ _TRANSFORMS = {"rotate90": "Rotate90", "rotate": "Rotate", "reflect": "Reflect",
                "cube_rotations": "CubeRotation"}
 
 
+def _linear_only(facts: Any, where: str) -> None:
+    """Refuse a term that assumes ``y = A x + n`` on scans measured through a non-linear detector."""
+    detector = getattr(facts, "detector", None)
+    if detector is not None:
+        raise ConfigError(
+            f"{where}: assumes linear measurements, and the scans were measured through a non-linear "
+            f"detector ({detector.get('model')}); use the mc and ei terms, which measure through it, or set "
+            "loss.detector: ignore to train with the linear model")
+
+
 def _mc(t: MCTerm, facts: Any, seed: int, where: str) -> Any:
-    return MeasurementConsistencyLoss()
+    return MeasurementConsistencyLoss(detector=getattr(facts, "detector", None))
 
 
 def _ei(t: EITerm, facts: Any, seed: int, where: str) -> Any:
@@ -102,12 +113,13 @@ def _ei(t: EITerm, facts: Any, seed: int, where: str) -> Any:
             raise ConfigError(f"{where}: noise: true (robust EI) needs scans with a noise model in their metadata")
         noise = facts.noise_model
     return EquivariantImagingLoss(transform=getattr(operators3d, _TRANSFORMS[t.transform]),
-                                  noise_model=noise, seed=seed)
+                                  noise_model=noise, detector=getattr(facts, "detector", None), seed=seed)
 
 
 def _sure(t: SureTerm, facts: Any, seed: int, where: str) -> Any:
     import operators3d
 
+    _linear_only(facts, where)
     nm = facts.noise_model
     if nm is None:
         raise ConfigError(f"{where}: SURE needs scans with a noise model in their metadata")
@@ -122,6 +134,7 @@ def _sure(t: SureTerm, facts: Any, seed: int, where: str) -> Any:
 
 
 def _splitting(t: SplittingTerm, facts: Any, seed: int, where: str) -> Any:
+    _linear_only(facts, where)
     return SplittingLoss(t.rho, seed=seed)
 
 
@@ -135,12 +148,14 @@ def _supervised(t: SupervisedTerm, facts: Any, seed: int, where: str) -> Any:
 
 
 def _ssdu(t: SSDUTerm, facts: Any, seed: int, where: str) -> Any:
+    _linear_only(facts, where)
     if facts.modality != "mri":
         raise ConfigError(f"{where}: SSDU splits MRI k-space; use n2i or splitting for CT")
     return SSDULoss(t.rho, metric=t.metric, weighted=t.weighted, seed=seed)
 
 
 def _n2i(t: N2ITerm, facts: Any, seed: int, where: str) -> Any:
+    _linear_only(facts, where)
     return Noise2InverseLoss(t.num_splits, target=t.target, seed=seed)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -49,6 +49,7 @@ class ScanFacts:
     noise_model: Any  # operators3d NoiseModel or None
     channels: int  # real channels of an image at the network's boundary
     without_reference: tuple[str, ...] = ()  # scans with no reference array (supervised needs one)
+    detector: Any = None  # the scans' non-linear detector record (docs/scan-format.md), None: linear
 
 
 def scan_facts(paths: list[str], *, storage_options: dict[str, Any] | None = None, what: str = "data.scans") -> ScanFacts:
@@ -67,10 +68,20 @@ def scan_facts(paths: list[str], *, storage_options: dict[str, Any] | None = Non
             raise ConfigError(f"{what}[{i}]: cannot open scan {path!r}: {exc}") from None
         meta = scan.metadata
         geometry = "cartesian" if scan.modality == "mri" else meta.geometry.kind
-        facts.append((scan.modality, geometry, meta.noise_model, path, scan.reference is not None))
+        facts.append((scan.modality, geometry, meta.noise_model, path, scan.reference is not None,
+                      meta.detector))
     modalities = {f[0] for f in facts}
     if len(modalities) > 1:
         raise ConfigError(f"{what}: scans of one modality only, got {sorted(modalities)}")
+    from pipeline.losses.detector import detector_key
+
+    detectors = {detector_key(f[5]): f for f in facts}
+    if len(detectors) > 1:
+        first, other = list(detectors.values())[:2]
+        raise ConfigError(
+            f"{what}: the scans were measured through different detectors ({first[3]}: "
+            f"{_detector_text(first[5])}; {other[3]}: {_detector_text(other[5])}); a loss measures "
+            "through one model: train them separately, or set loss.detector: ignore")
     noise = {repr(f[2]) for f in facts}
     noise_model = None
     if len(noise) == 1 and facts[0][2] is not None:
@@ -79,7 +90,13 @@ def scan_facts(paths: list[str], *, storage_options: dict[str, Any] | None = Non
         noise_model = noise_model_from_dict(facts[0][2])
     modality, geometry = facts[0][0], facts[0][1]
     return ScanFacts(modality, geometry, noise_model, 2 if modality == "mri" else 1,
-                     without_reference=tuple(str(f[3]) for f in facts if not f[4]))
+                     without_reference=tuple(str(f[3]) for f in facts if not f[4]), detector=facts[0][5])
+
+
+def _detector_text(record: dict | None) -> str:
+    if record is None:
+        return "linear"
+    return ", ".join(f"{k} {record[k]}" for k in ("model", "low", "high", "bits", "threshold") if record.get(k) is not None)
 
 
 def _to_parameter_dtype(module: nn.Module, args: tuple) -> tuple:
@@ -144,6 +161,8 @@ def build_loss(cfg: LossConfig, facts: ScanFacts, *, seed: int) -> Any:
     from pipeline.losses import WeightedSum
     from pipeline.losses.registry import LOSS_TERMS
 
+    if cfg.detector == "ignore" and facts.detector is not None:
+        facts = replace(facts, detector=None)
     terms = []
     for i, t in enumerate(cfg.terms):
         loss = LOSS_TERMS[t.name].build(t, facts, derived_seed(seed, "loss-term", i), f"loss.terms[{i}] ({t.name})")

@@ -183,6 +183,10 @@ class LossConfig(FrozenModel):
     """The loss: a weighted sum of terms (at most one splitting term, which wraps the model)."""
 
     terms: list[TermConfig] = Field(default_factory=lambda: [MCTerm(name="mc"), EITerm(name="ei")], min_length=1)
+    #: ``auto``: scans measured through a non-linear detector (their ``detector`` record:
+    #: saturation, quantisation, one bit) are re-measured through it by the mc and ei terms;
+    #: ``ignore``: every term treats the measurements as linear, ``y = A x + n``.
+    detector: Literal["auto", "ignore"] = "auto"
 
     @model_validator(mode="after")
     def _one_split(self) -> "LossConfig":

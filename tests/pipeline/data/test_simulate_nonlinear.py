@@ -180,3 +180,51 @@ def test_detector_metadata_round_trips_and_is_checked(tmp_path):
     assert ScanMetadata.from_dict({k: v for k, v in meta.to_dict().items() if k != "detector"}).detector is None
     with pytest.raises(ScanError, match="detector must be null or a mapping"):
         ScanMetadata.from_dict(meta.to_dict() | {"detector": "clipped"})
+
+
+def test_a_count_floor_clips_the_densest_rays_from_above(tmp_path):
+    linear = _stored(make_ct(tmp_path / "linear.zarr", photons=1e4, seed=3).path)
+    floor = float(np.exp(-np.quantile(linear, 0.85)))
+    out = make_ct(tmp_path / "floor.zarr", photons=1e4, seed=3, floor=floor)
+    y, record = _stored(out.path), _detector(out.path)
+    assert record["model"] == "clip" and record["low"] is None and record["floor"] == floor
+    assert record["high"] == pytest.approx(-math.log(floor))  # below log I0 = 9.2, so the floor wins
+    np.testing.assert_array_equal(y, np.minimum(linear, np.float32(record["high"])))
+    assert record["fraction_at_high"] == pytest.approx(0.15, abs=0.01)
+    _check_fractions(record, y)
+    both = _detector(make_ct(tmp_path / "both.zarr", photons=1e4, seed=3, floor=floor, saturation=0.9).path)
+    assert both["low"] == pytest.approx(-math.log(0.9)) and both["high"] == record["high"]
+
+
+def test_one_bit_stores_the_comparator_and_records_a_sign_model(tmp_path):
+    from operators3d import Sign
+
+    linear = _stored(make_ct(tmp_path / "linear.zarr", noise_sigma=0.02, seed=6).path)
+    out = make_ct(tmp_path / "bit.zarr", noise_sigma=0.02, seed=6, one_bit=0.5, one_bit_width=0.2)
+    y, record = _stored(out.path), _detector(out.path)
+    assert record == {**record, "model": "sign", "threshold": 0.5, "width": 0.2, "gradient": "zero"}
+    np.testing.assert_array_equal(y, np.where(linear >= np.float32(0.5), 1.0, -1.0).astype(np.float32))
+    assert record["fraction_at_high"] == pytest.approx((y == 1).mean()) and 0 < record["fraction_at_high"] < 1
+    model = nonlinear_from_dict(record, Identity((3,)))
+    assert isinstance(model, Sign) and model.gradient == "zero" and model.width == 0.2
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"floor": 1.0}, "--floor must be < 1"),
+    ({"floor": 0.5, "saturation": 0.4}, "must be below --saturation"),
+    ({"one_bit": 1.0, "bits": 2}, "not with --bits"),
+    ({"one_bit": 1.0, "floor": 0.1}, "not with --bits, --saturation or --floor"),
+    ({"one_bit": 1.0, "one_bit_width": 0.0}, "--one-bit-width must be > 0"),
+])
+def test_bad_floor_and_one_bit_settings_are_refused(changes, match):
+    with pytest.raises(ValueError, match=match):
+        SimulateCTConfig(out="x.zarr", **changes)
+
+
+def test_floor_and_one_bit_flags_fill_the_config():
+    args = _build_parser().parse_args(["simulate", "ct", "--out", "x.zarr", "--floor", "0.2"])
+    assert _simulate_config(args).floor == 0.2
+    args = _build_parser().parse_args(["simulate", "ct", "--out", "x.zarr", "--one-bit", "1.5", "--one-bit-width", "0.3"])
+    config = _simulate_config(args)
+    assert config.one_bit == 1.5 and config.one_bit_width == 0.3
+    assert "one_bit_width" not in SimulateCTConfig(out="x.zarr").parameters()

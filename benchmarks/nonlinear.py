@@ -1,0 +1,239 @@
+"""Non-linear detectors (issue 18.2): a network trained through the detector against the same
+network trained with the linear model, FBP, and a classical one-bit method.
+
+    .venv/bin/python benchmarks/nonlinear.py [--cases clip-tuning clip-held-out one-bit]
+        [--steps N] [--clip-fraction 0.12] [--one-bit-quantile 0.75] [--shape 16 96 96]
+        [--threads 1] [--scratch DIR] [--json FILE] [--quick]
+
+Each case is one parallel-beam CT scan (``--angles`` views, ``--photons`` transmission noise,
+as ``benchmarks/quality.py``), simulated twice with the same seed: **linear** (an ideal detector)
+and through a **non-linear detector** recorded in the scan (``recon3d simulate ct --floor`` or
+``--one-bit``). The detector's level is set from the linear scan *before* anything is trained:
+
+* ``clip-*`` — a count floor ``F`` (``--floor``) at the ``1 − f`` quantile of the linear scan's
+  line integrals, so the fraction ``f`` (``--clip-fraction``, default 12 %) of all rays — the
+  ones through the densest parts — read the floor (photon starvation); ``clip-tuning`` is the
+  tuning family (``ellipsoids``, seed 101), ``clip-held-out`` the held-out ``anatomy`` (seed 301,
+  never looked at while choosing anything here);
+* ``one-bit`` — one bit per ray (``--one-bit T``), ``T`` the ``--one-bit-quantile`` of the linear
+  scan's line integrals (held-out ``anatomy``, seed 301).
+
+On the non-linear scan, with the shipped recipe ``launch/configs/ct_ei.yaml`` (MC + EI, rotations)
+trained on the scan itself for ``--steps`` steps (the loop of ``benchmarks/quality.py``: the
+builders of ``recon3d train``, no DeepSpeed):
+
+* **aware** — ``loss.detector: auto``: MC in the detector's measurement space and EI
+  re-measuring through it (:mod:`pipeline.losses.detector`);
+* **linear model** — the same network, loss, seed and slabs with ``loss.detector: ignore``;
+* **FBP** — the best of four windows on the measured (clipped) sinogram (an oracle: it needs
+  the reference), and the same on the linear scan (what the detector took away);
+* one-bit only: **normalised back-projection** ``Aᵀy`` and **FBP of the bits**, each at the
+  scale that fits the reference best (the classical one-bit estimate is known up to scale).
+
+Metrics: PSNR/SSIM against the reference (:mod:`pipeline.metrics`), data range its maximum; for
+one-bit also after the least-squares scale ``α = ⟨x̂, x⟩/⟨x̂, x̂⟩`` (the scale ambiguity of one-bit
+data; with a threshold ``T ≠ 0`` the scale is identifiable in principle, so both are shown).
+
+Targets of issue 18.2 (clipping, 5–20 % of rays): aware ≥ linear model + 3 dB, and aware above
+FBP on the clipped sinogram. One-bit: the network against the classical one-bit methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import quality as Q  # noqa: E402
+from _common import machine_line, print_table, scratch_dir as _scratch_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = "ct_ei.yaml"
+CASES = {  # name: (phantom, seed, detector kind)
+    "clip-tuning": ("ellipsoids", Q.TRAIN_SEED, "clip"),
+    "clip-held-out": ("anatomy", Q.HELD_OUT_SEED, "clip"),
+    "one-bit": ("anatomy", Q.HELD_OUT_SEED, "one-bit"),
+}
+GAIN_DB = 3.0
+QUICK = {"shape": [4, 32, 32], "steps": 6, "angles": 24}
+
+
+def simulate(case: str, args, scratch: Path, detector: dict | None) -> Path:
+    """The case's scan, linear (``detector=None``) or through ``detector`` (simulate's options)."""
+    from pipeline.data import SimulateCTConfig, simulate_ct
+
+    phantom, seed, _ = CASES[case]
+    tag = "linear" if detector is None else "_".join(f"{k}{v:.6g}" for k, v in sorted(detector.items()))
+    out = scratch / f"{phantom}_{'x'.join(map(str, args.shape))}_{args.angles}a_{seed}_{tag}.zarr"
+    if not out.exists():
+        simulate_ct(SimulateCTConfig(out=str(out), shape=tuple(args.shape), angles=args.angles, geometry="parallel",
+                                     phantom=phantom, photons=args.photons, seed=seed, chunk_depth=args.chunk_depth,
+                                     progress=False, **(detector or {})))
+    return out
+
+
+def detector_for(case: str, linear: "Q.Volume", args) -> dict:
+    """The detector settings of ``case`` from the linear scan's line integrals."""
+    y = linear.y.flatten().double()
+    if CASES[case][2] == "clip":
+        level = float(torch.quantile(y, 1.0 - args.clip_fraction))
+        return {"floor": math.exp(-level)}
+    return {"one_bit": float(torch.quantile(y, args.one_bit_quantile)), "one_bit_width": args.one_bit_width}
+
+
+def recipe(detector: str, args):
+    from pipeline.train.config import load_config
+
+    overrides = [f"run.max_steps={args.steps}", f"loss.detector={detector}"] + list(args.set or [])
+    return load_config(Path(args.recipe_dir) / RECIPE, overrides)
+
+
+def best_scaled(x: torch.Tensor, v: "Q.Volume") -> torch.Tensor:
+    """``α x`` with the least-squares ``α`` against the reference."""
+    x = x.double()
+    ref = v.reference.double().to(x.device)
+    return (x * ((x * ref).sum() / (x * x).sum().clamp_min(1e-300))).float()
+
+
+@torch.no_grad()
+def fbp_oracle(v: "Q.Volume", *, scale: bool = False) -> tuple[str, torch.Tensor]:
+    """The best FBP window on ``v`` (best-scaled first with ``scale``)."""
+    from pipeline.classical import fbp_slab
+
+    best = None
+    for f in ("ram-lak", "shepp-logan", "cosine", "hann"):
+        x = fbp_slab(v.y, v.op, filter=f)
+        if scale:
+            x = best_scaled(x, v)
+        p = Q._metrics(x, v)[0]
+        if best is None or p > best[0]:
+            best = (p, f, x)
+    return f"FBP {best[1]} (oracle)", best[2]
+
+
+def row(x: torch.Tensor, v: "Q.Volume", *, scaled: bool) -> dict:
+    p, s = Q._metrics(x, v)
+    out = {"psnr": p, "ssim": s}
+    if scaled:
+        out["psnr_scaled"], out["ssim_scaled"] = Q._metrics(best_scaled(x, v), v)
+    return out
+
+
+def run_case(case: str, args, scratch: Path, device) -> dict:
+    t0 = time.perf_counter()
+    linear_path = simulate(case, args, scratch, None)
+    linear = Q.load(linear_path, "ct", device, f"{case} linear")
+    settings = detector_for(case, linear, args)
+    path = simulate(case, args, scratch, settings)
+    vol = Q.load(path, "ct", device, case)
+    from pipeline.data import open_scan
+
+    record = open_scan(str(path)).metadata.detector
+    one_bit = record["model"] == "sign"
+    clipped = record["fraction_at_high"] if not one_bit else None
+    print(f"[{case}] {CASES[case][0]} seed {CASES[case][1]}: detector {record['model']} "
+          f"{json.dumps({k: record[k] for k in ('low', 'high', 'threshold') if record.get(k) is not None})}, "
+          + (f"{100 * clipped:.1f}% of rays clipped" if clipped is not None
+             else f"{100 * record['fraction_at_high']:.1f}% of rays read +1")
+          + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+    facts = Q.facts_of([path])
+    results: dict = {"detector": record, "settings": settings, "methods": {}}
+    methods = results["methods"]
+    label, x = fbp_oracle(linear)
+    methods["fbp (linear scan)"] = {**row(x, linear, scaled=False), "label": label}
+    label, x = fbp_oracle(vol, scale=one_bit)
+    methods["fbp"] = {**row(x, vol, scaled=one_bit), "label": label + (", best-scaled" if one_bit else "")}
+    if one_bit:
+        x = vol.op.adjoint(vol.y)
+        methods["normalised back-projection"] = {**row(x, vol, scaled=True), "label": "Aᵀy, best-scaled"}
+    for name, mode in (("network, aware", "auto"), ("network, linear model", "ignore")):
+        cfg = recipe(mode, args)
+        t = time.perf_counter()
+        model, train_s, _ = Q.train(cfg, facts, [vol], device, label=f"{case} {name}", verbose=args.verbose)
+        (x,) = Q.reconstruct(model, [vol])
+        methods[name] = {**row(x, vol, scaled=one_bit), "label": f"{RECIPE}, loss.detector: {mode}, "
+                         f"{cfg.run.max_steps} steps", "train_s": train_s}
+        print(f"[{case}] {name}: PSNR {methods[name]['psnr']:.2f} dB ({time.perf_counter() - t:.0f} s)", flush=True)
+    aware, lin = methods["network, aware"], methods["network, linear model"]
+    key = "psnr_scaled" if one_bit else "psnr"
+    results["targets"] = {
+        "gain_db": aware[key] - lin[key],
+        "gain_met": aware[key] - lin[key] >= GAIN_DB,
+        "above_fbp": aware[key] > methods["fbp"][key],
+    }
+    if one_bit:
+        results["targets"]["above_back_projection"] = aware[key] > methods["normalised back-projection"][key]
+    return results
+
+
+def report(case: str, r: dict) -> None:
+    one_bit = r["detector"]["model"] == "sign"
+    header = ["method", "PSNR dB", "SSIM"] + (["PSNR dB, best scale", "SSIM, best scale"] if one_bit else []) + ["setting"]
+    rows = []
+    for name, m in r["methods"].items():
+        cells = [name, f"{m['psnr']:.2f}", f"{m['ssim']:.4f}"]
+        if one_bit:
+            cells += [f"{m['psnr_scaled']:.2f}" if "psnr_scaled" in m else "—",
+                      f"{m['ssim_scaled']:.4f}" if "ssim_scaled" in m else "—"]
+        rows.append(cells + [m["label"]])
+    d = r["detector"]
+    what = (f"one bit, threshold {d['threshold']:.4g}, {100 * d['fraction_at_high']:.1f}% of rays +1" if one_bit
+            else f"count floor, line integrals clipped at {d['high']:.4g}, {100 * d['fraction_at_high']:.1f}% of rays")
+    print_table(f"{case}: {CASES[case][0]} seed {CASES[case][1]} ({what})", header, rows)
+    t = r["targets"]
+    print(f"aware − linear model: {t['gain_db']:+.2f} dB (target ≥ {GAIN_DB:g}: {'met' if t['gain_met'] else 'MISSED'}); "
+          f"aware above FBP: {'yes' if t['above_fbp'] else 'NO'}"
+          + (f"; above normalised back-projection: {'yes' if t['above_back_projection'] else 'NO'}" if one_bit else ""))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    p.add_argument("--steps", type=int, default=300, help="training steps of each network (the recipe's schedule)")
+    p.add_argument("--clip-fraction", type=float, default=0.12, help="share of all rays at the count floor")
+    p.add_argument("--one-bit-quantile", type=float, default=0.75,
+                   help="the one-bit threshold: this quantile of the linear scan's line integrals")
+    p.add_argument("--one-bit-width", type=float, default=0.1, help="the recorded one-bit width (logistic temperature)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--recipe-dir", default=str(ROOT / "launch" / "configs"))
+    p.add_argument("--shape", type=int, nargs=3, default=[16, 96, 96])
+    p.add_argument("--angles", type=int, default=60)
+    p.add_argument("--photons", type=float, default=1e4)
+    p.add_argument("--chunk-depth", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--scratch", default=None, help="folder for the scans (default: a temp dir)")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--quick", action="store_true", help="smoke test: 4x32x32 scans, 6 steps (figures mean nothing)")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+        args.set = ["model.widths=[4, 8]", "data.slab_thickness=4"] + list(args.set)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    scratch, tmp = _scratch_dir(args.scratch, "recon3d-nonlinear-")
+    t0 = time.perf_counter()
+    results = {case: run_case(case, args, scratch, device) for case in args.cases}
+    print(f"\n{machine_line()}  device {device}, {args.threads} thread(s)")
+    for case in args.cases:
+        report(case, results[case])
+    total = time.perf_counter() - t0
+    print(f"\ntotal {total:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine_line(), "threads": args.threads, "total_s": total,
+                                               "args": vars(args), "cases": results}, indent=2, default=str))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Measurements through a non-linear detector: the forward model a loss re-measures with.
+
+A scan whose ``detector`` record is set (``docs/scan-format.md``: a saturating or quantising
+detector, or one-bit measurements) was measured as ``y = g(A x + n)``, not ``y = A x + n``.
+The reconstructor keeps the *linear* operator ``A`` (its initial estimate and its physics layers
+are linear); the losses that compare a re-measurement with data do it through ``g``:
+
+* **measurement consistency** (:class:`~pipeline.losses.MeasurementConsistencyLoss`) in the
+  measurement space of the non-linear model, ``‖y − g(A x̂)‖²/m`` for clipping and quantising
+  (Sechaud, Jacques, Abry, Tachella, "Equivariance-based self-supervised learning for audio
+  signal recovery from clipped measurements", EUSIPCO 2024), and for one-bit measurements the
+  logistic loss of Tachella & Jacques ("Learning to reconstruct signals from binary
+  measurements", TMLR 2023) on the linear part, which never differentiates ``sign``:
+  ``mean log(1 + exp(−y ⊙ (A x̂ − τ)/w))`` (``w`` the model's width, its temperature);
+* **equivariant imaging** (:class:`~pipeline.losses.EquivariantImagingLoss`) re-measures the
+  transformed reconstruction through the detector, ``x₃ = f(g(A T_g x̂ (+ n′)), A)``, with the
+  gradient of ``g`` that the model documents (exact for clip; straight-through or zero for
+  quantise and sign, :mod:`operators3d.nonlinear`).
+
+SURE and the splitting losses assume linear measurements; with a detector set they are refused
+(``loss.detector: ignore`` trains with the linear model instead, e.g. to compare).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from operators3d import LinearOperator
+from operators3d.nonlinear import NonLinearForward, Quantize, Sign, nonlinear_from_dict
+
+__all__ = ["detector_model", "detector_key", "nonlinear_consistency", "one_bit", "DETECTOR_FIELDS"]
+
+#: The fields of a ``detector`` record that define the forward model (the rest are facts about
+#: a scan: the clipped fractions, the saturation as a count).
+DETECTOR_FIELDS = ("model", "low", "high", "bits", "threshold", "width", "gradient")
+
+
+def detector_key(record: Mapping[str, Any] | None) -> tuple | None:
+    """What makes two scans' detectors the same forward model (``None``: linear)."""
+    if record is None:
+        return None
+    return tuple((k, repr(record.get(k))) for k in DETECTOR_FIELDS)
+
+
+def detector_model(record: Mapping[str, Any] | None, op: LinearOperator) -> NonLinearForward | None:
+    """``g(A ·)`` of ``record`` after the slab operator ``op``, its tensor bounds on ``op``'s
+    device (``None`` for a linear detector)."""
+    if record is None:
+        return None
+    model = nonlinear_from_dict(record, op)
+    if model._buffers:
+        for key, buf in model._buffers.items():
+            if buf is not None and buf.device != op.device:
+                model._buffers[key] = buf.to(op.device)
+    return model
+
+
+def one_bit(model: NonLinearForward) -> tuple[float, float] | None:
+    """``(τ, w)`` when ``model`` reads one bit — :class:`Sign`, or a 1-bit :class:`Quantize`
+    (its threshold the middle of its range, its temperature half the range) — else ``None``."""
+    if isinstance(model, Sign):
+        return model.threshold, model.width
+    if isinstance(model, Quantize) and model.bits == 1:
+        return (model.lo + model.hi) / 2, (model.hi - model.lo) / 2
+    return None
+
+
+def nonlinear_consistency(model: NonLinearForward, x_hat: torch.Tensor, y: torch.Tensor,
+                          measured: int) -> torch.Tensor:
+    """Measurement consistency of ``x̂`` with data ``y = g(A x + n)``, per measured entry.
+
+    Math:
+        clip and multi-bit quantise: ``Σ (y − g(A x̂))² / m``, through ``g``'s documented
+        gradient; one bit (``y`` read as ``±1`` about the threshold ``τ``):
+        ``Σ log(1 + exp(−y± ⊙ (A x̂ − τ)/w)) / m`` (the logistic loss on the linear part).
+    """
+    bit = one_bit(model)
+    if bit is None:
+        r = model(x_hat) - y
+        return r.square().sum() / measured
+    tau, width = bit
+    z = model.linear_part(x_hat)
+    signs = torch.where(y >= tau if not isinstance(model, Sign) else y > 0, 1.0, -1.0).to(z.dtype)
+    return torch.nn.functional.softplus(-signs * (z - tau) / width).sum() / measured

@@ -1,0 +1,153 @@
+"""Losses through a non-linear detector (issue 18.2): measurement consistency in the measurement
+space of ``y = g(A x)``, EI re-measuring through ``g``, terms that assume linear data refused,
+and the training scans' ``detector`` record reaching the loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from operators3d import Clip, ParallelBeamCT, Rotate90, Sign
+from pipeline.config_base import ConfigError
+from pipeline.data import SimulateCTConfig, open_scan, simulate_ct
+from pipeline.losses import EquivariantImagingLoss, MeasurementConsistencyLoss
+from pipeline.losses.detector import detector_model, nonlinear_consistency
+from pipeline.train.build import build_loss, scan_facts
+from pipeline.train.config import LossConfig
+
+SHAPE = (2, 12, 12)
+
+
+def _op(dtype=torch.float64) -> ParallelBeamCT:
+    angles = torch.arange(10, dtype=torch.float64) * (math.pi / 10)
+    return ParallelBeamCT(volume_shape=SHAPE, angles=angles, det_count=18).to(dtype)
+
+
+def _x(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((1, *SHAPE), generator=g, dtype=torch.float64)
+
+
+class _Recorder(nn.Module):
+    """``f(y) = c Aᵀ y``, remembering the measurements it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Parameter(torch.tensor(0.05, dtype=torch.float64))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, y, op):
+        self.seen.append(y.detach().clone())
+        return self.c * op.adjoint(y)
+
+
+def test_clipped_consistency_compares_in_the_clipped_measurement_space():
+    op, x, x_hat = _op(), _x(0), _x(1).requires_grad_(True)
+    level = float(op(x).quantile(0.3))
+    record = {"model": "clip", "low": level, "high": None}
+    y = torch.clamp(op(x), min=level)
+    out = MeasurementConsistencyLoss(detector=record)(x_hat, y, op)
+    expected = (y - torch.clamp(op(x_hat), min=level)).square().sum() / y.numel()
+    assert out.total.item() == pytest.approx(expected.item(), rel=1e-12)
+    # the true image is consistent with its clipped data; the linear loss says it is not
+    assert MeasurementConsistencyLoss(detector=record)(x, y, op).total.item() < 1e-24
+    assert MeasurementConsistencyLoss()(x, y, op).total.item() > 1e-3
+    # the gradient is the Jacobian transpose of clip∘A: Aᵀ(1[Ax̂ ≥ low] ⊙ 2(g(Ax̂) − y)/m)
+    out.total.backward()
+    z = op(x_hat.detach())
+    w = torch.where(z >= level, 2 * (torch.clamp(z, min=level) - y) / y.numel(), torch.zeros_like(z))
+    torch.testing.assert_close(x_hat.grad, op.adjoint(w), rtol=1e-12, atol=1e-15)
+
+
+def test_one_bit_consistency_is_the_logistic_loss_on_the_linear_part():
+    op, x, x_hat = _op(), _x(0), _x(1).requires_grad_(True)
+    tau, width = float(op(x).median()), 0.3
+    record = {"model": "sign", "threshold": tau, "width": width, "gradient": "zero"}
+    y = Sign(op, tau).forward(x)
+    value = MeasurementConsistencyLoss(detector=record)(x_hat, y, op).total
+    expected = torch.log1p(torch.exp(-y * (op(x_hat) - tau) / width)).mean()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-12)
+    value.backward()  # sign is never differentiated: the gradient flows through A alone
+    assert x_hat.grad.abs().sum() > 0
+    # a one-bit quantiser reads the same bit: low/high about the middle of its range
+    lo, hi = 0.0, 2 * tau
+    q = torch.where(op(x) >= tau, hi, lo)
+    quantised = nonlinear_consistency(detector_model({"model": "quantize", "bits": 1, "low": lo, "high": hi}, op),
+                                      x_hat.detach(), q, q.numel())
+    expected_q = torch.log1p(torch.exp(-y * (op(x_hat.detach()) - tau) / tau)).mean()
+    assert quantised.item() == pytest.approx(expected_q.item(), rel=1e-12)
+
+
+def test_ei_re_measures_through_the_detector():
+    op, x = _op(), _x(0)
+    level = float(op(x).quantile(0.4))
+    record = {"model": "clip", "low": level, "high": None}
+    y = torch.clamp(op(x), min=level)
+    net = _Recorder()
+    loss = EquivariantImagingLoss(transform=Rotate90, detector=record, seed=3)
+    x_hat = net(y, op)
+    loss(x_hat, y, op, net).total.backward()
+    y2 = net.seen[-1]
+    assert y2.min().item() == pytest.approx(level, abs=1e-12)  # the second pass saw clipped data
+    assert (y2 == level).float().mean() > 0.05
+    # the same loss without the detector hands the network linear measurements below the level
+    net_linear = _Recorder()
+    EquivariantImagingLoss(transform=Rotate90, seed=3)(net_linear(y, op), y, op, net_linear)
+    assert net_linear.seen[-1].min().item() < level - 1e-6
+    assert net.c.grad is not None and torch.isfinite(net.c.grad)
+
+
+def test_apply_values_differentiates_with_the_models_derivative():
+    op = _op()
+    clip = Clip(op, low=0.2, high=0.8)
+    z = torch.linspace(-0.5, 1.5, 41, dtype=torch.float64).requires_grad_(True)
+    out = clip.apply_values(z)
+    torch.testing.assert_close(out, z.detach().clamp(0.2, 0.8))
+    out.sum().backward()
+    torch.testing.assert_close(z.grad, ((z.detach() >= 0.2) & (z.detach() <= 0.8)).double())
+    sign = Sign(op, 0.5, width=0.25)  # straight-through: 1/width inside the band
+    z2 = z.detach().clone().requires_grad_(True)
+    sign.apply_values(z2).sum().backward()
+    torch.testing.assert_close(z2.grad, ((z2.detach() - 0.5).abs() <= 0.25).double() * 4)
+    assert Sign(op, 0.5, gradient="zero").apply_values(z2).requires_grad is False
+
+
+@pytest.fixture(scope="module")
+def clipped_scan(tmp_path_factory):
+    out = tmp_path_factory.mktemp("det") / "clipped.zarr"
+    simulate_ct(SimulateCTConfig(out=str(out), shape=(4, 20, 20), angles=18, chunk_depth=2, workers=1,
+                                 scheduler="sync", progress=False, noise_sigma=0.0, saturation=0.6))
+    return str(out)
+
+
+def test_the_scans_detector_reaches_the_loss_and_ignore_drops_it(clipped_scan):
+    scan = open_scan(clipped_scan)
+    assert scan.metadata.detector["model"] == "clip" and scan.metadata.detector["fraction_at_low"] > 0.02
+    facts = scan_facts([clipped_scan])
+    assert facts.detector["low"] == pytest.approx(-math.log(0.6))
+    y, op = scan.slab(slice(0, 4))
+    ref = scan.reference.read_torch(slice(0, 4))[None]
+    y = y[None]
+    aware = build_loss(LossConfig(terms=[{"name": "mc"}]), facts, seed=0)
+    linear = build_loss(LossConfig(terms=[{"name": "mc"}], detector="ignore"), facts, seed=0)
+    # noise-free data: the reference is consistent through the detector, not through A alone
+    assert aware(ref, y, op).total.item() < 1e-9
+    assert linear(ref, y, op).total.item() > 1e-3
+
+
+@pytest.mark.parametrize("term", [{"name": "sure"}, {"name": "n2i"}, {"name": "splitting"}])
+def test_terms_that_assume_linear_data_are_refused(clipped_scan, term):
+    facts = scan_facts([clipped_scan])
+    with pytest.raises(ConfigError, match="non-linear detector.*loss.detector: ignore"):
+        build_loss(LossConfig(terms=[{"name": "mc"}, term]), facts, seed=0)
+
+
+def test_scans_with_different_detectors_are_refused(clipped_scan, tmp_path):
+    other = tmp_path / "linear.zarr"
+    simulate_ct(SimulateCTConfig(out=str(other), shape=(4, 20, 20), angles=18, chunk_depth=2, workers=1,
+                                 scheduler="sync", progress=False))
+    with pytest.raises(ConfigError, match="different detectors.*clip.*linear"):
+        scan_facts([clipped_scan, str(other)])
