@@ -215,6 +215,12 @@ def register(subparsers: Any) -> None:
     ic.add_argument("--det-dist", type=float, default=None)
     ic.add_argument("--volume-shape", type=int, nargs=3, default=None, metavar=("D", "H", "W"))
     ic.add_argument("--photons", type=float, default=None, help="known incident photons (metadata)")
+    ic.add_argument("--saturation", type=float, default=None, metavar="S",
+                    help="the detector saturates at the fraction S of the open-beam intensity: recorded as a "
+                    "clip at line integral -log S, which training measures through (default: none)")
+    ic.add_argument("--floor", type=float, default=None, metavar="F",
+                    help="the detector reads nothing below the fraction F < S of the open-beam intensity: "
+                    "recorded as a clip at line integral -log F (default: none)")
     ic.add_argument("--units", type=_units, default="mm", help="length unit of --voxel-size and the geometry (default: mm)")
     _codec_args(ic)
     _job_args(ic)
@@ -314,7 +320,7 @@ def _ingest_config(args: argparse.Namespace):
         geometry=args.geometry, det_spacing=args.det_spacing, voxel_size=args.voxel_size,
         src_dist=args.src_dist, det_dist=args.det_dist,
         volume_shape=tuple(args.volume_shape) if args.volume_shape else None,
-        photons=args.photons, **common)
+        photons=args.photons, saturation=args.saturation, floor=args.floor, **common)
 
 
 def _ingest(args: argparse.Namespace) -> int:

@@ -36,10 +36,13 @@ import torch
 import zarr
 from zarr.core.sync import sync
 
+from pydantic import Field, model_validator
+
 from pipeline.config_base import PathStr, Settings
 from pipeline.paths import is_url
 
 from ._npy import NpyArray, open_url
+from .detector import clip_record, detector_fractions, say_detector
 from .format import (
     ArraySpec,
     CodecConfig,
@@ -134,6 +137,13 @@ class IngestCTConfig(Settings):
             field-of-view circle, whose corners the detector does not see (the geometry
             records ``allow_truncation``).
         photons: incident photons, recorded as the acquisition noise when known.
+        saturation: the detector's maximum reading as a fraction ``S`` of the open-beam
+            intensity (after dark and flat correction): recorded as a ``clip`` detector with
+            line integrals clipped from below at ``−log S``, so training measures through it.
+            The data are stored as read (a flat field that varies across the detector moves
+            each pixel's level a little; the recorded level is the one given).
+        floor: the smallest reading as a fraction ``F < S`` of the open-beam intensity (a
+            dark-noise floor, photon starvation): line integrals clipped from above at ``−log F``.
         block_bytes: the memory for one block of either pass (per worker).
     """
 
@@ -155,6 +165,8 @@ class IngestCTConfig(Settings):
     det_dist: float | None = None
     volume_shape: tuple[int, int, int] | None = None
     photons: float | None = None
+    saturation: float | None = Field(None, gt=0, allow_inf_nan=False)
+    floor: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False)
     block_bytes: int = 128 << 20
     chunk_depth: int | None = None
     codec: CodecConfig = CodecConfig()
@@ -164,9 +176,17 @@ class IngestCTConfig(Settings):
     scheduler: str = "threads"
     progress: bool = True
 
+    @model_validator(mode="after")
+    def _levels_in_order(self) -> "IngestCTConfig":
+        if self.floor is not None and self.saturation is not None and self.floor >= self.saturation:
+            raise ValueError(f"--floor F ({self.floor:g}) must be below --saturation S ({self.saturation:g})")
+        return self
+
     def parameters(self) -> dict[str, Any]:
-        """What determines the scan's content (compared when resuming)."""
-        return {**self.model_dump(exclude=set(RUN_SETTINGS)), "codec": self.codec.recorded(self.out)}
+        """What determines the scan's content (compared when resuming); unset detector levels
+        are left out, so scans ingested before they existed still resume."""
+        params = {**self.model_dump(exclude=set(RUN_SETTINGS)), "codec": self.codec.recorded(self.out)}
+        return {k: v for k, v in params.items() if not (k in ("saturation", "floor") and v is None)}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -390,8 +410,9 @@ def ingest_ct(config: IngestCTConfig) -> JobOutcome:
                       config.src_dist, config.det_dist, allow_truncation=True)
     chunk_depth = min(config.chunk_depth or default_chunk_depth(a * u * 4, v), v)
     noise = None if config.photons is None else TransmissionNoise(config.photons).to_dict()
+    detector = clip_record(config.saturation, config.floor, photons=config.photons)
     meta = ScanMetadata(modality="ct", volume_shape=vol, geometry=geom, chunk_depth=chunk_depth,
-                        noise_model=noise,
+                        noise_model=noise, detector=detector,
                         voxel_size=(config.voxel_size,) * 3, units=config.units)
     group, state = prepare_scan(config.out, meta, config.parameters(), tool="recon3d ingest ct",
                                 overwrite=config.overwrite, sources=[_source_id(config.source)])
@@ -455,6 +476,11 @@ def ingest_ct(config: IngestCTConfig) -> JobOutcome:
     ran = run_tasks(tasks2, description="ingest ct: chunks along D", workers=config.workers,
                     scheduler=config.scheduler, progress=config.progress)
     _drop_tmp(group)
-    finish_scan(group)
+    if detector is None:
+        finish_scan(group)
+    else:  # the share of stored line integrals at or beyond each recorded level
+        detector = {**detector, **detector_fractions(meas, detector)}
+        finish_scan(group, detector=detector)
+        say_detector(config.out, detector, "recon3d ingest ct")
     return JobOutcome(str(config.out), state, ran + len(tasks), len(tasks) + len(tasks2))
 

@@ -43,6 +43,7 @@ from .format import (
     on_object_store,
 )
 from .phantoms import coil_maps_slab, derive_seed, make_volume_source, smooth_phase_slab
+from .detector import apply_detector, clip_record, detector_fractions, detector_levels, say_detector
 from .store import create_array, stored_depth_of
 from .writer import RUN_SETTINGS, JobOutcome, SlabTask, finish_scan, prepare_scan, run_tasks
 
@@ -358,78 +359,19 @@ def detector_record(config: SimulateCTConfig) -> dict[str, Any] | None:
     ``fraction_at_low``/``fraction_at_high`` (the share of measurements read at each end, written
     when the scan completes) are ``None`` until then and for an unbounded side.
     """
+    if config.one_bit is None and config.saturation is None and config.bits is None and config.floor is None:
+        return None
     if config.one_bit is not None:
         return {"model": "sign", "threshold": float(config.one_bit), "width": float(config.one_bit_width),
                 "gradient": "zero", "fraction_at_low": None, "fraction_at_high": None}
-    if config.saturation is None and config.bits is None and config.floor is None:
-        return None
-    low = -math.log(config.saturation) if config.saturation is not None else None
-    tops = [v for v in (-math.log(config.floor) if config.floor is not None else None,
-                        math.log(config.photons) if config.photons is not None else None) if v is not None]
-    high = min(tops) if tops else None
-    record: dict[str, Any] = {"saturation": config.saturation,
-                              "saturation_count": (config.saturation * config.photons
-                                                   if config.saturation is not None and config.photons else None),
-                              "floor": config.floor}
     if config.bits is not None:
-        model = {"model": "quantize", "bits": int(config.bits), "low": 0.0 if low is None else low,
-                 "high": -math.log(config.floor) if config.floor is not None else float(config.attenuation)}
-    else:
-        model = {"model": "clip", "low": low, "high": high}
-    return {**model, **record, "fraction_at_low": None, "fraction_at_high": None}
-
-
-def _apply_detector(y: torch.Tensor, record: dict[str, Any] | None) -> torch.Tensor:
-    """The detector of ``record`` on (noisy) line integrals ``y``, entry by entry."""
-    from operators3d.nonlinear import clip_values, quantize_values, sign_values
-
-    if record is None:
-        return y
-    if record["model"] == "sign":
-        return sign_values(y, record["threshold"])
-    if record["model"] == "quantize":
-        return quantize_values(y, record["bits"], record["low"], record["high"])
-    return clip_values(y, record["low"], record["high"])
-
-
-def _detector_fractions(meas, record: dict[str, Any]) -> dict[str, float | None]:
-    """The share of the stored measurements read at the detector's lowest and highest values
-    (``None`` for an unbounded side), counted stored object by stored object."""
-    ends = _apply_detector(torch.tensor([-math.inf, math.inf], dtype=torch.float32), record).numpy()
-    at_low = at_high = total = 0
-    v = meas.shape[0]
-    for _, d0, d1 in _stored_ranges(v, stored_depth_of(meas)):
-        block = np.asarray(meas[d0:d1])
-        at_low += int(np.count_nonzero(block <= ends[0]))
-        at_high += int(np.count_nonzero(block >= ends[1]))
-        total += block.size
-    return {"fraction_at_low": at_low / total if np.isfinite(ends[0]) else None,
-            "fraction_at_high": at_high / total if np.isfinite(ends[1]) else None}
-
-
-def _say_detector(path: Any, record: dict[str, Any]) -> None:
-    from pipeline.log import say
-
-    if record["model"] == "sign":
-        say(f"recon3d simulate ct: {path}: detector (one bit, threshold {record['threshold']:.4g}): "
-            f"{100 * record['fraction_at_high']:.2f}% of the rays read +1", "data")
-        return
-    parts = [f"{100 * record[f'fraction_at_{end}']:.2f}% at {end} = {record[end]:.4g}"
-             for end in ("low", "high") if record[f"fraction_at_{end}"] is not None]
-    kind = f"{record['bits']}-bit quantiser" if record["model"] == "quantize" else "clipping"
-    say(f"recon3d simulate ct: {path}: detector ({kind}): measurements {', '.join(parts)}", "data")
-    low = record.get("fraction_at_low") or 0.0
-    high = record.get("fraction_at_high") or 0.0
-    import logging
-
-    if record["model"] == "clip" and low > 0.5:
-        say(f"recon3d simulate ct: warning: {100 * low:.0f}% of the rays saturate (line integrals below "
-            f"{record['low']:.4g}): the level is below most of this object's attenuation; a level closer "
-            "to 1 clips only the rays through air and thin edges", "data", level=logging.WARNING)
-    if record["model"] == "clip" and high > 0.5:
-        say(f"recon3d simulate ct: warning: {100 * high:.0f}% of the rays read the count floor (line "
-            f"integrals above {record['high']:.4g}): a lower --floor clips only the rays through the densest "
-            "parts", "data", level=logging.WARNING)
+        low = -math.log(config.saturation) if config.saturation is not None else 0.0
+        high = -math.log(config.floor) if config.floor is not None else float(config.attenuation)
+        return {"model": "quantize", "bits": int(config.bits), "low": low, "high": high,
+                **detector_levels(config.saturation, config.floor, config.photons), "fraction_at_low": None,
+                "fraction_at_high": None}
+    starved = math.log(config.photons) if config.photons is not None else None
+    return clip_record(config.saturation, config.floor, photons=config.photons, starved=starved)
 
 
 def simulate_ct(config: SimulateCTConfig) -> JobOutcome:
@@ -491,7 +433,7 @@ def simulate_ct(config: SimulateCTConfig) -> JobOutcome:
             for k0 in range(d0, d1, cd):
                 k1 = min(k0 + cd, d1)
                 gen = _chunk_generator(config.seed, "noise", k0 // cd)
-                p[k0 - d0 : k1 - d0] = _apply_detector(_apply_ct_noise(p[k0 - d0 : k1 - d0], config, gen),
+                p[k0 - d0 : k1 - d0] = apply_detector(_apply_ct_noise(p[k0 - d0 : k1 - d0], config, gen),
                                                        detector)
             ref[d0:d1] = x.numpy()
             meas[d0:d1] = p.numpy()
@@ -504,7 +446,7 @@ def simulate_ct(config: SimulateCTConfig) -> JobOutcome:
         from .cone import cone_simulation_tasks
 
         def noisy(p: torch.Tensor, chunk: int) -> torch.Tensor:
-            return _apply_detector(_apply_ct_noise(p, config, _chunk_generator(config.seed, "noise", chunk)),
+            return apply_detector(_apply_ct_noise(p, config, _chunk_generator(config.seed, "noise", chunk)),
                                    detector)
 
         tasks += cone_simulation_tasks(meta, angles_t, meas, ref, reference_slab, noisy)
@@ -513,7 +455,7 @@ def simulate_ct(config: SimulateCTConfig) -> JobOutcome:
     if detector is None:
         finish_scan(group)
     else:  # counted on what is stored: right however many runs wrote it, on any scheduler
-        detector = {**detector, **_detector_fractions(meas, detector)}
+        detector = {**detector, **detector_fractions(meas, detector)}
         finish_scan(group, detector=detector)
-        _say_detector(config.out, detector)
+        say_detector(config.out, detector)
     return JobOutcome(str(config.out), state, ran, len(tasks))

@@ -175,3 +175,35 @@ def test_interrupted_ingest_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(ingest_module.ProjectionSource, "read", original)
     assert ingest_ct(config).state == "resumed"
     np.testing.assert_allclose(open_scan(config.out).measurements.read(), p.transpose(1, 0, 2), atol=2e-5)
+
+
+def test_ingest_records_a_saturating_detector_and_counts_what_it_clipped(tmp_path, capsys):
+    """A detector that saturated at 80 % of the open beam and reads nothing under 30 %: the raw
+    counts are clipped as the detector did, and ``--saturation``/``--floor`` record it."""
+    from operators3d import Clip, nonlinear_from_dict
+
+    rng = np.random.default_rng(3)
+    p = rng.uniform(0, 2, size=(10, 4, 12))
+    i0 = 1000.0
+    counts = np.clip(i0 * np.exp(-p), 0.3 * i0, 0.8 * i0).astype(np.float32)
+    np.save(tmp_path / "counts.npy", counts)
+    out = str(tmp_path / "sat.zarr")
+    rc = main(["ingest", "ct", str(tmp_path / "counts.npy"), "--out", out, "--i0", str(i0), "--saturation", "0.8",
+               "--floor", "0.3", "--no-progress", "--workers", "1"])
+    said = capsys.readouterr()
+    assert rc == 0, said.err
+    scan = open_scan(out)
+    record = scan.metadata.detector
+    assert record["model"] == "clip" and record["saturation"] == 0.8 and record["floor"] == 0.3
+    assert record["low"] == pytest.approx(-np.log(0.8)) and record["high"] == pytest.approx(-np.log(0.3))
+    y = scan.measurements.read()
+    assert record["fraction_at_low"] == pytest.approx(np.mean(p < -np.log(0.8)), abs=1e-6)
+    assert record["fraction_at_high"] == pytest.approx(np.mean(p > -np.log(0.3)), abs=1e-6)
+    assert "recon3d ingest ct" in said.out + said.err and "at low" in said.out + said.err
+    _, op = scan.slab(slice(0, 2))
+    assert isinstance(nonlinear_from_dict(record, op), Clip)
+    np.testing.assert_allclose(y, np.clip(p, -np.log(0.8), -np.log(0.3)).transpose(1, 0, 2), atol=2e-5)
+    with pytest.raises(ValueError, match="must be below --saturation"):
+        IngestCTConfig(source=str(tmp_path / "counts.npy"), out=out, i0=i0, saturation=0.3, floor=0.8)
+    plain = IngestCTConfig(source=str(tmp_path / "counts.npy"), out=out, i0=i0).parameters()
+    assert "saturation" not in plain and "floor" not in plain  # scans ingested before still resume
