@@ -1,7 +1,7 @@
 """Reconstruction benchmark (issue 7): throughput and peak memory of ``recon3d reconstruct``.
 
     .venv/bin/python benchmarks/reconstruct.py [--scratch DIR] [--depth 512] [--keep]
-        [--cases read,adjoint,model] [--workers 1]
+        [--cases read,adjoint,model] [--workers 1] [--slab 8] [--memory-budget 1GiB] [--tile D,H,W|none]
 
 On a simulated 3D MRI scan of 8 coils × D × 256 × 256 (D = 512: 4.25 GiB of measurements, coil
 maps and reference; made here, untimed, when missing), each case runs in a fresh subprocess:
@@ -14,11 +14,12 @@ maps and reference; made here, untimed, when missing), each case runs in a fresh
   output chunk of 16 slices, no halo), magnitude + complex arrays, pyramid of 3 levels.
 * **model** — ``reconstruct(model=...)`` with a small untrained network (a 2-level U-Net of
   widths 4, 8 on an ``Aᴴy`` initial estimate, receptive radius 9: halo 9, slabs of ``--slab``
-  slices, 8 by default, so every slab reads 26–27), backbone tiles of :data:`TILE`, under the
+  slices, 8 by default, so every slab reads 26–27), backbone tiles of :data:`TILE` (``--tile
+  none``: untiled, as ``recon3d reconstruct`` runs a model trained on tiles), under the
   scan's intensity scale. ``--slab 0``: the slab ``--memory-budget`` chooses (the default of
   ``recon3d reconstruct``); the table then also gives the chosen slab, the halo overhead (input
-  slices computed / output slices) and the estimated peak next to the measured one
-  (``pipeline/reconstruct/memory.py``).
+  slices computed / output slices) and the estimated peak next to the measured one, the whole
+  process's max RSS, which is what the estimate stands for (``pipeline/reconstruct/memory.py``).
 
 Throughput is output voxels (D·H·W) per second of the whole job (reads, compute, writes,
 completion records, pyramid). Peak memory is the PSS of the process (and any children), sampled
@@ -87,7 +88,8 @@ def _slab_text(memory: dict | None) -> str:
 
 
 # ----------------------------------------------------------------------------- children
-def _child(case: str, scan: str, scratch: Path, workers: int, slab: int, budget: str) -> None:
+def _child(case: str, scan: str, scratch: Path, workers: int, slab: int, budget: str,
+           tile: tuple[int, int, int] | None) -> None:
     """Runs in a fresh process; prints READY after imports, then one JSON line of results."""
     import numpy as np
     import torch
@@ -124,7 +126,7 @@ def _child(case: str, scan: str, scratch: Path, workers: int, slab: int, budget:
                                        progress=False)
         else:
             config = ReconstructConfig(scan=scan, out=str(out), model=_weights(scratch), chunks=(8, 256, 256),
-                                       slab=slab or None, memory_budget=budget, tile=TILE, workers=workers,
+                                       slab=slab or None, memory_budget=budget, tile=tile, workers=workers,
                                        progress=False)
         res = reconstruct(config)
         assert res.complete, res
@@ -135,7 +137,8 @@ def _child(case: str, scan: str, scratch: Path, workers: int, slab: int, budget:
         shutil.rmtree(out, ignore_errors=True)
     result["seconds"] = time.perf_counter() - t0
     # The exact high-water mark (the PSS samples can miss a short peak), above the idle RSS.
-    result["maxrss_above"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - idle_rss
+    result["maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["maxrss_above"] = result["maxrss"] - idle_rss
     print(json.dumps(result), flush=True)
 
 
@@ -145,10 +148,10 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _run_child(case: str, scan: str, scratch: Path, workers: int, slab: int, budget: str) -> dict:
+def _run_child(case: str, scan: str, scratch: Path, workers: int, slab: int, budget: str, tile: str) -> dict:
     result, monitor = run_monitored_child(
         [sys.executable, __file__, "--child", case, "--scratch", str(scratch), "--scan", scan,
-         "--workers", str(workers), "--slab", str(slab), "--memory-budget", budget], case)
+         "--workers", str(workers), "--slab", str(slab), "--memory-budget", budget, "--tile", tile], case)
     result.update(peak=monitor.peak, idle=monitor.baseline, above=monitor.peak_above_baseline)
     return result
 
@@ -163,12 +166,17 @@ def main() -> None:
                         help="output slab of the model case, a multiple of 8 (default: 8; input: slab + 2 x 9); "
                         "0: chosen from --memory-budget")
     parser.add_argument("--memory-budget", default="1GiB", help="with --slab 0 (default: 1GiB)")
+    parser.add_argument("--tile", default=",".join(map(str, TILE)),
+                        help="backbone tiles of the model case, D,H,W (default: %(default)s); none: untiled")
     parser.add_argument("--keep", action="store_true", help="keep the scratch scan")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--scan", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    tile = None if args.tile == "none" else tuple(int(t) for t in args.tile.split(","))
+    if tile is not None and len(tile) != 3:
+        parser.error(f"--tile is D,H,W or none, got {args.tile!r}")
     if args.child:
-        _child(args.child, args.scan, args.scratch, args.workers, args.slab, args.memory_budget)
+        _child(args.child, args.scan, args.scratch, args.workers, args.slab, args.memory_budget, tile)
         return
     args.scratch.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.scratch).free
@@ -185,7 +193,8 @@ def main() -> None:
             (["read-after"] if "read" in cases else [])
         for case in order:
             load = os.getloadavg()[0]
-            results[case] = _run_child(case, scan, args.scratch, args.workers, args.slab, args.memory_budget)
+            results[case] = _run_child(case, scan, args.scratch, args.workers, args.slab, args.memory_budget,
+                                       args.tile)
             results[case]["load"] = f"{load:.1f} → {os.getloadavg()[0]:.1f}"
         read_s = [results[c]["seconds"] for c in ("read-before", "read-after") if c in results]
         ref_rate = voxels / (sum(read_s) / len(read_s)) if read_s else None
@@ -195,15 +204,17 @@ def main() -> None:
             label = {"read-before": "zarr read + decode (measurements, coil maps), before",
                      "read-after": "zarr read + decode, after",
                      "adjoint": f"reconstruct --method adjoint --pyramid 3, workers {args.workers}",
-                     "model": f"reconstruct --model (U-Net 4,8; halo 9; {_slab_text(r.get('memory'))}), "
-                              f"workers {args.workers}"}[case]
+                     "model": f"reconstruct --model (U-Net 4,8; halo 9; "
+                              f"{'untiled' if tile is None else 'tiles ' + 'x'.join(map(str, tile))}; "
+                              f"{_slab_text(r.get('memory'))}), workers {args.workers}"}[case]
             rows.append([label, r["load"], f"{r['seconds']:.1f}", f"{rate / 1e6:.2f}",
                          f"{rate / ref_rate:.2f}" if ref_rate else "-", f"{r['above'] / MIB:.0f}",
-                         f"{r['maxrss_above'] / MIB:.0f}",
+                         f"{r['maxrss_above'] / MIB:.0f}", f"{r['maxrss'] / MIB:.0f}",
                          f"**{r['above'] / size:.3f}**", f"{r['peak'] / MIB:.0f}", f"{r['peak'] / size:.3f}"])
         print_table(f"Reconstruction of a {size / GIB:.2f} GiB MRI scan ({args.depth}×256×256, 8 coils); "
                     "peak PSS relative to the scan (target ≤ 0.125)",
                     ["job", "load avg", "s", "Mvoxel/s", "vs read", "peak MiB above idle", "max RSS MiB above idle",
+                     "max RSS MiB (the estimate's)",
                      "above idle / scan",
                      "peak MiB total", "total / scan"], rows)
     finally:

@@ -12,8 +12,10 @@ many times over (slab 8, halo 9: 26 input slices per 8 output slices, 3.4×). Wi
 so the budget bounds the whole process, as a per-process memory limit (a scheduler's
 ``--mem-per-cpu``, a container's) does:
 
-* :data:`PROCESS_BYTES` (256 MiB): Python, torch, zarr, dask and the model, held before any
-  slab (170–260 MiB measured on CPU, BENCHMARKS.md issue 17.2);
+* :data:`PROCESS_BYTES` (320 MiB): Python, torch, zarr, dask, the model and what the job
+  keeps once its first slab ran (the scale's measurement, the output, the threads' heaps):
+  312–326 MiB resident between slabs of ``recon3d reconstruct`` on CPU, MRI and CT
+  (BENCHMARKS.md, issue 17.2);
 
 * data: the measurements (and MRI coil maps) a slab reads. A staged model reads its input in
   pieces of one stored object (a chunk, or a shard on an object store) and frees each once its
@@ -25,7 +27,7 @@ so the budget bounds the whole process, as a per-process memory limit (a schedul
 * activations: the backbone's peak of live tensor bytes per input voxel, measured once on a
   small zero input (:func:`activation_bytes_per_voxel`; deterministic, so every rank of a job
   chooses the same slab), plus on CPU the convolutions' own workspace
-  (:data:`CPU_CONV_WORKSPACE`), times the input slab's voxels, or one batch of tiles when tiled.
+  (:func:`cpu_conv_workspace`), times the input slab's voxels, or one batch of tiles when tiled.
 
 ``benchmarks/reconstruct.py`` compares the estimate with the measured peak.
 """
@@ -45,16 +47,33 @@ from torch.utils._pytree import tree_leaves
 from pipeline.models.tiling import TiledBackbone
 
 __all__ = ["parse_bytes", "format_bytes", "activation_bytes_per_voxel", "MemoryModel", "choose_slab",
-           "DEFAULT_BUDGET", "PROCESS_BYTES", "CPU_CONV_WORKSPACE", "IMAGE_COPIES", "DATA_COPIES"]
+           "DEFAULT_BUDGET", "PROCESS_BYTES", "cpu_conv_workspace", "IMAGE_COPIES", "DATA_COPIES"]
 
 DEFAULT_BUDGET = 1 << 30
-#: What the process holds before any slab (interpreter, libraries, model), in the estimate once.
-PROCESS_BYTES = 256 << 20
-#: Bytes per input voxel (float32) that a backbone pass holds on CPU outside the tensors the
-#: dispatcher sees: the convolution library's blocked copy of a layer's input, channels padded
-#: to 16 floats (64 B). Measured as RSS high-water minus the count on 24×256×256 inputs: +71,
-#: +69 and +71 B/voxel for U-Nets [4, 8], [8, 16, 32] and [16, 32] (BENCHMARKS.md, issue 17.2).
-CPU_CONV_WORKSPACE = 72
+#: What the process holds outside its slabs (interpreter, libraries, model, the job's own
+#: state), in the estimate once. Measured: 239 MiB after the imports, 298–302 MiB before the
+#: first slab (export read twice, the intensity scale, the output created), 312–326 MiB before
+#: each later slab (what the first slab's threads keep in their heaps), on a 256² 8-coil MRI
+#: and a 128² CT scan (BENCHMARKS.md, issue 17.2).
+PROCESS_BYTES = 320 << 20
+
+
+def cpu_conv_workspace(width: int) -> float:
+    """Bytes per input voxel (float32) that a backbone pass holds on CPU outside the tensors the
+    dispatcher sees, for a first convolution of ``width`` output channels: the convolution
+    library's blocked copy of a full-resolution feature map, channels padded to 16 floats
+    (64 B per 16 channels), and below 8 channels another 8 B per missing channel.
+
+    Math:
+        ``4 · (16·⌈width/16⌉ + 2·max(0, 8 − width))``
+
+    Measured as RSS high-water minus the count on a 24×128×128 input (BENCHMARKS.md, issue 17.2):
+    first widths 2, 4, 6, 8, 12, 16, 32 → +115, +96, +80, +64, +64, +64, +128 B/voxel (this
+    gives 112, 96, 80, 64, 64, 64, 128); for [4, 8] the same at 256² and at 96 and 307 slices.
+    """
+    w = max(1, int(width))
+    return 4.0 * (16 * -(-w // 16) + 2 * max(0, 8 - w))
+
 #: Copies of the input slab's image alive at the peak (estimate's constant, see the module doc).
 IMAGE_COPIES = 4
 #: Copies of the data read at once: a staged model's pieces, any other model's input slab.
@@ -91,6 +110,13 @@ def format_bytes(n: float) -> str:
 class _LiveBytes(TorchDispatchMode):
     """Counts the bytes of the tensor storages the ops under it allocate, while they live, and
     their peak: storages the inputs already held (views, in-place results) are not counted."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in ``torch._dynamo.disable`` unless this says
+        # no; its first call then imports dynamo, inductor and sympy: +72 MiB resident for the
+        # rest of the process, measured (BENCHMARKS.md, issue 17.2), for a mode that never compiles.
+        return False
 
     def __init__(self) -> None:
         super().__init__()
@@ -131,7 +157,7 @@ def activation_bytes_per_voxel(backbones: list[torch.nn.Module], channels: int, 
     """The largest peak of live tensor bytes per input voxel of ``backbones`` (untiled), each
     run once on a zero input ``(1, channels, 2g, s, s)`` (``g`` = the pooling grid, ``s`` ≥ 16
     on the grid): what a backbone pass adds to memory, output included, input excluded; on CPU
-    plus :data:`CPU_CONV_WORKSPACE`, which the count cannot see."""
+    plus :func:`cpu_conv_workspace` of its first convolution's width, which the count cannot see."""
     g = max(1, int(multiple))
     s = -(-max(16, 2 * g) // g) * g
     best = 0.0
@@ -143,7 +169,9 @@ def activation_bytes_per_voxel(backbones: list[torch.nn.Module], channels: int, 
         with _LiveBytes() as live:
             y = inner(x)
             del y
-        extra = CPU_CONV_WORKSPACE * x.element_size() / 4 if x.device.type == "cpu" else 0.0
+        first = next((m for m in inner.modules() if isinstance(m, torch.nn.Conv3d)), None)
+        width = first.out_channels if first is not None else 16
+        extra = cpu_conv_workspace(width) * x.element_size() / 4 if x.device.type == "cpu" else 0.0
         best = max(best, live.peak / (2 * g * s * s) + extra)
     return best
 

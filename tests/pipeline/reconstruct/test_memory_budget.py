@@ -14,8 +14,8 @@ from pipeline.data import open_scan
 from pipeline.reconstruct import ReconstructConfig, open_ome, reconstruct
 from pipeline.reconstruct.adapters import _Network
 from pipeline.reconstruct.halo import _layout
-from pipeline.reconstruct.memory import (PROCESS_BYTES, MemoryModel, activation_bytes_per_voxel, choose_slab,
-                                        parse_bytes)
+from pipeline.reconstruct.memory import (PROCESS_BYTES, MemoryModel, _LiveBytes, activation_bytes_per_voxel,
+                                        choose_slab, cpu_conv_workspace, parse_bytes)
 from reconstruct_helpers import MRI_SHAPE, save_model, whole_volume
 
 UNET = dict(widths=[4, 8])
@@ -142,6 +142,40 @@ def test_activation_measure_is_linear_and_deterministic():
     assert first >= 2 * 4 * 4  # at least the output and one width-4 feature map per voxel
     wide = UNet3D(in_channels=2, out_channels=2, widths=[8, 16]).eval()
     assert activation_bytes_per_voxel([wide], 2, 2, torch.device("cpu")) > first
+
+
+@pytest.mark.parametrize("widths, workspace", [([4, 8], 96.0), ([16, 32], 64.0)])
+def test_activation_measure_adds_the_workspace_of_the_first_width(widths, workspace):
+    """On CPU the estimate per voxel is the dispatcher's count plus the convolution workspace of
+    the network's first width (measured +96 B/voxel at width 4, +64 at 8–16: BENCHMARKS.md)."""
+    from pipeline.models import UNet3D
+
+    assert cpu_conv_workspace(widths[0]) == workspace
+    assert [cpu_conv_workspace(w) for w in (2, 6, 8, 12, 32)] == [112.0, 80.0, 64.0, 64.0, 128.0]
+    torch.manual_seed(0)
+    net = UNet3D(in_channels=2, out_channels=2, widths=widths).eval()
+    x = torch.zeros(1, 2, 4, 16, 16)  # the input activation_bytes_per_voxel runs on (grid 2)
+    with torch.no_grad(), _LiveBytes() as live:
+        net(x)
+    counted = live.peak / (4 * 16 * 16)
+    assert activation_bytes_per_voxel([net], 2, 2, torch.device("cpu")) == pytest.approx(counted + workspace)
+
+
+def test_activation_measure_does_not_import_the_compiler():
+    """Counting under a dispatch mode must not pull in torch._dynamo, inductor and sympy (+72 MiB
+    resident for the rest of a reconstruct process): checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from pipeline.models import UNet3D\n"
+            "from pipeline.reconstruct.memory import activation_bytes_per_voxel\n"
+            "net = UNet3D(in_channels=2, out_channels=2, widths=[4, 8]).eval()\n"
+            "assert activation_bytes_per_voxel([net], 2, 2, torch.device('cpu')) > 0\n"
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'sympy') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 # ----------------------------------------------------------------------------- exactness
