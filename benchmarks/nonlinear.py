@@ -18,8 +18,8 @@ and through a **non-linear detector** recorded in the scan (``recon3d simulate c
 * ``one-bit`` — one bit per ray (``--one-bit T``), ``T`` the ``--one-bit-quantile`` of the linear
   scan's line integrals (held-out ``anatomy``, seed 301).
 
-On the non-linear scan, with the shipped recipe ``launch/configs/ct_ei.yaml`` (MC + EI, rotations)
-trained on the scan itself for ``--steps`` steps (the loop of ``benchmarks/quality.py``: the
+On the non-linear scan, with the shipped recipe ``launch/configs/ct_ei.yaml`` (MC + EI with
+rotations; ``--recipe`` picks another file of ``--recipe-dir``) trained on the scan itself for ``--steps`` steps (the loop of ``benchmarks/quality.py``: the
 builders of ``recon3d train``, no DeepSpeed):
 
 * **aware** — ``loss.detector: auto``: MC in the detector's measurement space and EI
@@ -88,11 +88,15 @@ def detector_for(case: str, linear: "Q.Volume", args) -> dict:
     return {"one_bit": float(torch.quantile(y, args.one_bit_quantile)), "one_bit_width": args.one_bit_width}
 
 
-def recipe(detector: str, args):
+def recipe_name(case: str, args) -> str:
+    return args.recipe or RECIPE
+
+
+def recipe(case: str, detector: str, args):
     from pipeline.train.config import load_config
 
     overrides = [f"run.max_steps={args.steps}", f"loss.detector={detector}"] + list(args.set or [])
-    return load_config(Path(args.recipe_dir) / RECIPE, overrides)
+    return load_config(Path(args.recipe_dir) / recipe_name(case, args), overrides)
 
 
 def best_scaled(x: torch.Tensor, v: "Q.Volume") -> torch.Tensor:
@@ -154,23 +158,29 @@ def run_case(case: str, args, scratch: Path, device) -> dict:
         x = vol.op.adjoint(vol.y)
         methods["normalised back-projection"] = {**row(x, vol, scaled=True), "label": "Aᵀy, best-scaled"}
     for name, mode in (("network, aware", "auto"), ("network, linear model", "ignore")):
-        cfg = recipe(mode, args)
+        if mode not in args.networks:
+            continue
+        cfg = recipe(case, mode, args)
         t = time.perf_counter()
         model, train_s, _ = Q.train(cfg, facts, [vol], device, label=f"{case} {name}", verbose=args.verbose)
         (x,) = Q.reconstruct(model, [vol])
-        methods[name] = {**row(x, vol, scaled=one_bit), "label": f"{RECIPE}, loss.detector: {mode}, "
+        methods[name] = {**row(x, vol, scaled=one_bit), "label": f"{recipe_name(case, args)}, loss.detector: {mode}, "
                          f"{cfg.run.max_steps} steps", "train_s": train_s}
         print(f"[{case}] {name}: PSNR {methods[name]['psnr']:.2f} dB ({time.perf_counter() - t:.0f} s)", flush=True)
-    aware, lin = methods["network, aware"], methods["network, linear model"]
-    key = "psnr_scaled" if one_bit else "psnr"
-    results["targets"] = {
-        "gain_db": aware[key] - lin[key],
-        "gain_met": aware[key] - lin[key] >= GAIN_DB,
-        "above_fbp": aware[key] > methods["fbp"][key],
-    }
-    if one_bit:
-        results["targets"]["above_back_projection"] = aware[key] > methods["normalised back-projection"][key]
+    if len(args.networks) == 2:
+        results["targets"] = targets(methods, one_bit=one_bit)
     return results
+
+
+def targets(methods: dict, *, one_bit: bool) -> dict:
+    """The issue's targets from the methods' scores (one bit: at the best scale)."""
+    key = "psnr_scaled" if one_bit else "psnr"
+    aware, lin = methods["network, aware"], methods["network, linear model"]
+    out = {"gain_db": aware[key] - lin[key], "gain_met": aware[key] - lin[key] >= GAIN_DB,
+           "above_fbp": aware[key] > methods["fbp"][key]}
+    if one_bit:
+        out["above_back_projection"] = aware[key] > methods["normalised back-projection"][key]
+    return out
 
 
 def report(case: str, r: dict) -> None:
@@ -187,7 +197,9 @@ def report(case: str, r: dict) -> None:
     what = (f"one bit, threshold {d['threshold']:.4g}, {100 * d['fraction_at_high']:.1f}% of rays +1" if one_bit
             else f"count floor, line integrals clipped at {d['high']:.4g}, {100 * d['fraction_at_high']:.1f}% of rays")
     print_table(f"{case}: {CASES[case][0]} seed {CASES[case][1]} ({what})", header, rows)
-    t = r["targets"]
+    t = r.get("targets")
+    if t is None:
+        return
     print(f"aware − linear model: {t['gain_db']:+.2f} dB (target ≥ {GAIN_DB:g}: {'met' if t['gain_met'] else 'MISSED'}); "
           f"aware above FBP: {'yes' if t['above_fbp'] else 'NO'}"
           + (f"; above normalised back-projection: {'yes' if t['above_back_projection'] else 'NO'}" if one_bit else ""))
@@ -201,7 +213,10 @@ def main(argv=None) -> None:
     p.add_argument("--one-bit-quantile", type=float, default=0.75,
                    help="the one-bit threshold: this quantile of the linear scan's line integrals")
     p.add_argument("--one-bit-width", type=float, default=0.1, help="the recorded one-bit width (logistic temperature)")
+    p.add_argument("--recipe", default=None, help=f"the recipe file in --recipe-dir (default {RECIPE})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--networks", nargs="+", choices=("auto", "ignore"), default=["auto", "ignore"],
+                   help="train the aware network (auto), the linear-model one (ignore) or both")
     p.add_argument("--recipe-dir", default=str(ROOT / "launch" / "configs"))
     p.add_argument("--shape", type=int, nargs=3, default=[16, 96, 96])
     p.add_argument("--angles", type=int, default=60)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Callable, Literal, NamedTuple, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config_base import ConfigError, FrozenModel
 
@@ -44,6 +44,16 @@ class EITerm(_Term):
     name: Literal["ei"]
     transform: Literal["rotate90", "rotate", "reflect", "shift", "cube_rotations"] = "rotate90"
     noise: bool = False
+    #: ``[lo, hi]``: also scale the transformed image by a factor drawn log-uniformly in it (the
+    #: amplitude group, which moves rays across a clipping detector's level; see
+    #: EquivariantImagingLoss).
+    amplitude: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _amplitude_range(self) -> "EITerm":
+        if self.amplitude is not None and not 0 < self.amplitude[0] <= self.amplitude[1]:
+            raise ValueError(f"amplitude must be [lo, hi] with 0 < lo <= hi, got {list(self.amplitude)}")
+        return self
 
 
 class SureTerm(_Term):
@@ -113,7 +123,8 @@ def _ei(t: EITerm, facts: Any, seed: int, where: str) -> Any:
             raise ConfigError(f"{where}: noise: true (robust EI) needs scans with a noise model in their metadata")
         noise = facts.noise_model
     return EquivariantImagingLoss(transform=getattr(operators3d, _TRANSFORMS[t.transform]),
-                                  noise_model=noise, detector=getattr(facts, "detector", None), seed=seed)
+                                  noise_model=noise, amplitude=t.amplitude, detector=getattr(facts, "detector", None),
+                                  seed=seed)
 
 
 def _sure(t: SureTerm, facts: Any, seed: int, where: str) -> Any:

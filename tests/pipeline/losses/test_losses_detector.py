@@ -151,3 +151,27 @@ def test_scans_with_different_detectors_are_refused(clipped_scan, tmp_path):
                                  scheduler="sync", progress=False))
     with pytest.raises(ConfigError, match="different detectors.*clip.*linear"):
         scan_facts([clipped_scan, str(other)])
+
+
+def test_amplitude_scaling_moves_rays_across_the_clip_level():
+    op, x = _op(), _x(0)
+    level = float(op(x).quantile(0.8))
+    record = {"model": "clip", "low": None, "high": level}
+    y = torch.clamp(op(x), max=level)
+    net = _Recorder()
+    x_hat = net(y, op).detach()
+    EquivariantImagingLoss(transform=lambda v: v, amplitude=(2.0, 2.0), detector=record, seed=0)(x_hat, y, op, net)
+    torch.testing.assert_close(net.seen[-1], torch.clamp(op(2 * x_hat), max=level))
+    # a range draws a seeded factor inside it, the same for the same seed
+    seen = []
+    for _ in range(2):
+        rec = _Recorder()
+        EquivariantImagingLoss(transform=lambda v: v, amplitude=(0.5, 3.0), seed=7)(x_hat, y, op, rec)
+        seen.append(rec.seen[-1])
+    torch.testing.assert_close(seen[0], seen[1])
+    alpha = float((seen[0] * op(x_hat)).sum() / op(x_hat).square().sum())
+    assert 0.5 <= alpha <= 3.0 and abs(alpha - 1) > 1e-3
+    with pytest.raises(ValueError, match="amplitude must be"):
+        EquivariantImagingLoss(transform=lambda v: v, amplitude=(2.0, 1.0))
+    with pytest.raises(ValueError, match="amplitude must be"):
+        LossConfig(terms=[{"name": "ei", "amplitude": [0.0, 2.0]}])

@@ -1,0 +1,65 @@
+"""benchmarks/nonlinear.py (issue 18.2): the detector's level is set from the linear scan, the
+networks are trained through the detector and with the linear model, and the tables, the JSON and
+the targets agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_targets_and_best_scale():
+    import nonlinear
+
+    methods = {"network, aware": {"psnr": 26.0}, "network, linear model": {"psnr": 22.5}, "fbp": {"psnr": 25.0}}
+    t = nonlinear.targets(methods, one_bit=False)
+    assert t["gain_db"] == pytest.approx(3.5) and t["gain_met"] and t["above_fbp"]
+    methods["network, linear model"]["psnr"] = 23.5
+    assert not nonlinear.targets(methods, one_bit=False)["gain_met"]
+    one = {"network, aware": {"psnr": 9.0, "psnr_scaled": 16.0}, "network, linear model": {"psnr_scaled": 12.0},
+           "fbp": {"psnr_scaled": 12.5}, "normalised back-projection": {"psnr_scaled": 17.0}}
+    t = nonlinear.targets(one, one_bit=True)
+    assert t["gain_met"] and t["above_fbp"] and not t["above_back_projection"]
+
+    class V:  # a volume with a reference
+        reference = torch.tensor([1.0, 2.0, 3.0])
+
+    torch.testing.assert_close(nonlinear.best_scaled(torch.tensor([2.0, 4.0, 6.0]), V), V.reference)
+
+
+def test_quick_run_reports_consistent_tables(tmp_path):
+    out = tmp_path / "n.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nonlinear.py"), "--quick",
+                           "--cases", "clip-held-out", "one-bit", "--scratch", str(tmp_path / "scr"),
+                           "--json", str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cases = json.loads(out.read_text())["cases"]
+    clip, bit = cases["clip-held-out"], cases["one-bit"]
+    # the level was set from the linear scan so that the asked share of rays reads the floor
+    assert clip["detector"]["model"] == "clip" and clip["detector"]["fraction_at_high"] == pytest.approx(0.12, abs=0.01)
+    assert bit["detector"]["model"] == "sign" and bit["detector"]["fraction_at_high"] == pytest.approx(0.25, abs=0.01)
+    sections = {sec.splitlines()[0].split(":")[0]: sec for sec in proc.stdout.split("\n## ")[1:]}
+    for name, r in cases.items():
+        rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+                for line in sections[name].splitlines()[3:] if line.startswith("| ")}
+        assert set(rows) == set(r["methods"])
+        for method, m in r["methods"].items():
+            assert rows[method][1] == f"{m['psnr']:.2f}" and rows[method][2] == f"{m['ssim']:.4f}"
+        t = r["targets"]
+        aware, lin = r["methods"]["network, aware"], r["methods"]["network, linear model"]
+        key = "psnr_scaled" if name == "one-bit" else "psnr"
+        assert t["gain_db"] == pytest.approx(aware[key] - lin[key])
+        assert f"{t['gain_db']:+.2f} dB" in proc.stdout
+    assert "normalised back-projection" in bit["methods"] and "psnr_scaled" in bit["methods"]["fbp"]
+    assert "loss.detector: auto" in clip["methods"]["network, aware"]["label"]
+    assert "loss.detector: ignore" in clip["methods"]["network, linear model"]["label"]
