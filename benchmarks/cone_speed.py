@@ -11,9 +11,15 @@ whole-volume cone forward (and adjoint) against the same computed by thin D-slab
 as a ratio pieces / whole. Targets (issue 17.4): cone within 3× of parallel per update,
 adjoint ≤ 1.3× forward, slab pieces ≤ 1.2× whole.
 
+The cone rows are repeated for each kernel of ``--kernels`` (``RECON3D_CONE_KERNEL``: ``c``
+the compiled CPU kernel of ``operators3d/ct/_cone_native.py``, ``torch`` the torch one), in
+the same run and against the same parallel-beam figures; a kernel that cannot be used here
+is reported and left out.
+
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/cone_speed.py [--threads 1] [--quick] [--slab 8]
+        [--kernels c,torch]
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import machine_line, print_table  # noqa: E402
 from operators3d.ct import ConeBeamCT, ParallelBeamCT, min_det_shape  # noqa: E402
+from operators3d.ct import _cone_native  # noqa: E402
 
 
 def _angles(num: int, full_turn: bool) -> torch.Tensor:
@@ -81,29 +88,52 @@ def _pieces(op: ConeBeamCT, x: torch.Tensor, y: torch.Tensor, thick: int):
     return forward, adjoint
 
 
-def run_case(shape, num_angles: int, repeat: int, thick: int) -> tuple[list, list]:
+def run_case(shape, num_angles: int, repeat: int, thick: int,
+             kernels: list[str]) -> tuple[list, list]:
+    """The rows of both tables for one case: one per kernel, the parallel beam measured once."""
     updates = math.prod(shape) * num_angles
     par = ParallelBeamCT(volume_shape=shape, angles=_angles(num_angles, False))
     cone = cone_op(shape, num_angles)
     x = torch.randn(shape)
-    with torch.no_grad():
-        yp, yc = par(x), cone(x)
-        pf = _cpu_time(lambda: par(x), repeat)
-        pa = _cpu_time(lambda: par.adjoint(yp), repeat)
-        cf = wf = _cpu_time(lambda: cone(x), repeat)
-        ca = wa = _cpu_time(lambda: cone.adjoint(yc), repeat)
-        fwd_p, adj_p = _pieces(cone, x, yc, thick)
-        sf = _cpu_time(fwd_p, repeat)
-        sa = _cpu_time(adj_p, repeat)
     ns = lambda t: t / updates * 1e9  # noqa: E731
     size = "×".join(map(str, shape)) + f" × {num_angles}"
     det = f"{cone.range_shape[0]}×{cone.range_shape[2]}"
-    speed = [size, det, f"{pf:.3f}", f"{pa:.3f}", f"{cf:.3f}", f"{ca:.3f}",
-             f"{ns(pf):.2f} / {ns(pa):.2f}", f"{ns(cf):.2f} / {ns(ca):.2f}",
-             f"{ca / cf:.2f}", f"{cf / pf:.2f} / {ca / pa:.2f}"]
-    slabs = [size, str(thick), f"{wf:.2f}", f"{sf:.2f}", f"{sf / wf:.2f}", f"{wa:.2f}",
-             f"{sa:.2f}", f"{sa / wa:.2f}"]
+    speed, slabs = [], []
+    with torch.no_grad():
+        yp = par(x)
+        pf = _cpu_time(lambda: par(x), repeat)
+        pa = _cpu_time(lambda: par.adjoint(yp), repeat)
+        for kernel in kernels:
+            os.environ["RECON3D_CONE_KERNEL"] = kernel
+            yc = cone(x)
+            cf = _cpu_time(lambda: cone(x), repeat)
+            ca = _cpu_time(lambda: cone.adjoint(yc), repeat)
+            fwd_p, adj_p = _pieces(cone, x, yc, thick)
+            sf = _cpu_time(fwd_p, repeat)
+            sa = _cpu_time(adj_p, repeat)
+            speed.append([size, det, kernel, f"{pf:.3f}", f"{pa:.3f}", f"{cf:.3f}", f"{ca:.3f}",
+                          f"{ns(pf):.2f} / {ns(pa):.2f}", f"{ns(cf):.2f} / {ns(ca):.2f}",
+                          f"{ca / cf:.2f}", f"{cf / pf:.2f} / {ca / pa:.2f}"])
+            slabs.append([size, kernel, str(thick), f"{cf:.3f}", f"{sf:.3f}", f"{sf / cf:.2f}",
+                          f"{ca:.3f}", f"{sa:.3f}", f"{sa / ca:.2f}"])
     return speed, slabs
+
+
+def _kernels(given: str) -> list[str]:
+    """The kernels of ``--kernels`` that this machine can run (the compiled one needs a C
+    compiler); says why one is left out."""
+    kernels = [k.strip() for k in given.split(",") if k.strip()]
+    for k in kernels:
+        if k not in ("c", "torch"):
+            raise SystemExit(f"--kernels: each must be 'c' or 'torch', got {k!r}")
+    if "c" in kernels:
+        lib, why = _cone_native.load()
+        if lib is None:
+            print(f"compiled kernel left out: {why}")
+            kernels.remove("c")
+        else:
+            print(f"compiled kernel: {lib._name} (OpenMP: {bool(lib.cone_c_has_openmp())})")
+    return kernels
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,29 +142,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="64³ × 90 and 40×56×72 × 60")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--slab", type=int, default=8, help="slab thickness (slices)")
+    parser.add_argument("--kernels", default="c,torch",
+                        help="cone kernels to time, comma-separated: c (compiled), torch")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cases = ([((64, 64, 64), 90), ((40, 56, 72), 60)] if args.quick
              else [((128, 128, 128), 180), ((80, 112, 144), 120)])
     print(machine_line())
+    print("load average (1, 5, 15 min) at start: " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
+    kernels = _kernels(args.kernels)
     speed, slabs = [], []
     for shape, num_angles in cases:
-        s, p = run_case(shape, num_angles, args.repeat, args.slab)
-        speed.append(s)
-        slabs.append(p)
+        s, p = run_case(shape, num_angles, args.repeat, args.slab, kernels)
+        speed += s
+        slabs += p
     print_table(
         f"Cone vs parallel, float32, CPU, {torch.get_num_threads()} thread(s)",
-        ["size", "detector", "parallel fwd s", "parallel adj s", "cone fwd s", "cone adj s",
+        ["size", "detector", "kernel", "parallel fwd s", "parallel adj s", "cone fwd s",
+         "cone adj s",
          "parallel ns/update fwd / adj", "cone ns/update fwd / adj", "cone adj / fwd",
          "cone / parallel fwd / adj"],
         speed,
     )
     print_table(
         "Cone by D-slabs (pipeline/data/cone.py pattern) vs whole, process CPU seconds",
-        ["size", "slab", "whole fwd", "pieces fwd", "pieces / whole fwd", "whole adj",
+        ["size", "kernel", "slab", "whole fwd", "pieces fwd", "pieces / whole fwd", "whole adj",
          "pieces adj", "pieces / whole adj"],
         slabs,
     )
+    print("load average (1, 5, 15 min) at end: " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
 
 
 if __name__ == "__main__":

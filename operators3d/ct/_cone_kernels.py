@@ -34,7 +34,10 @@ rows its shadow covers. Skipped rows only ever met zero pads, so the result does
 
 Everything is plain torch (no device-specific code); blocks reuse their buffers (fresh
 multi-megabyte temporaries cost page faults comparable to the arithmetic) and are kept to
-about ``block_bytes`` so that the per-sample passes stay in cache on CPU.
+about ``block_bytes`` so that the per-sample passes stay in cache on CPU. These are the CUDA
+kernels and the CPU fallback: on CPU the projector uses by default the compiled kernels of
+:mod:`~operators3d.ct._cone_native` (same tables, same position arithmetic), which the tests
+compare with these.
 """
 
 from __future__ import annotations

@@ -28,11 +28,17 @@ by 1-D ``index_select`` from the interpolated lines and sums the planes with an
 same position arithmetic (1-D ``scatter_add_`` into the lines, ``index_add_`` of the weighted
 lines into the D-rows). A block computes only the detector rows its pairs can reach (similar
 slopes reach nearly the same rows). Blocks default to ``_kernels.CPU_CONE_BLOCK_BYTES``
-(8 MiB) on CPU. The tables of each chunk of angles depend neither on D nor on the detector
-rows: they are kept in a process-wide LRU cache (:mod:`~operators3d.ct._table_cache`, at most
-``_kernels.CPU_TABLE_CACHE_BYTES`` = 256 MiB on CPU, 2 GiB per CUDA device; keyed by in-plane
-geometry, angles, chunk, dtype and device), so repeated calls and every slab and row window
-of the same volume skip rebuilding them; only the step lengths (per row) are made per call.
+(8 MiB) on CPU. On CPU (float32/float64) the same tables go by default to an optional compiled
+kernel (:mod:`~operators3d.ct._cone_native`: plain C built on first use, the same
+discretisation in one fused pass per pair that visits only the rows each pair reaches, about
+2× the torch kernel's speed whole and 5× by thin slabs at one thread, BENCHMARKS.md);
+``RECON3D_CONE_KERNEL=torch|c|auto`` chooses, and ``auto`` falls back to the torch kernel,
+with one warning, where no C compiler works. The tables of each chunk of angles depend
+neither on D nor on the detector rows: they are kept in a process-wide LRU cache
+(:mod:`~operators3d.ct._table_cache`, at most ``_kernels.CPU_TABLE_CACHE_BYTES`` = 256 MiB on
+CPU, 2 GiB per CUDA device; keyed by in-plane geometry, angles, chunk, dtype and device), so
+repeated calls and every slab and row window of the same volume skip rebuilding them; only the
+step lengths (per row) are made per call.
 
 Sub-volumes and detector windows: diverging rays cross D-slices, so a D-slab of the volume is
 measured by all the rows its shadow covers, and a block of rows sees a D-range of the volume
@@ -55,7 +61,7 @@ from typing import Sequence
 
 import torch
 
-from . import _cone_kernels as CK
+from . import _cone_native
 from . import _kernels as K
 from . import _table_cache
 from .cone_shadow import _check_cone, _column_ranges, _rows_hit, _slices_seen
@@ -309,7 +315,9 @@ class ConeBeamCT(CTProjector):
         n = theta.shape[0] * (u1 - u0)
         row_index = row_index.reshape(n, num_s, 2)
         # Only the (ray column, plane) pairs that meet the volume, sorted by D-slope so that
-        # the pairs of a block reach nearly the same detector rows (_cone_kernels.py).
+        # the pairs of a block reach nearly the same detector rows (_cone_kernels.py; the
+        # compiled kernel, which bounds each pair's rows itself, measured no faster with the
+        # pairs by angle, plane and column).
         keep = (row_index != zero).any(-1)
         zslope = (tau / vs).expand(theta.shape[0], u1 - u0, num_s).reshape(n, num_s)[keep]
         order = torch.sort(zslope.to(dtype), stable=True).indices
@@ -322,22 +330,26 @@ class ConeBeamCT(CTProjector):
         )
 
     def _step_lengths(self, sl: slice, u0: int, u1: int, dtype, device) -> torch.Tensor:
-        """``(A_c·Ur, 1, V)`` step lengths ``voxel_size · |r| / max(|r_x|, |r_y|)`` (float64
-        arithmetic, as :meth:`_ray_tables`)."""
+        """``(A_c·Ur, 1, V)`` step lengths ``voxel_size · |r| / max(|r_x|, |r_y|)``.
+
+        The in-plane parts (per ray column) in float64 as :meth:`_ray_tables`; the three passes
+        over every ray (``|r|² = |r_xy|² + z_v²``, its root, the factor) in ``dtype``: a thin
+        slab's call makes them for its rows, so they are kept few."""
         g = self.geometry
         num_v, num_u = g.det_shape
         big = g.src_dist + g.det_dist
         f64 = torch.float64
-        theta = g.angles[sl].to(device=device, dtype=f64)[:, None, None]
+        theta = g.angles[sl].to(device=device, dtype=f64)[:, None]
         cos, sin = torch.cos(theta), torch.sin(theta)
         s_u = ((torch.arange(u0, u1, device=device, dtype=f64) - (num_u - 1) / 2)
-               * g.det_spacing[1])[None, :, None]
+               * g.det_spacing[1])[None, :]
         r_x = -big * sin + s_u * cos
         r_y = big * cos + s_u * sin
+        in_plane = (r_x**2 + r_y**2).reshape(-1, 1).to(dtype)
+        factor = (self.volume_geometry.voxel_size / torch.maximum(r_x.abs(), r_y.abs()))
         z_v = g.row_heights(device=device)
-        norm = torch.sqrt(r_x**2 + r_y**2 + z_v[None, None, :] ** 2)
-        step_len = self.volume_geometry.voxel_size * norm / torch.maximum(r_x.abs(), r_y.abs())
-        return step_len.reshape(-1, 1, num_v).to(dtype)
+        step_len = torch.add(in_plane, (z_v**2).to(dtype)[None, :]).sqrt_()
+        return step_len.mul_(factor.reshape(-1, 1).to(dtype)).view(-1, 1, num_v)
 
     def _tables(self, sl: slice, u0: int, u1: int, dtype, device):
         """:meth:`_ray_tables` from the process-wide cache (:mod:`._table_cache`, shared by
@@ -370,6 +382,7 @@ class ConeBeamCT(CTProjector):
         y = torch.zeros(batch, num_v, num_a, num_u, dtype=dtype, device=device)
         zcoord = self._detector_heights(dtype, device)
         zoff = self.volume_geometry.d_axis
+        gather = _cone_native.kernels_for(xv)[0]
         per_angle = num_u * max(num_h, num_w) * 80
         for sl in self._chunks(per_angle, table):
             u0, u1 = self._columns(sl)
@@ -378,11 +391,13 @@ class ConeBeamCT(CTProjector):
             row_index, row_weight, zslope, ray, step_len = self._tables(sl, u0, u1, dtype, device)
             num_c = sl.stop - sl.start
             rays = torch.zeros(num_c * (u1 - u0), batch, num_v, dtype=dtype, device=device)
-            CK.pair_gather(
+            gather(
                 xv, row_index, row_weight, zslope, ray, zcoord, zoff, rays, block_bytes=block
             )
-            rays.mul_(step_len)
-            y[:, :, sl, u0:u1].copy_(rays.view(num_c, u1 - u0, batch, num_v).permute(2, 3, 0, 1))
+            # step lengths applied while moving into place (one pass)
+            torch.mul(rays.view(num_c, u1 - u0, batch, num_v).permute(2, 3, 0, 1),
+                      step_len.view(num_c, u1 - u0, 1, num_v).permute(2, 3, 0, 1),
+                      out=y[:, :, sl, u0:u1])
         return y.view(lead + (num_v, num_a, num_u))
 
     def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
@@ -399,6 +414,7 @@ class ConeBeamCT(CTProjector):
         yb = y.reshape(batch, num_v, num_a, num_u)
         zcoord = self._detector_heights(dtype, device)
         zoff = self.volume_geometry.d_axis
+        scatter = _cone_native.kernels_for(acc)[1]
         per_angle = num_u * max(num_h, num_w) * 80
         for sl in self._chunks(per_angle, table):
             u0, u1 = self._columns(sl)
@@ -406,9 +422,12 @@ class ConeBeamCT(CTProjector):
                 continue
             row_index, row_weight, zslope, ray, step_len = self._tables(sl, u0, u1, dtype, device)
             num_c = sl.stop - sl.start
-            rays = yb[:, :, sl, u0:u1].permute(2, 3, 0, 1).reshape(num_c * (u1 - u0), batch, num_v)
-            rays = rays * step_len
-            CK.pair_scatter(
+            # gathered into ray order and weighted by the step lengths in one pass
+            rays = torch.empty(num_c, u1 - u0, batch, num_v, dtype=dtype, device=device)
+            torch.mul(yb[:, :, sl, u0:u1].permute(2, 3, 0, 1),
+                      step_len.view(num_c, u1 - u0, 1, num_v), out=rays)
+            rays = rays.view(num_c * (u1 - u0), batch, num_v)
+            scatter(
                 rays, row_index, row_weight, zslope, ray, zcoord, zoff, acc, block_bytes=block
             )
         out = acc[:zero].view(num_h, num_w, batch, num_d + 3)[..., 1 : num_d + 1]

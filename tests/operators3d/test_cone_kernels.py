@@ -9,6 +9,16 @@ import torch
 
 from operators3d.ct import ConeBeamCT, min_det_shape
 from operators3d.ct import _cone_kernels as CK
+from operators3d.ct import _cone_native as NATIVE
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """The compiled kernel library (tests skip when this machine cannot build it)."""
+    lib, why = NATIVE.load()
+    if lib is None:
+        pytest.skip(f"no compiled cone kernel: {why}")
+    return lib
 
 
 def _tables(num_rows, num_q, num_r, width, gen, dtype=torch.float64):
@@ -118,10 +128,13 @@ def test_row_windows_do_not_apply_to_few_rows_or_bad_slopes(monkeypatch):
     assert CK.row_windows(zslope, torch.arange(20.0), 0.0, 5) is None
 
 
-@pytest.mark.parametrize("windows", [False, True])
+@pytest.mark.parametrize("kernel", ["torch", "torch-every-row", "c"])
 @pytest.mark.parametrize("shape", [(12, 10, 14), (7, 16, 9)])
-def test_cone_dot_test_whole_and_thin_slabs(monkeypatch, shape, windows):
-    monkeypatch.setattr(CK, "ROW_WINDOWS", windows)
+def test_cone_dot_test_whole_and_thin_slabs(monkeypatch, shape, kernel):
+    if kernel == "c" and NATIVE.load()[0] is None:
+        pytest.skip(f"no compiled cone kernel: {NATIVE.load()[1]}")
+    monkeypatch.setenv("RECON3D_CONE_KERNEL", kernel.split("-")[0])
+    monkeypatch.setattr(CK, "ROW_WINDOWS", kernel != "torch-every-row")
     angles = torch.arange(10, dtype=torch.float64) * 2 * math.pi / 10
     geo = dict(volume_shape=shape, angles=angles, src_dist=30.0, det_dist=12.0,
                det_spacing=(0.9, 1.2))
@@ -141,3 +154,117 @@ def test_cone_dot_test_whole_and_thin_slabs(monkeypatch, shape, windows):
         piece = sub.rows(hit).adjoint(y[hit])
         torch.testing.assert_close(piece, op.adjoint(y)[d0:d1], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(total, whole, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the compiled kernel
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("slopes", ["positive", "mixed"])  # register carry / plain adjoint
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("long", [False, True])  # windows shorter / longer than CONE_LONG rows
+def test_compiled_pairs_match_the_reference_and_torch(compiled, monkeypatch, channels, slopes,
+                                                      threads, long):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(6)
+    num_rows, length, num_r, num_m = (9, 45, 4, 70) if long else (13, 8, 6, 17)
+    tables = list(_tables(num_rows, 70, num_r, length + 3, gen))
+    if slopes == "mixed":
+        tables[2] = tables[2] * torch.where(torch.arange(70) % 3 == 0, -1.0, 1.0).double()
+    zcoord = (torch.arange(num_m, dtype=torch.float64) - num_m // 2) * 0.65
+    for zoff in (length / 2 - 0.5, 0.25, -2.0, length + 1.75, 30.0):
+        src = _src(num_rows, channels, length, gen)
+        out = torch.zeros(num_r, channels, num_m, dtype=torch.float64)
+        NATIVE.pair_gather(src, *tables, zcoord, zoff, out)
+        torch.testing.assert_close(out, _reference(src, *tables, zcoord, zoff, num_r),
+                                   rtol=1e-12, atol=1e-12)
+        grad = torch.randn(num_r, channels, num_m, generator=gen, dtype=torch.float64)
+        dst, ref = torch.zeros_like(src), torch.zeros_like(src)
+        NATIVE.pair_scatter(grad, *tables, zcoord, zoff, dst)
+        CK.pair_scatter(grad, *tables, zcoord, zoff, ref, block_bytes=3000)
+        inner = (slice(0, num_rows), slice(None), slice(1, length + 1))  # pads collect junk
+        torch.testing.assert_close(dst[inner], ref[inner], rtol=1e-12, atol=1e-12)
+        lhs, rhs = (out * grad).sum(), (src * dst).sum()
+        assert abs(lhs - rhs) <= 1e-12 * max(abs(lhs), abs(rhs), 1.0)
+
+
+def test_compiled_float32_matches_torch_float32(compiled):
+    gen = torch.Generator().manual_seed(7)
+    num_rows, length, num_r, num_m = 10, 7, 5, 15
+    row_index, row_weight, zslope, ray = _tables(num_rows, 50, num_r, length + 3, gen)
+    tables = (row_index, row_weight.float(), zslope.float(), ray)
+    zcoord = ((torch.arange(num_m, dtype=torch.float64) - 7) * 0.7).float()
+    src = _src(num_rows, 2, length, gen).float()
+    got, want = (torch.zeros(num_r, 2, num_m) for _ in range(2))
+    NATIVE.pair_gather(src, *tables, zcoord, 3.5, got)
+    CK.pair_gather(src, *tables, zcoord, 3.5, want, block_bytes=4000)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _cone_pair(shape, dtype=torch.float64):
+    angles = torch.arange(11, dtype=torch.float64) * 2 * math.pi / 11
+    geo = dict(volume_shape=shape, angles=angles, src_dist=25.0, det_dist=10.0,
+               det_spacing=(0.9, 1.1))
+    return ConeBeamCT(det_shape=min_det_shape(**geo), **geo)
+
+
+@pytest.mark.parametrize("shape", [(12, 10, 14), (5, 6, 7)])
+def test_compiled_operator_matches_the_torch_operator(compiled, monkeypatch, shape):
+    op = _cone_pair(shape)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, *shape, generator=gen, dtype=torch.float64)  # a batch: two channels
+    y = torch.randn(2, *op.range_shape, generator=gen, dtype=torch.float64)
+    got = {}
+    for kernel in ("torch", "c"):
+        monkeypatch.setenv("RECON3D_CONE_KERNEL", kernel)
+        piece = op.slab(slice(1, 4))
+        rows = piece.rows_hit_by(slice(0, 3))
+        got[kernel] = (op(x), op.adjoint(y), piece.rows(rows)(x[:, 1:4]),
+                       piece.rows(rows).adjoint(y[:, rows]))
+    for a, b in zip(got["torch"], got["c"]):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert (got["c"][0] != 0).any()
+
+
+def test_without_a_compiler_auto_falls_back_to_torch_with_one_warning(monkeypatch, tmp_path):
+    op = _cone_pair((5, 6, 7))
+    x = torch.randn(5, 6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    monkeypatch.setenv("RECON3D_CONE_KERNEL", "torch")
+    want = op(x)
+    monkeypatch.setenv("RECON3D_CONE_KERNEL", "auto")
+    monkeypatch.setenv("RECON3D_CACHE", str(tmp_path))
+    monkeypatch.setattr(NATIVE, "_LOADED", {})
+    monkeypatch.setattr(NATIVE, "_WARNED", set())
+    for compiler, why in ((str(tmp_path / "no-such-cc"), "no C compiler"),
+                          ("false", "exited with 1")):  # one that cannot compile
+        monkeypatch.setenv("RECON3D_CC", compiler)
+        with pytest.warns(RuntimeWarning, match=f"compiled CPU kernel unavailable.*{why}"):
+            got = op(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once, not per call
+            op.adjoint(got)
+        monkeypatch.setenv("RECON3D_CONE_KERNEL", "c")
+        with pytest.raises(RuntimeError, match=why):
+            op(x)
+        monkeypatch.setenv("RECON3D_CONE_KERNEL", "auto")
+    left = sorted(p.suffix for p in tmp_path.iterdir())
+    assert left == [".failed", ".failed"]  # notes of the failed builds; no half-written library
+    monkeypatch.setenv("RECON3D_CONE_KERNEL", "fast")
+    with pytest.raises(ValueError, match="RECON3D_CONE_KERNEL must be one of.*'fast'"):
+        op(x)
+
+
+def test_the_library_is_cached_by_source_and_compiler(compiled, monkeypatch, tmp_path):
+    monkeypatch.setenv("RECON3D_CACHE", str(tmp_path))
+    monkeypatch.setattr(NATIVE, "_LOADED", {})
+    lib, why = NATIVE.load()
+    assert lib is not None, why
+    built = sorted(p.name for p in tmp_path.iterdir())
+    assert len(built) == 1 and built[0].startswith("cone_c-") and built[0].endswith(".so")
+    assert NATIVE.load()[0] is lib  # loaded once per process
+    monkeypatch.setattr(NATIVE, "_LOADED", {})
+    NATIVE.load()  # another process: finds the cached library, builds nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == built
