@@ -101,6 +101,12 @@ class Trainer:
         torch.manual_seed(build.derived_seed(cfg.run.seed, "init"))  # identical on every rank
         model = build.build_model(cfg.model, self.facts, precision=precision)
         self.loss = build.build_loss(cfg.loss, self.facts, seed=build.derived_seed(cfg.run.seed, "loss", ctx.rank))
+        if ctx.is_main and self.facts.detector is not None:
+            d = self.facts.detector
+            level = ", ".join(f"{k} {d[k]:.4g}" for k in ("low", "high", "threshold") if d.get(k) is not None)
+            say(f"[recon3d] the scans were read through a non-linear detector ({d['model']}, {level}): "
+                + ("the loss measures through it (loss.detector: auto)" if cfg.loss.detector == "auto"
+                   else "the loss treats them as linear (loss.detector: ignore)"), "train")
         self.model = self.loss.adapt_model(model)
         self.frozen = apply_freeze(self.model, list(cfg.model.freeze))  # before the optimizer is built
         self.param_shapes = _param_shapes(self.model)  # before ZeRO-3 partitions them to size 0
