@@ -16,16 +16,19 @@ round):
   <pipeline.data.scan.ScanArray.read>` one stored object (a shard on s3, a chunk locally) at a
   time, with its presence and finite checks: a whole shard in one request;
 * **stream** — one pass of :class:`pipeline.data.SlabStream` (``--stream-threads`` reader
-  threads, default 2), MB/s delivered;
+  threads, default 2), MB/s delivered, in its default order (``order: auto``: shard by shard,
+  each shard fetched whole once, on s3; shuffled on local disk), and once more with
+  ``order: shuffle`` (each slab a range read of its shard on s3);
 * **reconstruct** — ``recon3d reconstruct --method adjoint`` of the scan to an OME-Zarr image on
   the same store (s3 → s3, local → local), MB/s of measurements reconstructed;
 
 each also on a third copy in the bucket written with ``--shard-chunks 0`` (one object per chunk);
 and the requests the S3 server answered per GiB of decompressed data for each (counted from the
-server's request log). moto answers a byte range (a shard's index, one chunk of a shard) in
-time proportional to the whole object, where a real object store takes time proportional to
-the range: reads of parts of shards are slower here than they would be there. Prints Markdown
-tables; the owner records them in BENCHMARKS.md.
+server's request log: all of them, and the GETs of stored chunk or shard objects alone). moto
+answers a byte range (a shard's index, one chunk of a shard) in time proportional to the whole
+object, where a real object store takes time proportional to the range: reads of parts of
+shards are slower here than they would be there. Prints Markdown tables; the owner records
+them in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -58,6 +62,7 @@ class RequestCounter:
 
     def __init__(self, stream) -> None:
         self.count = 0
+        self.object_gets = 0  # GETs of stored chunk/shard objects (``.../c/...``), whole or ranged
         self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self._thread.start()
 
@@ -65,6 +70,9 @@ class RequestCounter:
         for line in stream:
             if '" ' in line and "HTTP/1." in line:
                 self.count += 1
+                line = re.sub(r"\x1b\[[\d;]*m", "", line)  # werkzeug colours the 206 lines
+                if '"GET ' in line and "/c/" in line:
+                    self.object_gets += 1
 
     def settle(self) -> int:
         """The count once the server has logged what it answered (its log trails the replies)."""
@@ -131,12 +139,13 @@ def _sequential_stored(path: str) -> int:
     return total
 
 
-def _stream(path: str, threads: int = 2) -> int:
-    """One pass of the slab stream with ``threads`` reader threads; the bytes delivered."""
+def _stream(path: str, threads: int = 2, order: str = "auto") -> int:
+    """One pass of the slab stream with ``threads`` reader threads in ``order``; the bytes delivered."""
     from pipeline.data import SlabStream, SlabStreamConfig
 
     total = 0
-    for y, op, _ in SlabStream(SlabStreamConfig(scans=(path,), num_workers=threads, seed=1, prefetch_factor=4)):
+    config = SlabStreamConfig(scans=(path,), num_workers=threads, seed=1, prefetch_factor=4, order=order)
+    for y, op, _ in SlabStream(config):
         total += y.numel() * y.element_size() + op.coil_maps.numel() * op.coil_maps.element_size()
     return total
 
@@ -173,11 +182,13 @@ def _raw_get_rate(url: str) -> float:
     return total / (time.perf_counter() - t0) / 1e6
 
 
-def _measure(fn, counter: RequestCounter) -> tuple[int, float, int]:
+def _measure(fn, counter: RequestCounter) -> tuple[int, float, int, int]:
+    """``fn()``'s bytes, its seconds, the requests it made and its GETs of stored objects."""
     before, t0 = counter.settle(), time.perf_counter()
+    gets = counter.object_gets
     nbytes = fn()
     seconds = time.perf_counter() - t0
-    return nbytes, seconds, counter.settle() - before
+    return nbytes, seconds, counter.settle() - before, counter.object_gets - gets
 
 
 def main() -> None:
@@ -227,9 +238,11 @@ def main() -> None:
         threads = args.stream_threads
         work = {"sequential read": lambda p, o: _sequential(p),
                 "sequential read by stored object": lambda p, o: _sequential_stored(p),
-                f"stream ({threads} threads)": lambda p, o: _stream(p, threads),
+                f"stream ({threads} threads, order auto)": lambda p, o: _stream(p, threads),
+                f"stream ({threads} threads, order shuffle)": lambda p, o: _stream(p, threads, "shuffle"),
                 "reconstruct adjoint": _reconstruct}
-        results: dict[str, dict[str, list[tuple[int, float, int]]]] = {k: {lab: [] for lab in targets} for k in work}
+        results: dict[str, dict[str, list[tuple[int, float, int, int]]]] = {k: {lab: [] for lab in targets}
+                                                                          for k in work}
         for _ in range(args.repeat):
             for name, fn in work.items():
                 for label, (path, out, _) in targets.items():
@@ -237,16 +250,18 @@ def main() -> None:
                     results[name][label].append(_measure(lambda: fn(path, out), counter))
         rows = []
         for name, per in results.items():
-            rates = {lab: [b / s / 1e6 for b, s, _ in per[lab]] for lab in per}
+            rates = {lab: [b / s / 1e6 for b, s, _, _ in per[lab]] for lab in per}
             ratios = [s3 / lo for s3, lo in zip(rates["s3"], rates["local"])]
-            requests = {lab: statistics.median(n / (b / GIB) for b, _, n in per[lab]) for lab in per if lab != "local"}
+            on_s3 = [lab for lab in per if lab != "local"]
+            requests = {lab: statistics.median(n / (b / GIB) for b, _, n, _ in per[lab]) for lab in on_s3}
+            gets = {lab: statistics.median(g / (b / GIB) for b, _, _, g in per[lab]) for lab in on_s3}
             rows.append([name, " ".join(f"{r:.0f}" for r in rates["local"]), " ".join(f"{r:.0f}" for r in rates["s3"]),
                          " ".join(f"{r:.2f}" for r in ratios), f"{statistics.median(ratios):.2f}",
-                         f"{requests['s3']:.0f}", " ".join(f"{r:.0f}" for r in rates["s3 unsharded"]),
-                         f"{requests['s3 unsharded']:.0f}"])
+                         f"{requests['s3']:.0f}", f"{gets['s3']:.0f}",
+                         " ".join(f"{r:.0f}" for r in rates["s3 unsharded"]), f"{requests['s3 unsharded']:.0f}"])
         print_table("Throughput, MB/s decompressed (each round: local, s3, s3 unsharded)",
                     ["what", "local MB/s", "s3 MB/s", "ratio per round", "median ratio", "s3 requests/GiB",
-                     "s3 unsharded MB/s", "unsharded requests/GiB"], rows)
+                     "s3 object GETs/GiB", "s3 unsharded MB/s", "unsharded requests/GiB"], rows)
         print(f"\nload after: {os.getloadavg()}")
     finally:
         server.terminate()

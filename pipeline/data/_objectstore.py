@@ -23,18 +23,24 @@ it has read (the only suffix reads zarr makes), so each later read of the shard 
 (its presence check included).
 A scan opened read-only is complete and immutable (writers write each shard whole, once); a
 new :func:`~pipeline.data.scan.open_scan` starts with an empty cache.
+
+A reader that takes a shard's slabs one after another (the slab stream in its ``shard_local``
+order) reads the shard once, whole, through a :class:`ShardCache`: one request per shard
+instead of one range per slab, the shard decoded once and its slabs copied out of memory.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+import collections
+import threading
+from typing import TYPE_CHECKING, Any, Hashable, NamedTuple
 
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
     from .scan import ScanArray
 
-__all__ = ["Run", "stored_runs", "read_d_range", "index_caching_store_class", "INDEX_CACHE_ENTRIES"]
+__all__ = ["Run", "stored_runs", "read_d_range", "ShardCache", "index_caching_store_class", "INDEX_CACHE_ENTRIES"]
 
 INDEX_CACHE_ENTRIES = 4096  # shard indexes kept per store (16 bytes a chunk: a few MiB at most)
 
@@ -120,6 +126,133 @@ def read_d_range(array: "ScanArray", start: int, stop: int, *, check_finite: boo
         del part
     assert out is not None
     return out
+
+
+class _Shard:
+    """A stored object being read (``ready`` unset) or read: ``values`` its decoded D-range
+    ``lo:hi``, or ``None`` when the whole read failed."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.values: np.ndarray | None = None
+        self.ready = threading.Event()
+
+
+class ShardCache:
+    """Whole stored objects (shards) along D, each read once and decoded, shared by threads.
+
+    :meth:`read` of a D-range inside one shard (and smaller than it) reads the whole shard
+    with :meth:`ScanArray.read <pipeline.data.scan.ScanArray.read>` (one request, its checks
+    included) on the first call and copies the range out of memory on later ones; a thread
+    asking for a shard another is reading waits for that read; :meth:`prefetch` starts a
+    shard's read in the background (the next shard, while this one is served). Other ranges
+    are read as they are. :meth:`release` drops a shard its reader is done with; at most
+    ``shards_per_array`` decoded shards of each array name are kept in any case, the first
+    read dropped first: the memory is at most ``shards_per_array`` × the shard's decoded bytes
+    per array name read (a copy of each range handed out is its caller's). A shard dropped
+    while a reader still needed it is read again: more requests, the same values.
+
+    A shard whose whole read fails (a corrupt or missing chunk anywhere in it, a transient
+    error) is not kept: each range of it is then read on its own, so an error is raised for,
+    and names, the range's own chunk, as without the cache.
+
+    Args:
+        shards_per_array: the most decoded shards kept per array name (the slab stream
+            allows one per reader thread and two more: see :mod:`pipeline.data.stream`).
+    """
+
+    def __init__(self, shards_per_array: int = 2) -> None:
+        if shards_per_array < 1:
+            raise ValueError(f"ShardCache: shards_per_array must be >= 1, got {shards_per_array}")
+        self.shards_per_array = shards_per_array
+        self._lock = threading.Lock()
+        self._shards: dict[str, collections.OrderedDict[tuple[Hashable, int], _Shard]] = {}
+
+    def held(self) -> int:
+        """Shards held now (read or being read), all arrays together."""
+        with self._lock:
+            return sum(len(v) for v in self._shards.values())
+
+    def _span(self, array: "ScanArray", start: int, stop: int) -> tuple[int, int, int] | None:
+        """``(index, lo, hi)`` of the shard holding ``start:stop``, or ``None`` when the range
+        is not served from a cached shard (no D axis, across shards, or a whole shard)."""
+        if array.d_axis is None:
+            return None
+        depth = array.stored_depth
+        index = start // depth
+        lo, hi = index * depth, min((index + 1) * depth, array.depth)
+        if stop > hi or (start, stop) == (lo, hi):  # across shards, or a whole one: one read anyway
+            return None
+        return index, lo, hi
+
+    def _claim(self, array: "ScanArray", owner: Hashable, index: int, lo: int, hi: int) -> tuple[_Shard, bool]:
+        """The held shard, or a new one to read (then ``True``): the oldest dropped beyond the
+        capacity (a thread still waiting on it keeps its own reference)."""
+        with self._lock:
+            held = self._shards.setdefault(array.name, collections.OrderedDict())
+            shard = held.get((owner, index))
+            if shard is not None:
+                return shard, False
+            shard = held[(owner, index)] = _Shard(lo, hi)
+            while len(held) > self.shards_per_array:
+                held.popitem(last=False)
+            return shard, True
+
+    def _fill(self, array: "ScanArray", owner: Hashable, index: int, shard: _Shard, check_finite: bool) -> None:
+        try:
+            shard.values = array.read(slice(shard.lo, shard.hi), check_finite=check_finite)
+        except Exception:
+            with self._lock:  # not kept: each range is read (and fails) on its own
+                held = self._shards.get(array.name, {})
+                if held.get((owner, index)) is shard:
+                    del held[(owner, index)]
+        finally:
+            shard.ready.set()
+
+    def release(self, array: "ScanArray", owner: Hashable, start: int, stop: int) -> None:
+        """Drop the shard holding ``start:stop`` (its reader has read all it needs from it)."""
+        span = self._span(array, start, stop)
+        if span is None:
+            return
+        with self._lock:
+            self._shards.get(array.name, {}).pop((owner, span[0]), None)
+
+    def clear(self) -> None:
+        """Drop every shard held."""
+        with self._lock:
+            self._shards.clear()
+
+    def prefetch(self, array: "ScanArray", owner: Hashable, start: int, stop: int, *, check_finite: bool) -> None:
+        """Start reading the shard holding ``start:stop`` in a background thread, unless it is
+        held or being read (or the range is not served from a shard); returns at once. A
+        failure is not raised here: :meth:`read` then reads the range on its own."""
+        span = self._span(array, start, stop)
+        if span is None:
+            return
+        shard, fetch = self._claim(array, owner, *span)
+        if fetch:
+            threading.Thread(target=self._fill, args=(array, owner, span[0], shard, check_finite),
+                             name="recon3d-shard-prefetch", daemon=True).start()
+
+    def read(self, array: "ScanArray", owner: Hashable, start: int, stop: int, *, check_finite: bool) -> np.ndarray:
+        """Rows ``start:stop`` along D of ``array`` (``owner`` names its scan: arrays of
+        different scans share names), as :meth:`ScanArray.read` returns them.
+
+        Shape:
+            the array's shape with D cut to ``start:stop``.
+        """
+        span = self._span(array, start, stop)
+        if span is None:
+            return array.read(slice(start, stop), check_finite=check_finite)
+        shard, fetch = self._claim(array, owner, *span)
+        if fetch:
+            self._fill(array, owner, span[0], shard, check_finite)
+        else:
+            shard.ready.wait()
+        if shard.values is None:
+            return array.read(slice(start, stop), check_finite=check_finite)
+        sel = _along_d(shard.values.ndim, array.d_axis, start - shard.lo, stop - shard.lo)
+        return shard.values[sel].copy()  # a copy: a sample must not keep the whole shard alive
 
 
 _INDEX_CACHING_STORE = None

@@ -10,6 +10,15 @@
   ``(seed, epoch)`` of the base keys, padded or cut to a multiple of the world size and dealt
   round-robin: rank ``r`` takes positions ``r, r + W, r + 2W, ...``. The shards are disjoint
   and together cover the epoch.
+
+The order (``order``): ``shuffle`` permutes all slabs of all scans. ``shard_local`` (the
+``auto`` choice for sharded scans on an object store) keeps each rank on one stored object
+(shard) until it has taken all of that object's slabs: the stored objects are permuted, then
+the slabs inside each (both drawn from ``(seed, epoch)``), the sequence is cut into ``W``
+consecutive blocks (rank ``r`` takes block ``r``) and interleaved, so that dealing it
+round-robin gives each rank its block. A rank then reads each stored object it visits once,
+whole (see :class:`~pipeline.data._objectstore.ShardCache`), instead of one range of a
+64 MiB object per slab; the blocks' edges split at most ``W - 1`` objects between two ranks.
 """
 
 from __future__ import annotations
@@ -23,12 +32,13 @@ from pydantic import Field, model_validator
 from torch.utils.data import Sampler
 
 from pipeline.config_base import PathStr, Settings
+from pipeline.paths import is_url
 
 from .format import CTGeometry, ScanError
 from .phantoms import derive_seed
 from .scan import open_scan, slab_slices
 
-__all__ = ["SampleKey", "OperatorRef", "SlabSample", "SlabStreamConfig", "SlabSampler"]
+__all__ = ["SampleKey", "OperatorRef", "SlabSample", "SlabStreamConfig", "SlabSampler", "resolve_order"]
 
 
 class SampleKey(NamedTuple):
@@ -105,6 +115,17 @@ class SlabStreamConfig(Settings):
             torch and zarr afresh (seconds, once: workers persist across epochs). Process
             readers only.
         storage_options: passed to fsspec for URL scans.
+        order: how the epoch's order groups the slabs (measurements mode): ``shuffle`` — a
+            permutation of all slabs, dealt round-robin; ``shard_local`` — stored object by
+            stored object (see the module docstring): consecutive slabs of a rank come from
+            one shard, which the readers fetch whole once (one request; the next shard is
+            fetched while this one is served) and serve from memory, holding at most
+            ``num_workers + 1`` decoded shards of each array read (MRI: measurements and coil
+            maps; 2 readers and ``shard_chunks: auto``: 3 × 2 × 64 MiB; thread readers, or
+            none; process readers read slab by slab); ``auto`` (default) — ``shard_local``
+            when a scan is a URL whose measurements hold more than one slab per stored object
+            (sharded), else ``shuffle`` (local scans keep their order). ``shuffle=False``
+            keeps the stored order in both.
     """
 
     _where: ClassVar[str] = "SlabStreamConfig"
@@ -125,11 +146,15 @@ class SlabStreamConfig(Settings):
     check_finite: bool = True
     multiprocessing_context: str | None = None
     storage_options: dict[str, Any] = {}
+    order: Literal["auto", "shuffle", "shard_local"] = "auto"
 
     @model_validator(mode="after")
     def _image_mode(self) -> "SlabStreamConfig":
         if self.mode == "image" and self.crop_shape is None:
             raise ValueError("mode 'image' needs crop_shape=(d, h, w)")
+        if self.mode == "image" and self.order == "shard_local":
+            raise ValueError("order 'shard_local' needs mode 'measurements' (image crops start at "
+                             "random D positions); use order 'auto' or 'shuffle'")
         return self
 
 
@@ -142,6 +167,8 @@ class _ScanInfo:
     chunk_depth: int
     image_shape: tuple[int, int, int]
     cone: bool
+    stored_depth: int  # D-slices per stored object of the measurements (the shard when sharded)
+    url: bool
 
 
 def _catalogue(config: SlabStreamConfig) -> list[_ScanInfo]:
@@ -160,7 +187,9 @@ def _catalogue(config: SlabStreamConfig) -> list[_ScanInfo]:
                 scan.derived(name)  # raises, naming the scan, when missing or incomplete
         depth = meta.measurement_depth if config.mode == "measurements" else meta.volume_shape[0]
         out.append(
-            _ScanInfo(path, meta.modality, depth, meta.chunk_depth, tuple(meta.volume_shape), cone)
+            _ScanInfo(path, meta.modality, depth, meta.chunk_depth, tuple(meta.volume_shape), cone,
+                      scan.measurements.stored_depth if config.mode == "measurements" else meta.chunk_depth,
+                      is_url(path))
         )
     return out
 
@@ -187,6 +216,34 @@ def _base_keys(config: SlabStreamConfig, infos: Sequence[_ScanInfo]) -> list[Sam
     return keys
 
 
+def _thickness(config: SlabStreamConfig, info: _ScanInfo) -> int:
+    return info.chunk_depth if config.slab_thickness is None else int(config.slab_thickness)
+
+
+def resolve_order(config: SlabStreamConfig, infos: Sequence[_ScanInfo]) -> Literal["shuffle", "shard_local"]:
+    """``config.order`` with ``auto`` made ``shard_local`` (a URL scan whose measurements hold
+    more than one slab per stored object, measurements mode) or ``shuffle``."""
+    if config.order != "auto":
+        return config.order
+    if config.mode == "measurements" and any(i.url and i.stored_depth > _thickness(config, i) for i in infos):
+        return "shard_local"
+    return "shuffle"
+
+
+def _interleave_blocks(sequence: list[int], world_size: int) -> list[int]:
+    """``sequence`` cut into ``world_size`` consecutive blocks (the first ``len % world_size``
+    one longer), laid out so that dealing the result round-robin (rank ``r`` takes positions
+    ``r, r + W, ...``) gives rank ``r`` block ``r``, in its order."""
+    n, w = len(sequence), world_size
+    out = [0] * n
+    start = 0
+    for r in range(w):
+        count = n // w + (1 if r < n % w else 0)
+        out[r : r + count * w : w] = sequence[start : start + count]
+        start += count
+    return out
+
+
 # ----------------------------------------------------------------------------- sampler
 class SlabSampler(Sampler[SampleKey]):
     """The sample keys of one rank, a pure function of ``(seed, epoch, rank, world_size)``.
@@ -195,6 +252,12 @@ class SlabSampler(Sampler[SampleKey]):
     ``(seed, epoch)``; it is padded/cut to a multiple of the world size (``remainder``) and,
     from global position ``offset`` on, dealt round-robin to the ranks. ``start`` skips the
     rank's first samples (mid-epoch resume).
+
+    With ``order`` ``shard_local`` (:func:`resolve_order`) the permutation is of the stored
+    objects, then of the slabs inside each, and the sequence is laid out in one block per
+    rank for ``order_world_size`` ranks (the world size, except for the rest of an epoch
+    resumed at another world size: then the old order is kept and its rest dealt
+    round-robin, each slab still once).
     """
 
     def __init__(
@@ -216,9 +279,36 @@ class SlabSampler(Sampler[SampleKey]):
         self.epoch = 0
         self.offset = 0
         self.start = 0
+        self.order = resolve_order(config, self.infos)
+        self.order_world_size = world_size  # the ranks the current epoch's order was laid out for
+        self._groups = self._stored_groups() if self.order == "shard_local" else []
+
+    def _stored_groups(self) -> list[list[int]]:
+        """Indices into the base samples grouped by the stored object of the measurements
+        holding their first D-slice, in scan and D order."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, key in enumerate(self.base):
+            groups.setdefault((key.scan, key.d0 // self.infos[key.scan].stored_depth), []).append(i)
+        return list(groups.values())
+
+    def _shard_local_order(self, epoch: int) -> list[int]:
+        groups = self._groups
+        if self.config.shuffle:
+            rng = np.random.default_rng(derive_seed(self.config.seed, "shard-order", epoch))
+            objects = [groups[j] for j in rng.permutation(len(groups))]
+            groups = [[g[i] for i in rng.permutation(len(g))] for g in objects]
+        order = [i for g in groups for i in g]
+        n, w = len(order), self.order_world_size
+        if self.config.remainder == "pad" and n % w:
+            order += (order * w)[: w - n % w]
+        elif self.config.remainder == "drop":
+            order = order[: n - n % w]
+        return _interleave_blocks(order, w)
 
     def global_order(self, epoch: int) -> list[int]:
         """Indices into the base samples, in the epoch's order, padded or cut."""
+        if self.order == "shard_local":
+            return self._shard_local_order(epoch)
         n = len(self.base)
         if self.config.shuffle:
             rng = np.random.default_rng(derive_seed(self.config.seed, "order", epoch))

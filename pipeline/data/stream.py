@@ -18,6 +18,18 @@ worker process (``worker_type="process"``) must send every tensor back through a
 memory segment, which costs about as much as decoding it; processes are still the choice when
 the per-sample Python work is heavy (custom transforms holding the GIL).
 
+Shard-local reads: when the sampler's order is ``shard_local`` (see
+:mod:`pipeline.data.sampler`; the default for sharded scans on an object store) and the readers
+are threads (or there are none), the dataset reads each stored object once, whole, through a
+:class:`~pipeline.data._objectstore.ShardCache` and serves the slabs from memory: one request
+per shard visited instead of one per slab. While the first slab of a stored object is read,
+the next object of the rank's order is fetched in the background; a shard is dropped when
+the last of its slabs has been read. Decoded shards held, per array read (measurements; coil
+maps for MRI; the reference when asked for): at most ``num_workers + 1`` in this order (one
+per reader thread, one fetched ahead), ``num_workers + 2`` in any case: with the default 2
+reader threads and ``shard_chunks: auto`` (about 64 MiB a shard), at most 3 × 64 MiB per
+array (an MRI stream: 2 arrays, 384 MiB).
+
 Modes: ``measurements`` yields ``(y, op, meta)`` with ``y`` the slab's measurements (CT
 ``(d, A, U)``, MRI ``(C, d, kH, kW)``) and ``op`` its exact operator (parallel-beam CT and MRI);
 ``image`` yields ``(x, None, meta)`` with ``x`` a random crop ``(K, d, h, w)`` of derived
@@ -49,7 +61,8 @@ from .sampler import (
     _catalogue,
     _ScanInfo,
 )
-from .scan import Scan, open_scan
+from ._objectstore import ShardCache
+from .scan import Scan, ScanArray, open_scan
 
 __all__ = ["SlabDataset", "SlabStream", "collate_slabs"]
 
@@ -64,22 +77,58 @@ class SlabDataset(Dataset):
     them).
     Parallel-beam CT samples carry an :class:`OperatorRef` (see there); :meth:`resolve` turns
     it into the operator in the consuming process (``SlabStream`` does this for you).
+    With ``shard_reads`` the D-ranges are read through a
+    :class:`~pipeline.data._objectstore.ShardCache` (each shard whole, once; keys in
+    shard-local order): the values are the same.
     """
 
-    def __init__(self, config: SlabStreamConfig, infos: Sequence[_ScanInfo]) -> None:
+    def __init__(self, config: SlabStreamConfig, infos: Sequence[_ScanInfo], *, shard_reads: bool = False) -> None:
         self.config = config
         self.infos = list(infos)
+        self.shard_reads = shard_reads
         self._scans: dict[int, Scan] = {}
         self._open_lock = threading.Lock()  # reader threads share one open Scan per scan
+        # shard-local order: one shard per reader thread being read, one fetched ahead, and one
+        # more a thread may be finishing (the stream releases each when its slabs are read)
+        self.shards = ShardCache(shards_per_array=config.num_workers + 2) if shard_reads else None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"config": self.config, "infos": self.infos}
+        return {"config": self.config, "infos": self.infos, "shard_reads": self.shard_reads}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.config = state["config"]
-        self.infos = state["infos"]
-        self._scans = {}
-        self._open_lock = threading.Lock()
+        self.__init__(state["config"], state["infos"], shard_reads=state.get("shard_reads", False))
+
+    def _arrays(self, key: SampleKey) -> list[ScanArray]:
+        """The D-sliced arrays a measurements-mode ``key`` reads."""
+        scan = self.scan(key.scan)
+        arrays = [scan.measurements]
+        if scan.modality == "mri" and scan.coil_maps is not None:
+            arrays.append(scan.coil_maps)
+        if self.config.include_reference and scan.reference is not None:
+            arrays.append(scan.reference)
+        return arrays
+
+    def prefetch(self, key: SampleKey) -> None:
+        """Start reading, in the background, the shards that ``key`` reads (with
+        ``shard_reads``; else nothing): the next stored object while this one is served."""
+        if self.shards is None or self.config.mode != "measurements":
+            return
+        for array in self._arrays(key):
+            self.shards.prefetch(array, key.scan, key.d0, key.d1, check_finite=self.config.check_finite)
+
+    def release(self, key: SampleKey) -> None:
+        """Drop the shards that ``key`` read (with ``shard_reads``): no later key needs them."""
+        if self.shards is None or self.config.mode != "measurements":
+            return
+        for array in self._arrays(key):
+            self.shards.release(array, key.scan, key.d0, key.d1)
+
+    def _read(self, index: int, array: ScanArray, d_slice: slice) -> torch.Tensor:
+        check = self.config.check_finite
+        if self.shards is None:
+            return array.read_torch(d_slice, check_finite=check)
+        values = self.shards.read(array, index, d_slice.start, d_slice.stop, check_finite=check)
+        return torch.from_numpy(np.ascontiguousarray(values))
 
     def scan(self, index: int) -> Scan:
         scan = self._scans.get(index)
@@ -121,14 +170,22 @@ class SlabDataset(Dataset):
         }
         if self.config.mode == "measurements":
             if scan.modality == "ct":
-                y = scan.measurements.read_torch(d_slice, check_finite=check)
+                y = self._read(key.scan, scan.measurements, d_slice)
                 op: Any = OperatorRef(key.scan, key.d0, key.d1)
                 meta["operator_key"] = (scan.path, key.d1 - key.d0)
-            else:
+            elif self.shards is None:
                 y, op = scan.slab(d_slice, check_finite=check)
                 meta["operator_key"] = (scan.path, key.d0, key.d1)
+            else:
+                # Scan.slab's operator, its coil maps read through the shard cache as well.
+                from operators3d import MultiCoilMRI
+
+                assert scan.coil_maps is not None
+                op = MultiCoilMRI(mask=scan._mask(), coil_maps=self._read(key.scan, scan.coil_maps, d_slice))
+                y = self._read(key.scan, scan.measurements, d_slice)
+                meta["operator_key"] = (scan.path, key.d0, key.d1)
             if self.config.include_reference and scan.reference is not None:
-                meta["reference"] = scan.reference.read_torch(d_slice, check_finite=check)
+                meta["reference"] = self._read(key.scan, scan.reference, d_slice)
             return SlabSample(y, op, meta)
         crop = (slice(key.h0, key.h1), slice(key.w0, key.w1))
         parts = []
@@ -221,7 +278,9 @@ class SlabStream:
     (same scans and config) makes it yield exactly the samples the old one had not delivered.
     Loading a state saved at another world size continues from the global position the ranks
     had reached together (this assumes the ranks ran in lockstep, as in data-parallel
-    training). The samples come in the sampler's order whatever the readers; a reader's error
+    training; with the ``shard_local`` order the rest of that epoch is the old order's rest,
+    dealt round-robin: each slab still once, no longer shard by shard). The samples come in the
+    sampler's order whatever the readers; a reader's error
     (a missing or corrupt chunk, naming scan, array and chunk) is raised in the loop at that
     sample's turn; a loop that stops early (``break``) stops the reader threads with it.
 
@@ -241,7 +300,12 @@ class SlabStream:
         if not self.base:
             raise ValueError("SlabStream: the scans give no samples")
         self.sampler = SlabSampler(self.base, self.infos, config, rank=rank, world_size=world_size)
-        self.dataset = SlabDataset(config, self.infos)
+        # Whole-shard reads pay off when a reader's consecutive slabs share a shard: the
+        # shard-local order, read by threads of this process (worker processes are dealt
+        # samples round-robin by the DataLoader, so each would fetch every shard).
+        threads = config.num_workers == 0 or config.worker_type == "thread"
+        shard_reads = self.sampler.order == "shard_local" and threads
+        self.dataset = SlabDataset(config, self.infos, shard_reads=shard_reads)
         self._loader: DataLoader | None = None
         self.position = 0  # samples of this rank delivered since sampler.offset in this epoch
 
@@ -262,14 +326,19 @@ class SlabStream:
         """Start ``epoch`` from its beginning at the next iteration."""
         self.sampler.epoch = int(epoch)
         self.sampler.offset = 0
+        self.sampler.order_world_size = self.world_size
         self.position = 0
 
     def _fingerprint(self) -> list[Any]:
-        return [list(self.config.scans), self.config.mode, self.config.slab_thickness,
-                list(self.config.crop_shape or ()), self.config.crops_per_scan, len(self.base)]
+        out = [list(self.config.scans), self.config.mode, self.config.slab_thickness,
+               list(self.config.crop_shape or ()), self.config.crops_per_scan, len(self.base)]
+        if self.sampler.order != "shuffle":  # states saved before ``order`` existed still load
+            out.append(self.sampler.order)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        """The rank's position: ``{"epoch", "offset", "position", "seed", "world_size", ...}``."""
+        """The rank's position: ``{"epoch", "offset", "position", "seed", "world_size", ...}``
+        (``order_world_size``: the ranks the epoch's order was laid out for)."""
         return {
             "epoch": self.sampler.epoch,
             "offset": self.sampler.offset,
@@ -277,6 +346,7 @@ class SlabStream:
             "seed": self.config.seed,
             "rank": self.rank,
             "world_size": self.world_size,
+            "order_world_size": self.sampler.order_world_size,
             "fingerprint": self._fingerprint(),
         }
 
@@ -286,9 +356,12 @@ class SlabStream:
             raise ValueError(
                 "SlabStream.load_state_dict: the state was saved for other scans or settings "
                 f"(seed {state.get('seed')} vs {self.config.seed}, fingerprint "
-                f"{state.get('fingerprint')} vs {self._fingerprint()})"
+                f"{state.get('fingerprint')} vs {self._fingerprint()}; a last entry 'shard_local' "
+                "is the order, see SlabStreamConfig.order)"
             )
         self.sampler.epoch = int(state["epoch"])
+        # The rest of this epoch follows the order it was started in (laid out for that many ranks).
+        self.sampler.order_world_size = int(state.get("order_world_size", state["world_size"]))
         if int(state["world_size"]) == self.world_size:
             self.sampler.offset = int(state["offset"])
             self.position = int(state["position"])
@@ -329,11 +402,12 @@ class SlabStream:
             yield from self._loader
             return
         keys = self.keys()
+        read = self._shard_reader(keys) if self.dataset.shards is not None else self.dataset.__getitem__
         if cfg.num_workers == 0:
-            samples: Generator[SlabSample, None, None] = (self.dataset[key] for key in keys)
+            samples: Generator[SlabSample, None, None] = (read(key) for key in keys)
         else:
             depth = cfg.num_workers * cfg.prefetch_factor * (cfg.batch_size or 1)
-            samples = read_ahead(self.dataset.__getitem__, keys, num_threads=cfg.num_workers, depth=depth)
+            samples = read_ahead(read, keys, num_threads=cfg.num_workers, depth=depth)
         try:
             if cfg.batch_size is None:
                 yield from samples
@@ -342,6 +416,45 @@ class SlabStream:
                 yield collate_slabs(batch)
         finally:
             samples.close()  # stops the reader threads now, not when collected
+            if self.dataset.shards is not None:
+                self.dataset.shards.clear()  # a loop stopped early leaves shards no one will read
+
+    def _shard_reader(self, keys: Sequence[SampleKey]) -> Callable[[SampleKey], SlabSample]:
+        """The dataset's read over ``keys`` (shard-local order) which, on the first slab of a
+        stored object, starts reading its arrays' shards side by side and the next stored
+        object's in the background, and drops a stored object's shards once the last of its
+        slabs in ``keys`` is read."""
+        infos = self.infos
+        groups = [(k.scan, k.d0 // infos[k.scan].stored_depth) for k in keys]
+        ahead: dict[SampleKey, SampleKey] = {}
+        first = 0
+        for i in range(1, len(keys) + 1):
+            if i == len(keys) or groups[i] != groups[first]:
+                if i < len(keys):
+                    ahead[keys[first]] = keys[i]
+                first = i
+        group_of = dict(zip(keys, groups))
+        left = collections.Counter(groups)  # slabs of each stored object still to read
+        lock = threading.Lock()
+        dataset = self.dataset
+
+        def read(key: SampleKey) -> SlabSample:
+            following = ahead.get(key)
+            if following is not None or key == keys[0]:
+                dataset.prefetch(key)  # this object's arrays side by side (held ones: nothing)
+            if following is not None:
+                dataset.prefetch(following)
+            try:
+                return dataset[key]
+            finally:
+                group = group_of[key]
+                with lock:
+                    left[group] -= 1
+                    done = left[group] == 0
+                if done:
+                    dataset.release(key)
+
+        return read
 
     def __iter__(self) -> Iterator[SlabSample]:
         step = 1 if self.config.batch_size is None else None
@@ -355,6 +468,7 @@ class SlabStream:
         self.sampler.epoch += 1
         self.sampler.offset = 0
         self.sampler.start = 0
+        self.sampler.order_world_size = self.world_size
         self.position = 0
 
     def keys(self) -> list[SampleKey]:

@@ -100,6 +100,9 @@ class DataConfig(FrozenModel):
     prefetch_factor: int = Field(2, ge=1)
     shuffle: bool = True
     storage_options: dict[str, Any] = {}
+    order: Literal["auto", "shuffle", "shard_local"] = Field(
+        "auto", description="slab order: shard_local takes a stored object's slabs one after another, each "
+        "object fetched whole once (auto: for sharded scans on object stores); see SlabStreamConfig.order")
 
     @model_validator(mode="after")
     def _image_mode(self) -> "DataConfig":
