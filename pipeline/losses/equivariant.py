@@ -66,7 +66,7 @@ class EquivariantImagingLoss(Loss):
             a clipping detector it moves rays across the clip level, which asks the network to
             recover what clipping hides (the idea of Sechaud et al. 2024 for declipping).
             Measured on clipped parallel-beam CT with ``ct_ei.yaml`` (BENCHMARKS.md, issue
-            18.2) it lowered PSNR by 0.5–2.3 dB at 300 steps, so no shipped recipe uses it.
+            18.2) it lowered PSNR by 0.5–2.3 dB at 300 and 1000 steps, so no shipped recipe uses it.
             ``None``: no scaling.
         detector: a scan's non-linear ``detector`` record: the re-measurement goes through it,
             ``x₃ = f(g(A T_g x̂ + n′), A)`` (Tachella & Jacques 2023 for sign, Sechaud et al.
