@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -75,3 +76,47 @@ def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bucket]:
     bucket.fs.mkdir(bucket.name)
     yield bucket
     bucket.fs.rm(bucket.name, recursive=True)
+
+
+class _Requests(logging.Handler):
+    """The requests the moto server answered: werkzeug logs ``"GET /bucket/key HTTP/1.1" 200 -``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[tuple[str, str, int]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = re.sub(r"\x1b\[[\d;]*m", "", record.getMessage())  # werkzeug colours some lines
+        found = re.search(r'"(\w+) (\S+) HTTP/[\d.]+" (\d+)', text)
+        if found:
+            self.lines.append((found.group(1), found.group(2), int(found.group(3))))
+
+    def gets(self, array: str) -> list[int]:
+        """The statuses of the GETs of ``array``'s chunk objects (200 whole, 206 a range)."""
+        return [status for method, path, status in self.lines if method == "GET" and f"/{array}/c/" in path]
+
+
+@pytest.fixture
+def requests() -> Iterator[_Requests]:
+    log = logging.getLogger("werkzeug")
+    handler, level, propagate = _Requests(), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+@pytest.fixture
+def scan_url(s3, monkeypatch, request) -> str:
+    """A sharded scan written to the bucket by the test module's ``SIMULATE`` command line."""
+    monkeypatch.setenv("RECON3D_STORAGE_OPTIONS", s3.options_json)
+    url = s3.url("scan.zarr")
+    from pipeline.cli import main
+
+    assert main([*request.module.SIMULATE, "--out", url]) == 0
+    return url

@@ -4,44 +4,15 @@ not one per slab; the samples are those of the shuffled order's plain reads."""
 
 from __future__ import annotations
 
-import logging
-from typing import Iterator
-
 import pytest
 import torch
 
-from pipeline.cli import main
 from pipeline.data import SlabStream, SlabStreamConfig
-
-from test_s3_shard_reads import _Requests
 
 # D 12 in chunks of 1, 4 chunks per shard: 12 slabs in 3 shards per array.
 SIMULATE = ["simulate", "mri", "--shape", "12", "16", "16", "--coils", "2", "--acceleration", "2",
             "--calibration", "4", "--phantom", "shepp-logan", "--chunk-depth", "1", "--shard-chunks", "4",
             "--workers", "1", "--no-progress"]
-
-
-@pytest.fixture
-def requests() -> Iterator[_Requests]:
-    log = logging.getLogger("werkzeug")
-    handler, level, propagate = _Requests(), log.level, log.propagate
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    try:
-        yield handler
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
-        log.propagate = propagate
-
-
-@pytest.fixture
-def scan_url(s3, monkeypatch) -> str:
-    monkeypatch.setenv("RECON3D_STORAGE_OPTIONS", s3.options_json)
-    url = s3.url("scan.zarr")
-    assert main([*SIMULATE, "--out", url]) == 0
-    return url
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -5,15 +5,11 @@ are zarr's, and errors still name the chunk."""
 
 from __future__ import annotations
 
-import logging
-import re
 import struct
-from typing import Iterator
 
 import numpy as np
 import pytest
 
-from pipeline.cli import main
 from pipeline.data import open_scan
 from pipeline.data._objectstore import Run, stored_runs
 from pipeline.data.format import CorruptChunkError
@@ -21,47 +17,6 @@ from pipeline.data.format import CorruptChunkError
 SIMULATE = ["simulate", "mri", "--shape", "8", "16", "16", "--coils", "2", "--acceleration", "2",
             "--calibration", "4", "--phantom", "shepp-logan", "--chunk-depth", "1", "--shard-chunks", "4",
             "--workers", "1", "--no-progress"]
-
-
-class _Requests(logging.Handler):
-    """The requests the moto server answered: werkzeug logs ``"GET /bucket/key HTTP/1.1" 200 -``."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[tuple[str, str, int]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        text = re.sub(r"\x1b\[[\d;]*m", "", record.getMessage())  # werkzeug colours some lines
-        found = re.search(r'"(\w+) (\S+) HTTP/[\d.]+" (\d+)', text)
-        if found:
-            self.lines.append((found.group(1), found.group(2), int(found.group(3))))
-
-    def gets(self, array: str) -> list[int]:
-        """The statuses of the GETs of ``array``'s chunk objects (200 whole, 206 a range)."""
-        return [status for method, path, status in self.lines if method == "GET" and f"/{array}/c/" in path]
-
-
-@pytest.fixture
-def requests() -> Iterator[_Requests]:
-    log = logging.getLogger("werkzeug")
-    handler, level, propagate = _Requests(), log.level, log.propagate
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    try:
-        yield handler
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
-        log.propagate = propagate
-
-
-@pytest.fixture
-def scan_url(s3, monkeypatch) -> str:
-    monkeypatch.setenv("RECON3D_STORAGE_OPTIONS", s3.options_json)
-    url = s3.url("scan.zarr")
-    assert main([*SIMULATE, "--out", url]) == 0
-    return url
 
 
 def test_stored_runs_split_at_shard_boundaries():
