@@ -16,7 +16,12 @@ and through a **non-linear detector** recorded in the scan (``recon3d simulate c
   tuning family (``ellipsoids``, seed 101), ``clip-held-out`` the held-out ``anatomy`` (seed 301,
   never looked at while choosing anything here);
 * ``one-bit`` — one bit per ray (``--one-bit T``), ``T`` the ``--one-bit-quantile`` of the linear
-  scan's line integrals (held-out ``anatomy``, seed 301).
+  scan's line integrals (held-out ``anatomy``, seed 301);
+* ``one-bit-mri`` (and ``one-bit-mri-tuning``: ``ellipsoids`` seed 101, for choosing settings) — multi-coil Cartesian MRI (``--coils``, ``--acceleration``, ``--noise-sigma``),
+  the sign of the real and imaginary part of every sampled value (``simulate mri --one-bit``:
+  threshold 0, so the image's scale is lost), held-out ``anatomy``, seed 301, trained with
+  ``--mri-recipe`` (``mri_ei.yaml``: MC + EI with 90° rotations on ``Aᴴy``); its classical
+  one-bit estimate is ``Aᴴy`` of the bits, and its reference point ``Aᴴy`` of the linear data.
 
 On the non-linear scan, with the shipped recipe ``launch/configs/ct_ei.yaml`` (MC + EI with
 rotations; ``--recipe`` picks another file of ``--recipe-dir``) trained on the scan itself for ``--steps`` steps (the loop of ``benchmarks/quality.py``: the
@@ -56,21 +61,33 @@ from _common import machine_line, print_table, scratch_dir as _scratch_dir  # no
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "ct_ei.yaml"
-CASES = {  # name: (phantom, seed, detector kind)
-    "clip-tuning": ("ellipsoids", Q.TRAIN_SEED, "clip"),
-    "clip-held-out": ("anatomy", Q.HELD_OUT_SEED, "clip"),
-    "one-bit": ("anatomy", Q.HELD_OUT_SEED, "one-bit"),
+CASES = {  # name: (phantom, seed, detector kind, modality)
+    "clip-tuning": ("ellipsoids", Q.TRAIN_SEED, "clip", "ct"),
+    "clip-held-out": ("anatomy", Q.HELD_OUT_SEED, "clip", "ct"),
+    "one-bit": ("anatomy", Q.HELD_OUT_SEED, "one-bit", "ct"),
+    "one-bit-mri-tuning": ("ellipsoids", Q.TRAIN_SEED, "one-bit", "mri"),
+    "one-bit-mri": ("anatomy", Q.HELD_OUT_SEED, "one-bit", "mri"),
 }
+DEFAULT_CASES = ("clip-tuning", "clip-held-out", "one-bit", "one-bit-mri")
+MRI_RECIPE = "mri_ei.yaml"
 GAIN_DB = 3.0
-QUICK = {"shape": [4, 32, 32], "steps": 6, "angles": 24}
+QUICK = {"shape": [4, 32, 32], "steps": 6, "angles": 24, "coils": 3, "calibration": 8}
 
 
 def simulate(case: str, args, scratch: Path, detector: dict | None) -> Path:
     """The case's scan, linear (``detector=None``) or through ``detector`` (simulate's options)."""
-    from pipeline.data import SimulateCTConfig, simulate_ct
+    from pipeline.data import SimulateCTConfig, SimulateMRIConfig, simulate_ct, simulate_mri
 
-    phantom, seed, _ = CASES[case]
-    tag = "linear" if detector is None else "_".join(f"{k}{v:.6g}" for k, v in sorted(detector.items()))
+    phantom, seed, _, _ = CASES[case]
+    tag = "linear" if detector is None else "_".join(f"{k}{float(v):.6g}" for k, v in sorted(detector.items()))
+    if modality(case) == "mri":
+        out = scratch / f"mri_{phantom}_{'x'.join(map(str, args.shape))}_{args.coils}c_{seed}_{tag}.zarr"
+        if not out.exists():
+            simulate_mri(SimulateMRIConfig(out=str(out), shape=tuple(args.shape), coils=args.coils,
+                                           acceleration=args.acceleration, calibration=args.calibration,
+                                           phantom=phantom, noise_sigma=args.noise_sigma, seed=seed,
+                                           chunk_depth=args.chunk_depth, progress=False, **(detector or {})))
+        return out
     out = scratch / f"{phantom}_{'x'.join(map(str, args.shape))}_{args.angles}a_{seed}_{tag}.zarr"
     if not out.exists():
         simulate_ct(SimulateCTConfig(out=str(out), shape=tuple(args.shape), angles=args.angles, geometry="parallel",
@@ -80,7 +97,10 @@ def simulate(case: str, args, scratch: Path, detector: dict | None) -> Path:
 
 
 def detector_for(case: str, linear: "Q.Volume", args) -> dict:
-    """The detector settings of ``case`` from the linear scan's line integrals."""
+    """The detector settings of ``case`` from the linear scan's line integrals (MRI: the sign
+    of each part, threshold 0)."""
+    if modality(case) == "mri":
+        return {"one_bit": True, "one_bit_width": args.mri_one_bit_width}
     y = linear.y.flatten().double()
     if CASES[case][2] == "clip":
         level = float(torch.quantile(y, 1.0 - args.clip_fraction))
@@ -88,7 +108,13 @@ def detector_for(case: str, linear: "Q.Volume", args) -> dict:
     return {"one_bit": float(torch.quantile(y, args.one_bit_quantile)), "one_bit_width": args.one_bit_width}
 
 
+def modality(case: str) -> str:
+    return CASES[case][3]
+
+
 def recipe_name(case: str, args) -> str:
+    if modality(case) == "mri":
+        return args.mri_recipe
     return args.recipe or RECIPE
 
 
@@ -100,10 +126,11 @@ def recipe(case: str, detector: str, args):
 
 
 def best_scaled(x: torch.Tensor, v: "Q.Volume") -> torch.Tensor:
-    """``α x`` with the least-squares ``α`` against the reference."""
-    x = x.double()
-    ref = v.reference.double().to(x.device)
-    return (x * ((x * ref).sum() / (x * x).sum().clamp_min(1e-300))).float()
+    """``α x`` with the least-squares ``α > 0`` against the reference (of the magnitudes for a
+    complex image: one-bit data lose a positive scale, not a phase)."""
+    a, b = x.abs().double(), v.reference.abs().double().to(x.device)
+    alpha = float((a * b).sum() / (a * a).sum().clamp_min(1e-300))
+    return x * alpha
 
 
 @torch.no_grad()
@@ -133,10 +160,11 @@ def row(x: torch.Tensor, v: "Q.Volume", *, scaled: bool) -> dict:
 def run_case(case: str, args, scratch: Path, device) -> dict:
     t0 = time.perf_counter()
     linear_path = simulate(case, args, scratch, None)
-    linear = Q.load(linear_path, "ct", device, f"{case} linear")
+    mod = modality(case)
+    linear = Q.load(linear_path, mod, device, f"{case} linear")
     settings = detector_for(case, linear, args)
     path = simulate(case, args, scratch, settings)
-    vol = Q.load(path, "ct", device, case)
+    vol = Q.load(path, mod, device, case)
     from pipeline.data import open_scan
 
     record = open_scan(str(path)).metadata.detector
@@ -145,18 +173,23 @@ def run_case(case: str, args, scratch: Path, device) -> dict:
     print(f"[{case}] {CASES[case][0]} seed {CASES[case][1]}: detector {record['model']} "
           f"{json.dumps({k: record[k] for k in ('low', 'high', 'threshold') if record.get(k) is not None})}, "
           + (f"{100 * clipped:.1f}% of rays clipped" if clipped is not None
-             else f"{100 * record['fraction_at_high']:.1f}% of rays read +1")
+             else f"{100 * record['fraction_at_high']:.1f}% of the bits read +1")
           + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     facts = Q.facts_of([path])
     results: dict = {"detector": record, "settings": settings, "methods": {}}
     methods = results["methods"]
-    label, x = fbp_oracle(linear)
-    methods["fbp (linear scan)"] = {**row(x, linear, scaled=False), "label": label}
-    label, x = fbp_oracle(vol, scale=one_bit)
-    methods["fbp"] = {**row(x, vol, scaled=one_bit), "label": label + (", best-scaled" if one_bit else "")}
+    if mod == "ct":
+        label, x = fbp_oracle(linear)
+        methods["fbp (linear scan)"] = {**row(x, linear, scaled=False), "label": label}
+        label, x = fbp_oracle(vol, scale=one_bit)
+        methods["fbp"] = {**row(x, vol, scaled=one_bit), "label": label + (", best-scaled" if one_bit else "")}
+    else:
+        x = linear.op.adjoint(linear.y)
+        methods["zero-filled Aᴴy (linear scan)"] = {**row(x, linear, scaled=False), "label": "Aᴴy of the linear data"}
     if one_bit:
         x = vol.op.adjoint(vol.y)
-        methods["normalised back-projection"] = {**row(x, vol, scaled=True), "label": "Aᵀy, best-scaled"}
+        methods["normalised back-projection"] = {**row(x, vol, scaled=True),
+                                                 "label": ("Aᵀy" if mod == "ct" else "Aᴴy") + ", best-scaled"}
     for name, mode in (("network, aware", "auto"), ("network, linear model", "ignore")):
         if mode not in args.networks:
             continue
@@ -176,8 +209,9 @@ def targets(methods: dict, *, one_bit: bool) -> dict:
     """The issue's targets from the methods' scores (one bit: at the best scale)."""
     key = "psnr_scaled" if one_bit else "psnr"
     aware, lin = methods["network, aware"], methods["network, linear model"]
-    out = {"gain_db": aware[key] - lin[key], "gain_met": aware[key] - lin[key] >= GAIN_DB,
-           "above_fbp": aware[key] > methods["fbp"][key]}
+    out = {"gain_db": aware[key] - lin[key], "gain_met": aware[key] - lin[key] >= GAIN_DB}
+    if "fbp" in methods:
+        out["above_fbp"] = aware[key] > methods["fbp"][key]
     if one_bit:
         out["above_back_projection"] = aware[key] > methods["normalised back-projection"][key]
     return out
@@ -194,20 +228,20 @@ def report(case: str, r: dict) -> None:
                       f"{m['ssim_scaled']:.4f}" if "ssim_scaled" in m else "—"]
         rows.append(cells + [m["label"]])
     d = r["detector"]
-    what = (f"one bit, threshold {d['threshold']:.4g}, {100 * d['fraction_at_high']:.1f}% of rays +1" if one_bit
+    what = (f"one bit, threshold {d['threshold']:.4g}, {100 * d['fraction_at_high']:.1f}% of the bits +1" if one_bit
             else f"count floor, line integrals clipped at {d['high']:.4g}, {100 * d['fraction_at_high']:.1f}% of rays")
     print_table(f"{case}: {CASES[case][0]} seed {CASES[case][1]} ({what})", header, rows)
     t = r.get("targets")
     if t is None:
         return
-    print(f"aware − linear model: {t['gain_db']:+.2f} dB (target ≥ {GAIN_DB:g}: {'met' if t['gain_met'] else 'MISSED'}); "
-          f"aware above FBP: {'yes' if t['above_fbp'] else 'NO'}"
+    print(f"aware − linear model: {t['gain_db']:+.2f} dB (target ≥ {GAIN_DB:g}: {'met' if t['gain_met'] else 'MISSED'})"
+          + (f"; aware above FBP: {'yes' if t['above_fbp'] else 'NO'}" if "above_fbp" in t else "")
           + (f"; above normalised back-projection: {'yes' if t['above_back_projection'] else 'NO'}" if one_bit else ""))
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(DEFAULT_CASES))
     p.add_argument("--steps", type=int, default=300, help="training steps of each network (the recipe's schedule)")
     p.add_argument("--clip-fraction", type=float, default=0.12, help="share of all rays at the count floor")
     p.add_argument("--one-bit-quantile", type=float, default=0.75,
@@ -222,6 +256,13 @@ def main(argv=None) -> None:
     p.add_argument("--angles", type=int, default=60)
     p.add_argument("--photons", type=float, default=1e4)
     p.add_argument("--chunk-depth", type=int, default=4)
+    mri = p.add_argument_group("MRI (one-bit-mri: multi-coil Cartesian, as benchmarks/quality.py)")
+    mri.add_argument("--coils", type=int, default=8)
+    mri.add_argument("--acceleration", type=float, default=4.0)
+    mri.add_argument("--calibration", type=int, default=20)
+    mri.add_argument("--noise-sigma", type=float, default=0.01)
+    mri.add_argument("--mri-one-bit-width", type=float, default=0.05, help="the recorded one-bit width (k-space units)")
+    mri.add_argument("--mri-recipe", default=MRI_RECIPE, help=f"the MRI recipe in --recipe-dir (default {MRI_RECIPE})")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--scratch", default=None, help="folder for the scans (default: a temp dir)")

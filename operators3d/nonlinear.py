@@ -13,8 +13,12 @@ pointwise, real non-linearity ``g`` after a linear operator ``A`` and says hones
 Conventions (all models):
 
 * **Shapes.** ``domain_shape``/``range_shape`` are those of ``A`` (:attr:`linear_part`); leading
-  batch dimensions broadcast as for ``A``. ``g`` acts entry by entry on real measurements; an
-  ``A`` with a complex range is refused.
+  batch dimensions broadcast as for ``A``. ``g`` acts entry by entry on real measurements; on
+  a complex range (MRI) it acts on the real and the imaginary part of each entry separately
+  (the I and Q channels of a receiver, each with its own ADC or comparator), and
+  :meth:`derivative` then has a trailing dimension 2 (real, imaginary). Entries of the range
+  that are not measurements (``A.measurement_mask()`` False: k-space outside an MRI mask) read
+  0 whatever ``g(0)`` is, and have derivative 0.
 * **Jacobian.** ``J(x) = diag(g'(A x)) A``: :meth:`jvp` is ``J(x) v = g'(Ax) ⊙ A v`` and
   :meth:`vjp` is ``J(x)ᵀ w = Aᴴ(g'(Ax) ⊙ w)`` (real inner product ``⟨J v, w⟩ = ⟨v, Jᵀ w⟩``).
   Where ``g`` is piecewise constant (:class:`Quantize`, :class:`Sign`) its derivative is zero
@@ -96,13 +100,13 @@ class _ApplyNonLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, model: "NonLinearForward") -> torch.Tensor:  # type: ignore[override]
         z = model._measure(x)
-        deriv = model._derivative(z)
+        deriv = model._dz(z)
         ctx.model = model
         ctx.x_shape = x.shape
         ctx.has_deriv = deriv is not None
         if deriv is not None:
             ctx.save_for_backward(deriv)
-        return model._g(z)
+        return model._gz(z)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -143,9 +147,6 @@ class NonLinearForward(nn.Module):
         if not isinstance(linear, LinearOperator):
             raise TypeError(f"{type(self).__name__}: the linear part must be a LinearOperator, got "
                             f"{type(linear).__name__}")
-        if linear.range_complex:
-            raise TypeError(f"{type(self).__name__}: {linear.name} has a complex range; clipping, "
-                            "quantising and sign act on real measurements")
         self.linear = linear
 
     def _freeze(self) -> None:
@@ -194,7 +195,7 @@ class NonLinearForward(nn.Module):
         """``g(A x)``; with gradients, the backward is :meth:`vjp` (see the module docstring)."""
         if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
             return _ApplyNonLinear.apply(x, self)
-        return self._g(self._measure(x))
+        return self._gz(self._measure(x))
 
     def apply_values(self, z: torch.Tensor) -> torch.Tensor:
         """``g(z)`` on given measurements ``z`` (``A x`` plus fresh noise, say), differentiable
@@ -204,11 +205,9 @@ class NonLinearForward(nn.Module):
         Math:
             value ``g(z)``; gradient ``∂/∂z = g'(z)``: ``g(z) + g'(z) ⊙ (z − stop_grad(z))``.
         """
-        if z.is_complex():
-            raise TypeError(f"{self.name}.apply_values: {self.name} acts on real measurements, got {z.dtype}")
         with torch.no_grad():
-            value = self._g(z)
-            deriv = self._derivative(z) if z.requires_grad else None
+            value = self._gz(z)
+            deriv = self._dz(z) if z.requires_grad else None
         if deriv is None or not torch.is_grad_enabled():
             return value
         return value + self._scale(z - z.detach(), deriv)
@@ -217,14 +216,14 @@ class NonLinearForward(nn.Module):
         """``g'(A x)`` (of the surrogate where one is used), as a real tensor of ``A x``'s shape."""
         with torch.no_grad():
             z = self._measure(x)
-            return self._dense(self._derivative(z), z)
+            return self._dense(self._dz(z), z)
 
     def jvp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``J(x) v = g'(A x) ⊙ A v``; ``v`` has ``x``'s shape."""
         self._same_shape(v, x, "jvp", "v", "x")
         with torch.no_grad():
             z = self._measure(x)
-            deriv = self._derivative(z)
+            deriv = self._dz(z)
         if deriv is None:
             return torch.zeros_like(z, dtype=torch.promote_types(z.dtype, v.dtype))
         return self._scale(self.linear(v), deriv)
@@ -233,7 +232,7 @@ class NonLinearForward(nn.Module):
         """``J(x)ᵀ w = Aᴴ(g'(A x) ⊙ w)``; ``w`` has the shape of ``forward(x)``."""
         with torch.no_grad():
             z = self._measure(x)
-            deriv = self._derivative(z)
+            deriv = self._dz(z)
         self._same_shape(w, z, "vjp", "w", "forward(x)")
         if deriv is None:
             return torch.zeros_like(x, dtype=torch.promote_types(x.dtype, w.dtype))
@@ -242,22 +241,51 @@ class NonLinearForward(nn.Module):
     # ---------------------------------------------------------------- helpers
     def _measure(self, x: torch.Tensor) -> torch.Tensor:
         z = self.linear(x)
-        if z.is_complex():
-            raise TypeError(f"{self.name}: {self.linear.name} gave complex measurements; "
-                            f"{self.name} acts on real ones")
+        if z.is_complex() and not self.linear.range_complex:
+            raise TypeError(f"{self.name}: {self.linear.name} has a real range but gave complex "
+                            f"measurements ({z.dtype}): give it a real x")
         return z
 
+    def _measured(self, like: torch.Tensor) -> torch.Tensor | None:
+        """``A``'s measurement mask on the real parts of ``like`` (``None``: all measured)."""
+        mask = self.linear.measurement_mask()
+        if mask is None:
+            return None
+        mask = mask.to(like.device)
+        return mask.unsqueeze(-1) if like.is_complex() else mask
+
+    def _gz(self, z: torch.Tensor) -> torch.Tensor:
+        """``g`` on ``z`` (on its real and imaginary parts for a complex ``z``), zero at the
+        entries that are not measurements."""
+        out = self._g(torch.view_as_real(z) if z.is_complex() else z)
+        mask = self._measured(z)
+        if mask is not None:
+            out = torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return torch.view_as_complex(out.contiguous()) if z.is_complex() else out
+
+    def _dz(self, z: torch.Tensor) -> torch.Tensor | None:
+        """``g'`` on ``z``'s real parts (a trailing dimension of 2 for a complex ``z``), zero
+        at the entries that are not measurements."""
+        deriv = self._derivative(torch.view_as_real(z) if z.is_complex() else z)
+        mask = self._measured(z)
+        if deriv is None or mask is None:
+            return deriv
+        return deriv & mask if deriv.dtype == torch.bool else deriv * mask
+
     def _scale(self, w: torch.Tensor, deriv: torch.Tensor) -> torch.Tensor:
+        if w.is_complex():
+            return torch.view_as_complex(self._scale(torch.view_as_real(w), deriv).contiguous())
         if deriv.dtype == torch.bool:
             out = torch.where(deriv, w, torch.zeros((), dtype=w.dtype, device=w.device))
             return out if self.slope == 1.0 else out * self.slope
         return w * deriv
 
     def _dense(self, deriv: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
+        parts = torch.view_as_real(z) if z.is_complex() else z
         if deriv is None:
-            return torch.zeros_like(z)
+            return torch.zeros_like(parts)
         if deriv.dtype == torch.bool:
-            return deriv.to(z.dtype) * self.slope
+            return deriv.to(parts.dtype) * self.slope
         return deriv
 
     def _same_shape(self, t: torch.Tensor, ref: torch.Tensor, where: str, what: str, like: str) -> None:
@@ -333,6 +361,9 @@ class Clip(NonLinearForward):
 
     def __init__(self, linear: LinearOperator, low: Any = None, high: Any = None) -> None:
         super().__init__(linear)
+        if linear.range_complex and any(isinstance(b, torch.Tensor) for b in (low, high)):
+            raise TypeError("Clip: a complex range takes number bounds (one level for the real and the "
+                            "imaginary parts), not tensors")
         if low is None and high is None:
             raise ValueError("Clip: give low, high or both (without either, y = A x is linear: "
                              "use the linear operator itself)")

@@ -40,11 +40,11 @@ def test_quick_run_reports_consistent_tables(tmp_path):
     out = tmp_path / "n.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nonlinear.py"), "--quick",
-                           "--cases", "clip-held-out", "one-bit", "--scratch", str(tmp_path / "scr"),
+                           "--cases", "clip-held-out", "one-bit", "one-bit-mri", "--scratch", str(tmp_path / "scr"),
                            "--json", str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cases = json.loads(out.read_text())["cases"]
-    clip, bit = cases["clip-held-out"], cases["one-bit"]
+    clip, bit, mri = cases["clip-held-out"], cases["one-bit"], cases["one-bit-mri"]
     # the level was set from the linear scan so that the asked share of rays reads the floor
     assert clip["detector"]["model"] == "clip" and clip["detector"]["fraction_at_high"] == pytest.approx(0.12, abs=0.01)
     assert bit["detector"]["model"] == "sign" and bit["detector"]["fraction_at_high"] == pytest.approx(0.25, abs=0.01)
@@ -57,9 +57,14 @@ def test_quick_run_reports_consistent_tables(tmp_path):
             assert rows[method][1] == f"{m['psnr']:.2f}" and rows[method][2] == f"{m['ssim']:.4f}"
         t = r["targets"]
         aware, lin = r["methods"]["network, aware"], r["methods"]["network, linear model"]
-        key = "psnr_scaled" if name == "one-bit" else "psnr"
+        key = "psnr_scaled" if name.startswith("one-bit") else "psnr"
         assert t["gain_db"] == pytest.approx(aware[key] - lin[key])
         assert f"{t['gain_db']:+.2f} dB" in proc.stdout
     assert "normalised back-projection" in bit["methods"] and "psnr_scaled" in bit["methods"]["fbp"]
+    # one-bit MRI: the sign of each part of each sampled value, about half of them +1
+    assert mri["detector"]["model"] == "sign" and mri["detector"]["threshold"] == 0.0
+    assert 0.35 < mri["detector"]["fraction_at_high"] < 0.65
+    assert {"zero-filled Aᴴy (linear scan)", "normalised back-projection"} <= set(mri["methods"])
+    assert "above_fbp" not in mri["targets"] and "mri_ei.yaml" in mri["methods"]["network, aware"]["label"]
     assert "loss.detector: auto" in clip["methods"]["network, aware"]["label"]
     assert "loss.detector: ignore" in clip["methods"]["network, linear model"]["label"]

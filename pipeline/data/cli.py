@@ -130,6 +130,12 @@ def register(subparsers: Any) -> None:
     mri.add_argument("--noise-sigma", type=float, default=0.0,
                      help="complex Gaussian noise σ per real/imaginary part (default: 0)")
     mri.add_argument("--no-phase", action="store_true", help="keep the image real (no smooth phase)")
+    mri.add_argument("--one-bit", action="store_true",
+                     help="store one bit per real and imaginary part of each sampled (hybrid-space) value: "
+                     "its sign (a comparator on the I and Q channels; the image's scale is lost)")
+    mri.add_argument("--one-bit-width", type=float, default=0.05, metavar="W",
+                     help="with --one-bit: the temperature of the logistic consistency loss, in k-space units "
+                     "(recorded as the model's width; default 0.05)")
     mri.add_argument("--voxel-size", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("DD", "DH", "DW"),
                      help=_MRI_VOXEL_HELP)
     mri.add_argument("--units", type=_units, default="mm", help="length unit of --voxel-size and the geometry (default: mm)")
@@ -283,6 +289,7 @@ def _simulate_config(args: argparse.Namespace):
         return SimulateMRIConfig(coils=args.coils, acceleration=args.acceleration,
                                  calibration=args.calibration, mask=args.mask,
                                  noise_sigma=args.noise_sigma, phase=not args.no_phase,
+                                 one_bit=args.one_bit, one_bit_width=args.one_bit_width,
                                  voxel_size=tuple(args.voxel_size), **common)
     return SimulateCTConfig(angles=args.angles, geometry=args.geometry,
                             attenuation=args.attenuation, photons=args.photons,

@@ -76,7 +76,7 @@ def say_detector(path: Any, record: dict[str, Any], tool: str = "recon3d simulat
 
     if record["model"] == "sign":
         say(f"{tool}: {path}: detector (one bit, threshold {record['threshold']:.4g}): "
-            f"{100 * record['fraction_at_high']:.2f}% of the rays read +1", "data")
+            f"{100 * record['fraction_at_high']:.2f}% of the bits read +1", "data")
         return
     parts = [f"{100 * record[f'fraction_at_{end}']:.2f}% at {end} = {record[end]:.4g}"
              for end in ("low", "high") if record[f"fraction_at_{end}"] is not None]

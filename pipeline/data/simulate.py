@@ -66,6 +66,12 @@ class SimulateMRIConfig(Settings):
         noise_sigma: σ of the complex Gaussian noise, per real and imaginary part (absolute,
             in k-space units; the orthonormal FFT keeps image and k-space scales equal).
         phase: multiply the phantom by a smooth phase (a real image is an unrealistic prior).
+        one_bit: store one bit per real and imaginary part of each sampled value, its sign
+            (``±1 ± 1i``; 0 outside the mask), recorded as a ``sign`` detector with threshold 0
+            and ``gradient: zero``. The bits are taken of the stored hybrid-space values
+            (``docs/scan-format.md``), where a scanner's comparators would see raw k-space: a
+            simulation of the method, not of a receiver. The image's scale is lost.
+        one_bit_width: the recorded ``width``: the temperature of the logistic consistency loss.
         seed: draws the phantom, mask, coil-map layout and noise.
         chunk_depth: D-slices per chunk (default: about 8 MiB of measurements per chunk).
         codec: compression and sharding.
@@ -85,6 +91,8 @@ class SimulateMRIConfig(Settings):
     phantom: str = "shepp-logan"
     noise_sigma: float = Field(0.0, ge=0, allow_inf_nan=False)
     phase: bool = True
+    one_bit: bool = False
+    one_bit_width: float = Field(0.05, gt=0, allow_inf_nan=False)
     seed: int = 0
     chunk_depth: int | None = Field(None, ge=1)
     codec: CodecConfig = CodecConfig()
@@ -96,8 +104,13 @@ class SimulateMRIConfig(Settings):
     progress: bool = True
 
     def parameters(self) -> dict[str, Any]:
-        """What determines the scan's content (compared when resuming)."""
-        return {**self.model_dump(exclude=set(RUN_SETTINGS)), "codec": self.codec.recorded(self.out)}
+        """What determines the scan's content (compared when resuming); the one-bit settings
+        only when set, so scans written before they existed still resume."""
+        params = {**self.model_dump(exclude=set(RUN_SETTINGS)), "codec": self.codec.recorded(self.out)}
+        if not self.one_bit:
+            params.pop("one_bit")
+            params.pop("one_bit_width")
+        return params
 
 
 class SimulateCTConfig(Settings):
@@ -231,8 +244,11 @@ def simulate_mri(config: SimulateMRIConfig) -> JobOutcome:
     calib = min(config.calibration, h, w)
     chunk_depth = config.chunk_depth or default_chunk_depth(c * h * w * 8, d)
     noise = GaussianNoise(config.noise_sigma) if config.noise_sigma > 0 else None
+    detector = ({"model": "sign", "threshold": 0.0, "width": float(config.one_bit_width), "gradient": "zero",
+                 "fraction_at_low": None, "fraction_at_high": None} if config.one_bit else None)
     meta = ScanMetadata(
         modality="mri",
+        detector=detector,
         volume_shape=(d, h, w),
         geometry=MRIGeometry(c, (h, w), acceleration_of(mask), (calib, calib)),
         chunk_depth=min(chunk_depth, d),
@@ -271,6 +287,10 @@ def simulate_mri(config: SimulateMRIConfig) -> JobOutcome:
                 y[:, k0 - d0 : k1 - d0] = noise.sample(
                     y[:, k0 - d0 : k1 - d0], generator=gen, mask=mask
                 )
+        if detector is not None:
+            parts = torch.view_as_real(y)
+            bits = torch.where(parts >= 0, 1.0, -1.0).to(parts.dtype) * (mask != 0).unsqueeze(-1)
+            y = torch.view_as_complex(bits.contiguous())
         ref[d0:d1] = x.numpy()
         maps_arr[:, d0:d1] = maps.numpy()
         meas[:, d0:d1] = y.numpy()
@@ -283,7 +303,18 @@ def simulate_mri(config: SimulateMRIConfig) -> JobOutcome:
         )
     ran = run_tasks(tasks, description="simulate mri", workers=config.workers,
                     scheduler=config.scheduler, progress=config.progress)
-    finish_scan(group)
+    if detector is None:
+        finish_scan(group)
+    else:  # the share of +1 bits among the sampled parts, counted on what is stored
+        sampled = np.asarray(mask) != 0
+        plus = total = 0
+        for _, d0, d1 in _stored_ranges(d, stored):
+            block = np.asarray(meas[:, d0:d1])[..., sampled]
+            plus += int(np.count_nonzero(block.real > 0)) + int(np.count_nonzero(block.imag > 0))
+            total += 2 * block.size
+        detector = {**detector, "fraction_at_low": 1 - plus / total, "fraction_at_high": plus / total}
+        finish_scan(group, detector=detector)
+        say_detector(config.out, detector, "recon3d simulate mri")
     return JobOutcome(str(config.out), state, ran, len(tasks))
 
 

@@ -72,15 +72,22 @@ def nonlinear_consistency(model: NonLinearForward, x_hat: torch.Tensor, y: torch
     """Measurement consistency of ``x̂`` with data ``y = g(A x + n)``, per measured entry.
 
     Math:
-        clip and multi-bit quantise: ``Σ (y − g(A x̂))² / m``, through ``g``'s documented
+        clip and multi-bit quantise: ``Σ |y − g(A x̂)|² / m``, through ``g``'s documented
         gradient; one bit (``y`` read as ``±1`` about the threshold ``τ``):
-        ``Σ log(1 + exp(−y± ⊙ (A x̂ − τ)/w)) / m`` (the logistic loss on the linear part).
+        ``Σ log(1 + exp(−y± ⊙ (A x̂ − τ)/w)) / m`` (the logistic loss on the linear part); on a
+        complex range over the real and imaginary parts, ``/ 2m``, and over measured entries only.
     """
     bit = one_bit(model)
     if bit is None:
         r = model(x_hat) - y
-        return r.square().sum() / measured
+        return (torch.view_as_real(r) if r.is_complex() else r).square().sum() / measured
     tau, width = bit
     z = model.linear_part(x_hat)
-    signs = torch.where(y >= tau if not isinstance(model, Sign) else y > 0, 1.0, -1.0).to(z.dtype)
-    return torch.nn.functional.softplus(-signs * (z - tau) / width).sum() / measured
+    parts, data = (torch.view_as_real(z), torch.view_as_real(y)) if z.is_complex() else (z, y)
+    signs = torch.where(data >= tau if not isinstance(model, Sign) else data > 0, 1.0, -1.0).to(parts.dtype)
+    loss = torch.nn.functional.softplus(-signs * (parts - tau) / width)
+    mask = model._measured(z)
+    if mask is not None:  # entries that are not measurements carry no bit
+        loss = torch.where(mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+    # per real measurement: a complex entry holds two bits (real and imaginary parts)
+    return loss.sum() / (measured * (2 if z.is_complex() else 1))

@@ -265,7 +265,7 @@ def test_shapes_repr_and_dict_round_trip():
     (lambda op: Quantize(op, 2, 0.0, 1.0, gradient="ste"), ValueError, "gradient must be one of"),
     (lambda op: Sign(op, width=0.0), ValueError, "width must be finite and > 0"),
     (lambda op: Sign(op, threshold=math.inf), ValueError, "threshold must be finite"),
-    (lambda op: Clip(Identity((2,), complex=True), 0.0), TypeError, "complex range"),
+    (lambda op: Clip(Identity((2,), complex=True), torch.zeros(2)), TypeError, "complex range takes number bounds"),
     (lambda op: Clip(torch.eye(2), 0.0), TypeError, "must be a LinearOperator"),
     (lambda op: nonlinear_from_dict({"model": "gamma"}, op), ValueError, "'model' must be one of"),
     (lambda op: nonlinear_from_dict({"model": "quantize", "low": 0, "high": 1}, op), ValueError, "needs 'bits'"),
@@ -302,3 +302,53 @@ def test_models_move_to_cuda_with_their_bounds():
     (gc,) = torch.autograd.grad((model(xc) * w.cuda()).sum(), xc)
     torch.testing.assert_close(model(x.cuda()).cpu(), y)
     torch.testing.assert_close(gc.cpu(), g)
+
+
+# ----------------------------------------------------------------------------- complex ranges (MRI)
+def _mri():
+    from operators3d import MultiCoilMRI, poisson_disc_mask, simulate_coil_maps
+
+    shape = (2, 12, 10)
+    mask = poisson_disc_mask(shape[1:], 2.0, calibration=4, generator=_gen(5))
+    return MultiCoilMRI(mask=mask, coil_maps=simulate_coil_maps(3, shape)).to(torch.complex128)
+
+
+def _complex_point(op, seed):
+    g = _gen(seed)
+    return torch.complex(torch.randn(op.domain_shape, dtype=torch.float64, generator=g),
+                         torch.randn(op.domain_shape, dtype=torch.float64, generator=g))
+
+
+@pytest.mark.parametrize("kind", ["sign", "clip", "quantize"])
+def test_complex_ranges_act_on_real_and_imaginary_parts_and_keep_unmeasured_entries_zero(kind):
+    op = _mri()
+    x, v = _complex_point(op, 1), _complex_point(op, 2)
+    z = op(x)
+    measured = op.measurement_mask().expand(op.range_shape)
+    spread = float(torch.view_as_real(z)[measured].abs().median())
+    model = {"sign": lambda: Sign(op, 0.0, width=spread),
+             "clip": lambda: Clip(op, -spread, spread),
+             "quantize": lambda: Quantize(op, 2, -spread, spread)}[kind]()
+    y = model(x)
+    parts = torch.view_as_real(z)
+    g = {"sign": lambda t: torch.where(t >= 0, 1.0, -1.0).to(t.dtype),
+         "clip": lambda t: t.clamp(-spread, spread),
+         "quantize": lambda t: model._g(t)}[kind]
+    torch.testing.assert_close(torch.view_as_real(y)[measured], g(parts)[measured])
+    assert bool((y[~measured] == 0).all())  # sign(0) would read 1 + 1i: not a measurement
+    # the Jacobian's dot test with the real inner product, and its trailing (real, imaginary) axis
+    w = _complex_point_range(op, 3)
+    deriv = model.derivative(x)
+    assert deriv.shape == (*op.range_shape, 2) and bool((deriv[~measured] == 0).all())
+    lhs = torch.vdot(torch.view_as_real(model.jvp(x, v)).flatten(), torch.view_as_real(w).flatten())
+    rhs = torch.vdot(torch.view_as_real(v).flatten(), torch.view_as_real(model.vjp(x, w)).flatten())
+    assert abs(float(lhs - rhs)) <= 1e-12 * max(abs(float(lhs)), abs(float(rhs)), 1e-30)
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad((model(xg) * w.conj()).real.sum(), xg)
+    torch.testing.assert_close(grad, model.vjp(x, w), rtol=1e-12, atol=1e-12)
+
+
+def _complex_point_range(op, seed):
+    g = _gen(seed)
+    return torch.complex(torch.randn(op.range_shape, dtype=torch.float64, generator=g),
+                         torch.randn(op.range_shape, dtype=torch.float64, generator=g))

@@ -228,3 +228,23 @@ def test_floor_and_one_bit_flags_fill_the_config():
     config = _simulate_config(args)
     assert config.one_bit == 1.5 and config.one_bit_width == 0.3
     assert "one_bit_width" not in SimulateCTConfig(out="x.zarr").parameters()
+
+
+def test_one_bit_mri_stores_the_signs_of_the_sampled_parts(tmp_path):
+    from pipeline.data import SimulateMRIConfig, simulate_mri
+
+    common = dict(shape=(4, 16, 16), coils=2, acceleration=2.0, calibration=4, noise_sigma=0.02, seed=3,
+                  chunk_depth=2, workers=1, scheduler="sync", progress=False)
+    linear = open_scan(simulate_mri(SimulateMRIConfig(out=str(tmp_path / "l.zarr"), **common)).path)
+    bits = open_scan(simulate_mri(SimulateMRIConfig(out=str(tmp_path / "b.zarr"), one_bit=True, one_bit_width=0.2,
+                                                    **common)).path)
+    record = bits.metadata.detector
+    assert record["model"] == "sign" and record["threshold"] == 0.0 and record["width"] == 0.2
+    y, y_lin = bits.measurements.read(), linear.measurements.read()
+    sampled = np.broadcast_to(bits.mask.read() != 0, y.shape)
+    for part in (np.real, np.imag):
+        np.testing.assert_array_equal(part(y)[sampled], np.where(part(y_lin)[sampled] >= 0, 1.0, -1.0))
+    assert (y[~sampled] == 0).all()
+    share = np.mean(np.concatenate([np.real(y)[sampled], np.imag(y)[sampled]]) > 0)
+    assert record["fraction_at_high"] == pytest.approx(share)
+    assert "one_bit" not in SimulateMRIConfig(out="x.zarr").parameters()

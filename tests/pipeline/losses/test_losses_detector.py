@@ -175,3 +175,24 @@ def test_amplitude_scaling_moves_rays_across_the_clip_level():
         EquivariantImagingLoss(transform=lambda v: v, amplitude=(2.0, 1.0))
     with pytest.raises(ValueError, match="amplitude must be"):
         LossConfig(terms=[{"name": "ei", "amplitude": [0.0, 2.0]}])
+
+
+def test_one_bit_mri_consistency_counts_both_parts_of_the_sampled_entries_only():
+    from operators3d import MultiCoilMRI, poisson_disc_mask, simulate_coil_maps
+
+    g = torch.Generator().manual_seed(2)
+    shape = (2, 12, 10)
+    mask = poisson_disc_mask(shape[1:], 2.0, calibration=4, generator=g)
+    op = MultiCoilMRI(mask=mask, coil_maps=simulate_coil_maps(3, shape)).to(torch.complex128)
+    x = torch.complex(torch.rand(shape, generator=g, dtype=torch.float64), torch.rand(shape, generator=g, dtype=torch.float64))
+    x_hat = (0.5 * x + 0.1).requires_grad_(True)
+    record = {"model": "sign", "threshold": 0.0, "width": 0.3, "gradient": "zero"}
+    y = Sign(op, 0.0).forward(x)
+    value = MeasurementConsistencyLoss(detector=record)(x_hat[None], y[None], op).total
+    sampled = op.measurement_mask().expand(op.range_shape)
+    z, bits = torch.view_as_real(op(x_hat))[sampled], torch.view_as_real(y)[sampled]
+    expected = torch.log1p(torch.exp(-bits * z / 0.3)).sum() / (2 * int(sampled.sum()))
+    assert value.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert bool((y[~sampled] == 0).all()) and set(torch.view_as_real(y)[sampled].unique().tolist()) == {-1.0, 1.0}
+    value.backward()
+    assert torch.isfinite(x_hat.grad).all() and x_hat.grad.abs().sum() > 0
