@@ -410,11 +410,12 @@ class Scan:
             self._ct_operator = ct_operator(meta, self._angles())
         return self._ct_operator
 
-    def operator(self, d_slice: slice):
+    def operator(self, d_slice: slice, *, coil_maps: torch.Tensor | None = None):
         """The exact operator of the D-slab ``d_slice`` of the volume.
 
         MRI (hybrid space): ``MultiCoilMRI(mask, coil_maps[:, d_slice])``, image
-        ``(d, H, W)`` → k-space ``(C, d, kH, kW)``. Parallel-beam CT: the projector of the
+        ``(d, H, W)`` → k-space ``(C, d, kH, kW)``; ``coil_maps`` gives the slab's maps already
+        read (through a shard cache, say) instead of reading them here. Parallel-beam CT: the projector of the
         slab, ``(d, H, W)`` → ``(d, A, U)``. Cone beam couples D-slices: a slab has no exact
         operator of its own (use image-domain crops of ``derived/`` arrays), so this raises.
         """
@@ -423,7 +424,7 @@ class Scan:
             assert self.coil_maps is not None
             from operators3d import MultiCoilMRI
 
-            maps = self.coil_maps.read_torch(d_slice)
+            maps = self.coil_maps.read_torch(d_slice) if coil_maps is None else coil_maps
             return MultiCoilMRI(mask=self._mask(), coil_maps=maps)
         if meta.geometry.kind == "cone":
             raise ScanError(

@@ -178,10 +178,7 @@ class SlabDataset(Dataset):
                 meta["operator_key"] = (scan.path, key.d0, key.d1)
             else:
                 # Scan.slab's operator, its coil maps read through the shard cache as well.
-                from operators3d import MultiCoilMRI
-
-                assert scan.coil_maps is not None
-                op = MultiCoilMRI(mask=scan._mask(), coil_maps=self._read(key.scan, scan.coil_maps, d_slice))
+                op = scan.operator(d_slice, coil_maps=self._read(key.scan, scan.coil_maps, d_slice))
                 y = self._read(key.scan, scan.measurements, d_slice)
                 meta["operator_key"] = (scan.path, key.d0, key.d1)
             if self.config.include_reference and scan.reference is not None:
