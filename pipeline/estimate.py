@@ -51,7 +51,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["ErrorEstimate", "Part", "cross_validation", "estimate_error", "holdout_parts", "holdout_splits",
-           "pilot_estimate", "matched_pilot", "estimate_pilot", "HANDLED_NOISE"]
+           "pilot_estimate", "matched_pilot", "estimate_pilot", "HANDLED_NOISE", "not_estimable_detector"]
 
 Reconstructor = Callable[[torch.Tensor, Any], torch.Tensor]
 
@@ -403,3 +403,15 @@ def outside_ratio(x_hat: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- noise models
 #: Noise models the estimate re-measures with and debiases by (the others are refused).
 HANDLED_NOISE = ("gaussian", "transmission_poisson")
+
+
+def not_estimable_detector(metadata) -> str | None:
+    """Why a scan read through a non-linear detector (its ``detector`` record) cannot be
+    estimated, or ``None``: cross-validation scores held-out measurements against ``A x̂`` and
+    the bootstrap re-measures ``A x̂`` plus noise, both of which assume ``y = A x + n``."""
+    detector = getattr(metadata, "detector", None)
+    if detector is None:
+        return None
+    return (f"its measurements went through a non-linear detector ({detector.get('model')}), and the estimate "
+            "scores held-out measurements against A x and re-measures A x plus noise, which assumes linear "
+            "measurements; compare with a reference (--reference) instead")

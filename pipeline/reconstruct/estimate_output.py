@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from pipeline.estimate import (HANDLED_NOISE, OUTSIDE_RATIO_CAUTION, ErrorEstimate, estimate_error, estimate_pilot,
-                               outside_ratio)
+                               not_estimable_detector, outside_ratio)
 
 __all__ = ["EstimateRefused", "estimate_output"]
 
@@ -101,6 +101,9 @@ def estimate_output(out, scan=None, *, blocks: int = 3, thickness: int | None = 
     if scan_path is None:
         raise EstimateRefused(f"'{out}' records no scan; give --scan SCAN")
     scan_obj = scan_path if hasattr(scan_path, "metadata") else open_scan(scan_path)  # a path, or an open Scan
+    why = not_estimable_detector(scan_obj.metadata)
+    if why is not None:
+        raise EstimateRefused(f"scan '{scan_obj.path}': {why}")
     noise = scan_obj.metadata.noise()
     if noise is None:
         raise EstimateRefused(

@@ -113,11 +113,15 @@ def _scan_identity(scan, config: ReconstructConfig) -> dict[str, Any]:
 def _check_uncertainty(scan, recon) -> None:
     """``--uncertainty`` re-measures and re-runs each slab: it needs a slab operator and a noise
     model it can draw from."""
-    from pipeline.estimate import HANDLED_NOISE
+    from pipeline.estimate import HANDLED_NOISE, not_estimable_detector
 
     if isinstance(recon, _Derived):
         raise ValueError("reconstruct: --uncertainty re-runs each slab from its measurements, which a cone-beam "
                          "scan's FDK (its rays cross slabs) does not allow")
+    why = not_estimable_detector(scan.metadata)
+    if why is not None:  # its pilot and its re-measurements are of linear data
+        raise ValueError(f"reconstruct: --uncertainty cannot map scan '{scan.path}': {why}".replace(
+            "; compare with a reference (--reference) instead", ""))
     noise = scan.metadata.noise()
     if noise is None:
         raise ValueError(f"reconstruct: --uncertainty draws new measurements from the scan's noise model, and "

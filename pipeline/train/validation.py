@@ -31,7 +31,7 @@ def check_estimable(paths: list[str]) -> None:
     slabs of its own (not cone beam)."""
     from pipeline.data import open_scan
     from pipeline.data.format import CTGeometry
-    from pipeline.estimate import HANDLED_NOISE
+    from pipeline.estimate import HANDLED_NOISE, not_estimable_detector
 
     for path in paths:
         scan = open_scan(path)
@@ -44,6 +44,9 @@ def check_estimable(paths: list[str]) -> None:
         if isinstance(geom, CTGeometry) and geom.kind == "cone":
             raise ConfigError(f"validation.estimate: scan {path} is cone beam; its slabs cannot be reconstructed "
                               "again from their own views")
+        why = not_estimable_detector(scan.metadata)
+        if why is not None:
+            raise ConfigError(f"validation.estimate: scan {path}: {why}")
 
 
 #: The validation metric ``checkpoint.keep_best`` ranks by, and whether higher is better.

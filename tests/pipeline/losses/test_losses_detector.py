@@ -196,3 +196,22 @@ def test_one_bit_mri_consistency_counts_both_parts_of_the_sampled_entries_only()
     assert bool((y[~sampled] == 0).all()) and set(torch.view_as_real(y)[sampled].unique().tolist()) == {-1.0, 1.0}
     value.backward()
     assert torch.isfinite(x_hat.grad).all() and x_hat.grad.abs().sum() > 0
+
+
+def test_the_reference_free_estimate_refuses_a_scan_read_through_a_detector(clipped_scan, tmp_path, capsys):
+    """evaluate --estimate re-measures A x̂ plus noise and scores held-out rays against A x̂: on
+    clipped data that would be a confident wrong number, so it says why it cannot estimate."""
+    from pipeline.cli import main
+    from pipeline.train.validation import check_estimable
+
+    out = str(tmp_path / "fbp.ome.zarr")
+    assert main(["reconstruct", "--scan", clipped_scan, "--method", "fbp", "--out", out, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", out, "--estimate"]) == 2
+    err = capsys.readouterr().err
+    assert "non-linear detector (clip)" in err and "--reference" in err
+    with pytest.raises(ConfigError, match="non-linear detector"):
+        check_estimable([clipped_scan])
+    assert main(["reconstruct", "--scan", clipped_scan, "--method", "fbp", "--out", str(tmp_path / "u.ome.zarr"),
+                 "--uncertainty", "2", "--no-progress"]) == 2
+    assert "--uncertainty cannot map" in capsys.readouterr().err
