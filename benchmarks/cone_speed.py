@@ -18,7 +18,7 @@ is reported and left out.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/cone_speed.py [--threads 1] [--quick] [--slab 8]
+    OMP_NUM_THREADS=1 python benchmarks/cone_speed.py [--threads 1] [--quick] [--slab 8,16,32]
         [--kernels c,torch]
 """
 
@@ -88,7 +88,7 @@ def _pieces(op: ConeBeamCT, x: torch.Tensor, y: torch.Tensor, thick: int):
     return forward, adjoint
 
 
-def run_case(shape, num_angles: int, repeat: int, thick: int,
+def run_case(shape, num_angles: int, repeat: int, thicks: list[int],
              kernels: list[str]) -> tuple[list, list]:
     """The rows of both tables for one case: one per kernel, the parallel beam measured once."""
     updates = math.prod(shape) * num_angles
@@ -108,14 +108,15 @@ def run_case(shape, num_angles: int, repeat: int, thick: int,
             yc = cone(x)
             cf = _cpu_time(lambda: cone(x), repeat)
             ca = _cpu_time(lambda: cone.adjoint(yc), repeat)
-            fwd_p, adj_p = _pieces(cone, x, yc, thick)
-            sf = _cpu_time(fwd_p, repeat)
-            sa = _cpu_time(adj_p, repeat)
             speed.append([size, det, kernel, f"{pf:.3f}", f"{pa:.3f}", f"{cf:.3f}", f"{ca:.3f}",
                           f"{ns(pf):.2f} / {ns(pa):.2f}", f"{ns(cf):.2f} / {ns(ca):.2f}",
                           f"{ca / cf:.2f}", f"{cf / pf:.2f} / {ca / pa:.2f}"])
-            slabs.append([size, kernel, str(thick), f"{cf:.3f}", f"{sf:.3f}", f"{sf / cf:.2f}",
-                          f"{ca:.3f}", f"{sa:.3f}", f"{sa / ca:.2f}"])
+            for thick in thicks:
+                fwd_p, adj_p = _pieces(cone, x, yc, thick)
+                sf = _cpu_time(fwd_p, repeat)
+                sa = _cpu_time(adj_p, repeat)
+                slabs.append([size, kernel, str(thick), f"{cf:.3f}", f"{sf:.3f}",
+                              f"{sf / cf:.2f}", f"{ca:.3f}", f"{sa:.3f}", f"{sa / ca:.2f}"])
     return speed, slabs
 
 
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="64³ × 90 and 40×56×72 × 60")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--slab", type=int, default=8, help="slab thickness (slices)")
+    parser.add_argument("--slab", default="8",
+                        help="slab thicknesses (slices), comma-separated, e.g. 8,16,32")
     parser.add_argument("--kernels", default="c,torch",
                         help="cone kernels to time, comma-separated: c (compiled), torch")
     args = parser.parse_args(argv)
@@ -151,9 +153,15 @@ def main(argv: list[str] | None = None) -> None:
     print(machine_line())
     print("load average (1, 5, 15 min) at start: " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
     kernels = _kernels(args.kernels)
+    try:
+        thicks = [int(t) for t in args.slab.split(",") if t.strip()]
+    except ValueError:
+        raise SystemExit(f"--slab: comma-separated positive integers, got {args.slab!r}")
+    if not thicks or min(thicks) < 1:
+        raise SystemExit(f"--slab: comma-separated positive integers, got {args.slab!r}")
     speed, slabs = [], []
     for shape, num_angles in cases:
-        s, p = run_case(shape, num_angles, args.repeat, args.slab, kernels)
+        s, p = run_case(shape, num_angles, args.repeat, thicks, kernels)
         speed += s
         slabs += p
     print_table(

@@ -51,6 +51,8 @@ SOURCE = Path(__file__).with_name("_cone_c.c")
 #: Flags for every build; ``-ffp-contract=off`` keeps ``a·b + c`` two roundings, as in torch.
 FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off", "-std=c99")
 _ABI = 2
+#: Detector rows per call at most (the kernel computes row windows in int32).
+_MAX_ROWS = 2**31 - 16
 _LOADED: dict[tuple, tuple[ctypes.CDLL | None, str]] = {}
 _WARNED: set[str] = set()
 _CHOICES = ("auto", "c", "torch")
@@ -205,6 +207,9 @@ def _call(kind: str, data, row_index, row_weight, zslope, ray, zcoord, zoff, tar
         if t.dtype != dtype or t.device.type != "cpu":
             raise TypeError(f"compiled cone kernel: {name} is {t.dtype} on {t.device}, "
                             f"expected {dtype} on cpu")
+    if zcoord.numel() > _MAX_ROWS:  # the kernel's row bounds are int32
+        raise ValueError(f"compiled cone kernel: {zcoord.numel()} detector rows, at most "
+                         f"{_MAX_ROWS}")
     if not target.is_contiguous():
         raise ValueError("compiled cone kernel: the output must be contiguous")
     data = data.contiguous()

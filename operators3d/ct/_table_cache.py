@@ -1,7 +1,8 @@
 """A process-wide, byte-bounded LRU cache of projector tables.
 
 The cone projector's in-plane tables (row indices, weights, D-slopes and ray columns of the
-(ray column, plane) pairs that meet the volume) depend only on the in-plane geometry, the angles, the chunk, the dtype and the device;
+(ray column, plane) pairs that meet the volume, and the two in-plane step-length factors per ray
+column) depend only on the in-plane geometry, the angles, the chunk, the dtype and the device;
 every D-slab and row window of one volume shares them. Keeping them here rather than on each
 operator lets thin slabs reuse the whole's tables, and bounds the memory of all operators
 together (``_kernels.CPU_TABLE_CACHE_BYTES`` on CPU, ``CUDA_TABLE_CACHE_BYTES`` per CUDA

@@ -329,14 +329,17 @@ class ConeBeamCT(CTProjector):
             ray,
         )
 
-    def _step_lengths(self, sl: slice, u0: int, u1: int, dtype, device) -> torch.Tensor:
-        """``(A_c·Ur, 1, V)`` step lengths ``voxel_size · |r| / max(|r_x|, |r_y|)``.
+    def _ray_factors(self, sl: slice, u0: int, u1: int, dtype, device):
+        """The in-plane parts of the step lengths, per ray column of the chunk (in float64 as
+        :meth:`_ray_tables`, then in ``dtype``): ``|r_xy|²`` and
+        ``voxel_size / max(|r_x|, |r_y|)``. Like the tables they depend only on the in-plane
+        geometry, so slabs and windows share them from the cache (:meth:`_tables`).
 
-        The in-plane parts (per ray column) in float64 as :meth:`_ray_tables`; the three passes
-        over every ray (``|r|² = |r_xy|² + z_v²``, its root, the factor) in ``dtype``: a thin
-        slab's call makes them for its rows, so they are kept few."""
+        Shape:
+            ``in_plane, factor (A_c·Ur, 1)``.
+        """
         g = self.geometry
-        num_v, num_u = g.det_shape
+        num_u = g.det_shape[1]
         big = g.src_dist + g.det_dist
         f64 = torch.float64
         theta = g.angles[sl].to(device=device, dtype=f64)[:, None]
@@ -347,18 +350,30 @@ class ConeBeamCT(CTProjector):
         r_y = big * cos + s_u * sin
         in_plane = (r_x**2 + r_y**2).reshape(-1, 1).to(dtype)
         factor = (self.volume_geometry.voxel_size / torch.maximum(r_x.abs(), r_y.abs()))
-        z_v = g.row_heights(device=device)
-        step_len = torch.add(in_plane, (z_v**2).to(dtype)[None, :]).sqrt_()
-        return step_len.mul_(factor.reshape(-1, 1).to(dtype)).view(-1, 1, num_v)
+        return in_plane, factor.reshape(-1, 1).to(dtype)
+
+    def _step_lengths(self, in_plane: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """``(A_c·Ur, 1, V)`` step lengths ``voxel_size · |r| / max(|r_x|, |r_y|)`` of this
+        operator's detector rows, from the chunk's :meth:`_ray_factors`: the three passes over
+        every ray (``|r|² = |r_xy|² + z_v²``, its root, the factor) in their dtype; a thin
+        slab's call makes them for its rows, so they are kept few."""
+        num_v = self.geometry.det_shape[0]
+        z_v = self.geometry.row_heights(device=in_plane.device)
+        step_len = torch.add(in_plane, (z_v**2).to(in_plane.dtype)[None, :]).sqrt_()
+        return step_len.mul_(factor).view(-1, 1, num_v)
 
     def _tables(self, sl: slice, u0: int, u1: int, dtype, device):
-        """:meth:`_ray_tables` from the process-wide cache (:mod:`._table_cache`, shared by
-        slabs and windows of the same volume) and this call's :meth:`_step_lengths`."""
+        """:meth:`_ray_tables` and :meth:`_ray_factors` from the process-wide cache
+        (:mod:`._table_cache`, shared by slabs and windows of the same volume: a thin slab's
+        call then pays per chunk only its own rows' step lengths) and this call's
+        :meth:`_step_lengths`."""
         key = ("cone", self._plane_key, sl.start, sl.stop, u0, u1, dtype, str(device))
-        plane = _table_cache.cached(
-            key, key[:2] + key[-2:], device, lambda: self._ray_tables(sl, u0, u1, dtype, device)
+        cached = _table_cache.cached(
+            key, key[:2] + key[-2:], device,
+            lambda: self._ray_tables(sl, u0, u1, dtype, device)
+            + self._ray_factors(sl, u0, u1, dtype, device),
         )
-        return plane + (self._step_lengths(sl, u0, u1, dtype, device),)
+        return cached[:4] + (self._step_lengths(*cached[4:]),)
 
     def _detector_heights(self, dtype, device) -> torch.Tensor:
         return self.geometry.row_heights(device=device).to(dtype)

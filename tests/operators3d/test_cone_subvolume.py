@@ -258,6 +258,34 @@ def test_tables_are_cached_shared_by_pieces_and_bounded(monkeypatch):
     assert _table_cache.held_bytes() == 0
 
 
+def test_cached_step_length_factors_are_keyed_by_the_in_plane_geometry():
+    """The in-plane step-length factors live in the table cache beside the tables: pieces reuse
+    them, and operators that differ in a quantity they depend on (column spacing, distances,
+    voxel size, angles) never get each other's."""
+    from operators3d.ct import _table_cache
+
+    variants = [_cone(), _cone(spacing=(0.8, 1.3)), _cone(src=11.0), _cone(voxel=0.9),
+                _cone(angles=ANGLES + 0.1)]
+    x = _x()
+    fresh = []
+    for op in variants:
+        _table_cache.clear()
+        fresh.append((op(x), op.adjoint(op(x))))
+    _table_cache.clear()
+    for _ in range(2):  # all in one cache, in turn
+        for op, (y, back) in zip(variants, fresh):
+            torch.testing.assert_close(op(x), y, rtol=0, atol=0)
+            torch.testing.assert_close(op.adjoint(y), back, rtol=0, atol=0)
+    held = _table_cache.held_bytes("cpu")
+    op, (y, _) = variants[1], fresh[1]
+    rows = op.rows_hit_by(slice(3, 5))
+    torch.testing.assert_close(op.slab(slice(3, 5)).rows(rows)(x[3:5]) + op.slab(slice(0, 3))
+                               .rows(rows)(x[:3]) + op.slab(slice(5, 9)).rows(rows)(x[5:]),
+                               y[rows], rtol=1e-12, atol=1e-12)
+    assert _table_cache.held_bytes("cpu") == held  # the pieces added nothing
+    _table_cache.clear()
+
+
 @pytest.mark.parametrize("src, det", [(9.0, 5.0), (30.0, 20.0)])
 def test_compiled_and_torch_kernels_give_the_same_pieces(monkeypatch, src, det):
     from operators3d.ct import _cone_native
