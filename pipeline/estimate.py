@@ -414,4 +414,4 @@ def not_estimable_detector(metadata) -> str | None:
         return None
     return (f"its measurements went through a non-linear detector ({detector.get('model')}), and the estimate "
             "scores held-out measurements against A x and re-measures A x plus noise, which assumes linear "
-            "measurements; compare with a reference (--reference) instead")
+            "measurements")

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .store import stored_depth_of
+from .store import d_axis_of, stored_depth_of
 
 __all__ = ["clip_record", "detector_levels", "apply_detector", "detector_fractions", "say_detector"]
 
@@ -53,16 +53,24 @@ def apply_detector(y: torch.Tensor, record: dict[str, Any] | None) -> torch.Tens
     return clip_values(y, record["low"], record["high"])
 
 
-def detector_fractions(meas, record: dict[str, Any]) -> dict[str, float | None]:
+def detector_fractions(meas, record: dict[str, Any], *, sampled: np.ndarray | None = None) -> dict[str, float | None]:
     """The share of the stored measurements read at the detector's lowest and highest values
-    (``None`` for an unbounded side), counted stored object by stored object."""
+    (``None`` for an unbounded side), counted stored object by stored object along the array's
+    D axis. A complex array's real and imaginary parts count as two readings; ``sampled`` (bool,
+    over the trailing axes: an MRI mask) leaves out the entries that are not measurements."""
     ends = apply_detector(torch.tensor([-math.inf, math.inf], dtype=torch.float32), record).numpy()
     at_low = at_high = total = 0
-    v = meas.shape[0]
+    axis = d_axis_of(meas) or 0
+    v = meas.shape[axis]
     stored = stored_depth_of(meas)
     for d0 in range(0, v, stored):
-        d1 = min(d0 + stored, v)
-        block = np.asarray(meas[d0:d1])
+        sel = [slice(None)] * meas.ndim
+        sel[axis] = slice(d0, min(d0 + stored, v))
+        block = np.asarray(meas[tuple(sel)])
+        if sampled is not None:
+            block = block[..., sampled]
+        if np.iscomplexobj(block):
+            block = np.stack([block.real, block.imag])
         at_low += int(np.count_nonzero(block <= ends[0]))
         at_high += int(np.count_nonzero(block >= ends[1]))
         total += block.size

@@ -305,14 +305,8 @@ def simulate_mri(config: SimulateMRIConfig) -> JobOutcome:
                     scheduler=config.scheduler, progress=config.progress)
     if detector is None:
         finish_scan(group)
-    else:  # the share of +1 bits among the sampled parts, counted on what is stored
-        sampled = np.asarray(mask) != 0
-        plus = total = 0
-        for _, d0, d1 in _stored_ranges(d, stored):
-            block = np.asarray(meas[:, d0:d1])[..., sampled]
-            plus += int(np.count_nonzero(block.real > 0)) + int(np.count_nonzero(block.imag > 0))
-            total += 2 * block.size
-        detector = {**detector, "fraction_at_low": 1 - plus / total, "fraction_at_high": plus / total}
+    else:  # the shares of −1 and +1 bits among the sampled parts, counted on what is stored
+        detector = {**detector, **detector_fractions(meas, detector, sampled=np.asarray(mask) != 0)}
         finish_scan(group, detector=detector)
         say_detector(config.out, detector, "recon3d simulate mri")
     return JobOutcome(str(config.out), state, ran, len(tasks))

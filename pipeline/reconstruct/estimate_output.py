@@ -103,7 +103,7 @@ def estimate_output(out, scan=None, *, blocks: int = 3, thickness: int | None = 
     scan_obj = scan_path if hasattr(scan_path, "metadata") else open_scan(scan_path)  # a path, or an open Scan
     why = not_estimable_detector(scan_obj.metadata)
     if why is not None:
-        raise EstimateRefused(f"scan '{scan_obj.path}': {why}")
+        raise EstimateRefused(f"scan '{scan_obj.path}': {why}; compare with a reference (--reference) instead")
     noise = scan_obj.metadata.noise()
     if noise is None:
         raise EstimateRefused(

@@ -120,8 +120,7 @@ def _check_uncertainty(scan, recon) -> None:
                          "scan's FDK (its rays cross slabs) does not allow")
     why = not_estimable_detector(scan.metadata)
     if why is not None:  # its pilot and its re-measurements are of linear data
-        raise ValueError(f"reconstruct: --uncertainty cannot map scan '{scan.path}': {why}".replace(
-            "; compare with a reference (--reference) instead", ""))
+        raise ValueError(f"reconstruct: --uncertainty cannot map scan '{scan.path}': {why}")
     noise = scan.metadata.noise()
     if noise is None:
         raise ValueError(f"reconstruct: --uncertainty draws new measurements from the scan's noise model, and "
