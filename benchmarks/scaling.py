@@ -321,7 +321,8 @@ def memory_models(scans: dict, tiles: list[tuple[int, int, int]]) -> tuple[dict,
     from pipeline.models.receptive import _backbones, model_halo, reconstructor_of
     from pipeline.models.tiling import TiledBackbone
     from pipeline.reconstruct.halo import _input, _slabs
-    from pipeline.reconstruct.memory import MemoryModel, activation_bytes_per_voxel, choose_slab, format_bytes, parse_bytes
+    from pipeline.reconstruct.memory import (MemoryModel, activation_bytes_per_voxel, choose_slab, first_width,
+                                             format_bytes, parse_bytes, piece_workspace)
     from pipeline.train.build import build_model
 
     rows, plan, info = [], {}, {}
@@ -349,7 +350,8 @@ def memory_models(scans: dict, tiles: list[tuple[int, int, int]]) -> tuple[dict,
         best = None
         for t in [None, *tiles]:
             mm = MemoryModel(shape=shape, data_per_slice=data, image_per_slice=image, activation_per_voxel=per_voxel,
-                             tile=t, tiles_per_batch=1, staged=True, workers=1)
+                             tile=t, tiles_per_batch=1, staged=True, workers=1,
+                             workspace=piece_workspace(first_width(backbones)))
             tiled = TiledBackbone(backbones[0], tile_shape=t, overlap=2 * radius) if t else None
 
             def recompute(slab: int) -> float:

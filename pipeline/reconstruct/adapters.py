@@ -26,6 +26,7 @@ from pipeline.models import model_halo, reconstructor_of, retile
 
 from .config import AUTO, TV_HALO, ReconstructConfig
 from .coordination import _say, resolve_model
+from .pieces import pieces_for
 
 
 def _weights_digest(path: Path) -> tuple[str, dict[str, Any], ModelCard | None]:
@@ -232,7 +233,7 @@ class _Network:
         from pipeline.models.receptive import _backbones
         from pipeline.models.tiling import TiledBackbone
 
-        from .memory import MemoryModel, activation_bytes_per_voxel
+        from .memory import MemoryModel, activation_bytes_per_voxel, first_width, piece_workspace
 
         d, h, w = shape
         data = self.scan.measurements.nbytes // max(1, self.scan.measurements.depth)
@@ -245,7 +246,8 @@ class _Network:
                            image_per_slice=h * w * (8 if self.is_complex else 4), activation_per_voxel=per_voxel,
                            tile=tuple(tiled.tile_shape) if tiled is not None else None,
                            tiles_per_batch=int(tiled.tiles_per_batch) if tiled is not None else 1,
-                           staged=self.staged, workers=max(1, int(config.workers)), piece=self.piece)
+                           staged=self.staged, workers=max(1, int(config.workers)), piece=self.piece,
+                           workspace=piece_workspace(first_width(backbones), self.device))
 
     @property
     def staged(self) -> bool:
@@ -260,14 +262,18 @@ class _Network:
     @torch.no_grad()
     def apply(self, y: torch.Tensor, op) -> torch.Tensor:
         """The model on measurements ``y`` of operator ``op`` (under the active intensity scale)."""
-        return self.model(y.unsqueeze(0).to(self.device), op.to(self.device))[0]
+        with pieces_for(self.device):
+            return self.model(y.unsqueeze(0).to(self.device), op.to(self.device))[0]
 
     @torch.no_grad()
     def __call__(self, lo: int, hi: int) -> torch.Tensor:
+        # On CPU the convolutions run in pieces (.pieces): bitwise the same output, the library's
+        # workspace a constant instead of ~100 B per voxel, and faster (BENCHMARKS.md, issue 17.2).
         if not self.staged:
             y, op = self.read(lo, hi)
             y, op = y.unsqueeze(0).to(self.device), op.to(self.device)
-            return self.model(y, op)[0].cpu()
+            with pieces_for(self.device):
+                return self.model(y, op)[0].cpu()
         parts = []
         for a in range(lo, hi, self.piece):
             y, op = self.read(a, min(a + self.piece, hi))
@@ -276,7 +282,8 @@ class _Network:
             del y, op
         x0 = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-3)
         del parts
-        return self.model(x0, None)[0].cpu()
+        with pieces_for(self.device):
+            return self.model(x0, None)[0].cpu()
 
 
 def _training_thickness(model: str | None) -> int | None:

@@ -49,8 +49,8 @@ def _output_reconstructor(image, scan, device: torch.device):
         from pipeline.models import intensity_scale
 
         def f(y, op):
-            with torch.no_grad(), intensity_scale(net.model, scale):
-                return net.model(y.unsqueeze(0).to(device), op.to(device))[0]
+            with intensity_scale(net.model, scale):
+                return net.apply(y, op)
 
         kind = type(reconstructor_of(net.model)).__name__
         return f, {"model": str(model), "network": kind, "intensity_scale": scale}

@@ -26,8 +26,10 @@ so the budget bounds the whole process, as a per-process memory limit (a schedul
   input and output, tile accumulator and weights);
 * activations: the backbone's peak of live tensor bytes per input voxel, measured once on a
   small zero input (:func:`activation_bytes_per_voxel`; deterministic, so every rank of a job
-  chooses the same slab), plus on CPU the convolutions' own workspace
-  (:func:`cpu_conv_workspace`), times the input slab's voxels, or one batch of tiles when tiled.
+  chooses the same slab), times the input slab's voxels, or one batch of tiles when tiled;
+* workspace: on CPU the convolution library's own copies, which the count cannot see. The
+  backbone runs its convolutions in pieces there (:mod:`.pieces`), so this is one piece's
+  (:func:`piece_workspace`), a constant, instead of :func:`cpu_conv_workspace` per voxel.
 
 ``benchmarks/reconstruct.py`` compares the estimate with the measured peak.
 """
@@ -47,7 +49,8 @@ from torch.utils._pytree import tree_leaves
 from pipeline.models.tiling import TiledBackbone
 
 __all__ = ["parse_bytes", "format_bytes", "activation_bytes_per_voxel", "MemoryModel", "choose_slab",
-           "DEFAULT_BUDGET", "PROCESS_BYTES", "cpu_conv_workspace", "IMAGE_COPIES", "DATA_COPIES"]
+           "DEFAULT_BUDGET", "PROCESS_BYTES", "cpu_conv_workspace", "piece_workspace", "first_width",
+           "IMAGE_COPIES", "DATA_COPIES"]
 
 DEFAULT_BUDGET = 1 << 30
 #: What the process holds outside its slabs (interpreter, libraries, model, the job's own
@@ -73,6 +76,33 @@ def cpu_conv_workspace(width: int) -> float:
     """
     w = max(1, int(width))
     return 4.0 * (16 * -(-w // 16) + 2 * max(0, 8 - w))
+
+
+def piece_workspace(width: int, device: torch.device | str = "cpu") -> int:
+    """Bytes a backbone pass holds outside its counted tensors when its convolutions run in
+    pieces of :data:`~.pieces.PIECE_VOXELS` (on CPU; 0 elsewhere): the blocked copies of one
+    piece's input and output, ``2 · cpu_conv_workspace(width) · PIECE_VOXELS`` (24 MiB for a
+    first width of 4, 16 MiB for 8–16, 32 MiB for 32).
+
+    Measured as RSS high-water minus the count, with reconstruct's allocator (``--memory lean``),
+    on 115×256² ([4, 8]: +17 MiB; [4, 8, 16]: +16), 40×256² ([16, 32]: +11), 24×256²
+    ([32, 64]: +18) and 243×128² ([4, 8]: +13) inputs (BENCHMARKS.md, issue 17.2).
+    """
+    from .pieces import PIECE_VOXELS
+
+    if torch.device(device).type != "cpu":
+        return 0
+    return int(2 * cpu_conv_workspace(width) * PIECE_VOXELS)
+
+
+def first_width(backbones: list[torch.nn.Module]) -> int:
+    """The output channels of the first 3D convolution of ``backbones`` (16 if there is none)."""
+    for bb in backbones:
+        inner = bb.backbone if isinstance(bb, TiledBackbone) else bb
+        first = next((m for m in inner.modules() if isinstance(m, torch.nn.Conv3d)), None)
+        if first is not None:
+            return int(first.out_channels)
+    return 16
 
 #: Copies of the input slab's image alive at the peak (estimate's constant, see the module doc).
 IMAGE_COPIES = 4
@@ -156,8 +186,8 @@ def activation_bytes_per_voxel(backbones: list[torch.nn.Module], channels: int, 
                                device: torch.device) -> float:
     """The largest peak of live tensor bytes per input voxel of ``backbones`` (untiled), each
     run once on a zero input ``(1, channels, 2g, s, s)`` (``g`` = the pooling grid, ``s`` ≥ 16
-    on the grid): what a backbone pass adds to memory, output included, input excluded; on CPU
-    plus :func:`cpu_conv_workspace` of its first convolution's width, which the count cannot see."""
+    on the grid): what a backbone pass adds to memory, output included, input excluded. The
+    convolution library's workspace is not in it (:func:`piece_workspace`)."""
     g = max(1, int(multiple))
     s = -(-max(16, 2 * g) // g) * g
     best = 0.0
@@ -169,10 +199,7 @@ def activation_bytes_per_voxel(backbones: list[torch.nn.Module], channels: int, 
         with _LiveBytes() as live:
             y = inner(x)
             del y
-        first = next((m for m in inner.modules() if isinstance(m, torch.nn.Conv3d)), None)
-        width = first.out_channels if first is not None else 16
-        extra = cpu_conv_workspace(width) * x.element_size() / 4 if x.device.type == "cpu" else 0.0
-        best = max(best, live.peak / (2 * g * s * s) + extra)
+        best = max(best, live.peak / (2 * g * s * s))
     return best
 
 
@@ -189,6 +216,7 @@ class MemoryModel:
     staged: bool
     workers: int
     piece: int = 0  # slices per read of a staged model (0: the output slab)
+    workspace: int = 0  # bytes outside the counted tensors, per worker (:func:`piece_workspace`)
 
     def input_slices(self, slab: int, halo: int, multiple: int) -> int:
         """The most input slices an output slab of ``slab`` reads (halo both sides, the start
@@ -208,13 +236,14 @@ class MemoryModel:
         else:
             voxels = n * h * w
         one = DATA_COPIES[self.staged] * self.data_per_slice * read + IMAGE_COPIES * self.image_per_slice * n \
-            + self.activation_per_voxel * voxels
+            + self.activation_per_voxel * voxels + self.workspace
         return int(PROCESS_BYTES + self.workers * one)
 
     def to_dict(self) -> dict[str, Any]:
         return {"data_bytes_per_slice": self.data_per_slice, "image_bytes_per_slice": self.image_per_slice,
                 "activation_bytes_per_voxel": round(self.activation_per_voxel, 3),
-                "tile": list(self.tile) if self.tile else None, "workers": self.workers, "piece": self.piece}
+                "tile": list(self.tile) if self.tile else None, "workers": self.workers, "piece": self.piece,
+                "workspace_bytes": self.workspace}
 
 
 def choose_slab(model: MemoryModel, budget: int, *, chunk: int, halo: int, multiple: int) -> int:
