@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from pipeline.allocator import return_freed_memory_to_os  # noqa: E402
 from pipeline.models import UNet3D  # noqa: E402
 from pipeline.reconstruct.memory import _LiveBytes, piece_workspace  # noqa: E402
-from pipeline.reconstruct.pieces import PIECE_VOXELS, ConvolutionPieces  # noqa: E402
+from pipeline.reconstruct.pieces import PIECE_VOXELS, pieces_for  # noqa: E402
 
 from _common import machine_line  # noqa: E402
 
@@ -59,7 +59,7 @@ def _pass(net: torch.nn.Module, x: torch.Tensor, pieces: bool) -> tuple[torch.Te
     _reset_hwm()
     t = time.perf_counter()
     if pieces:
-        with ConvolutionPieces():
+        with pieces_for("cpu"):  # as reconstruct runs it: pieces, their buffers from the heap
             y = net(x)
     else:
         y = net(x)

@@ -30,6 +30,8 @@ __all__ = ["keep_freed_memory", "return_freed_memory_to_os", "malloc_trim", "hea
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
+#: glibc's default trim threshold (128 KiB), which a fixed mmap threshold leaves in place.
+_GLIBC_TRIM_THRESHOLD = 128 << 10
 #: The mmap threshold :func:`return_freed_memory_to_os` set, if it did (``None``: not lean).
 _LEAN: list[int | None] = [None]
 
@@ -81,13 +83,13 @@ def heap_for_small_work(threshold: int = 1 << 30) -> Iterator[None]:
     outside a lean job.
     """
     lean = _LEAN[0]
-    if lean is None or not _mallopt((_M_MMAP_THRESHOLD, threshold)):
+    if lean is None or not _mallopt((_M_MMAP_THRESHOLD, threshold), (_M_TRIM_THRESHOLD, threshold)):
         yield
         return
     try:
         yield
     finally:
-        _mallopt((_M_MMAP_THRESHOLD, lean))
+        _mallopt((_M_MMAP_THRESHOLD, lean), (_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD))
         malloc_trim()
 
 

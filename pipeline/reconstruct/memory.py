@@ -82,17 +82,19 @@ def piece_workspace(width: int, device: torch.device | str = "cpu") -> int:
     """Bytes a backbone pass holds outside its counted tensors when its convolutions run in
     pieces of :data:`~.pieces.PIECE_VOXELS` (on CPU; 0 elsewhere): the blocked copies of one
     piece's input and output, ``2 · cpu_conv_workspace(width) · PIECE_VOXELS`` (24 MiB for a
-    first width of 4, 16 MiB for 8–16, 32 MiB for 32).
+    first width of 4, 16 MiB for 8–16, 32 MiB for 32), plus :data:`~.pieces.HEAP_BELOW`
+    (32 MiB) for the freed piece buffers the heap keeps while the pass runs.
 
-    Measured as RSS high-water minus the count, with reconstruct's allocator (``--memory lean``),
-    on 115×256² ([4, 8]: +17 MiB; [4, 8, 16]: +16), 40×256² ([16, 32]: +11), 24×256²
-    ([32, 64]: +18) and 243×128² ([4, 8]: +13) inputs (BENCHMARKS.md, issue 17.2).
+    Measured as RSS high-water minus the count (BENCHMARKS.md, issue 17.2): +7 to +18 MiB with
+    every block of 1 MiB or more mapped (reconstruct's ``--memory lean``) on 24–243-slice inputs
+    of U-Nets [2, 4] to [32, 64]; +45 MiB with the pieces' blocks from the heap, as
+    :func:`~.pieces.pieces_for` runs them (59×256², [4, 8]).
     """
-    from .pieces import PIECE_VOXELS
+    from .pieces import HEAP_BELOW, PIECE_VOXELS
 
     if torch.device(device).type != "cpu":
         return 0
-    return int(2 * cpu_conv_workspace(width) * PIECE_VOXELS)
+    return int(2 * cpu_conv_workspace(width) * PIECE_VOXELS + HEAP_BELOW)
 
 
 def first_width(backbones: list[torch.nn.Module]) -> int:

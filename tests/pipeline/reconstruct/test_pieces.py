@@ -73,5 +73,37 @@ def test_left_whole_when_it_cannot_or_need_not_split():
     assert cp.calls == 0
     with pytest.raises(ValueError, match="positive"):
         ConvolutionPieces(voxels=0)
-    assert isinstance(pieces_for("cpu"), ConvolutionPieces)
-    assert not isinstance(pieces_for("meta"), ConvolutionPieces)
+    with pieces_for("cpu") as mode:
+        assert isinstance(mode, ConvolutionPieces)
+    with pieces_for("meta") as mode:
+        assert mode is None
+
+
+def test_pieces_for_keeps_a_lean_job_lean_afterwards():
+    """In a lean job the pieces' buffers come from the heap while the pass runs; afterwards the
+    lean setting is back: a large freed block goes back to the OS at once (checked on RSS, in a
+    fresh interpreter, since the allocator's settings are process-wide)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from pipeline.allocator import return_freed_memory_to_os\n"
+        "from pipeline.reconstruct.pieces import pieces_for\n"
+        "def rss():\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) >> 10\n"
+        "assert return_freed_memory_to_os()\n"
+        "with torch.no_grad(), pieces_for('cpu') as mode:\n"
+        "    y = torch.nn.functional.conv3d(torch.randn(1, 2, 64, 64, 64), torch.randn(4, 2, 3, 3, 3), padding=1)\n"
+        "assert mode.pieces > 1\n"
+        "del y\n"
+        "before = rss()\n"
+        "big = torch.ones(16 << 20)  # 64 MiB\n"
+        "del big\n"
+        "small = [torch.ones(1 << 20) for _ in range(16)]  # 16 blocks of 4 MiB: mapped, not heap\n"
+        "del small\n"
+        "print(rss() - before)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.strip().splitlines()[-1]) < 16  # MiB kept after freeing 128 MiB
