@@ -29,10 +29,23 @@
  * The adjoint keeps the two line entries a sample writes in registers while the index does
  * not move (it is non-decreasing in m for a positive slope and increasing heights), so every
  * padded entry is added to memory once per pair instead of once per sample: for windows of
- * fewer than CONE_LONG rows by a branch when the index moves, for longer ones without a branch
+ * fewer than CONE_LONG rows by a branch when the index moves, for longer ones by selects
  * (both registers stored into a line buffer at every sample, the line added afterwards), which
  * measured about 10 % faster on whole volumes and slower on thin slabs. The branching one
- * forms f g and (1 - f) g as it goes (same operations, no buffer pass).
+ * forms f g and (1 - f) g as it goes (same operations, no buffer pass). gcc compiles the
+ * selects to two branches per sample, which the predictor mostly gets right and which keep the
+ * registers' dependency chain short: the same selects forced branch-free (SSE bit masks)
+ * measured 1.5-2x slower on whole volumes (2026-12-05, in-process A/B at 128^3 x 180), and
+ * forming f g inside the long loop (as the short one does) slower too (whole adjoint 0.52-0.54 s
+ * against 0.42-0.45 s, separate processes under load 2.5-4).
+ *
+ * Long windows (CONE_LONG rows or more: whole volumes and thick slabs) also prefetch, in phase
+ * one, every cache line of both D-rows their samples reach, not only the first: a whole
+ * volume's padded rows (8.6 MB at 128^3 in float32) do not stay in the core's cache, and the
+ * hardware prefetcher does not follow each pair's jump to two new rows. Measured (2026-12-05,
+ * both builds loaded in one process and alternated, 128^3 x 180, float32, 1 thread, load
+ * 3.5-4): whole-volume forward -7 %, adjoint -6.5 %; thin slabs unchanged (their windows
+ * span one or two lines, already prefetched).
  *
  * Thin slabs: every pair meets every D-slab of a volume the detector sees whole, so a slab call
  * visits all pairs for a few samples each (about 9 for 8 slices at 128^3); what a pair costs
@@ -41,6 +54,12 @@
  * that were slower on 8-slice slabs: pairs in ray order instead of slope order, samples padded
  * to whole vectors (windows rounded up to 4 rows), no prefetches, blocks of 16 or 64 pairs,
  * the plain adjoint (four read-modify-writes per sample) or the line buffer for short windows.
+ * Also measured and left out (2026-12-05): every window of a block as long as its longest
+ * (the slope-sorted pairs' counts differ by a row or two, so each pair's loops would run a
+ * count the branch predictor knows; extra rows read or write only pads): no gain on 8-slice
+ * slabs (pieces within 2 %); the adjoint's long lines of two pairs interleaved in one loop
+ * (two independent dependency chains): no change in the OpenMP build, in the build without
+ * OpenMP adjoint -24 % but forward +6-10 % (code layout), so not kept.
  *
  * Each entry point returns 0, or 1 when it could not allocate its per-pair buffers (then
  * nothing was added).
@@ -239,6 +258,18 @@ static inline void cone_store2(int32_t *p, __m128i v) { _mm_storel_epi64((__m128
                             whole, index + p * stride, frac + p * stride);                     \
             CONE_PREFETCH(data + (int64_t)rows[2 * q] * plane + index[p * stride]);            \
             CONE_PREFETCH(data + (int64_t)rows[2 * q + 1] * plane + index[p * stride]);        \
+            if (count[p] >= CONE_LONG) { /* long windows: every line their samples reach */    \
+                int64_t e0 = index[p * stride], e1 = index[p * stride + count[p] - 1];         \
+                int64_t lo_e = e0 < e1 ? e0 : e1, hi_e = (e0 < e1 ? e1 : e0) + 2;              \
+                const T *ra = data + (int64_t)rows[2 * q] * plane;                             \
+                const T *rb_ = data + (int64_t)rows[2 * q + 1] * plane;                        \
+                for (int64_t e = lo_e; e < hi_e; e += CONE_LINE_ELEMS(T)) {                    \
+                    CONE_PREFETCH(ra + e);                                                     \
+                    CONE_PREFETCH(rb_ + e);                                                    \
+                }                                                                              \
+                CONE_PREFETCH(ra + hi_e - 1);                                                  \
+                CONE_PREFETCH(rb_ + hi_e - 1);                                                 \
+            }                                                                                  \
             CONE_PREFETCH(other + ray[q] * column + m0);                                       \
         }                                                                                      \
     }                                                                                          \
@@ -466,7 +497,10 @@ static inline void cone_store2(int32_t *p, __m128i v) { _mm_storel_epi64((__m128
 #else
 #define CONE_PREFETCH(p) ((void)(p))
 #endif
-/* rows from which the adjoint's branch-free line (see the top) beats the branching one */
+/* elements of type T per 64-byte cache line */
+#define CONE_LINE_ELEMS(T) ((int64_t)(64 / sizeof(T)))
+/* rows from which the adjoint's line buffer (see the top) beats the branching one, and from
+ * which a window prefetches every line of its D-rows */
 #ifndef CONE_LONG
 #define CONE_LONG 24
 #endif
