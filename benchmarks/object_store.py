@@ -17,14 +17,20 @@ round):
   time, with its presence and finite checks: a whole shard in one request;
 * **stream** — one pass of :class:`pipeline.data.SlabStream` (``--stream-threads`` reader
   threads, default 2), MB/s delivered, in its default order (``order: auto``: shard by shard,
-  each shard fetched whole once, on s3; shuffled on local disk), and once more with
-  ``order: shuffle`` (each slab a range read of its shard on s3);
+  each shard fetched whole once, on s3; shuffled on local disk), once more with each fetched
+  shard decoded by zarr's own read instead of :mod:`pipeline.data._objectstore`'s decode pool
+  (the same everywhere else: what the pool adds), and once with ``order: shuffle`` (each slab a
+  range read of its shard on s3);
 * **reconstruct** — ``recon3d reconstruct --method adjoint`` of the scan to an OME-Zarr image on
   the same store (s3 → s3, local → local), MB/s of measurements reconstructed;
 
 each also on a third copy in the bucket written with ``--shard-chunks 0`` (one object per chunk);
 and the requests the S3 server answered per GiB of decompressed data for each (counted from the
-server's request log: all of them, and the GETs of stored chunk or shard objects alone). moto
+server's request log: all of them, and the GETs of stored chunk or shard objects alone).
+Before the rounds, where the time of one whole shard read goes (``--shard-reads`` times, the
+medians): the raw GET of its bytes, zarr's read of it, the fetch and decode of
+:func:`~pipeline.data._objectstore.read_whole_shard`, and the same D-range from local disk,
+each with this process's CPU time and the server's. moto
 answers a byte range (a shard's index, one chunk of a shard) in time proportional to the whole
 object, where a real object store takes time proportional to the range: reads of parts of
 shards are slower here than they would be there. Prints Markdown tables; the owner records
@@ -150,6 +156,72 @@ def _stream(path: str, threads: int = 2, order: str = "auto") -> int:
     return total
 
 
+class _ZarrDecode:
+    """Within it, fetched shards are decoded by zarr's own read (no :func:`shard_layout
+    <pipeline.data._objectstore.shard_layout>`): the same stream, the same fetch order, only
+    each shard's decode is zarr's (one thread per shard) instead of the decode pool."""
+
+    def __enter__(self) -> None:
+        from pipeline.data import _objectstore
+
+        self._saved = _objectstore.shard_layout
+        _objectstore.shard_layout = lambda array: None
+
+    def __exit__(self, *exc: object) -> None:
+        from pipeline.data import _objectstore
+
+        _objectstore.shard_layout = self._saved
+
+
+def _stream_zarr_decode(path: str, threads: int) -> int:
+    with _ZarrDecode():
+        return _stream(path, threads)
+
+
+def _server_cpu(pid: int) -> float:
+    """CPU seconds (user + system) the process ``pid`` has used (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _shard_breakdown(remote: str, local: str, server_pid: int, times: int) -> list[list[str]]:
+    """Rows of the whole-shard table: shard 0 of ``measurements`` read ``times`` times each way,
+    the medians of wall time, this process's CPU time and the server's."""
+    import numpy as np
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    from pipeline.data import _objectstore, open_scan
+    from pipeline.data.store import chunk_key
+
+    arr, here = open_scan(remote).measurements, open_scan(local).measurements
+    depth = arr.stored_depth
+    sel = tuple(slice(0, depth) if axis == arr.d_axis else slice(None) for axis in range(len(arr.shape)))
+    store, key = arr.array.store_path.store, chunk_key(arr.array, 0)
+    size = len(sync(store.get(key, default_buffer_prototype())))
+    ways = {
+        f"raw GET of its {size / 1e6:.0f} MB (s3fs: HEAD + GET)":
+            lambda: sync(store.get(key, default_buffer_prototype())),
+        "zarr's read of the whole shard": lambda: np.asarray(arr.array[sel]),
+        f"one GET + decode pool ({_objectstore.DECODE_THREADS} threads), finite check":
+            lambda: _objectstore.read_whole_shard(arr, 0, check_finite=True),
+        f"local disk: ScanArray.read of D 0:{depth} ({depth // arr.chunk_depth} chunk files)":
+            lambda: here.read(slice(0, depth)),
+    }
+    rows = []
+    for name, fn in ways.items():
+        wall, cpu, server = [], [], []
+        for _ in range(times):
+            w0, c0, s0 = time.perf_counter(), time.process_time(), _server_cpu(server_pid)
+            fn()
+            wall.append(time.perf_counter() - w0)
+            cpu.append(time.process_time() - c0)
+            server.append(_server_cpu(server_pid) - s0)
+        server_ms = f"{statistics.median(server) * 1e3:.0f}" if "local" not in name else "—"
+        rows.append([name, f"{statistics.median(wall) * 1e3:.0f}", f"{statistics.median(cpu) * 1e3:.0f}", server_ms])
+    return rows
+
+
 def _reconstruct(path: str, out: str) -> int:
     """``recon3d reconstruct --method adjoint`` of ``path`` to ``out``; the measurement bytes."""
     from pipeline.cli import main
@@ -197,6 +269,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="rounds of local and s3, alternated")
     parser.add_argument("--scratch", type=Path, default=None, help="local folder (default: a temporary one)")
     parser.add_argument("--stream-threads", type=int, default=2, help="reader threads of the stream")
+    parser.add_argument("--shard-reads", type=int, default=7, help="reads of one shard each way (0: none)")
     args = parser.parse_args()
 
     import fsspec.config
@@ -235,10 +308,17 @@ def main() -> None:
                                        for lab, (sec, n) in setup.items()))
         print(f"the server's plain GET rate (stored objects, compressed, one thread): "
               f"{_raw_get_rate(remote):.0f} MB/s")
+        if args.shard_reads > 0:
+            print_table(f"One whole shard (measurements, shard 0), median of {args.shard_reads} reads, "
+                        f"load {os.getloadavg()[0]:.1f}",
+                        ["how", "wall ms", "this process CPU ms", "server CPU ms"],
+                        _shard_breakdown(remote, local, server.pid, args.shard_reads))
         threads = args.stream_threads
         work = {"sequential read": lambda p, o: _sequential(p),
                 "sequential read by stored object": lambda p, o: _sequential_stored(p),
                 f"stream ({threads} threads, order auto)": lambda p, o: _stream(p, threads),
+                f"stream ({threads} threads, order auto), shards decoded by zarr":
+                    lambda p, o: _stream_zarr_decode(p, threads),
                 f"stream ({threads} threads, order shuffle)": lambda p, o: _stream(p, threads, "shuffle"),
                 "reconstruct adjoint": _reconstruct}
         results: dict[str, dict[str, list[tuple[int, float, int, int]]]] = {k: {lab: [] for lab in targets}
