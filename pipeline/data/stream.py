@@ -292,7 +292,8 @@ class SlabStream:
             rank = r if rank is None else rank
             world_size = w if world_size is None else world_size
         self.config = config
-        self.infos = _catalogue(config)
+        opened: list[Scan] = []
+        self.infos = _catalogue(config, opened)
         self.base = _base_keys(config, self.infos)
         if not self.base:
             raise ValueError("SlabStream: the scans give no samples")
@@ -303,6 +304,10 @@ class SlabStream:
         threads = config.num_workers == 0 or config.worker_type == "thread"
         shard_reads = self.sampler.order == "shard_local" and threads
         self.dataset = SlabDataset(config, self.infos, shard_reads=shard_reads)
+        # The reader threads reuse the catalogue's open scans (on s3 each open cost 100-160 ms:
+        # stream 0.46x local against 0.39x, BENCHMARKS.md 17.1); worker processes open their
+        # own (SlabDataset.__getstate__ leaves them out).
+        self.dataset._scans.update(enumerate(opened))
         self._loader: DataLoader | None = None
         self.position = 0  # samples of this rank delivered since sampler.offset in this epoch
 
