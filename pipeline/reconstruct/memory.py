@@ -83,20 +83,21 @@ def piece_workspace(width: int, device: torch.device | str = "cpu") -> int:
     pieces of :data:`~.pieces.PIECE_VOXELS` (on CPU; 0 elsewhere): a piece's four buffers (its
     input slices, the library's blocked input and output, its output before the copy),
     ``4 · cpu_conv_workspace(width) · PIECE_VOXELS`` (48 MiB for a first width of 4, 32 MiB
-    for 8–16, 64 MiB for 32), plus :data:`~.pieces.HEAP_BELOW` (32 MiB) for the freed piece
-    buffers the heap keeps while the pass runs.
+    for 8–16, 64 MiB for 32), plus twice :data:`~.pieces.HEAP_BELOW` (64 MiB) for the freed
+    piece buffers the heap keeps while the pass runs.
 
     Measured as RSS high-water minus the count (BENCHMARKS.md, issue 17.2): +7 to +18 MiB with
     every block of 1 MiB or more mapped (reconstruct's ``--memory lean``) on 24–243-slice inputs
-    of U-Nets [2, 4] to [32, 64]; +26 to +63 MiB with the pieces' blocks from the heap, as
-    :func:`~.pieces.pieces_for` runs them (``benchmarks/conv_pieces.py``: [4, 8] on 59×256² and
-    243×128², [16, 32] on 40×256², 1 and 2 threads).
+    of U-Nets [2, 4] to [32, 64]; +26 to +60 MiB for [4, 8] and +38 to +88 MiB for [16, 32]
+    with the pieces' blocks from the heap, as :func:`~.pieces.pieces_for` runs them
+    (``benchmarks/conv_pieces.py``: [4, 8] on 59×256² and 243×128², [16, 32] on 40×256², 1 and
+    2 threads, four runs).
     """
     from .pieces import HEAP_BELOW, PIECE_VOXELS
 
     if torch.device(device).type != "cpu":
         return 0
-    return int(4 * cpu_conv_workspace(width) * PIECE_VOXELS + HEAP_BELOW)
+    return int(4 * cpu_conv_workspace(width) * PIECE_VOXELS + 2 * HEAP_BELOW)
 
 
 def first_width(backbones: list[torch.nn.Module]) -> int:

@@ -164,7 +164,7 @@ def test_activation_measure_is_the_count_and_the_workspace_one_piece(widths, wor
     counted = live.peak / (4 * 16 * 16)
     assert activation_bytes_per_voxel([net], 2, 2, torch.device("cpu")) == pytest.approx(counted)
     assert first_width([net]) == widths[0]
-    assert piece_workspace(widths[0]) == 4 * workspace * PIECE_VOXELS + HEAP_BELOW
+    assert piece_workspace(widths[0]) == 4 * workspace * PIECE_VOXELS + 2 * HEAP_BELOW
     assert piece_workspace(widths[0], "meta") == 0  # no pieces off the CPU
     model = MemoryModel(shape=(100, 64, 64), data_per_slice=0, image_per_slice=0, activation_per_voxel=10.0,
                         tile=None, tiles_per_batch=1, staged=True, workers=2, workspace=1000)
