@@ -36,6 +36,34 @@ def test_targets_and_best_scale():
     torch.testing.assert_close(nonlinear.best_scaled(torch.tensor([2.0, 4.0, 6.0]), V), V.reference)
 
 
+def test_whitening_is_a_radial_reweighting_that_one_bit_fourier_data_barely_see():
+    import nonlinear
+    from operators3d import MultiCoilMRI, poisson_disc_mask, simulate_coil_maps
+    from operators3d.nonlinear import sign_values
+
+    g = torch.Generator().manual_seed(0)
+    flat = torch.full((1, 8, 8), 2.0 + 1.0j, dtype=torch.complex128)  # DC only: gain 1
+    torch.testing.assert_close(nonlinear.whitened(flat), flat)
+    assert nonlinear._radial_index((6, 5), "cpu")[3, 2] == 0 and nonlinear._radial_index((6, 5), "cpu")[0, 0] == 4
+    # a smooth complex image: |k|²-whitening changes the image, not most of the bits of A x
+    shape = (2, 32, 32)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32, dtype=torch.float64), torch.linspace(-1, 1, 32, dtype=torch.float64),
+                            indexing="ij")
+    x = ((xx / 0.7) ** 2 + (yy / 0.5) ** 2 < 1).to(torch.float64) + 0.5 * ((xx - 0.2) ** 2 + yy**2 < 0.05)
+    x = torch.stack([x, x.flip(-1)]).to(torch.complex128) * torch.exp(0.3j * xx)
+    mask = poisson_disc_mask(shape[1:], 3.0, calibration=6, generator=g)
+    op = MultiCoilMRI(mask=mask, coil_maps=simulate_coil_maps(4, shape)).to(torch.complex128)
+    m = op.measurement_mask()
+    w = nonlinear.whitened(x)
+    assert float((w - x).abs().norm() / x.abs().norm()) > 1.0
+    kept = float((sign_values(torch.view_as_real(op(x)[..., m]), 0.0) == sign_values(torch.view_as_real(op(w)[..., m]), 0.0))
+                 .double().mean())
+    assert kept > 0.9, kept
+    noisy = x + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)  # not a reweighting: bits change
+    assert float((sign_values(torch.view_as_real(op(x)[..., m]), 0.0) == sign_values(torch.view_as_real(op(noisy)[..., m]), 0.0))
+                 .double().mean()) < kept - 0.1
+
+
 def test_quick_run_reports_consistent_tables(tmp_path):
     out = tmp_path / "n.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -66,5 +94,11 @@ def test_quick_run_reports_consistent_tables(tmp_path):
     assert 0.35 < mri["detector"]["fraction_at_high"] < 0.65
     assert {"zero-filled Aᴴy (linear scan)", "normalised back-projection"} <= set(mri["methods"])
     assert "above_fbp" not in mri["targets"] and "mri_ei.yaml" in mri["methods"]["network, aware"]["label"]
+    # the envelope oracles: the bits barely see a radial reweighting, the true envelope helps Aᴴy
+    env = mri["envelope"]
+    assert env["whitened_bits_kept"] > 0.9 and 0.0 < env["bits_flipped_by_noise"] < 0.5
+    oracle = mri["methods"]["Aᴴ(W y), reference envelope (oracle)"]
+    assert oracle["psnr_scaled"] > mri["methods"]["normalised back-projection"]["psnr_scaled"] + 1.0
+    assert "spectral envelope: whitening the reference" in proc.stdout
     assert "loss.detector: auto" in clip["methods"]["network, aware"]["label"]
     assert "loss.detector: ignore" in clip["methods"]["network, linear model"]["label"]

@@ -215,3 +215,31 @@ def test_the_reference_free_estimate_refuses_a_scan_read_through_a_detector(clip
     assert main(["reconstruct", "--scan", clipped_scan, "--method", "fbp", "--out", str(tmp_path / "u.ome.zarr"),
                  "--uncertainty", "2", "--no-progress"]) == 2
     assert "--uncertainty cannot map" in capsys.readouterr().err
+
+
+def test_one_bit_mri_consistency_gradient_is_the_adjoint_of_the_logistic_slope_on_sampled_parts():
+    """The logistic MC's gradient on a complex masked range: ``Aᴴ g`` with
+    ``g = −y σ(−y z/w)/(w · 2m)`` on each part of each sampled entry and 0 elsewhere (PyTorch's
+    complex gradient ``∂L/∂Re + i ∂L/∂Im``), so nothing leaks from unsampled k-space."""
+    from operators3d import MultiCoilMRI, poisson_disc_mask, simulate_coil_maps
+
+    g = torch.Generator().manual_seed(5)
+    shape = (2, 12, 10)
+    mask = poisson_disc_mask(shape[1:], 2.0, calibration=4, generator=g)
+    op = MultiCoilMRI(mask=mask, coil_maps=simulate_coil_maps(3, shape)).to(torch.complex128)
+    x = torch.complex(torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64))
+    y = Sign(op, 0.0).forward(x)
+    record = {"model": "sign", "threshold": 0.0, "width": 0.2, "gradient": "zero"}
+    x_hat = (0.3 * x.flip(-1)).requires_grad_(True)
+    sampled = op.measurement_mask().expand(op.range_shape)
+    m = int(sampled.sum())
+    nonlinear_consistency(detector_model(record, op), x_hat, y, m).backward()
+    z, bits = torch.view_as_real(op(x_hat.detach())), torch.view_as_real(y)
+    slope = -bits * torch.sigmoid(-bits * z / 0.2) / (0.2 * 2 * m)
+    slope = torch.where(sampled.unsqueeze(-1), slope, torch.zeros((), dtype=slope.dtype))
+    torch.testing.assert_close(x_hat.grad, op.adjoint(torch.view_as_complex(slope.contiguous())), rtol=1e-10, atol=1e-14)
+    # bits outside the mask carry nothing: changing them leaves the loss as it is
+    y2 = y.clone()
+    y2[~sampled] = 1 + 1j
+    a = nonlinear_consistency(detector_model(record, op), x_hat.detach(), y, m)
+    assert nonlinear_consistency(detector_model(record, op), x_hat.detach(), y2, m).item() == pytest.approx(a.item(), rel=1e-14)
