@@ -21,7 +21,13 @@ and through a **non-linear detector** recorded in the scan (``recon3d simulate c
   the sign of the real and imaginary part of every sampled value (``simulate mri --one-bit``:
   threshold 0, so the image's scale is lost), held-out ``anatomy``, seed 301, trained with
   ``--mri-recipe`` (``mri_ei.yaml``: MC + EI with 90° rotations on ``Aᴴy``); its classical
-  one-bit estimate is ``Aᴴy`` of the bits, and its reference point ``Aᴴy`` of the linear data.
+  one-bit estimate is ``Aᴴy`` of the bits, and its reference point ``Aᴴy`` of the linear data;
+* ``one-bit-mri-dither`` (held-out ``anatomy``, seed 301) and ``one-bit-mri-dither-tuning``
+  (``ellipsoids``, seed 101) — the same, each part compared with its own threshold
+  ``τ ~ U[−Δ, Δ)`` (``simulate mri --one-bit --one-bit-dither Δ``; ``Δ`` the
+  ``--dither-quantile``, default 99 %, of ``|parts|`` of the linear scan's sampled values):
+  the dither makes the mean bit proportional to the part, so the spectral envelope and the
+  scale stay in the data (:class:`operators3d.nonlinear.Sign`).
   Two oracles show what the bits hold (:func:`envelope_check`): ``Aᴴ(W ⊙ y)`` with ``W`` the
   reference's radial k-space profile, and the share of the noiseless bits that stay the same
   when the reference's spectrum is whitened (reweighted by ``|k|²``).
@@ -84,6 +90,8 @@ CASES = {  # name: (phantom, seed, detector kind, modality)
     "one-bit": ("anatomy", Q.HELD_OUT_SEED, "one-bit", "ct"),
     "one-bit-mri-tuning": ("ellipsoids", Q.TRAIN_SEED, "one-bit", "mri"),
     "one-bit-mri": ("anatomy", Q.HELD_OUT_SEED, "one-bit", "mri"),
+    "one-bit-mri-dither-tuning": ("ellipsoids", Q.TRAIN_SEED, "one-bit-dither", "mri"),
+    "one-bit-mri-dither": ("anatomy", Q.HELD_OUT_SEED, "one-bit-dither", "mri"),
 }
 DEFAULT_CASES = ("clip-tuning", "clip-held-out", "one-bit", "one-bit-mri")
 MRI_RECIPE = "mri_ei.yaml"
@@ -113,11 +121,28 @@ def simulate(case: str, args, scratch: Path, detector: dict | None) -> Path:
     return out
 
 
+def dither_amplitude(linear: "Q.Volume", quantile: float) -> float:
+    """``Δ``: the ``quantile`` of ``|parts|`` (real and imaginary) of the linear scan's sampled
+    measurements."""
+    import numpy as np
+
+    y = linear.y
+    mask = linear.op.measurement_mask()
+    if mask is not None:
+        y = y[..., mask.to(y.device).bool()]
+    parts = torch.view_as_real(y).abs().flatten().double().cpu().numpy()
+    return float(np.quantile(parts, quantile))
+
+
 def detector_for(case: str, linear: "Q.Volume", args) -> dict:
     """The detector settings of ``case`` from the linear scan's line integrals (MRI: the sign
-    of each part, threshold 0)."""
+    of each part, threshold 0; ``*-dither``: about a dither ``U[−Δ, Δ)``, ``Δ`` the
+    ``--dither-quantile`` of the linear scan's ``|parts|``)."""
     if modality(case) == "mri":
-        return {"one_bit": True, "one_bit_width": args.mri_one_bit_width}
+        out = {"one_bit": True, "one_bit_width": args.mri_one_bit_width}
+        if CASES[case][2] == "one-bit-dither":
+            out["one_bit_dither"] = dither_amplitude(linear, args.dither_quantile)
+        return out
     y = linear.y.flatten().double()
     if CASES[case][2] == "clip":
         level = float(torch.quantile(y, 1.0 - args.clip_fraction))
@@ -243,7 +268,7 @@ def run_case(case: str, args, scratch: Path, device) -> dict:
     one_bit = record["model"] == "sign"
     clipped = record["fraction_at_high"] if not one_bit else None
     print(f"[{case}] {CASES[case][0]} seed {CASES[case][1]}: detector {record['model']} "
-          f"{json.dumps({k: record[k] for k in ('low', 'high', 'threshold') if record.get(k) is not None})}, "
+          f"{json.dumps({k: record[k] for k in ('low', 'high', 'threshold', 'dither') if record.get(k) is not None})}, "
           + (f"{100 * clipped:.1f}% of rays clipped" if clipped is not None
              else f"{100 * record['fraction_at_high']:.1f}% of the bits read +1")
           + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -262,7 +287,7 @@ def run_case(case: str, args, scratch: Path, device) -> dict:
         x = vol.op.adjoint(vol.y)
         methods["normalised back-projection"] = {**row(x, vol, scaled=True),
                                                  "label": ("Aᵀy" if mod == "ct" else "Aᴴy") + ", best-scaled"}
-    if one_bit and mod == "mri":
+    if one_bit and mod == "mri" and record.get("dither") is None:  # the check assumes threshold 0
         x, results["envelope"] = envelope_check(vol)
         methods["Aᴴ(W y), reference envelope (oracle)"] = {
             **row(x, vol, scaled=True), "label": "W: radial mean of |A x_ref|, best-scaled (reads the reference)"}
@@ -304,7 +329,8 @@ def report(case: str, r: dict) -> None:
                       f"{m['ssim_scaled']:.4f}" if "ssim_scaled" in m else "—"]
         rows.append(cells + [m["label"]])
     d = r["detector"]
-    what = (f"one bit, threshold {d['threshold']:.4g}, {100 * d['fraction_at_high']:.1f}% of the bits +1" if one_bit
+    dither = f", dither ±{d['dither']['amplitude']:.4g}" if one_bit and d.get("dither") is not None else ""
+    what = (f"one bit, threshold {d['threshold']:.4g}{dither}, {100 * d['fraction_at_high']:.1f}% of the bits +1" if one_bit
             else f"count floor, line integrals clipped at {d['high']:.4g}, {100 * d['fraction_at_high']:.1f}% of rays")
     print_table(f"{case}: {CASES[case][0]} seed {CASES[case][1]} ({what})", header, rows)
     e = r.get("envelope")
@@ -342,6 +368,8 @@ def main(argv=None) -> None:
     mri.add_argument("--acceleration", type=float, default=4.0)
     mri.add_argument("--calibration", type=int, default=20)
     mri.add_argument("--noise-sigma", type=float, default=0.01)
+    mri.add_argument("--dither-quantile", type=float, default=0.99,
+                     help="*-dither cases: the dither amplitude Δ is this quantile of |parts| of the linear scan")
     mri.add_argument("--mri-one-bit-width", type=float, default=0.05, help="the recorded one-bit width (k-space units)")
     mri.add_argument("--mri-recipe", default=MRI_RECIPE, help=f"the MRI recipe in --recipe-dir (default {MRI_RECIPE})")
     p.add_argument("--threads", type=int, default=1)

@@ -8,7 +8,8 @@ pointwise, real non-linearity ``g`` after a linear operator ``A`` and says hones
   at the detector's maximum, so the line integrals ``−log(N/I₀)`` clip *from below*).
 * :class:`Quantize` — ``y = Q_B(A x)``: a uniform ``B``-bit quantiser on ``[lo, hi]``
   (saturating outside it).
-* :class:`Sign` — ``y = sign(A x − τ)``: one-bit measurements (one-bit compressed sensing).
+* :class:`Sign` — ``y = sign(A x − τ)``: one-bit measurements (one-bit compressed sensing);
+  ``τ`` a number, a tensor, or a seeded dither (:func:`dither_threshold`).
 
 Conventions (all models):
 
@@ -60,6 +61,8 @@ __all__ = [
     "clip_values",
     "quantize_values",
     "sign_values",
+    "dither_shape",
+    "dither_threshold",
 ]
 
 GRADIENTS = ("straight_through", "zero")
@@ -86,8 +89,9 @@ def quantize_values(z: torch.Tensor, bits: int, lo: float, hi: float) -> torch.T
     return lo + k * step
 
 
-def sign_values(z: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """``+1`` where ``z ≥ threshold``, ``−1`` elsewhere (never 0), in ``z``'s dtype."""
+def sign_values(z: torch.Tensor, threshold: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """``+1`` where ``z ≥ threshold``, ``−1`` elsewhere (never 0), in ``z``'s dtype; a tensor
+    ``threshold`` broadcasts to ``z``."""
     one = torch.ones((), dtype=z.dtype, device=z.device)
     return torch.where(z >= threshold, one, -one)
 
@@ -483,38 +487,109 @@ class Sign(NonLinearForward):
     :attr:`linear_part`) and whose equivariant term passes no gradient through the
     re-measurement ``sign(A T x̂)``.
 
+    **Tensor and dithered thresholds.** ``τ`` may be a tensor, one level per measurement: it
+    broadcasts to the *real parts* of the range, ``A.range_shape`` for a real range and
+    ``(*A.range_shape, 2)`` (real, imaginary: each part has its own comparator) for a complex
+    one; it is kept as a buffer (cast to the measurements' dtype when applied). A *dither*
+    ``{"amplitude": Δ, "seed": s}`` adds :func:`dither_threshold` to the number ``threshold``:
+    ``τ = threshold + u``, ``u ~ U[−Δ, Δ)`` drawn from ``s`` once per entry of the range with
+    its D axis (``range_shape[-3]``: MRI ``(C, D, kH, kW)``, parallel-beam CT ``(D, A, U)``)
+    of size 1, so every D-slab of a scan sees the same ``τ`` and a slab operator rebuilds it
+    from the record alone. With ``|A x| ≤ Δ``, ``E[sign(A x − τ)] = A x / Δ``: the bits keep
+    the amplitudes (and the scale), which one bit about 0 loses.
+
     Args:
-        linear: ``A`` (real range).
-        threshold: ``τ`` (0: one-bit compressed sensing; CT line integrals are non-negative and
-            need a positive one).
+        linear: ``A`` (real or complex range).
+        threshold: ``τ`` — a number (0: one-bit compressed sensing; CT line integrals are
+            non-negative and need a positive one) or a real floating tensor as above.
         width: the surrogate's half-width, ``> 0``, in the units of ``A x``.
         gradient: ``"straight_through"`` or ``"zero"``.
+        dither: ``None`` or ``{"amplitude": Δ > 0, "seed": int}`` (needs a number ``threshold``).
     """
 
-    def __init__(self, linear: LinearOperator, threshold: float = 0.0, *, width: float = 1.0,
-                 gradient: str = "straight_through") -> None:
+    def __init__(self, linear: LinearOperator, threshold: Any = 0.0, *, width: float = 1.0,
+                 gradient: str = "straight_through", dither: Mapping[str, Any] | None = None) -> None:
         super().__init__(linear)
-        tau, w = _number(threshold, "threshold", "Sign"), _number(width, "width", "Sign")
-        if not math.isfinite(tau):
-            raise ValueError(f"Sign: threshold must be finite, got {threshold!r}")
+        w = _number(width, "width", "Sign")
         if not (math.isfinite(w) and w > 0):
             raise ValueError(f"Sign: width must be finite and > 0, got {width!r}")
-        self.threshold, self.width = tau, w
+        parts = tuple(linear.range_shape) + ((2,) if linear.range_complex else ())
+        tensor = None
+        if isinstance(threshold, torch.Tensor):
+            if dither is not None:
+                raise ValueError("Sign: a dither adds to a number threshold, not to a tensor one")
+            if threshold.is_complex() or not threshold.is_floating_point():
+                raise TypeError(f"Sign: threshold must be a real floating tensor, got {threshold.dtype}")
+            check_broadcast(threshold.shape, parts, "Sign: threshold",
+                            f"the real parts {parts} of the range of {linear.name}")
+            if not bool(torch.isfinite(threshold).all()):
+                raise ValueError("Sign: threshold must be finite everywhere")
+            offset, tensor = None, threshold.detach().clone()
+        else:
+            offset = _number(threshold, "threshold", "Sign")
+            if not math.isfinite(offset):
+                raise ValueError(f"Sign: threshold must be finite, got {threshold!r}")
+        self.dither = None
+        if dither is not None:
+            if not isinstance(dither, Mapping) or set(dither) != {"amplitude", "seed"}:
+                raise ValueError(f"Sign: dither must be {{'amplitude': Δ, 'seed': s}}, got {dither!r}")
+            amp = _number(dither["amplitude"], "dither amplitude", "Sign")
+            seed = dither["seed"]
+            if not (math.isfinite(amp) and amp > 0):
+                raise ValueError(f"Sign: the dither amplitude must be finite and > 0, got {dither['amplitude']!r}")
+            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+                raise TypeError(f"Sign: the dither seed must be a whole number, got {seed!r}")
+            self.dither = {"amplitude": amp, "seed": int(seed)}
+            tensor = offset + dither_threshold(linear.range_shape, linear.range_complex, amp, int(seed))
+        self.offset = offset
+        if tensor is None:
+            self.threshold = offset
+        else:
+            self.register_buffer("threshold", tensor)
+        self.width = w
         self.slope = 1.0 / w
         self.gradient = _gradient(gradient, "Sign")
         self._freeze()
 
+    def _tau(self, z: torch.Tensor):
+        t = self.threshold
+        return t.to(z.dtype) if isinstance(t, torch.Tensor) else t
+
     def _g(self, z):
-        return sign_values(z, self.threshold)
+        return sign_values(z, self._tau(z))
 
     def _derivative(self, z):
         if self.gradient == "zero":
             return None
-        return (z - self.threshold).abs() <= self.width
+        return (z - self._tau(z)).abs() <= self.width
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": "sign", "threshold": self.threshold, "width": self.width,
-                "gradient": self.gradient}
+        out: dict[str, Any] = {"model": "sign"}
+        if self.dither is not None:
+            out.update(threshold=self.offset, dither=dict(self.dither))
+        else:
+            t = self.threshold
+            out["threshold"] = t.tolist() if isinstance(t, torch.Tensor) else t
+        return {**out, "width": self.width, "gradient": self.gradient}
+
+
+def dither_shape(range_shape: tuple[int, ...], complex_range: bool) -> tuple[int, ...]:
+    """The shape of a dither on ``range_shape``: its D axis (``-3``) of size 1 (the dither
+    repeats along D, so a D-slab's is the scan's), and a trailing 2 (real, imaginary) for a
+    complex range. Ranges of fewer than 3 axes are taken whole."""
+    shape = list(range_shape)
+    if len(shape) >= 3:
+        shape[-3] = 1
+    return tuple(shape) + ((2,) if complex_range else ())
+
+
+def dither_threshold(range_shape: tuple[int, ...], complex_range: bool, amplitude: float, seed: int) -> torch.Tensor:
+    """The dither ``u = Δ (2 r − 1)``, ``r ~ U[0, 1)`` (``torch.rand``, float64, CPU generator
+    seeded with ``seed``), of shape :func:`dither_shape`: the same numbers for the same
+    ``(seed, shape)`` on every machine and for every D-slab of a range."""
+    gen = torch.Generator().manual_seed(int(seed) & 0xFFFFFFFFFFFFFFFF)
+    r = torch.rand(dither_shape(tuple(range_shape), complex_range), generator=gen, dtype=torch.float64)
+    return float(amplitude) * (2.0 * r - 1.0)
 
 
 _MODELS = {"clip": Clip, "quantize": Quantize, "sign": Sign}
@@ -536,7 +611,10 @@ def nonlinear_from_dict(data: Mapping[str, Any], linear: LinearOperator) -> NonL
         if kind == "quantize":
             return Quantize(linear, data["bits"], data["low"], data["high"],
                             gradient=data.get("gradient", "straight_through"))
-        return Sign(linear, data.get("threshold", 0.0), width=data.get("width", 1.0),
-                    gradient=data.get("gradient", "straight_through"))
+        threshold = data.get("threshold", 0.0)
+        if isinstance(threshold, (list, tuple)):  # a level per measurement part, as nested lists
+            threshold = torch.tensor(threshold, dtype=torch.float64)
+        return Sign(linear, threshold, width=data.get("width", 1.0),
+                    gradient=data.get("gradient", "straight_through"), dither=data.get("dither"))
     except KeyError as err:
         raise ValueError(f"nonlinear_from_dict: a {kind!r} model needs {err.args[0]!r}") from None

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,3 +103,27 @@ def test_quick_run_reports_consistent_tables(tmp_path):
     assert "spectral envelope: whitening the reference" in proc.stdout
     assert "loss.detector: auto" in clip["methods"]["network, aware"]["label"]
     assert "loss.detector: ignore" in clip["methods"]["network, linear model"]["label"]
+
+
+def test_quick_dithered_one_bit_mri_sets_the_dither_from_the_linear_scan(tmp_path):
+    out, scratch = tmp_path / "d.json", tmp_path / "scr"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nonlinear.py"), "--quick", "--networks", "auto",
+                           "--cases", "one-bit-mri-dither", "--scratch", str(scratch), "--json", str(out)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())["cases"]["one-bit-mri-dither"]
+    d = r["detector"]
+    assert d["model"] == "sign" and d["threshold"] == 0.0 and set(d["dither"]) == {"amplitude", "seed"}
+    # Δ is the 99 % quantile of |parts| of the linear scan's sampled values
+    from pipeline.data import open_scan
+
+    (linear,) = scratch.glob("mri_anatomy_*_linear.zarr")
+    scan = open_scan(str(linear))
+    y = scan.measurements.read()
+    sampled = np.broadcast_to(scan.mask.read() != 0, y.shape)
+    parts = np.abs(np.concatenate([np.real(y)[sampled], np.imag(y)[sampled]]))
+    assert d["dither"]["amplitude"] == pytest.approx(float(np.quantile(parts.astype(np.float64), 0.99)), rel=1e-5)
+    assert 0.4 < d["fraction_at_high"] < 0.6 and "envelope" not in r  # the envelope check assumes threshold 0
+    assert f"dither ±{d['dither']['amplitude']:.4g}" in proc.stdout
+    assert "psnr_scaled" in r["methods"]["network, aware"]

@@ -136,6 +136,10 @@ def register(subparsers: Any) -> None:
     mri.add_argument("--one-bit-width", type=float, default=0.05, metavar="W",
                      help="with --one-bit: the temperature of the logistic consistency loss, in k-space units "
                      "(recorded as the model's width; default 0.05)")
+    mri.add_argument("--one-bit-dither", type=float, default=None, metavar="D",
+                     help="with --one-bit: compare each part with its own threshold drawn uniformly from [-D, D) "
+                     "(seeded from --seed, recorded as the detector's dither), so the bits keep the amplitudes "
+                     "and the scale; D in k-space units, e.g. a high quantile of |parts| of the linear data")
     mri.add_argument("--voxel-size", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("DD", "DH", "DW"),
                      help=_MRI_VOXEL_HELP)
     mri.add_argument("--units", type=_units, default="mm", help="length unit of --voxel-size and the geometry (default: mm)")
@@ -290,7 +294,7 @@ def _simulate_config(args: argparse.Namespace):
                                  calibration=args.calibration, mask=args.mask,
                                  noise_sigma=args.noise_sigma, phase=not args.no_phase,
                                  one_bit=args.one_bit, one_bit_width=args.one_bit_width,
-                                 voxel_size=tuple(args.voxel_size), **common)
+                                 one_bit_dither=args.one_bit_dither, voxel_size=tuple(args.voxel_size), **common)
     return SimulateCTConfig(angles=args.angles, geometry=args.geometry,
                             attenuation=args.attenuation, photons=args.photons,
                             noise_sigma=args.noise_sigma or 0.0, det_count=args.det_count,

@@ -2,7 +2,10 @@
 
 ``simulate ct`` and ``ingest ct`` write a ``detector`` record (``docs/scan-format.md``) when the
 detector clips (``--saturation``, ``--floor``), quantises (``--bits``) or reads one bit
-(``--one-bit``); :func:`operators3d.nonlinear_from_dict` turns it into the forward model.
+(``--one-bit``), and ``simulate mri --one-bit`` a ``sign`` record, dithered with
+``--one-bit-dither`` (``"dither": {"amplitude", "seed"}``: the threshold of each measurement is
+rebuilt from the seed and the operator's range, :func:`operators3d.nonlinear.dither_threshold`);
+:func:`operators3d.nonlinear_from_dict` turns it into the forward model.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ def apply_detector(y: torch.Tensor, record: dict[str, Any] | None) -> torch.Tens
     if record is None:
         return y
     if record["model"] == "sign":
+        if record.get("dither") is not None:  # τ depends on the entry: the operator's range is needed
+            raise ValueError("apply_detector: a dithered one-bit record needs the operator's range to rebuild "
+                             "its threshold: use operators3d.nonlinear_from_dict(record, A).apply_values(y)")
         return sign_values(y, record["threshold"])
     if record["model"] == "quantize":
         return quantize_values(y, record["bits"], record["low"], record["high"])
@@ -58,7 +64,10 @@ def detector_fractions(meas, record: dict[str, Any], *, sampled: np.ndarray | No
     (``None`` for an unbounded side), counted stored object by stored object along the array's
     D axis. A complex array's real and imaginary parts count as two readings; ``sampled`` (bool,
     over the trailing axes: an MRI mask) leaves out the entries that are not measurements."""
-    ends = apply_detector(torch.tensor([-math.inf, math.inf], dtype=torch.float32), record).numpy()
+    if record["model"] == "sign":  # the bits are stored as ±1, whatever the threshold (dithered or not)
+        ends = np.array([-1.0, 1.0], dtype=np.float32)
+    else:
+        ends = apply_detector(torch.tensor([-math.inf, math.inf], dtype=torch.float32), record).numpy()
     at_low = at_high = total = 0
     axis = d_axis_of(meas) or 0
     v = meas.shape[axis]
@@ -83,7 +92,9 @@ def say_detector(path: Any, record: dict[str, Any], tool: str = "recon3d simulat
     from pipeline.log import say
 
     if record["model"] == "sign":
-        say(f"{tool}: {path}: detector (one bit, threshold {record['threshold']:.4g}): "
+        dither = record.get("dither")
+        dithered = f", dithered ±{dither['amplitude']:.4g}" if dither is not None else ""
+        say(f"{tool}: {path}: detector (one bit, threshold {record['threshold']:.4g}{dithered}): "
             f"{100 * record['fraction_at_high']:.2f}% of the bits read +1", "data")
         return
     parts = [f"{100 * record[f'fraction_at_{end}']:.2f}% at {end} = {record[end]:.4g}"

@@ -72,7 +72,14 @@ class SimulateMRIConfig(Settings):
             (``docs/scan-format.md``), where a scanner's comparators would see raw k-space: a
             simulation of the method, not of a receiver. The image's scale is lost.
         one_bit_width: the recorded ``width``: the temperature of the logistic consistency loss.
-        seed: draws the phantom, mask, coil-map layout and noise.
+        one_bit_dither: with ``one_bit``, a dithered threshold: each sampled part is compared
+            with its own ``τ ~ U[−Δ, Δ)`` (``Δ`` this value, k-space units), recorded as
+            ``"dither": {"amplitude": Δ, "seed": s}`` with ``s = derive_seed(seed, "dither")``
+            and rebuilt by :func:`operators3d.nonlinear.dither_threshold` (one ``τ`` per coil,
+            k-space point and part, the same for every D-slice, so a slab's ``τ`` is the
+            scan's). With ``|parts| ≤ Δ`` the mean bit is ``part/Δ``: the amplitudes and the
+            scale stay in the data.
+        seed: draws the phantom, mask, coil-map layout, noise and dither.
         chunk_depth: D-slices per chunk (default: about 8 MiB of measurements per chunk).
         codec: compression and sharding.
         voxel_size, units: physical voxel size ``(dD, dH, dW)`` and its unit.
@@ -93,6 +100,7 @@ class SimulateMRIConfig(Settings):
     phase: bool = True
     one_bit: bool = False
     one_bit_width: float = Field(0.05, gt=0, allow_inf_nan=False)
+    one_bit_dither: float | None = Field(None, gt=0, allow_inf_nan=False)
     seed: int = 0
     chunk_depth: int | None = Field(None, ge=1)
     codec: CodecConfig = CodecConfig()
@@ -103,6 +111,13 @@ class SimulateMRIConfig(Settings):
     scheduler: str = "threads"
     progress: bool = True
 
+    @model_validator(mode="after")
+    def _dither_needs_one_bit(self) -> "SimulateMRIConfig":
+        if self.one_bit_dither is not None and not self.one_bit:
+            raise ValueError("one_bit_dither (--one-bit-dither) dithers the one-bit threshold: set one_bit "
+                             "(--one-bit) as well")
+        return self
+
     def parameters(self) -> dict[str, Any]:
         """What determines the scan's content (compared when resuming); the one-bit settings
         only when set, so scans written before they existed still resume."""
@@ -110,6 +125,8 @@ class SimulateMRIConfig(Settings):
         if not self.one_bit:
             params.pop("one_bit")
             params.pop("one_bit_width")
+        if self.one_bit_dither is None:
+            params.pop("one_bit_dither")
         return params
 
 
@@ -246,6 +263,14 @@ def simulate_mri(config: SimulateMRIConfig) -> JobOutcome:
     noise = GaussianNoise(config.noise_sigma) if config.noise_sigma > 0 else None
     detector = ({"model": "sign", "threshold": 0.0, "width": float(config.one_bit_width), "gradient": "zero",
                  "fraction_at_low": None, "fraction_at_high": None} if config.one_bit else None)
+    tau = None
+    if detector is not None and config.one_bit_dither is not None:
+        from operators3d.nonlinear import dither_threshold
+
+        dither = {"amplitude": float(config.one_bit_dither), "seed": derive_seed(config.seed, "dither")}
+        detector = {**detector, "dither": dither}
+        # (C, 1, kH, kW, 2): the same τ for every D-slab, as Sign rebuilds it on a slab operator
+        tau = dither_threshold((c, d, h, w), True, dither["amplitude"], dither["seed"]).to(torch.float32)
     meta = ScanMetadata(
         modality="mri",
         detector=detector,
@@ -289,7 +314,8 @@ def simulate_mri(config: SimulateMRIConfig) -> JobOutcome:
                 )
         if detector is not None:
             parts = torch.view_as_real(y)
-            bits = torch.where(parts >= 0, 1.0, -1.0).to(parts.dtype) * (mask != 0).unsqueeze(-1)
+            bits = torch.where(parts >= (0.0 if tau is None else tau.to(parts.dtype)), 1.0, -1.0).to(parts.dtype)
+            bits = bits * (mask != 0).unsqueeze(-1)
             y = torch.view_as_complex(bits.contiguous())
         ref[d0:d1] = x.numpy()
         maps_arr[:, d0:d1] = maps.numpy()

@@ -25,7 +25,10 @@ reference by ``|k|²`` keeps 99.5 % of its noiseless bits at 8.69 dB, and on the
 logistic MC is lower at ``Aᴴy`` of the bits than at the reference (0.276 against 0.328, widths
 0.006 to 1), measured on ``benchmarks/nonlinear.py`` case ``one-bit-mri-tuning`` (16×96×96, 8
 coils, σ 0.01), 2026-12-05. A non-zero (or dithered) threshold, as in one-bit CT, is what makes
-the amplitudes visible to the bits.
+the amplitudes visible to the bits: ``simulate mri --one-bit-dither Δ`` records a seeded dither
+``τ ~ U[−Δ, Δ)`` per part (:class:`~operators3d.nonlinear.Sign`), which :func:`detector_model`
+rebuilds on each slab operator, so MC's ``A x̂ − τ`` and EI's re-measurement ``sign(· − τ)`` use
+the ``τ`` the slab was measured with (the dither repeats along D).
 
 SURE and the splitting losses assume linear measurements; with a detector set they are refused
 (``loss.detector: ignore`` trains with the linear model instead, e.g. to compare).
@@ -44,7 +47,7 @@ __all__ = ["detector_model", "detector_key", "nonlinear_consistency", "one_bit",
 
 #: The fields of a ``detector`` record that define the forward model (the rest are facts about
 #: a scan: the clipped fractions, the saturation as a count).
-DETECTOR_FIELDS = ("model", "low", "high", "bits", "threshold", "width", "gradient")
+DETECTOR_FIELDS = ("model", "low", "high", "bits", "threshold", "dither", "width", "gradient")
 
 
 def detector_key(record: Mapping[str, Any] | None) -> tuple | None:
@@ -67,9 +70,11 @@ def detector_model(record: Mapping[str, Any] | None, op: LinearOperator) -> NonL
     return model
 
 
-def one_bit(model: NonLinearForward) -> tuple[float, float] | None:
-    """``(τ, w)`` when ``model`` reads one bit — :class:`Sign`, or a 1-bit :class:`Quantize`
-    (its threshold the middle of its range, its temperature half the range) — else ``None``."""
+def one_bit(model: NonLinearForward) -> tuple[float | torch.Tensor, float] | None:
+    """``(τ, w)`` when ``model`` reads one bit — :class:`Sign` (``τ`` a number, or a tensor on
+    the real parts of the range: a dithered or per-measurement threshold, the slab's own since
+    :func:`detector_model` rebuilds it on the slab operator), or a 1-bit :class:`Quantize` (its
+    threshold the middle of its range, its temperature half the range) — else ``None``."""
     if isinstance(model, Sign):
         return model.threshold, model.width
     if isinstance(model, Quantize) and model.bits == 1:
@@ -94,6 +99,8 @@ def nonlinear_consistency(model: NonLinearForward, x_hat: torch.Tensor, y: torch
     tau, width = bit
     z = model.linear_part(x_hat)
     parts, data = (torch.view_as_real(z), torch.view_as_real(y)) if z.is_complex() else (z, y)
+    if isinstance(tau, torch.Tensor):  # a tensor threshold (a dither): at the data's dtype and device
+        tau = tau.to(device=parts.device, dtype=parts.dtype)
     signs = torch.where(data >= tau if not isinstance(model, Sign) else data > 0, 1.0, -1.0).to(parts.dtype)
     loss = torch.nn.functional.softplus(-signs * (parts - tau) / width)
     mask = model._measured(z)

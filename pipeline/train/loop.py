@@ -103,7 +103,10 @@ class Trainer:
         self.loss = build.build_loss(cfg.loss, self.facts, seed=build.derived_seed(cfg.run.seed, "loss", ctx.rank))
         if ctx.is_main and self.facts.detector is not None:
             d = self.facts.detector
-            level = ", ".join(f"{k} {d[k]:.4g}" for k in ("low", "high", "threshold") if d.get(k) is not None)
+            level = ", ".join(f"{k} {d[k]:.4g}" if isinstance(d[k], (int, float)) else f"{k} per measurement"
+                              for k in ("low", "high", "threshold") if d.get(k) is not None)
+            if d.get("dither"):
+                level += f", dither ±{float(d['dither']['amplitude']):.4g}"
             say(f"[recon3d] the scans were read through a non-linear detector ({d['model']}, {level}): "
                 + ("the loss measures through it (loss.detector: auto)" if cfg.loss.detector == "auto"
                    else "the loss treats them as linear (loss.detector: ignore)"), "train")

@@ -56,6 +56,10 @@ def _models(op: LinearOperator) -> dict[str, NonLinearForward]:
         "quantize_3bit": Quantize(op, 3, q1, q3),
         "quantize_1bit": Quantize(op, 1, q1, q3),
         "sign": Sign(op, threshold=float(z.median()), width=(q3 - q1) / 2),
+        "sign_tensor_threshold": Sign(op, threshold=torch.linspace(q1, q3, op.range_shape[-1], dtype=torch.float64),
+                                      width=(q3 - q1) / 4),
+        "sign_dither": Sign(op, threshold=float(z.median()), width=(q3 - q1) / 4,
+                            dither={"amplitude": q3 - q1, "seed": 7}),
     }
 
 
@@ -101,6 +105,7 @@ def test_clip_jvp_matches_finite_differences_away_from_the_kinks(op_name):
 @pytest.mark.parametrize(("name", "surrogate"), [
     ("quantize_3bit", lambda m, z: z.clamp(m.lo, m.hi)),
     ("sign", lambda m, z: ((z - m.threshold) / m.width).clamp(-1, 1)),
+    ("sign_dither", lambda m, z: ((z - m.threshold) / m.width).clamp(-1, 1)),
 ])
 def test_straight_through_jvp_is_the_derivative_of_the_documented_surrogate(name, surrogate):
     model = _case("dense", name)
@@ -319,7 +324,7 @@ def _complex_point(op, seed):
                          torch.randn(op.domain_shape, dtype=torch.float64, generator=g))
 
 
-@pytest.mark.parametrize("kind", ["sign", "clip", "quantize"])
+@pytest.mark.parametrize("kind", ["sign", "sign_dither", "clip", "quantize"])
 def test_complex_ranges_act_on_real_and_imaginary_parts_and_keep_unmeasured_entries_zero(kind):
     op = _mri()
     x, v = _complex_point(op, 1), _complex_point(op, 2)
@@ -327,11 +332,13 @@ def test_complex_ranges_act_on_real_and_imaginary_parts_and_keep_unmeasured_entr
     measured = op.measurement_mask().expand(op.range_shape)
     spread = float(torch.view_as_real(z)[measured].abs().median())
     model = {"sign": lambda: Sign(op, 0.0, width=spread),
+             "sign_dither": lambda: Sign(op, 0.0, width=spread / 2, dither={"amplitude": 2 * spread, "seed": 3}),
              "clip": lambda: Clip(op, -spread, spread),
              "quantize": lambda: Quantize(op, 2, -spread, spread)}[kind]()
     y = model(x)
     parts = torch.view_as_real(z)
     g = {"sign": lambda t: torch.where(t >= 0, 1.0, -1.0).to(t.dtype),
+         "sign_dither": lambda t: torch.where(t >= model.threshold, 1.0, -1.0).to(t.dtype),
          "clip": lambda t: t.clamp(-spread, spread),
          "quantize": lambda t: model._g(t)}[kind]
     torch.testing.assert_close(torch.view_as_real(y)[measured], g(parts)[measured])
@@ -352,3 +359,48 @@ def _complex_point_range(op, seed):
     g = _gen(seed)
     return torch.complex(torch.randn(op.range_shape, dtype=torch.float64, generator=g),
                          torch.randn(op.range_shape, dtype=torch.float64, generator=g))
+
+
+def test_dithered_threshold_is_per_part_seeded_and_the_same_for_every_d_slab():
+    """The dither of a complex range ``(C, D, kH, kW)``: one ``τ`` per coil, k-space point and
+    part, uniform on ``[−Δ, Δ)``, rebuilt from the seed alone, the same for any slab depth."""
+    from operators3d.nonlinear import dither_shape, dither_threshold
+
+    op = _mri()
+    model = Sign(op, 0.25, width=0.1, dither={"amplitude": 2.0, "seed": 11})
+    tau = model.threshold
+    assert tau.shape == dither_shape(op.range_shape, True) == (3, 1, 12, 10, 2)
+    u = tau - 0.25
+    assert float(u.min()) >= -2.0 and float(u.max()) < 2.0 and float(u.std()) > 0.9  # U[−2, 2): σ = 1.15
+    torch.testing.assert_close(dither_threshold((3, 7, 12, 10), True, 2.0, 11), u, rtol=0, atol=0)
+    assert not torch.equal(dither_threshold((3, 7, 12, 10), True, 2.0, 12), u)
+    # the record is small and rebuilds the same model (the same τ)
+    record = model.to_dict()
+    assert record == {"model": "sign", "threshold": 0.25, "dither": {"amplitude": 2.0, "seed": 11},
+                      "width": 0.1, "gradient": "straight_through"}
+    again = nonlinear_from_dict(record, op)
+    assert torch.equal(again.threshold, tau) and again.to_dict() == record
+    # the bits are taken about τ, per part
+    x = _complex_point(op, 1)
+    parts = torch.view_as_real(op(x))
+    measured = op.measurement_mask().expand(op.range_shape)
+    torch.testing.assert_close(torch.view_as_real(model(x))[measured],
+                               torch.where(parts >= tau, 1.0, -1.0).to(parts.dtype)[measured])
+    # a tensor threshold is stored as nested lists and comes back
+    tensor = Sign(op, torch.full((12, 10, 2), 0.5, dtype=torch.float64), width=0.1)
+    assert torch.equal(nonlinear_from_dict(tensor.to_dict(), op).threshold, tensor.threshold)
+
+
+@pytest.mark.parametrize(("make", "error", "match"), [
+    (lambda op: Sign(op, torch.zeros(5, dtype=torch.float64)), ValueError, "does not broadcast"),
+    (lambda op: Sign(op, torch.zeros(2, dtype=torch.int64)), TypeError, "real floating tensor"),
+    (lambda op: Sign(op, torch.tensor([0.0, math.nan], dtype=torch.float64)), ValueError, "finite everywhere"),
+    (lambda op: Sign(op, torch.zeros(2, dtype=torch.float64), dither={"amplitude": 1.0, "seed": 0}),
+     ValueError, "number threshold"),
+    (lambda op: Sign(op, dither={"amplitude": 0.0, "seed": 0}), ValueError, "amplitude must be finite and > 0"),
+    (lambda op: Sign(op, dither={"amplitude": 1.0}), ValueError, "dither must be"),
+    (lambda op: Sign(op, dither={"amplitude": 1.0, "seed": 1.5}), TypeError, "seed must be a whole number"),
+])
+def test_tensor_and_dithered_thresholds_refuse_bad_input(make, error, match):
+    with pytest.raises(error, match=match):
+        make(_mri())

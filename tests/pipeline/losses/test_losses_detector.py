@@ -243,3 +243,40 @@ def test_one_bit_mri_consistency_gradient_is_the_adjoint_of_the_logistic_slope_o
     y2[~sampled] = 1 + 1j
     a = nonlinear_consistency(detector_model(record, op), x_hat.detach(), y, m)
     assert nonlinear_consistency(detector_model(record, op), x_hat.detach(), y2, m).item() == pytest.approx(a.item(), rel=1e-14)
+
+
+def test_a_dithered_one_bit_record_gives_every_slab_its_own_threshold_in_mc_and_ei():
+    """``simulate mri --one-bit-dither``: MC's logistic loss is taken about the slab's ``τ``
+    (rebuilt from the record on the slab operator), and EI re-measures ``sign(A T x̂ − τ)``."""
+    from operators3d import MultiCoilMRI, poisson_disc_mask, simulate_coil_maps
+
+    g = torch.Generator().manual_seed(4)
+    shape = (3, 12, 10)
+    mask = poisson_disc_mask(shape[1:], 2.0, calibration=4, generator=g)
+    maps = simulate_coil_maps(3, shape).to(torch.complex128)
+    op = MultiCoilMRI(mask=mask, coil_maps=maps).to(torch.complex128)
+    x = torch.complex(torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64))
+    record = {"model": "sign", "threshold": 0.0, "dither": {"amplitude": 1.5, "seed": 9}, "width": 0.3,
+              "gradient": "zero"}
+    y = detector_model(record, op)(x)  # what the scan stores
+    slab = MultiCoilMRI(mask=mask, coil_maps=maps[:, 1:3]).to(torch.complex128)
+    tau = detector_model(record, slab).threshold
+    assert tau.shape == (3, 1, 12, 10, 2) and torch.equal(tau, detector_model(record, op).threshold)
+    y_slab = y[:, 1:3]
+    x_hat = (0.5 * x[1:3]).requires_grad_(True)
+    value = MeasurementConsistencyLoss(detector=record)(x_hat[None], y_slab[None], slab).total
+    sampled = slab.measurement_mask().expand(slab.range_shape)
+    z, bits = torch.view_as_real(slab(x_hat.detach())), torch.view_as_real(y_slab)
+    terms = torch.nn.functional.softplus(-bits * (z - tau) / 0.3)[sampled]
+    assert value.item() == pytest.approx(float(terms.sum() / (2 * int(sampled.sum()))), rel=1e-12)
+    undithered = MeasurementConsistencyLoss(detector={**record, "dither": None})(x_hat[None], y_slab[None], slab).total
+    assert abs(undithered.item() - value.item()) > 1e-3  # the dither is used, not dropped
+    value.backward()
+    assert torch.isfinite(x_hat.grad).all() and x_hat.grad.abs().sum() > 0
+    # EI with the identity as the transform: the second pass sees the slab's dithered bits of x̂
+    net = _Recorder().to(torch.float64)
+    x_hat = x[1:3].clone()
+    EquivariantImagingLoss(transform=lambda v: v, detector=record, seed=1)(x_hat, y_slab, slab, net)
+    parts = torch.view_as_real(slab(x_hat))
+    expected = torch.where(parts >= tau, 1.0, -1.0).to(parts.dtype) * sampled.unsqueeze(-1)
+    torch.testing.assert_close(torch.view_as_real(net.seen[-1]), expected, rtol=0, atol=0)
