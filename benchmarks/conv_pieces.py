@@ -31,7 +31,7 @@ from pipeline.models import UNet3D  # noqa: E402
 from pipeline.reconstruct.memory import _LiveBytes, piece_workspace  # noqa: E402
 from pipeline.reconstruct.pieces import PIECE_VOXELS, pieces_for  # noqa: E402
 
-from _common import machine_line  # noqa: E402
+from _common import machine_line, peak_memory_bytes  # noqa: E402
 
 CASES = {  # name: (channels, input D, H = W, widths)
     "mri-256": (2, 59, 256, (4, 8)),
@@ -40,30 +40,20 @@ CASES = {  # name: (channels, input D, H = W, widths)
 }
 
 
-def _status(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _pass(net: torch.nn.Module, x: torch.Tensor, pieces: bool) -> tuple[torch.Tensor, float, float]:
     """(output, seconds, MiB of RSS high-water above the resident size before)."""
-    base = _status("VmRSS")
-    _reset_hwm()
-    t = time.perf_counter()
-    if pieces:
-        with pieces_for("cpu"):  # as reconstruct runs it: pieces, their buffers from the heap
+
+    def run() -> tuple[torch.Tensor, float]:
+        t = time.perf_counter()
+        if pieces:
+            with pieces_for("cpu"):  # as reconstruct runs it: pieces, their buffers from the heap
+                y = net(x)
+        else:
             y = net(x)
-    else:
-        y = net(x)
-    return y, time.perf_counter() - t, _status("VmHWM") - base
+        return y, time.perf_counter() - t
+
+    peak, (y, seconds) = peak_memory_bytes(run)
+    return y, seconds, peak / 2**20
 
 
 def main() -> int:
