@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/reconstruct.py [--scratch DIR] [--depth 512] [--keep]
         [--cases read,adjoint,model] [--workers 1] [--slab 8] [--memory-budget 1GiB] [--tile D,H,W|none]
+        [--widths 4,8]
 
 On a simulated 3D MRI scan of 8 coils × D × 256 × 256 (D = 512: 4.25 GiB of measurements, coil
 maps and reference; made here, untimed, when missing), each case runs in a fresh subprocess:
@@ -13,7 +14,7 @@ maps and reference; made here, untimed, when missing), each case runs in a fresh
 * **adjoint** — ``reconstruct(method="adjoint")`` (zero-filled ``Aᴴy`` per slab, slab = one
   output chunk of 16 slices, no halo), magnitude + complex arrays, pyramid of 3 levels.
 * **model** — ``reconstruct(model=...)`` with a small untrained network (a 2-level U-Net of
-  widths 4, 8 on an ``Aᴴy`` initial estimate, receptive radius 9: halo 9, slabs of ``--slab``
+  widths 4, 8, or ``--widths``, on an ``Aᴴy`` initial estimate, receptive radius 9: halo 9, slabs of ``--slab``
   slices, 8 by default, so every slab reads 26–27), backbone tiles of :data:`TILE` (``--tile
   none``: untiled, as ``recon3d reconstruct`` runs a model trained on tiles), under the
   scan's intensity scale. ``--slab 0``: the slab ``--memory-budget`` chooses (the default of
@@ -59,8 +60,8 @@ def _scan(scratch: Path, depth: int) -> str:
     return str(path)
 
 
-def _weights(scratch: Path) -> str:
-    """An untrained 2-level U-Net (widths 4, 8) as an export file: speed does not depend on training."""
+def _weights(scratch: Path, widths: tuple[int, ...] = (4, 8)) -> str:
+    """An untrained U-Net (widths 4, 8 by default) as an export file: speed does not depend on training."""
     import torch
 
     from pipeline.train.build import ScanFacts, build_model
@@ -68,9 +69,9 @@ def _weights(scratch: Path) -> str:
     from pipeline.train.config import LossConfig, ModelConfig
     from pipeline.train.export import EXPORT_FORMAT
 
-    path = scratch / "unet.pt"
+    path = scratch / ("unet.pt" if tuple(widths) == (4, 8) else f"unet_{'_'.join(map(str, widths))}.pt")
     if not path.exists():
-        cfg = ModelConfig(widths=[4, 8])
+        cfg = ModelConfig(widths=list(widths))
         torch.manual_seed(0)
         net = build_model(cfg, ScanFacts("mri", "cartesian", None, 2))
         torch.save({"format": EXPORT_FORMAT, "state_dict": net.state_dict(), "model_config": cfg.model_dump(mode="json"),
@@ -89,7 +90,7 @@ def _slab_text(memory: dict | None) -> str:
 
 # ----------------------------------------------------------------------------- children
 def _child(case: str, scan: str, scratch: Path, workers: int, slab: int, budget: str,
-           tile: tuple[int, int, int] | None) -> None:
+           tile: tuple[int, int, int] | None, widths: tuple[int, ...]) -> None:
     """Runs in a fresh process; prints READY after imports, then one JSON line of results."""
     import numpy as np
     import torch
@@ -125,7 +126,7 @@ def _child(case: str, scan: str, scratch: Path, workers: int, slab: int, budget:
             config = ReconstructConfig(scan=scan, out=str(out), method="adjoint", pyramid=3, workers=workers,
                                        progress=False)
         else:
-            config = ReconstructConfig(scan=scan, out=str(out), model=_weights(scratch), chunks=(8, 256, 256),
+            config = ReconstructConfig(scan=scan, out=str(out), model=_weights(scratch, widths), chunks=(8, 256, 256),
                                        slab=slab or None, memory_budget=budget, tile=tile, workers=workers,
                                        progress=False)
         res = reconstruct(config)
@@ -148,10 +149,12 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _run_child(case: str, scan: str, scratch: Path, workers: int, slab: int, budget: str, tile: str) -> dict:
+def _run_child(case: str, scan: str, scratch: Path, workers: int, slab: int, budget: str, tile: str,
+               widths: str) -> dict:
     result, monitor = run_monitored_child(
         [sys.executable, __file__, "--child", case, "--scratch", str(scratch), "--scan", scan,
-         "--workers", str(workers), "--slab", str(slab), "--memory-budget", budget, "--tile", tile], case)
+         "--workers", str(workers), "--slab", str(slab), "--memory-budget", budget, "--tile", tile,
+         "--widths", widths], case)
     result.update(peak=monitor.peak, idle=monitor.baseline, above=monitor.peak_above_baseline)
     return result
 
@@ -168,15 +171,17 @@ def main() -> None:
     parser.add_argument("--memory-budget", default="1GiB", help="with --slab 0 (default: 1GiB)")
     parser.add_argument("--tile", default=",".join(map(str, TILE)),
                         help="backbone tiles of the model case, D,H,W (default: %(default)s); none: untiled")
+    parser.add_argument("--widths", default="4,8", help="the model case's U-Net widths (default 4,8; the recipes': 16,32)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch scan")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--scan", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     tile = None if args.tile == "none" else tuple(int(t) for t in args.tile.split(","))
+    widths = tuple(int(w) for w in args.widths.split(","))
     if tile is not None and len(tile) != 3:
         parser.error(f"--tile is D,H,W or none, got {args.tile!r}")
     if args.child:
-        _child(args.child, args.scan, args.scratch, args.workers, args.slab, args.memory_budget, tile)
+        _child(args.child, args.scan, args.scratch, args.workers, args.slab, args.memory_budget, tile, widths)
         return
     args.scratch.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.scratch).free
@@ -194,7 +199,7 @@ def main() -> None:
         for case in order:
             load = os.getloadavg()[0]
             results[case] = _run_child(case, scan, args.scratch, args.workers, args.slab, args.memory_budget,
-                                       args.tile)
+                                       args.tile, args.widths)
             results[case]["load"] = f"{load:.1f} → {os.getloadavg()[0]:.1f}"
         read_s = [results[c]["seconds"] for c in ("read-before", "read-after") if c in results]
         ref_rate = voxels / (sum(read_s) / len(read_s)) if read_s else None
@@ -204,7 +209,7 @@ def main() -> None:
             label = {"read-before": "zarr read + decode (measurements, coil maps), before",
                      "read-after": "zarr read + decode, after",
                      "adjoint": f"reconstruct --method adjoint --pyramid 3, workers {args.workers}",
-                     "model": f"reconstruct --model (U-Net 4,8; halo 9; "
+                     "model": f"reconstruct --model (U-Net {args.widths}; halo 9; "
                               f"{'untiled' if tile is None else 'tiles ' + 'x'.join(map(str, tile))}; "
                               f"{_slab_text(r.get('memory'))}), workers {args.workers}"}[case]
             rows.append([label, r["load"], f"{r['seconds']:.1f}", f"{rate / 1e6:.2f}",

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .rolling import chunk_slices, roll_dncnn, rolling_chunk
 from .unet import _ACTIVATIONS, _activate, _kernel
 
 __all__ = ["DnCNN3D"]
@@ -89,6 +90,10 @@ class DnCNN3D(nn.Module):
             raise ValueError(
                 f"DnCNN3D: expected input (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}"
             )
+        chunk = rolling_chunk()
+        if chunk is not None:  # inference under rolling(): each layer once, a few slices held
+            h = roll_dncnn(self, x, chunk_slices(chunk, x.shape[3] * x.shape[4], 1))
+            return h + x if self.residual else h
         perm = (0, 1, 2)
         h = x
         if self.reorder_axes and x.device.type == "cpu":

@@ -21,6 +21,10 @@ keeps as little as possible:
   the encoders run three times and the decoders twice. A step that runs the network several
   times (EI, SURE, unrolled networks) then holds one input per pending pass instead of every
   pass's level outputs;
+* for inference under :func:`~pipeline.models.rolling.rolling` (``recon3d reconstruct`` on
+  CPU), the pass rolls along D in chunks of a few slices, each layer keeping only the slices it
+  still needs (:mod:`.rolling`): the same output to float rounding, a few slices per layer
+  instead of every layer's whole feature map;
 * on CPU the spatial axes are reordered so that the two largest come first: PyTorch sends a
   ``conv3d`` with batch 1 to a slow im2col kernel unless ``C·D·H > 20480`` (a heuristic meant
   for 2D), which thin slabs and small tiles fail; the reordering is exact (the kernels are
@@ -45,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from .rolling import chunk_slices, roll_unet, rolling_chunk
 
 __all__ = ["UNet3D", "unet_receptive_radius"]
 
@@ -371,7 +377,12 @@ class UNet3D(nn.Module):
                 f"UNet3D: expected a real floating tensor (complex images enter as 2 channels), "
                 f"got {x.dtype}"
             )
-        if self.checkpoint == "network" and torch.is_grad_enabled():
+        chunk = rolling_chunk()
+        if chunk is not None and self.receptive_radius is not None:
+            # Inference under rolling(): each layer once, a few slices held (.rolling).
+            slices = chunk_slices(chunk, x.shape[3] * x.shape[4], self.size_multiple)
+            out = roll_unet(self, x, slices)
+        elif self.checkpoint == "network" and torch.is_grad_enabled():
             # Keeps only x; the nested level checkpoints keep the recomputed pass small.
             out = torch_checkpoint(self._network, x, use_reentrant=False)
         else:

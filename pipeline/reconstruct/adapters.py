@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -23,10 +24,20 @@ from pipeline.classical.auto import AutoClassical
 from pipeline.data.format import ATTRS_KEY, CTGeometry, ScanError
 from pipeline.modelcard import ModelCard, read_card
 from pipeline.models import model_halo, reconstructor_of, retile
+from pipeline.models.rolling import rolling_for
 
 from .config import AUTO, TV_HALO, ReconstructConfig
 from .coordination import _say, resolve_model
 from .pieces import pieces_for
+
+
+@contextmanager
+def _cpu_inference(device: torch.device) -> Iterator[None]:
+    """How a backbone runs here: on CPU rolled along D (:mod:`pipeline.models.rolling`: each
+    layer once, a few slices held) with the remaining whole convolutions in pieces
+    (:mod:`.pieces`); unchanged on other devices."""
+    with pieces_for(device), rolling_for(device):
+        yield
 
 
 def _weights_digest(path: Path) -> tuple[str, dict[str, Any], ModelCard | None]:
@@ -228,12 +239,14 @@ class _Network:
 
     def memory_model(self, shape: tuple[int, int, int], config: ReconstructConfig):
         """What this model's slab peak is estimated from (:mod:`.memory`): the scan's bytes per
-        slice, the image's, the backbone's activation bytes per voxel (measured once on a small
-        zero input) and its tiling."""
+        slice, the image's, the backbone's activation bytes (measured once on small zero inputs:
+        per voxel and per plane voxel when it rolls along D on CPU, per voxel otherwise) and
+        its tiling."""
         from pipeline.models.receptive import _backbones
         from pipeline.models.tiling import TiledBackbone
 
-        from .memory import MemoryModel, activation_bytes_per_voxel, first_width, piece_workspace
+        from .memory import (MemoryModel, activation_bytes_per_voxel, first_width, piece_workspace,
+                             rolling_activation_bytes)
 
         d, h, w = shape
         data = self.scan.measurements.nbytes // max(1, self.scan.measurements.depth)
@@ -241,8 +254,13 @@ class _Network:
             data += self.scan.coil_maps.nbytes // max(1, self.scan.coil_maps.depth)
         backbones = _backbones(reconstructor_of(self.model))
         tiled = next((bb for bb in backbones if isinstance(bb, TiledBackbone)), None)
-        per_voxel = activation_bytes_per_voxel(backbones, 2 if self.is_complex else 1, self.multiple, self.device)
-        return MemoryModel(shape=(d, h, w), data_per_slice=int(data),
+        channels = 2 if self.is_complex else 1
+        per_plane = 0.0
+        if tiled is None and self.device.type == "cpu":  # rolled along D there (_cpu_inference)
+            per_voxel, per_plane = rolling_activation_bytes(backbones, channels, self.multiple, (h, w))
+        else:
+            per_voxel = activation_bytes_per_voxel(backbones, channels, self.multiple, self.device)
+        return MemoryModel(shape=(d, h, w), data_per_slice=int(data), activation_per_plane=per_plane,
                            image_per_slice=h * w * (8 if self.is_complex else 4), activation_per_voxel=per_voxel,
                            tile=tuple(tiled.tile_shape) if tiled is not None else None,
                            tiles_per_batch=int(tiled.tiles_per_batch) if tiled is not None else 1,
@@ -262,17 +280,18 @@ class _Network:
     @torch.no_grad()
     def apply(self, y: torch.Tensor, op) -> torch.Tensor:
         """The model on measurements ``y`` of operator ``op`` (under the active intensity scale)."""
-        with pieces_for(self.device):
+        with _cpu_inference(self.device):
             return self.model(y.unsqueeze(0).to(self.device), op.to(self.device))[0]
 
     @torch.no_grad()
     def __call__(self, lo: int, hi: int) -> torch.Tensor:
-        # On CPU the convolutions run in pieces (.pieces): bitwise the same output, the library's
-        # workspace a constant instead of ~100 B per voxel, and faster (BENCHMARKS.md, issue 17.2).
+        # On CPU the backbone rolls along D and its whole convolutions run in pieces: the same
+        # output to float rounding, its memory a few slices per layer plus the output
+        # (BENCHMARKS.md, issue 17.2).
         if not self.staged:
             y, op = self.read(lo, hi)
             y, op = y.unsqueeze(0).to(self.device), op.to(self.device)
-            with pieces_for(self.device):
+            with _cpu_inference(self.device):
                 return self.model(y, op)[0].cpu()
         parts = []
         for a in range(lo, hi, self.piece):
@@ -282,7 +301,7 @@ class _Network:
             del y, op
         x0 = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-3)
         del parts
-        with pieces_for(self.device):
+        with _cpu_inference(self.device):
             return self.model(x0, None)[0].cpu()
 
 

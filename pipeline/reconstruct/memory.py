@@ -50,6 +50,7 @@ from pipeline.models.tiling import TiledBackbone
 
 __all__ = ["parse_bytes", "format_bytes", "activation_bytes_per_voxel", "MemoryModel", "choose_slab",
            "DEFAULT_BUDGET", "PROCESS_BYTES", "cpu_conv_workspace", "piece_workspace", "first_width",
+           "rolling_activation_bytes",
            "IMAGE_COPIES", "DATA_COPIES"]
 
 DEFAULT_BUDGET = 1 << 30
@@ -208,6 +209,47 @@ def activation_bytes_per_voxel(backbones: list[torch.nn.Module], channels: int, 
     return best
 
 
+@torch.no_grad()
+def rolling_activation_bytes(backbones: list[torch.nn.Module], channels: int, multiple: int,
+                             plane: tuple[int, int]) -> tuple[float, float]:
+    """``(a, b)``: an untiled pass of ``backbones`` on CPU under
+    :func:`~pipeline.models.rolling.rolling` holds about ``a`` bytes per input voxel (its output
+    and the residual sum) plus ``b`` bytes per voxel of the input plane (each layer's few
+    slices, whatever the depth) besides its input: the largest of ``backbones``.
+
+    Measured by the count of :func:`activation_bytes_per_voxel` on zero inputs of a small plane
+    ``s × s`` at the chunk of ``c`` slices the real ``plane`` gets, at the depths ``n``, ``2n``
+    (``n`` at least four chunks and 64 slices, so the pass is in its steady state) and ``c``:
+    ``a = (p₂ − p₁)/(n·s²)``, ``b`` the largest of ``p₁/s² − a·n`` and ``p_c/s² − a·c`` (the
+    peak of a thin input is its few slices' state, not its output). Every tensor of the pass is
+    ``slices × plane`` (the pooled ones a quarter), so both scale exactly with the plane. A
+    backbone that does not roll (instance or group norm) comes out as ``b ≈ 0`` and ``a`` its
+    whole pass's bytes.
+    """
+    from pipeline.models.rolling import CHUNK_VOXELS, chunk_slices, rolling
+
+    g = max(1, int(multiple))
+    s = -(-max(16, 2 * g) // g) * g
+    c = chunk_slices(CHUNK_VOXELS, int(plane[0]) * int(plane[1]), g)
+    n = -(-max(4 * c, 64) // g) * g
+    a = b = 0.0
+    for bb in backbones:
+        inner = bb.backbone if isinstance(bb, TiledBackbone) else bb
+        dtype = next((p.dtype for p in inner.parameters() if p.is_floating_point()), torch.float32)
+        cin = int(getattr(inner, "in_channels", None) or channels)
+        peaks = []
+        for depth in (n, 2 * n, c):
+            x = torch.zeros(1, cin, depth, s, s, dtype=dtype)
+            with rolling(c * s * s), _LiveBytes() as live:
+                y = inner(x)
+                del y
+            peaks.append(live.peak / (s * s))
+        slope = max(0.0, (peaks[1] - peaks[0]) / n)
+        a = max(a, slope)
+        b = max(b, peaks[0] - slope * n, peaks[2] - slope * c)
+    return a, b
+
+
 @dataclass(frozen=True)
 class MemoryModel:
     """What a slab's peak is estimated from (bytes; see the module doc)."""
@@ -222,6 +264,8 @@ class MemoryModel:
     workers: int
     piece: int = 0  # slices per read of a staged model (0: the output slab)
     workspace: int = 0  # bytes outside the counted tensors, per worker (:func:`piece_workspace`)
+    #: a rolled backbone's bytes per voxel of the input plane (:func:`rolling_activation_bytes`)
+    activation_per_plane: float = 0.0
 
     def input_slices(self, slab: int, halo: int, multiple: int) -> int:
         """The most input slices an output slab of ``slab`` reads (halo both sides, the start
@@ -238,15 +282,18 @@ class MemoryModel:
         if self.tile is not None and any(self.tile):
             td, th, tw = self.tile
             voxels = self.tiles_per_batch * min(n, td or n) * min(h, th or h) * min(w, tw or w)
+            rolled = 0.0
         else:
             voxels = n * h * w
+            rolled = self.activation_per_plane * h * w
         one = DATA_COPIES[self.staged] * self.data_per_slice * read + IMAGE_COPIES * self.image_per_slice * n \
-            + self.activation_per_voxel * voxels + self.workspace
+            + self.activation_per_voxel * voxels + rolled + self.workspace
         return int(PROCESS_BYTES + self.workers * one)
 
     def to_dict(self) -> dict[str, Any]:
         return {"data_bytes_per_slice": self.data_per_slice, "image_bytes_per_slice": self.image_per_slice,
                 "activation_bytes_per_voxel": round(self.activation_per_voxel, 3),
+                "activation_bytes_per_plane_voxel": round(self.activation_per_plane, 3),
                 "tile": list(self.tile) if self.tile else None, "workers": self.workers, "piece": self.piece,
                 "workspace_bytes": self.workspace}
 
