@@ -322,7 +322,7 @@ def memory_models(scans: dict, tiles: list[tuple[int, int, int]]) -> tuple[dict,
     from pipeline.models.tiling import TiledBackbone
     from pipeline.reconstruct.halo import _input, _slabs
     from pipeline.reconstruct.memory import (MemoryModel, activation_bytes_per_voxel, choose_slab, first_width,
-                                             format_bytes, parse_bytes, piece_workspace)
+                                             format_bytes, parse_bytes, piece_workspace, rolling_activation_bytes)
     from pipeline.train.build import build_model
 
     rows, plan, info = [], {}, {}
@@ -340,7 +340,11 @@ def memory_models(scans: dict, tiles: list[tuple[int, int, int]]) -> tuple[dict,
         else:
             shape = (s["N"],) * 3
             data, image = s["A"] * s["N"] * 4, s["N"] ** 2 * 4
+        # untiled on CPU the backbone rolls along D (pipeline.models.rolling): output bytes per
+        # voxel plus a few slices per layer; tiles are estimated as whole passes (an upper bound)
+        rolled = rolling_activation_bytes(backbones, facts.channels, multiple, shape[1:])
         info[key] = {"halo": radius, "multiple": multiple, "activation_bytes_per_voxel": per_voxel,
+                     "rolled_bytes_per_voxel": rolled[0], "rolled_bytes_per_plane_voxel": rolled[1],
                      "data_bytes_per_slice": data, "image_bytes_per_slice": image}
 
         def overhead(slab: int) -> float:
@@ -349,9 +353,10 @@ def memory_models(scans: dict, tiles: list[tuple[int, int, int]]) -> tuple[dict,
 
         best = None
         for t in [None, *tiles]:
-            mm = MemoryModel(shape=shape, data_per_slice=data, image_per_slice=image, activation_per_voxel=per_voxel,
-                             tile=t, tiles_per_batch=1, staged=True, workers=1,
-                             workspace=piece_workspace(first_width(backbones)))
+            mm = MemoryModel(shape=shape, data_per_slice=data, image_per_slice=image,
+                             activation_per_voxel=per_voxel if t else rolled[0],
+                             activation_per_plane=0.0 if t else rolled[1], tile=t, tiles_per_batch=1, staged=True,
+                             workers=1, workspace=piece_workspace(first_width(backbones)))
             tiled = TiledBackbone(backbones[0], tile_shape=t, overlap=2 * radius) if t else None
 
             def recompute(slab: int) -> float:
@@ -589,7 +594,9 @@ def main(argv: list[str] | None = None) -> dict:
     for key, info in memory_info.items():
         p = plan[key]
         print(f"{key}: halo {info['halo']}, grid {info['multiple']}, {info['activation_bytes_per_voxel']:.0f} "
-              f"activation B/voxel (measured), {info['data_bytes_per_slice'] / GiB:.2f} GiB data and "
+              f"activation B/voxel whole (tiles), {info['rolled_bytes_per_voxel']:.0f} B/voxel + "
+              f"{info['rolled_bytes_per_plane_voxel']:.0f} B/plane voxel rolled (untiled; measured), "
+              f"{info['data_bytes_per_slice'] / GiB:.2f} GiB data and "
               f"{info['image_bytes_per_slice'] / 2**20:.0f} MiB image per slice; plan at --memory-budget "
               f"{ASSUMPTIONS['memory_budget']}: tile {p['tile']}, slab {p['slab']}, {p['overhead']:.2f}× halo × "
               f"{p['recompute']:.2f}× tile recompute")
