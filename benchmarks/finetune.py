@@ -1,19 +1,26 @@
 """Pretrain once, fine-tune on a new scan (issue 18.1): steps and quality against training from scratch.
 
     .venv/bin/python benchmarks/finetune.py [--modality mri|ct|all] [--steps N] [--pretrain-steps P]
-        [--pretrain-volumes K] [--held-out anatomy] [--shape 16 128 128] [--threads 1]
-        [--scratch DIR] [--json FILE] [--quick]
+        [--pretrain-volumes K] [--held-out anatomy | --tune-on ellipsoids:201] [--shape 16 128 128]
+        [--threads 1] [--set KEY=VALUE] [--finetune-set KEY=VALUE] [--scratch DIR] [--json FILE] [--quick]
 
 For each modality, with the **shipped recipes** of ``launch/configs`` read as ``recon3d train``
 reads them (``--steps``/``--pretrain-steps`` override ``run.max_steps``; ``--set`` any key of
-all three):
+all three; ``--finetune-set`` a key of the fine-tuning recipe only, after ``--set``, so that a
+fine-tuning setting such as ``model.freeze=[encoder]`` or ``optimizer.lr=1e-4`` can be compared
+against the same pretrained export and the same scratch run):
 
 1. **Pretrain** ``pretrain_{mri,ct}_supervised.yaml`` (supervised) for P steps on K simulated
    scans of the tuning family (``ellipsoids``, seeds 101, 102, …: one phantom each), and write
    the weights as ``recon3d export`` does (``pretrained_{modality}_{hash}.pt`` in ``--scratch``,
    reused by a later run with the same recipe, overrides and scans).
 2. On a **new scan** of a held-out phantom (:data:`pipeline.data.phantoms.HELD_OUT_PHANTOMS`,
-   seed 301 as ``benchmarks/quality.py``; nothing here was chosen by looking at it):
+   seed 301 as ``benchmarks/quality.py``; nothing here was chosen by looking at it), or, with
+   ``--tune-on PHANTOM:SEED`` (a tuning-family phantom, :data:`pipeline.data.phantoms.TUNING_PHANTOMS`,
+   and a seed that is not one of the pretraining scans', e.g. ``ellipsoids:201``), on a new scan of
+   the **tuning** family instead: the scan on which fine-tuning settings are *chosen*. Its tables
+   say "TUNING scan, not held out" and its JSON has ``"new_scan_role": "tuning"`` (``"held-out"``
+   otherwise), so a tuning figure cannot pass for a held-out one:
 
    * **scratch** — the modality's robust-EI recipe ``{mri,ct}_rei.yaml`` for N steps from its
      usual initialisation (starting at its input, ``start_at_initial``);
@@ -28,6 +35,11 @@ all three):
    Both self-supervised runs see the same slabs in the same order (the slab generator's seed is
    the config's ``run.seed``) and are scored on the whole new scan at steps 0, N/10, N/5, N/2 and
    N of their N-step schedule (``--points`` changes the fractions).
+
+With ``--scratch DIR`` the from-scratch curve is stored there too (``scratch_{modality}_{hash}.json``,
+keyed by the scratch recipe, ``--set``, N, the scored steps and the new scan's file name) and
+reused by a later run that only changes ``--finetune-set`` or the fine-tuning recipe: the run is
+seeded, so it would repeat the same curve. The table says "reused" in place of its training time.
 
 Training is :func:`benchmarks.quality.train`'s loop (the builders of ``recon3d train``: model,
 loss, optimiser, schedule, clipping, seeds; in-memory volumes, no DeepSpeed), with the init and
@@ -70,11 +82,14 @@ STEP_FRACTION = 0.2  # target (a): reach scratch@N within N/5 steps
 
 
 def recipe(modality: str, role: str, steps: int | None, args):
-    """The shipped recipe of ``role`` (pretrain, scratch, finetune) with ``run.max_steps=steps``."""
+    """The shipped recipe of ``role`` (pretrain, scratch, finetune) with ``run.max_steps=steps``,
+    then ``--set`` (every role) and, for ``finetune`` only, ``--finetune-set``."""
     from pipeline.train.config import load_config
 
     path = Path(args.recipe_dir) / RECIPES[modality][role]
     overrides = ([f"run.max_steps={steps}"] if steps is not None else []) + list(args.set or [])
+    if role == "finetune":
+        overrides += list(getattr(args, "finetune_set", None) or [])
     return path, load_config(path, overrides)
 
 
@@ -154,14 +169,33 @@ def targets(scratch: list[dict], fine: list[dict], zero_shot: float, n: int) -> 
     }
 
 
+def parse_tune_on(text: str, pretrain_volumes: int) -> tuple[str, int]:
+    """``PHANTOM:SEED`` of ``--tune-on`` -> ``(phantom, seed)``: a tuning-family phantom and a seed
+    other than the pretraining scans' (``PRETRAIN_SEED`` … ``PRETRAIN_SEED + K - 1``)."""
+    from pipeline.data.phantoms import TUNING_PHANTOMS
+
+    phantom, sep, seed_text = text.partition(":")
+    if not sep or not seed_text.strip().lstrip("-").isdigit():
+        raise SystemExit(f"finetune.py: --tune-on {text!r}: want PHANTOM:SEED, e.g. ellipsoids:201")
+    seed = int(seed_text)
+    if phantom not in TUNING_PHANTOMS:
+        raise SystemExit(f"finetune.py: --tune-on {text}: {phantom!r} is not a tuning-family phantom "
+                         f"{TUNING_PHANTOMS} (a held-out phantom goes to --held-out)")
+    pre = range(PRETRAIN_SEED, PRETRAIN_SEED + pretrain_volumes)
+    if seed in pre:
+        raise SystemExit(f"finetune.py: --tune-on {text}: seed {seed} is one of the {pretrain_volumes} pretraining "
+                         f"scans (seeds {pre.start}-{pre.stop - 1}); pick another, e.g. 201")
+    return phantom, seed
+
+
 def run_modality(modality: str, args, scratch_dir: Path, device) -> dict:
     t0 = time.perf_counter()
     pre_paths = [Q.simulate(modality, PRETRAIN_SEED + i, args, scratch_dir) for i in range(args.pretrain_volumes)]
-    new_path = Q.simulate(modality, NEW_SCAN_SEED, args, scratch_dir, phantom=args.held_out)
+    new_path = Q.simulate(modality, args.new_seed, args, scratch_dir, phantom=args.new_phantom)
     pre_vols = [Q.load(p, modality, device) for p in pre_paths]
-    new = Q.load(new_path, modality, device, f"{args.held_out} {NEW_SCAN_SEED}")
+    new = Q.load(new_path, modality, device, f"{args.new_phantom} {args.new_seed}")
     print(f"[{modality}] simulated {len(pre_vols)} pretraining scans (ellipsoids) and the new scan "
-          f"({new.name}) in {time.perf_counter() - t0:.1f} s", flush=True)
+          f"({new.name}, {args.role}) in {time.perf_counter() - t0:.1f} s", flush=True)
 
     # 1. pretrain (supervised, tuning family) and export
     p_path, p_cfg = recipe(modality, "pretrain", args.pretrain_steps, args)
@@ -194,16 +228,30 @@ def run_modality(modality: str, args, scratch_dir: Path, device) -> dict:
         raise SystemExit(f"finetune.py: {s_path.name} and {f_path.name} train {n} and {f_cfg.run.max_steps} "
                          "steps; give --steps N to compare at equal steps")
     at = eval_steps(n, args.points)
-    s_model, s_s, s_curve = train(s_cfg, facts, [new], device, eval_vol=new, eval_steps=at,
-                                  label=f"{modality} scratch", verbose=args.verbose)
-    inp = Q.score(Q.initial_estimates(s_model, [new]), [new])
-    del s_model
+    # --scratch reuse: the seeded scratch run depends on its recipe, --set, N, the scored steps and the scan
+    s_key = hashlib.sha256(repr((s_path.read_text(), args.set, n, at, new_path.name)).encode()).hexdigest()[:12]
+    s_cache = scratch_dir / f"scratch_{modality}_{s_key}.json"
+    if s_cache.exists():
+        cached = json.loads(s_cache.read_text())
+        s_s, s_curve, inp = None, cached["curve"], cached["input"]
+        print(f"[{modality}] reusing the from-scratch curve {s_cache.name} (the same run, done earlier in "
+              f"--scratch)", flush=True)
+    else:
+        s_model, s_s, s_curve = train(s_cfg, facts, [new], device, eval_vol=new, eval_steps=at,
+                                      label=f"{modality} scratch", verbose=args.verbose)
+        inp = Q.score(Q.initial_estimates(s_model, [new]), [new])
+        del s_model
+        s_cache.write_text(json.dumps({"curve": s_curve, "input": {"psnr": inp["psnr"], "ssim": inp["ssim"]},
+                                       "train_s": s_s, "recipe": s_path.name, "set": list(args.set),
+                                       "new_scan": new.name}))
     _, f_s, f_curve = train(f_cfg, facts, [new], device, init=str(export), eval_vol=new, eval_steps=at,
                             label=f"{modality} fine-tuned", verbose=args.verbose)
     checks = targets(s_curve, f_curve, zs["psnr"], n)
-    print(f"[{modality}] scratch {s_curve[-1]['psnr']:.2f} dB ({s_s:.0f} s), fine-tuned {f_curve[-1]['psnr']:.2f} dB "
+    s_time = "reused" if s_s is None else f"{s_s:.0f} s"
+    print(f"[{modality}] scratch {s_curve[-1]['psnr']:.2f} dB ({s_time}), fine-tuned {f_curve[-1]['psnr']:.2f} dB "
           f"({f_s:.0f} s), zero-shot {zs['psnr']:.2f} dB", flush=True)
-    return {"new_scan": new.name, "steps": n, "export": export.name, "pretrain_steps": p_cfg.run.max_steps,
+    return {"new_scan": new.name, "new_scan_role": args.role, "finetune_set": list(args.finetune_set),
+            "steps": n, "export": export.name, "pretrain_steps": p_cfg.run.max_steps,
             "pretrain_volumes": len(pre_vols), "recipes": {"pretrain": p_path.name, "scratch": s_path.name,
                                                            "finetune": f_path.name},
             "train_s": {"pretrain": pre_s, "scratch": s_s, "finetune": f_s},
@@ -221,20 +269,25 @@ def report(modality: str, r: dict, args) -> None:
              "ct": f"CT, parallel beam, {args.angles} angles, I0={args.photons:g}"}[modality]
     zs = r["zero_shot"]
     pre = "reused" if r["train_s"]["pretrain"] is None else f"{r['train_s']['pretrain']:.0f}"
+    scr = "reused" if r["train_s"]["scratch"] is None else f"{r['train_s']['scratch']:.0f}"
+    role = ("held out" if r["new_scan_role"] == "held-out"
+            else "TUNING scan, not held out: for choosing settings")
+    if r["finetune_set"]:
+        role += "; fine-tune --finetune-set " + " ".join(r["finetune_set"])
     rows = [[c["step"], f"{c['psnr']:.2f} / {c['ssim']:.4f}", f"{f['psnr']:.2f} / {f['ssim']:.4f}",
              f"{zs['psnr']:.2f}", f"{f['psnr'] - c['psnr']:+.2f}"] for c, f in zip(r["scratch"], r["finetune"])]
-    print_table(f"{title} — new scan {r['new_scan']} {'x'.join(map(str, args.shape))} (held out); pretrained "
+    print_table(f"{title} — new scan {r['new_scan']} {'x'.join(map(str, args.shape))} ({role}); pretrained "
                 f"{r['pretrain_steps']} steps on {r['pretrain_volumes']} ellipsoid scans",
                 ["step", "scratch PSNR dB / SSIM", "fine-tuned PSNR dB / SSIM", "zero-shot PSNR dB",
                  "fine-tuned − scratch dB"], rows)
     print(f"\nreferences: classical {r['classical']['label']} {r['classical']['psnr']:.2f} dB / "
           f"{r['classical']['ssim']:.4f}; network input {r['input']['psnr']:.2f} dB; zero-shot (pretrained, "
           f"no adaptation) {zs['psnr']:.2f} dB / {zs['ssim']:.4f}. Train s: pretrain {pre}, "
-          f"scratch {r['train_s']['scratch']:.0f}, fine-tune {r['train_s']['finetune']:.0f} "
+          f"scratch {scr}, fine-tune {r['train_s']['finetune']:.0f} "
           f"({r['recipes']['pretrain']}, {r['recipes']['scratch']}, {r['recipes']['finetune']}).")
     t, n = r["targets"], r["steps"]
     reach = "never" if t["steps_to_reach_scratch"] is None else f"≤ {t['steps_to_reach_scratch']}"
-    print_table(f"{title} — targets of issue 18.1", ["target", "measured", "verdict"], [
+    print_table(f"{title} — targets of issue 18.1 on {r['new_scan']} ({r['new_scan_role']})", ["target", "measured", "verdict"], [
         [f"steps for fine-tuned to reach scratch@{n} ({t['scratch_at_n']:.2f} dB) ≤ {STEP_FRACTION * n:g}",
          reach, yes(t["reach_within_fifth"])],
         [f"fine-tuned@{n} − scratch@{n} ≥ {GAIN_DB} dB", f"{t['gain_db']:+.2f} dB", yes(t["gain_met"])],
@@ -254,11 +307,18 @@ def main(argv=None) -> None:
                    help="N: steps of the scratch and fine-tuned runs (default: the recipes' own, which must agree)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="P (default: the pretraining recipe's)")
     p.add_argument("--pretrain-volumes", type=int, default=4, help="K ellipsoid scans (seeds 101…) to pretrain on")
-    p.add_argument("--held-out", default="anatomy", help="the new scan's phantom (a held-out one; seed 301)")
+    p.add_argument("--held-out", default=None,
+                   help=f"the new scan's phantom (a held-out one; seed {NEW_SCAN_SEED}; default anatomy)")
+    p.add_argument("--tune-on", default=None, metavar="PHANTOM:SEED",
+                   help="use a TUNING-family new scan instead of the held-out one (e.g. ellipsoids:201), to choose "
+                        "fine-tuning settings; labelled as tuning in the tables and the JSON")
     p.add_argument("--points", type=float, nargs="+", default=list(POINTS),
                    help="fractions of N at which both runs are scored (0 and N always)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of all three recipes (as recon3d train --set)")
+    p.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the fine-tuning recipe only (after --set): e.g. model.freeze=[encoder], "
+                        "optimizer.lr=1e-4; the pretrained export and the scratch run stay the same")
     p.add_argument("--recipe-dir", default=str(ROOT / "launch" / "configs"))
     p.add_argument("--shape", type=int, nargs=3, default=[16, 128, 128])
     p.add_argument("--chunk-depth", type=int, default=4)
@@ -279,8 +339,16 @@ def main(argv=None) -> None:
         args.set = QUICK_SET + list(args.set)
     from pipeline.data.phantoms import HELD_OUT_PHANTOMS
 
-    if args.held_out not in HELD_OUT_PHANTOMS:
-        raise SystemExit(f"finetune.py: --held-out {args.held_out}: not a held-out phantom {HELD_OUT_PHANTOMS}")
+    if args.tune_on is not None:
+        if args.held_out is not None:
+            raise SystemExit("finetune.py: give --held-out or --tune-on, not both")
+        args.new_phantom, args.new_seed = parse_tune_on(args.tune_on, args.pretrain_volumes)
+        args.role = "tuning"
+    else:
+        args.held_out = args.held_out or "anatomy"
+        if args.held_out not in HELD_OUT_PHANTOMS:
+            raise SystemExit(f"finetune.py: --held-out {args.held_out}: not a held-out phantom {HELD_OUT_PHANTOMS}")
+        args.new_phantom, args.new_seed, args.role = args.held_out, NEW_SCAN_SEED, "held-out"
     args.phantom = "ellipsoids"  # the tuning family (quality.simulate's default phantom)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -294,7 +362,7 @@ def main(argv=None) -> None:
     total = time.perf_counter() - t0
     print(f"\ntotal {total:.0f} s")
     if args.json:
-        out = {"machine": machine_line(), "threads": args.threads, "total_s": total,
+        out = {"machine": machine_line(), "threads": args.threads, "total_s": total, "new_scan_role": args.role,
                "args": vars(args) | {"shape": list(args.shape)}, **results}
         Path(args.json).write_text(json.dumps(out, indent=2))
     if tmp is not None:

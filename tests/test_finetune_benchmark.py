@@ -92,3 +92,32 @@ def test_quick_run_reports_consistent_tables(tmp_path):
         verdicts = [row[-1] for row in _table(text, title, "targets of issue 18.1")]
         want = [t["reach_within_fifth"], t["gain_met"], t["never_below_zero_shot"]]
         assert verdicts == ["MET" if ok else "not met" for ok in want]
+
+
+def test_tuning_scan_is_labelled_and_the_scratch_curve_is_reused(tmp_path):
+    """--tune-on runs on a tuning-family scan, says so in table and JSON; --finetune-set changes the
+    fine-tuning recipe only, so a second run reuses the cached scratch curve; bad --tune-on values
+    are refused."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = [sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--quick", "--modality", "ct",
+            "--scratch", str(tmp_path / "scr")]
+    runs = []
+    for lr in ("1e-4", "3e-5"):
+        out = tmp_path / f"t{lr}.json"
+        proc = subprocess.run(base + ["--tune-on", "ellipsoids:201", "--finetune-set", f"optimizer.lr={lr}",
+                                      "--json", str(out)], capture_output=True, text=True, env=env, cwd=ROOT,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append((json.loads(out.read_text())["ct"], proc.stdout))
+    (first, text1), (second, text2) = runs
+    assert first["new_scan_role"] == "tuning" and first["new_scan"] == "ellipsoids 201"
+    assert first["finetune_set"] == ["optimizer.lr=1e-4"]
+    assert "TUNING scan" in text1 and "held out)" not in text1
+    assert first["train_s"]["scratch"] is not None and second["train_s"]["scratch"] is None  # reused
+    assert second["scratch"] == first["scratch"]
+    assert second["finetune"] != first["finetune"]  # another learning rate, another curve
+    assert "reusing the from-scratch curve" in text2
+    for bad in ("anatomy:201", "ellipsoids:101", "ellipsoids"):
+        proc = subprocess.run(base + ["--tune-on", bad], capture_output=True, text=True, env=env, cwd=ROOT,
+                              timeout=120)
+        assert proc.returncode != 0 and "--tune-on" in (proc.stderr + proc.stdout)
