@@ -161,10 +161,9 @@ class _Conv(_Stage):
     def finish(self) -> Iterator[torch.Tensor]:
         held, self.held = self.held, None
         if held is None or not self.pad:
-            return iter(())
-        out = self._run(_cat(held, self._zeros(held)))
+            return
+        yield from self._run(_cat(held, self._zeros(held)))
         self.held = None
-        return out
 
 
 class _Pointwise(_Stage):
@@ -343,11 +342,10 @@ def roll_unet(net, x: torch.Tensor, chunk: int) -> torch.Tensor:
         raise ValueError(f"rolling: the chunk ({chunk} slices) must be a multiple of the pooling grid {f}")
     d, h, w = x.shape[2:]
     ph, pw = (-h) % f, (-w) % f
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph))
     head = net.head
-    stage = _Chain([_unet_level(net, 0, chunk), _Pointwise(lambda t: _conv3d(t, head.weight, head.bias, (0, 0, 0)))])
-    out = _run(stage, x, chunk, (-d) % f)
+    stages: list[_Stage] = [_Pointwise(lambda t: F.pad(t, (0, pw, 0, ph)))] if ph or pw else []  # per chunk
+    stages += [_unet_level(net, 0, chunk), _Pointwise(lambda t: _conv3d(t, head.weight, head.bias, (0, 0, 0)))]
+    out = _run(_Chain(stages), x, chunk, (-d) % f)
     return out[:, :, :, :h, :w] if ph or pw else out
 
 
