@@ -245,7 +245,7 @@ class _Network:
         from pipeline.models.receptive import _backbones
         from pipeline.models.tiling import TiledBackbone
 
-        from .memory import (MemoryModel, activation_bytes_per_voxel, first_width, piece_workspace,
+        from .memory import (ROLLED_HEAP, MemoryModel, activation_bytes_per_voxel, first_width, piece_workspace,
                              rolling_activation_bytes)
 
         d, h, w = shape
@@ -256,8 +256,10 @@ class _Network:
         tiled = next((bb for bb in backbones if isinstance(bb, TiledBackbone)), None)
         channels = 2 if self.is_complex else 1
         per_plane = 0.0
+        workspace = piece_workspace(first_width(backbones), self.device)
         if tiled is None and self.device.type == "cpu":  # rolled along D there (_cpu_inference)
             per_voxel, per_plane = rolling_activation_bytes(backbones, channels, self.multiple, (h, w))
+            workspace += ROLLED_HEAP
         else:
             per_voxel = activation_bytes_per_voxel(backbones, channels, self.multiple, self.device)
         return MemoryModel(shape=(d, h, w), data_per_slice=int(data), activation_per_plane=per_plane,
@@ -265,7 +267,7 @@ class _Network:
                            tile=tuple(tiled.tile_shape) if tiled is not None else None,
                            tiles_per_batch=int(tiled.tiles_per_batch) if tiled is not None else 1,
                            staged=self.staged, workers=max(1, int(config.workers)), piece=self.piece,
-                           workspace=piece_workspace(first_width(backbones), self.device))
+                           workspace=workspace)
 
     @property
     def staged(self) -> bool:

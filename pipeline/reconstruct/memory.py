@@ -50,7 +50,7 @@ from pipeline.models.tiling import TiledBackbone
 
 __all__ = ["parse_bytes", "format_bytes", "activation_bytes_per_voxel", "MemoryModel", "choose_slab",
            "DEFAULT_BUDGET", "PROCESS_BYTES", "cpu_conv_workspace", "piece_workspace", "first_width",
-           "rolling_activation_bytes",
+           "rolling_activation_bytes", "ROLLED_HEAP",
            "IMAGE_COPIES", "DATA_COPIES"]
 
 DEFAULT_BUDGET = 1 << 30
@@ -207,6 +207,14 @@ def activation_bytes_per_voxel(backbones: list[torch.nn.Module], channels: int, 
             del y
         best = max(best, live.peak / (2 * g * s * s))
     return best
+
+
+#: What a rolled pass's freed chunk buffers (up to ~32 MiB each, from the heap while the pass
+#: runs, :func:`~.pieces.pieces_for`) leave in the heap besides :func:`piece_workspace`'s share,
+#: per worker. Measured: U-Net [16, 32] on 256² 8-coil MRI with slab 24, max RSS 703 MiB
+#: against 664 estimated without it (1 worker), 1056 against 1007 (2 workers) (BENCHMARKS.md,
+#: issue 17.2).
+ROLLED_HEAP = 64 << 20
 
 
 @torch.no_grad()
