@@ -322,7 +322,8 @@ def memory_models(scans: dict, tiles: list[tuple[int, int, int]]) -> tuple[dict,
     from pipeline.models.tiling import TiledBackbone
     from pipeline.reconstruct.halo import _input, _slabs
     from pipeline.reconstruct.memory import (MemoryModel, activation_bytes_per_voxel, choose_slab, first_width,
-                                             format_bytes, parse_bytes, piece_workspace, rolling_activation_bytes)
+                                             format_bytes, parse_bytes, piece_workspace, rolling_activation_bytes,
+                                             ROLLED_HEAP)
     from pipeline.train.build import build_model
 
     rows, plan, info = [], {}, {}
@@ -356,7 +357,7 @@ def memory_models(scans: dict, tiles: list[tuple[int, int, int]]) -> tuple[dict,
             mm = MemoryModel(shape=shape, data_per_slice=data, image_per_slice=image,
                              activation_per_voxel=per_voxel if t else rolled[0],
                              activation_per_plane=0.0 if t else rolled[1], tile=t, tiles_per_batch=1, staged=True,
-                             workers=1, workspace=piece_workspace(first_width(backbones)))
+                             workers=1, workspace=piece_workspace(first_width(backbones)) + (0 if t else ROLLED_HEAP))
             tiled = TiledBackbone(backbones[0], tile_shape=t, overlap=2 * radius) if t else None
 
             def recompute(slab: int) -> float:
