@@ -213,7 +213,9 @@ def reconstruct(config: ReconstructConfig) -> ReconstructResult:
                                                             settings, fingerprint)
     if layout.memory is not None:
         _say(describe_memory(layout.memory), config.progress and rank == 0)
-    notes = list(recon.notes)
+    notes = list(recon.notes) + _detector_notes(scan, config, recon)
+    for note in notes[len(recon.notes):]:
+        _say(note, config.progress and rank == 0)
     if layout.halo < recon.radius:
         notes.append(f"halo {layout.halo} < receptive radius {recon.radius}: slab edges differ from the whole volume")
     slabs = layout.slabs()
@@ -228,6 +230,22 @@ def reconstruct(config: ReconstructConfig) -> ReconstructResult:
     with lease.acquire():
         return _run(config, out, recon, scan, layout, slabs, settings, fingerprint, keep_complex, notes,
                     rank, world, lease, stale_s)
+
+
+def _detector_notes(scan, config: ReconstructConfig, recon) -> list[str]:
+    """A classical method on a scan read through a non-linear detector (its ``detector``
+    record: clipping, a count floor, quantisation, one bit) inverts ``A`` as if ``y = A x``; say
+    so, in the log and in the output's ``notes`` (which then also marks it not ``exact``). A
+    model trained with ``loss.detector: auto`` knew the detector; an export says which."""
+    detector = getattr(scan.metadata, "detector", None)
+    if detector is None or isinstance(recon, _Network):
+        return []
+    what = str(detector.get("model"))
+    share = detector.get("fraction_at_high")
+    extent = f", {100 * float(share):.1f}% of the measurements at its upper level" if share is not None else ""
+    return [f"the scan's measurements went through a non-linear detector ({what}{extent}); --method "
+            f"{config.method} treats them as linear (y = A x), so the clipped or quantised values bias it "
+            "(a network trained with loss.detector: auto accounts for the detector)"]
 
 
 def _run(config: ReconstructConfig, out: _Output, recon, scan, layout: _Layout, slabs, settings,

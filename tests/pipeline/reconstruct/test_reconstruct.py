@@ -405,3 +405,23 @@ def test_model_given_by_url_is_fetched_and_equals_the_local_file(tmp_path, ct_sc
             resolve_model("memory://recon3d-tests-model-url/missing.pt")
     finally:
         fsspec.filesystem("memory").rm("/recon3d-tests-model-url", recursive=True)
+
+
+def test_classical_method_on_a_non_linear_detector_says_so(tmp_path, ct_scan, capsys):
+    """FBP of a scan with a recorded count floor inverts A as if y = A x: the log and the output's
+    notes say so (and the output is not marked exact); a linear scan gets no such note."""
+    from pipeline.data import SimulateCTConfig, simulate_ct
+
+    clipped = tmp_path / "floor.zarr"
+    simulate_ct(SimulateCTConfig(out=str(clipped), shape=(4, 16, 16), angles=12, chunk_depth=2, seed=0,
+                                 photons=1e4, floor=0.95, workers=1, scheduler="sync", progress=False))
+    record = open_scan(str(clipped)).metadata.detector
+    assert record["model"] == "clip" and record["fraction_at_high"] > 0
+    reconstruct(ReconstructConfig(scan=str(clipped), out=str(tmp_path / "c"), method="fbp", progress=True))
+    info = _info(tmp_path / "c")
+    said = [n for n in info["notes"] if "non-linear detector" in n]
+    assert len(said) == 1 and "--method fbp" in said[0] and "clip" in said[0]
+    assert info["exact"] is False
+    assert "non-linear detector" in capsys.readouterr().err
+    reconstruct(ReconstructConfig(scan=ct_scan, out=str(tmp_path / "l"), method="fbp", progress=False))
+    assert not any("non-linear detector" in n for n in _info(tmp_path / "l")["notes"])
