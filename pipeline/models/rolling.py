@@ -35,7 +35,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rolling", "rolling_for", "rolling_chunk", "chunk_slices", "roll_unet", "roll_dncnn", "CHUNK_VOXELS"]
+__all__ = ["rolling", "rolling_for", "rolling_chunk", "chunk_slices", "roll_unet", "roll_dncnn", "dense_conv3d",
+           "CHUNK_VOXELS"]
 
 #: Input voxels per chunk (2¹⁷: 2 slices of 256², 8 of 128²), rounded up to whole slices and
 #: the pooling grid. A U-Net [16, 32] pass on 90×256² (1 thread) took 4.9 s in chunks of 2¹⁷
@@ -82,15 +83,16 @@ def chunk_slices(chunk_voxels: int, plane: int, multiple: int) -> int:
     return -(-c // m) * m
 
 
-def _conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding) -> torch.Tensor:
-    """``F.conv3d`` with stride 1. On CPU in float32, oneDNN's convolution directly: torch
-    sends an input with ``N·C·D·H ≤ 20480`` (a chunk of a few slices) to its unfolded
-    convolution, several times slower."""
+def dense_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding,
+                 stride=(1, 1, 1), dilation=(1, 1, 1), groups: int = 1) -> torch.Tensor:
+    """``torch.conv3d`` for inference, on CPU in float32 through oneDNN directly: torch sends
+    an input with ``N·C·D·H ≤ 20480`` (a chunk or piece of a few slices) to its unfolded
+    convolution, 2–10× slower here. float32 only: oneDNN's bfloat16 path needs AVX-512."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight.contiguous(), bias, list(padding),
-                                                 [1, 1, 1], [1, 1, 1], 1)
-    return F.conv3d(x, weight, bias, padding=padding)
+                                                 list(stride), list(dilation), int(groups))
+    return torch.conv3d(x, weight, bias, stride, padding, dilation, groups)
 
 
 def _cat(*parts: torch.Tensor | None) -> torch.Tensor | None:
@@ -147,7 +149,7 @@ class _Conv(_Stage):
         self.held = _keep(buf, self.k - 1) if n > 0 else buf
         for a in range(0, max(0, n), self.chunk):
             b = min(n, a + self.chunk)
-            out = _conv3d(buf[:, :, a:b + self.k - 1], self.weight, self.bias, self.hw)
+            out = dense_conv3d(buf[:, :, a:b + self.k - 1], self.weight, self.bias, self.hw)
             if b == n:
                 del buf  # not alive while the pieces downstream run
             yield self.after(out) if self.after is not None else out
@@ -344,7 +346,7 @@ def roll_unet(net, x: torch.Tensor, chunk: int) -> torch.Tensor:
     ph, pw = (-h) % f, (-w) % f
     head = net.head
     stages: list[_Stage] = [_Pointwise(lambda t: F.pad(t, (0, pw, 0, ph)))] if ph or pw else []  # per chunk
-    stages += [_unet_level(net, 0, chunk), _Pointwise(lambda t: _conv3d(t, head.weight, head.bias, (0, 0, 0)))]
+    stages += [_unet_level(net, 0, chunk), _Pointwise(lambda t: dense_conv3d(t, head.weight, head.bias, (0, 0, 0)))]
     out = _run(_Chain(stages), x, chunk, (-d) % f)
     return out[:, :, :, :h, :w] if ph or pw else out
 

@@ -195,18 +195,28 @@ def activation_bytes_per_voxel(backbones: list[torch.nn.Module], channels: int, 
     on the grid): what a backbone pass adds to memory, output included, input excluded. The
     convolution library's workspace is not in it (:func:`piece_workspace`)."""
     g = max(1, int(multiple))
-    s = -(-max(16, 2 * g) // g) * g
-    best = 0.0
-    for bb in backbones:
-        inner = bb.backbone if isinstance(bb, TiledBackbone) else bb  # the tiled network itself
-        dtype = next((p.dtype for p in inner.parameters() if p.is_floating_point()), torch.float32)
-        x = torch.zeros(1, int(getattr(inner, "in_channels", None) or channels), 2 * g, s, s, dtype=dtype,
-                        device=device)
-        with _LiveBytes() as live:
-            y = inner(x)
-            del y
-        best = max(best, live.peak / (2 * g * s * s))
-    return best
+    s = _test_plane(g)
+    return max((_peak_bytes(bb, channels, 2 * g, s, device) / (2 * g * s * s) for bb in backbones), default=0.0)
+
+
+def _test_plane(grid: int) -> int:
+    """The side of the small zero inputs the counts run on: ≥ 16 and on the pooling grid."""
+    return -(-max(16, 2 * grid) // grid) * grid
+
+
+def _peak_bytes(backbone: torch.nn.Module, channels: int, depth: int, side: int,
+                device: torch.device | str = "cpu") -> int:
+    """The peak of live tensor bytes of one pass of ``backbone`` (the tiled network itself for a
+    :class:`TiledBackbone`) on a zero input ``(1, C, depth, side, side)`` in its parameters'
+    dtype, under whatever mode is active (e.g. :func:`~pipeline.models.rolling.rolling`)."""
+    inner = backbone.backbone if isinstance(backbone, TiledBackbone) else backbone
+    dtype = next((p.dtype for p in inner.parameters() if p.is_floating_point()), torch.float32)
+    x = torch.zeros(1, int(getattr(inner, "in_channels", None) or channels), depth, side, side, dtype=dtype,
+                    device=device)
+    with _LiveBytes() as live:
+        y = inner(x)
+        del y
+    return live.peak
 
 
 #: What a rolled pass's freed chunk buffers (up to ~32 MiB each, from the heap while the pass
@@ -237,21 +247,13 @@ def rolling_activation_bytes(backbones: list[torch.nn.Module], channels: int, mu
     from pipeline.models.rolling import CHUNK_VOXELS, chunk_slices, rolling
 
     g = max(1, int(multiple))
-    s = -(-max(16, 2 * g) // g) * g
+    s = _test_plane(g)
     c = chunk_slices(CHUNK_VOXELS, int(plane[0]) * int(plane[1]), g)
     n = -(-max(4 * c, 64) // g) * g
     a = b = 0.0
     for bb in backbones:
-        inner = bb.backbone if isinstance(bb, TiledBackbone) else bb
-        dtype = next((p.dtype for p in inner.parameters() if p.is_floating_point()), torch.float32)
-        cin = int(getattr(inner, "in_channels", None) or channels)
-        peaks = []
-        for depth in (n, 2 * n, c):
-            x = torch.zeros(1, cin, depth, s, s, dtype=dtype)
-            with rolling(c * s * s), _LiveBytes() as live:
-                y = inner(x)
-                del y
-            peaks.append(live.peak / (s * s))
+        with rolling(c * s * s):
+            peaks = [_peak_bytes(bb, channels, depth, s) / (s * s) for depth in (n, 2 * n, c)]
         slope = max(0.0, (peaks[1] - peaks[0]) / n)
         a = max(a, slope)
         b = max(b, peaks[0] - slope * n, peaks[2] - slope * c)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from pipeline.models.rolling import dense_conv3d
+
 __all__ = ["ConvolutionPieces", "PIECE_VOXELS", "HEAP_BELOW", "pieces_for"]
 
 #: Output voxels per piece. A piece's workspace is about ``cpu_conv_workspace(width)`` bytes per
@@ -67,7 +69,6 @@ class ConvolutionPieces(TorchFunctionMode):
         self.voxels = int(voxels)
         self.transposed = bool(transposed)
         self.calls = self.pieces = 0
-        self.mkldnn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -91,14 +92,12 @@ class ConvolutionPieces(TorchFunctionMode):
         return (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.ndim == 5
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
-    def _run(self, x, weight, bias, stride, padding, dilation, groups):
+    @staticmethod
+    def _run(x, weight, bias, stride, padding, dilation, groups):
         # torch sends small inputs (N·C·D·H ≤ 20480, i.e. most pieces) to its slow unfolded
         # convolution, which made small pieces 2-10× slower here: oneDNN, as for the whole
-        # convolution, instead (float32 only: its bfloat16 path needs AVX-512 on the host).
-        if self.mkldnn and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == x.dtype:
-            return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride),
-                                                     list(dilation), int(groups))
-        return torch.conv3d(x, weight, bias, stride, padding, dilation, groups)
+        # convolution, instead (dense_conv3d, shared with the rolled pass).
+        return dense_conv3d(x, weight, bias, padding, stride, dilation, groups)
 
     def _conv(self, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         if not self._eligible(x, weight, bias) or isinstance(padding, str):
