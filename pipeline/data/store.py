@@ -46,36 +46,74 @@ def _local_store_class():
 
     zarr writes every object to a temporary file and renames it into place (removing the
     temporary file when the write fails), so a failed write leaves no torn chunk; this class
-    only changes the error: ``ENOSPC``/``EDQUOT``/``EFBIG`` become
+    changes the error: ``ENOSPC``/``EDQUOT``/``EFBIG`` become
     :class:`~pipeline.errors.StorageFullError` naming the object's path and its encoded size.
+
+    zarr writes the chunks of a region concurrently and reports the first failure while the
+    others go on in the background. So that no temporary file outlives the error, a write that
+    runs out of space returns only once every write already under way on this store has
+    finished, and from then on this store object refuses to start another chunk write (it
+    raises the same error at once; metadata documents are still written). Reopen the scan
+    after freeing space.
     """
+    import asyncio
+
     from zarr.storage import LocalStore
 
     class CheckedLocalStore(LocalStore):
+        _inflight = 0
+        _full: Exception | None = None
+
+        def _refused(self, key: str) -> Exception | None:
+            if self._full is not None and not key.endswith("zarr.json"):
+                return type(self._full)(str(self._full))
+            return None
+
+        async def _quiesce(self) -> None:
+            while self._inflight > 0:  # the region's other writes, already under way
+                await asyncio.sleep(0.001)
+
         async def _set(self, key: str, value, exclusive: bool = False) -> None:
+            refused = self._refused(key)
+            if refused is not None:
+                await self._quiesce()
+                raise refused
+            self._inflight += 1
             try:
-                return await super()._set(key, value, exclusive=exclusive)
+                await super()._set(key, value, exclusive=exclusive)
+                return
             except OSError as err:
-                _raise_storage(err, self.root / key, value)
+                mapped = _mapped_storage_error(err, self.root / key, value)
+                if mapped is err:
+                    raise
+                self._full = self._full or mapped
+            finally:
+                self._inflight -= 1
+            await self._quiesce()
+            raise mapped from None
 
         def set_sync(self, key: str, value) -> None:
+            refused = self._refused(key)
+            if refused is not None:
+                raise refused
             try:
                 return super().set_sync(key, value)
             except OSError as err:
-                _raise_storage(err, self.root / key, value)
+                mapped = _mapped_storage_error(err, self.root / key, value)
+                if mapped is err:
+                    raise
+                self._full = self._full or mapped
+                raise mapped from None
 
     return CheckedLocalStore
 
 
-def _raise_storage(err: OSError, path: Any, value: Any) -> None:
+def _mapped_storage_error(err: OSError, path: Any, value: Any) -> Exception:
     try:
         needed = len(value)
     except TypeError:
         needed = None
-    mapped = storage_error(err, path, needed)
-    if mapped is err:
-        raise err
-    raise mapped from None
+    return storage_error(err, path, needed)
 
 
 _CHECKED_LOCAL_STORE = None

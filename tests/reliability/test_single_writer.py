@@ -50,6 +50,13 @@ sys.exit(main(["reconstruct", *sys.argv[3:]]))
 """
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    """The jobs run with one torch thread (``_env``); so do the in-process references, whose
+    float rounding must be the same for the outputs to compare equal bit for bit."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture(scope="module")
 def scan(tmp_path_factory) -> str:
     """An 8×16×16 parallel-beam CT scan, 8 angles, chunks of 2 slices."""

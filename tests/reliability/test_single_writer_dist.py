@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline.reconstruct import completion_records, reconstruct
 from pipeline.reconstruct.lease import read_lease
-from test_single_writer import DRIVER, ROOT, _args, _attrs, _config, _env, _level0, scan  # noqa: F401 (fixture)
+from test_single_writer import DRIVER, ROOT, _args, _attrs, _config, _env, _level0, _one_thread, scan  # noqa: F401 (fixtures)
 
 
 def test_second_torchrun_job_is_refused_and_the_first_job_s_ranks_share_the_lease(tmp_path, scan):

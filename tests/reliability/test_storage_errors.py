@@ -191,6 +191,42 @@ def test_disk_full_while_ingesting(tmp_path, monkeypatch, after, array):
     np.testing.assert_array_equal(open_scan(config.out).measurements.read(), p.transpose(1, 0, 2))
 
 
+def test_a_full_disk_is_reported_after_the_regions_other_writes_end(tmp_path, monkeypatch):
+    """zarr writes a region's chunks at once and reports the first failure while the others run
+    on: the error must come back only after they end (no temporary file outlives it), and the
+    store starts no chunk write after it."""
+    import time
+
+    from zarr.storage import _local
+
+    from pipeline.data.store import open_store
+
+    arr = zarr.create_array(open_store(tmp_path / "a.zarr", read_only=False), shape=(4, 8), chunks=(1, 8),
+                            dtype="float32", fill_value=0.0)
+    real = _local._put
+    started: list[str] = []
+
+    def put(path, value, exclusive=False):
+        name = Path(path).as_posix()
+        if "/c/" not in name:
+            return real(path, value, exclusive=exclusive)
+        started.append(name)
+        if name.endswith("/c/0/0"):
+            time.sleep(0.3)  # a slow write, still under way when the disk fills
+            return real(path, value, exclusive=exclusive)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(_local, "_put", put)
+    with pytest.raises(StorageFullError, match="no space left writing"):
+        arr[...] = np.ones((4, 8), np.float32)
+    assert (tmp_path / "a.zarr" / "c" / "0" / "0").is_file()  # the slow write had ended
+    assert _leftovers(tmp_path) == []
+    count = len(started)
+    with pytest.raises(StorageFullError):
+        arr[0] = 2.0
+    assert len(started) == count  # refused before any file was opened
+
+
 def test_disk_full_while_preprocessing(tmp_path, scan_copy, monkeypatch):
     from pipeline.data import PreprocessConfig, preprocess
 
