@@ -163,7 +163,9 @@ def recipe_name(case: str, args) -> str:
 def recipe(case: str, detector: str, args):
     from pipeline.train.config import load_config
 
-    overrides = [f"run.max_steps={args.steps}", f"loss.detector={detector}"] + list(args.set or [])
+    # The linear-model network ignores the detector everywhere: in its loss and in its input.
+    overrides = [f"run.max_steps={args.steps}", f"loss.detector={detector}", f"model.initial_detector={detector}"]
+    overrides += list(args.set or [])
     return load_config(Path(args.recipe_dir) / recipe_name(case, args), overrides)
 
 
@@ -246,30 +248,15 @@ def fbp_oracle(v: "Q.Volume", *, scale: bool = False) -> tuple[str, torch.Tensor
     return f"FBP {best[1]} (oracle)", best[2]
 
 
-#: The detector-aware classical iteration's settings, chosen on ``clip-tuning`` only (Hann FBP
-#: 22.81 dB; τ 1: 25.27 dB at 10 iterations, 20.73 at 60; τ 0.5: 24.80 / 25.42 / 24.69 at 10 /
-#: 30 / 60; a Ram-Lak preconditioner 24.53 at best; 2026-12-05): semi-convergent, stopped early.
-HINGE_ITERS, HINGE_TAU, HINGE_FILTER = 30, 0.5, "hann"
+def aware_classical(v: "Q.Volume", record: dict) -> torch.Tensor:
+    """The classical reconstruction that knows the count floor:
+    :func:`pipeline.classical.clipped_fbp` (FBP-preconditioned projected steps on the
+    detector-aware data consistency, Hann windows, its default iterations and step, chosen on
+    ``clip-tuning`` only). The baseline a detector-aware network has to beat; also the input of
+    a network with ``model.initial_detector: auto`` (the recipes' default)."""
+    from pipeline.classical import clipped_fbp
 
-
-def hinge_iteration(v: "Q.Volume", level: float, *, iters: int = HINGE_ITERS, tau: float = HINGE_TAU,
-                    filt: str = HINGE_FILTER) -> torch.Tensor:
-    """A classical reconstruction that knows the count floor: projected gradient steps on the
-    detector-aware measurement consistency, preconditioned by an FBP,
-    ``x ← max(0, x + τ·FBP(r))``, ``r = y − A x`` on the unclipped rays and ``max(0, L − A x)``
-    on the clipped ones (their line integral is only known to be at least the level ``L``),
-    started at the FBP of the clipped scan. The baseline a detector-aware network has to beat."""
-    from pipeline.classical import fbp_slab
-
-    y, op = v.y, v.op
-    clipped = y >= level - 1e-6 * abs(level)
-    floor = torch.full_like(y, level)
-    x = fbp_slab(y, op, filter=filt)
-    for _ in range(iters):
-        ax = op(x)
-        r = torch.where(clipped, torch.relu(floor - ax), y - ax)
-        x = (x + tau * fbp_slab(r, op, filter=filt)).clamp_min(0)
-    return x
+    return clipped_fbp(v.y, v.op, low=record.get("low"), high=record.get("high"), filter="hann")
 
 
 def row(x: torch.Tensor, v: "Q.Volume", *, scaled: bool) -> dict:
@@ -307,10 +294,12 @@ def run_case(case: str, args, scratch: Path, device) -> dict:
         label, x = fbp_oracle(vol, scale=one_bit)
         methods["fbp"] = {**row(x, vol, scaled=one_bit), "label": label + (", best-scaled" if one_bit else "")}
         if not one_bit:
-            x = hinge_iteration(vol, float(record["high"]))
+            from pipeline.classical import CLIPPED_FBP_ITERATIONS, CLIPPED_FBP_STEP
+
+            x = aware_classical(vol, record)
             methods["aware classical iteration"] = {
                 **row(x, vol, scaled=False),
-                "label": f"FBP-preconditioned hinge steps ({HINGE_FILTER}, τ {HINGE_TAU}, {HINGE_ITERS} iterations)"}
+                "label": f"clipped FBP (Hann, step {CLIPPED_FBP_STEP:g}, {CLIPPED_FBP_ITERATIONS} iterations)"}
     else:
         x = linear.op.adjoint(linear.y)
         methods["zero-filled Aᴴy (linear scan)"] = {**row(x, linear, scaled=False), "label": "Aᴴy of the linear data"}
@@ -330,7 +319,8 @@ def run_case(case: str, args, scratch: Path, device) -> dict:
         model, train_s, _ = Q.train(cfg, facts, [vol], device, label=f"{case} {name}", verbose=args.verbose)
         (x,) = Q.reconstruct(model, [vol])
         methods[name] = {**row(x, vol, scaled=one_bit), "label": f"{recipe_name(case, args)}, loss.detector: {mode}, "
-                         f"{cfg.run.max_steps} steps", "train_s": train_s}
+                         f"model.initial_detector: {cfg.model.initial_detector}, {cfg.run.max_steps} steps",
+                         "train_s": train_s}
         print(f"[{case}] {name}: PSNR {methods[name]['psnr']:.2f} dB ({time.perf_counter() - t:.0f} s)", flush=True)
     if len(args.networks) == 2:
         results["targets"] = targets(methods, one_bit=one_bit)

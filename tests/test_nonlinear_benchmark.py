@@ -38,39 +38,6 @@ def test_targets_and_best_scale():
     torch.testing.assert_close(nonlinear.best_scaled(torch.tensor([2.0, 4.0, 6.0]), V), V.reference)
 
 
-def test_hinge_iteration_honours_the_count_floor_it_knows():
-    """The detector-aware classical iteration moves towards A x = y on the unclipped rays and
-    A x ≥ level on the clipped ones, and stays non-negative."""
-    import nonlinear
-    from operators3d import ParallelBeamCT
-    from pipeline.classical import fbp_slab
-
-    torch.manual_seed(0)
-    op = ParallelBeamCT(volume_shape=(2, 24, 24), angles=torch.linspace(0, math.pi, 31)[:-1])
-    x_true = torch.zeros(2, 24, 24)
-    x_true[:, 6:18, 6:18] = 0.1
-    x_true[:, 9:15, 9:15] = 0.4
-    clean = op(x_true)
-    level = float(torch.quantile(clean.flatten(), 0.85))
-    y = clean.clamp_max(level)
-
-    class V:
-        pass
-
-    V.y, V.op = y, op
-    clipped = y >= level - 1e-6 * abs(level)
-
-    def misfit(x):
-        ax = op(x)
-        return float(((ax - y)[~clipped] ** 2).sum() + (torch.relu(level - ax)[clipped] ** 2).sum())
-
-    x0 = fbp_slab(y, op, filter=nonlinear.HINGE_FILTER)
-    x = nonlinear.hinge_iteration(V, level, iters=10)
-    assert (x >= 0).all()
-    assert misfit(x) < 0.5 * misfit(x0)
-    assert float(((x - x_true) ** 2).sum()) < float(((x0 - x_true) ** 2).sum())
-
-
 def test_whitening_is_a_radial_reweighting_that_one_bit_fourier_data_barely_see():
     import nonlinear
     from operators3d import MultiCoilMRI, poisson_disc_mask, simulate_coil_maps
@@ -136,7 +103,9 @@ def test_quick_run_reports_consistent_tables(tmp_path):
     assert oracle["psnr_scaled"] > mri["methods"]["normalised back-projection"]["psnr_scaled"] + 1.0
     assert "spectral envelope: whitening the reference" in proc.stdout
     assert "loss.detector: auto" in clip["methods"]["network, aware"]["label"]
-    assert "hinge" in clip["methods"]["aware classical iteration"]["label"]
+    assert "clipped FBP" in clip["methods"]["aware classical iteration"]["label"]
+    assert "model.initial_detector: auto" in clip["methods"]["network, aware"]["label"]
+    assert "model.initial_detector: ignore" in clip["methods"]["network, linear model"]["label"]
     assert clip["targets"]["above_aware_classical"] == (
         clip["methods"]["network, aware"]["psnr"] > clip["methods"]["aware classical iteration"]["psnr"])
     assert "loss.detector: ignore" in clip["methods"]["network, linear model"]["label"]

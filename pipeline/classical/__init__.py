@@ -15,13 +15,14 @@ operator library (:mod:`operators3d.ct` ``fbp``/``fdk``/``filter_rows``, :func:`
 * :mod:`.auto` — a scan's method with its parameters given or calibrated (``"auto"``):
   :class:`AutoClassical`, what ``recon3d reconstruct`` and the training's validation baseline run.
 * :mod:`.baseline` — the classical estimate of any operator, restricted ones included, for
-  models and losses: :func:`filtered_backprojection` (differentiable FBP/FDK) and
+  models and losses: :func:`filtered_backprojection` (differentiable FBP/FDK),
+  :func:`clipped_fbp` (FBP of a scan read through a clipping detector) and
   :func:`classical_reconstruction`.
 """
 
 from . import auto, baseline, select, slab, tv
 from .auto import AUTO, AutoClassical
-from .baseline import classical_reconstruction, filtered_backprojection
+from .baseline import CLIPPED_FBP_ITERATIONS, CLIPPED_FBP_STEP, classical_reconstruction, clipped_fbp, filtered_backprojection
 from .select import (
     CALIBRATION_VERSION,
     FBP_CUTOFFS,

@@ -30,13 +30,21 @@ class AutoClassical:
 
     ``read(lo, hi) -> (y, op)`` reads a D-range of the scan for the calibration (default
     ``scan.slab``); the calibration runs on ``device``.
+
+    ``detector="auto"``: FBP of a parallel-beam scan read through a clipping detector (its
+    ``detector`` record has a count floor ``high`` or a saturation ``low``) is followed by the
+    steps of :func:`~pipeline.classical.clipped_fbp`, which take a clipped ray as a bound;
+    ``"ignore"``: plain FBP, the measurements taken as linear.
     """
 
     def __init__(self, scan, method: str, given: Mapping[str, Any] | None = None, *, calibration_slabs: int = 3,
                  device: torch.device = torch.device("cpu"),
-                 read: Callable[[int, int], tuple[torch.Tensor, Any]] | None = None) -> None:
+                 read: Callable[[int, int], tuple[torch.Tensor, Any]] | None = None, detector: str = "auto") -> None:
+        if detector not in ("auto", "ignore"):
+            raise ValueError(f"detector must be 'auto' or 'ignore', got {detector!r}")
         given = dict(given or {})
         self.scan, self.method, self.device = scan, method, device
+        self.clip_levels = _clip_levels(scan) if detector == "auto" and method == "fbp" else None
         self.calibration_slabs = int(calibration_slabs)
         self.read = read if read is not None else (lambda lo, hi: scan.slab(slice(lo, hi)))
         self.noise = scan.metadata.noise()
@@ -53,6 +61,11 @@ class AutoClassical:
         """What an output's fingerprint hashes: the settings as given (``"auto"`` for a chosen
         value) and how the choice is made; the chosen values are recorded beside it and reused."""
         params: dict[str, Any] = {"method": self.method, **self.given}
+        if self.clip_levels is not None:
+            from .baseline import CLIPPED_FBP_ITERATIONS, CLIPPED_FBP_STEP
+
+            params["clipped"] = {"low": self.clip_levels[0], "high": self.clip_levels[1],
+                                 "iterations": CLIPPED_FBP_ITERATIONS, "step": CLIPPED_FBP_STEP}
         if self.needs_calibration:
             from .select import CALIBRATION_VERSION
 
@@ -137,4 +150,20 @@ class AutoClassical:
         from .tv import tv_problem
 
         problem = tv_problem(self.scan) if self.method == "tv" else None
-        return reconstruct_slab(self.method, y, op, self.params, noise=self.noise, problem=problem)
+        x = reconstruct_slab(self.method, y, op, self.params, noise=self.noise, problem=problem)
+        if self.clip_levels is not None and getattr(op, "is_ct", False):
+            from .baseline import clipped_fbp
+
+            x = clipped_fbp(y, op, low=self.clip_levels[0], high=self.clip_levels[1], start=x)
+        return x
+
+
+def _clip_levels(scan) -> tuple[float | None, float | None] | None:
+    """``(low, high)`` of a parallel-beam scan's clipping detector (``None``: none, or cone beam,
+    whose FDK is not computed slab by slab)."""
+    record = getattr(scan.metadata, "detector", None)
+    geometry = getattr(scan.metadata, "geometry", None)
+    if record is None or record.get("model") != "clip" or getattr(geometry, "kind", None) != "parallel":
+        return None
+    low, high = record.get("low"), record.get("high")
+    return None if low is None and high is None else (low, high)

@@ -6,6 +6,9 @@ cannot differentiate): the ``"fbp"`` initial estimate of the reconstructors and 
 Noise2Inverse target. :func:`classical_reconstruction` is the plain baseline (``fbp``, ``fdk``,
 SENSE, else ``Aᴴy``). Both accept the restricted operators of :mod:`operators3d.restrict`
 (a :class:`~operators3d.MaskedOperator` is compensated by its ``keep_fraction``).
+:func:`clipped_fbp` is the FBP of a scan read through a clipping detector (a count floor, a
+saturation): FBP-preconditioned projected steps on the detector-aware data consistency,
+differentiable too (the detector-aware initial estimate of the reconstructors).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import torch
 
 from operators3d import IndexSelect, LinearOperator, MaskedOperator, MultiCoilMRI, sense_cg
 
-__all__ = ["filtered_backprojection", "classical_reconstruction"]
+__all__ = ["filtered_backprojection", "clipped_fbp", "CLIPPED_FBP_ITERATIONS", "CLIPPED_FBP_STEP",
+           "classical_reconstruction"]
 
 
 def filtered_backprojection(
@@ -76,6 +80,54 @@ def filtered_backprojection(
     q = filter_rows(weighted, du * scale, filter)
     factor = math.pi / op.num_angles * scale**2 * du * dv / vs**3
     return op.adjoint(q) * factor
+
+
+#: :func:`clipped_fbp`'s defaults, chosen on the tuning scan of ``benchmarks/nonlinear.py``
+#: (``clip-tuning``, ellipsoids seed 101, 12 % of rays at a count floor; BENCHMARKS.md, issue 18.2).
+CLIPPED_FBP_ITERATIONS, CLIPPED_FBP_STEP = 10, 1.0
+
+
+def clipped_fbp(
+    y: torch.Tensor, op: LinearOperator, *, low: float | None = None, high: float | None = None,
+    filter: str = "hann", precondition: str = "hann", iterations: int = CLIPPED_FBP_ITERATIONS,
+    step: float = CLIPPED_FBP_STEP, start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """FBP of line integrals read through a clipping detector, ``y = clamp(A x + n, low, high)``.
+
+    A ray read at ``high`` (a count floor: photon starvation) only says ``A x ≥ high``, one at
+    ``low`` (saturation) ``A x ≤ low``; plain FBP takes them as equalities and streaks. This
+    starts at the FBP of ``y`` (window ``filter``) and takes ``iterations`` projected steps on
+    the detector-aware data consistency, preconditioned by an FBP (window ``precondition``; the
+    Hann window's: a Ram-Lak preconditioner diverges at step 1):
+
+    ``x ← max(0, x + step · FBP(r))``, ``r = y − A x`` on the rays inside ``(low, high)``,
+    ``max(0, high − A x)`` on those at ``high`` and ``min(0, low − A x)`` on those at ``low``
+
+    (``r`` is minus the gradient of the measurement consistency in the clipped detector's
+    measurement space; the clamp keeps attenuation non-negative). The iteration is
+    semi-convergent: it is stopped early, at the count chosen on a tuning scan. Differentiable
+    in ``y`` (:func:`filtered_backprojection` throughout), so it can be a network's input.
+    ``start`` replaces the starting FBP (``recon3d reconstruct --method fbp`` starts from its own
+    FBP, window and cutoff as chosen for the scan).
+
+    Shape:
+        as :func:`filtered_backprojection`.
+    """
+    x = filtered_backprojection(y, op, filter=filter) if start is None else start
+    if low is None and high is None:
+        return x
+    with torch.no_grad():  # which rays read a level (the data are exactly at it; 1e-6 for rounding)
+        at_high = None if high is None else y >= high - 1e-6 * max(abs(high), 1.0)
+        at_low = None if low is None else y <= low + 1e-6 * max(abs(low), 1.0)
+    for _ in range(int(iterations)):
+        ax = op(x)
+        r = y - ax
+        if at_high is not None:
+            r = torch.where(at_high, torch.relu(high - ax), r)
+        if at_low is not None:
+            r = torch.where(at_low, -torch.relu(ax - low), r)
+        x = (x + step * filtered_backprojection(r, op, filter=precondition)).clamp_min(0)
+    return x
 
 
 def classical_reconstruction(

@@ -29,7 +29,7 @@ Example::
 
 from .channels import from_channels, num_channels, to_channels
 from .operator_steps import initial_estimate, normal_solve
-from .reconstructors import ArtifactRemoval, UnrolledNetwork, intensity_scale, scan_intensity_scale
+from .reconstructors import ArtifactRemoval, UnrolledNetwork, intensity_scale, scan_intensity_scale, set_scan_detector
 from .receptive import model_halo, reconstructor_of, retile
 from .tiling import TiledBackbone, axis_windows, tile_shape_for, tile_starts
 from .dncnn import DnCNN3D
@@ -46,6 +46,7 @@ __all__ = [
     "tile_shape_for",
     "axis_windows",
     "ArtifactRemoval",
+    "set_scan_detector",
     "UnrolledNetwork",
     "initial_estimate",
     "normal_solve",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ from .operator_steps import Initial, _check_filter, _check_initial, initial_esti
 __all__ = [
     "ArtifactRemoval",
     "UnrolledNetwork",
+    "set_scan_detector",
     "intensity_scale",
     "scan_intensity_scale",
 ]
@@ -199,6 +201,13 @@ class ArtifactRemoval(nn.Module):
         sense_iters: CG iterations of the SENSE estimate.
         sense_l2: Tikhonov weight ``λ`` of the SENSE estimate.
         fbp_filter: ramp window of an FBP/FDK estimate (:func:`initial_estimate`).
+        initial_detector: ``"auto"``: when :attr:`detector` is a clipping detector's record
+            (a count floor, a saturation; ``docs/scan-format.md``), an FBP estimate is the
+            detector-aware :func:`~pipeline.classical.clipped_fbp` of the record's levels instead
+            of plain FBP; ``"ignore"``: plain FBP whatever the detector.
+        detector: the record of the detector the measurements went through (``None``: linear).
+            Training sets it from the training scans; whole-scan reconstruction from the scan
+            being reconstructed (:func:`set_scan_detector`). Not part of the weights.
     """
 
     def __init__(
@@ -210,23 +219,41 @@ class ArtifactRemoval(nn.Module):
         sense_iters: int = 10,
         sense_l2: float = 0.0,
         fbp_filter: str = "ram-lak",
+        initial_detector: str = "ignore",
+        detector: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         _check_initial(initial, "ArtifactRemoval")
         _check_filter(fbp_filter, "ArtifactRemoval")
+        if initial_detector not in ("auto", "ignore"):
+            raise ValueError(f"ArtifactRemoval: initial_detector must be 'auto' or 'ignore', got {initial_detector!r}")
         self.backbone = backbone
         self.initial = initial
         self.normalize = normalize
         self.sense_iters = sense_iters
         self.sense_l2 = sense_l2
         self.fbp_filter = fbp_filter
+        self.initial_detector = initial_detector
+        self.detector = None if detector is None else dict(detector)
 
     def extra_repr(self) -> str:
         init = self.initial
         if not isinstance(init, str):
             init = getattr(init, "__name__", "callable")
         window = "" if self.fbp_filter == "ram-lak" else f", fbp_filter={self.fbp_filter}"
-        return f"initial={init}, normalize={self.normalize}{window}"
+        levels = self._clip_levels()
+        aware = "" if levels is None else f", clipped_fbp(low={levels[0]}, high={levels[1]})"
+        return f"initial={init}, normalize={self.normalize}{window}{aware}"
+
+    def _clip_levels(self) -> tuple[float | None, float | None] | None:
+        """``(low, high)`` of a clipping detector the FBP estimate accounts for, else ``None``."""
+        d = self.detector
+        if self.initial_detector != "auto" or d is None or d.get("model") != "clip":
+            return None
+        if self.initial not in ("fbp", "classical"):
+            return None
+        low, high = d.get("low"), d.get("high")
+        return None if low is None and high is None else (low, high)
 
     def initial_image(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
         """The backbone's input before scaling: this model's initial estimate (its own window,
@@ -237,6 +264,11 @@ class ArtifactRemoval(nn.Module):
         Shape:
             ``(*batch, *op.range_shape)`` → ``(*batch, *op.domain_shape)``.
         """
+        levels = self._clip_levels()
+        if levels is not None and op.is_ct:
+            from pipeline.classical import clipped_fbp
+
+            return clipped_fbp(y, op, low=levels[0], high=levels[1], filter=self.fbp_filter)
         return initial_estimate(y, op, self.initial, sense_iters=self.sense_iters, sense_l2=self.sense_l2,
                                 fbp_filter=self.fbp_filter)
 
@@ -256,6 +288,19 @@ class ArtifactRemoval(nn.Module):
         _check_channels(self.backbone, x0, "ArtifactRemoval")
         out = _denoise(self.backbone, x0, _scale_of(self, x0))
         return out.reshape(lead + domain)
+
+
+def set_scan_detector(model: nn.Module, record: Mapping[str, Any] | None) -> bool:
+    """Tell the reconstructor inside ``model`` which detector the scan it runs on was read through
+    (the scan's ``detector`` record, ``None``: linear). Whoever runs a model on a scan other than
+    its training scans calls this (whole-scan reconstruction), so that a model with
+    ``initial_detector="auto"`` starts from the detector-aware estimate of *that* scan's levels.
+    Returns whether the initial estimate now accounts for the detector."""
+    for m in model.modules():
+        if isinstance(m, ArtifactRemoval) and m.initial_detector == "auto":
+            m.detector = None if record is None else dict(record)
+            return m._clip_levels() is not None
+    return False
 
 
 def _reset_parameters(module: nn.Module) -> None:

@@ -30,7 +30,8 @@ def _dncnn(cfg: Any, channels: int) -> nn.Module:
 
 
 def _artifact_removal(backbone: nn.Module, cfg: Any) -> nn.Module:
-    return ArtifactRemoval(backbone, initial=cfg.initial, normalize=cfg.normalize, fbp_filter=cfg.fbp_filter)
+    return ArtifactRemoval(backbone, initial=cfg.initial, normalize=cfg.normalize, fbp_filter=cfg.fbp_filter,
+                           initial_detector=cfg.initial_detector)
 
 
 def _unrolled(backbone: nn.Module, cfg: Any) -> nn.Module:

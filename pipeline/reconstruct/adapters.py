@@ -23,7 +23,7 @@ import torch
 from pipeline.classical.auto import AutoClassical
 from pipeline.data.format import ATTRS_KEY, CTGeometry, ScanError
 from pipeline.modelcard import ModelCard, read_card
-from pipeline.models import model_halo, reconstructor_of, retile
+from pipeline.models import model_halo, reconstructor_of, retile, set_scan_detector
 from pipeline.models.rolling import rolling_for
 
 from .config import AUTO, TV_HALO, ReconstructConfig
@@ -113,7 +113,7 @@ class _Classical(AutoClassical):
         given = {"filter": c.filter, "cutoff": cutoff, "l2_weight": c.l2_weight,
                  "iterations": c.sense_iters if m == "sense" else c.tv_iters, "tv_weight": c.tv_weight}
         super().__init__(scan, m, given, calibration_slabs=c.calibration_slabs, device=device,
-                         read=_SlabReader(scan))
+                         read=_SlabReader(scan), detector=c.detector)
         self.is_complex = mri
         self.radius = TV_HALO if m == "tv" else 0
         self.notes = ([f"3D TV couples neighbouring slices: each slab is solved with a halo of {TV_HALO} "
@@ -185,6 +185,11 @@ class _Network:
             tile = (0, 0, 0)
         self.model = retile(model, tile, config.overlap).to(device).eval()
         radius, self.multiple, self.notes = model_halo(self.model)
+        # A model trained with model.initial_detector: auto starts from the detector-aware FBP of
+        # this scan's own levels (its detector record), as it did on its training scans.
+        self.clip_levels = None
+        if set_scan_detector(self.model, getattr(scan.metadata, "detector", None)):
+            self.clip_levels = reconstructor_of(self.model)._clip_levels()
         if tile != config.tile:
             _say(f"the model was trained on tiles {trained_tiles}; it runs untiled here (the memory budget "
                  "chooses the slab); --tile D H W tiles it", config.progress and rank == 0)

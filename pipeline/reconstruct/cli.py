@@ -88,6 +88,10 @@ def register(subparsers: Any) -> None:
                    help="TV (PDHG) iterations (default: auto among 25, 50, 100)")
     c.add_argument("--calibration-slabs", type=int, default=3, metavar="K",
                    help="D-blocks the auto calibration reads, evenly spaced (default: 3)")
+    c.add_argument("--detector", default="auto", choices=["auto", "ignore"],
+                   help="FBP of a parallel-beam scan read through a clipping detector (a count floor or a "
+                   "saturation in its detector record): auto (default) follows it with the clipped-FBP steps, "
+                   "which take a clipped ray as a bound; ignore: plain FBP, the measurements taken as linear")
     s = rec.add_argument_group("output")
     s.add_argument("--no-complex", action="store_true", help="MRI: do not keep the complex image")
     s.add_argument("--uncertainty", type=int, default=0, metavar="N",
@@ -156,6 +160,7 @@ def _config(args: argparse.Namespace):
         tile=tuple(args.tile) if args.tile else None, overlap=args.overlap, filter=args.filter,
         filter_cutoff=args.filter_cutoff, sense_iters=args.sense_iters, l2_weight=args.l2_weight,
         tv_weight=args.tv_weight, tv_iters=args.tv_iters, calibration_slabs=args.calibration_slabs,
+        detector=args.detector,
         keep_complex=not args.no_complex, uncertainty=args.uncertainty, uncertainty_seed=args.uncertainty_seed,
         codec=CodecConfig(compressor=args.codec, clevel=args.clevel,
                           checksum=not args.no_checksum), overwrite=args.overwrite,

@@ -62,6 +62,11 @@ class ReconstructConfig(Settings):
             and reused when the job resumes. ``filter_cutoff=None``: auto with an auto
             window, else 1.
         calibration_slabs: how many D-blocks the calibration reads (default 3).
+        detector: ``auto``: ``fbp`` of a parallel-beam scan read through a clipping detector (a
+            count floor or a saturation in its ``detector`` record) is followed by the steps of
+            :func:`pipeline.classical.clipped_fbp`, which take a clipped ray as a bound, not a
+            value; ``ignore``: plain FBP, the measurements taken as linear. (A model's input is
+            what it was trained on: ``model.initial_detector``.)
         keep_complex: MRI: also write the complex image as the array ``complex``.
         uncertainty: ``N > 0`` also writes the image ``uncertainty`` (a nested OME-Zarr image
             with the same levels): a per-voxel RMS error from ``N`` equivariant-bootstrap draws
@@ -108,6 +113,7 @@ class ReconstructConfig(Settings):
     tv_weight: StrictFloat | StrictInt | str = AUTO
     tv_iters: StrictInt | StrictFloat | str = AUTO
     calibration_slabs: int = Field(3, ge=1)
+    detector: Literal["auto", "ignore"] = "auto"
     keep_complex: bool = True
     uncertainty: int = Field(0, ge=0)
     uncertainty_seed: int = 0

@@ -214,7 +214,7 @@ def reconstruct(config: ReconstructConfig) -> ReconstructResult:
     if layout.memory is not None:
         _say(describe_memory(layout.memory), config.progress and rank == 0)
     notes = list(recon.notes) + _detector_notes(scan, config, recon)
-    for note in notes[len(recon.notes):]:
+    for note in notes[len(recon.notes):] + [m for m in [_detector_handling(recon)] if m]:
         _say(note, config.progress and rank == 0)
     if layout.halo < recon.radius:
         notes.append(f"halo {layout.halo} < receptive radius {recon.radius}: slab edges differ from the whole volume")
@@ -243,9 +243,22 @@ def _detector_notes(scan, config: ReconstructConfig, recon) -> list[str]:
     what = str(detector.get("model"))
     share = detector.get("fraction_at_high")
     extent = f", {100 * float(share):.1f}% of the measurements at its upper level" if share is not None else ""
+    if getattr(recon, "clip_levels", None) is not None:
+        return []  # handled (_detector_handling)
     return [f"the scan's measurements went through a non-linear detector ({what}{extent}); --method "
             f"{config.method} treats them as linear (y = A x), so the clipped or quantised values bias it "
             "(a network trained with loss.detector: auto accounts for the detector)"]
+
+
+def _detector_handling(recon) -> str | None:
+    """What the job does about the scan's clipping detector, for the log (``None``: nothing)."""
+    levels = getattr(recon, "clip_levels", None)
+    if levels is None:
+        return None
+    what = "the network's input" if isinstance(recon, _Network) else "FBP"
+    return (f"the scan's detector clips its line integrals (low {levels[0]}, high {levels[1]}): {what} is "
+            "followed by the clipped-FBP steps, which take a clipped ray as a bound"
+            + ("" if isinstance(recon, _Network) else " (--detector ignore: plain FBP)"))
 
 
 def _run(config: ReconstructConfig, out: _Output, recon, scan, layout: _Layout, slabs, settings,

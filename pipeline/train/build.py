@@ -152,7 +152,12 @@ def build_model(cfg: ModelConfig, facts: ScanFacts, *, precision: str = "fp32") 
                                  checkpoint=cfg.tile.activation_checkpointing, tiles_per_batch=cfg.tile.tiles_per_batch)
     if cfg.initial == "sense" and facts.modality != "mri":
         raise ConfigError("model.initial: 'sense' is for MRI scans; use 'fbp' or 'adjoint' for CT")
-    return RECONSTRUCTORS[cfg.reconstructor](backbone, cfg)
+    model = RECONSTRUCTORS[cfg.reconstructor](backbone, cfg)
+    if facts.detector is not None:
+        from pipeline.models import set_scan_detector
+
+        set_scan_detector(model, facts.detector)
+    return model
 
 
 def build_loss(cfg: LossConfig, facts: ScanFacts, *, seed: int) -> Any:

@@ -149,6 +149,11 @@ class ModelConfig(FrozenModel):
     reconstructor: Literal[tuple(RECONSTRUCTORS)] = "artifact_removal"
     initial: Literal["adjoint", "fbp", "sense"] = "adjoint"
     fbp_filter: Literal["ram-lak", "shepp-logan", "cosine", "hann"] = "ram-lak"  # initial: fbp's window
+    initial_detector: Literal["auto", "ignore"] = Field(
+        "auto", description="auto: on scans read through a clipping detector (a count floor or a saturation in "
+        "their detector record) the fbp initial estimate is the detector-aware clipped FBP "
+        "(pipeline.classical.clipped_fbp: FBP-preconditioned steps that take a clipped ray as a bound, not a "
+        "value); ignore: plain FBP whatever the detector. artifact_removal only")
     normalize: bool = True
     # Zero the backbone's last convolution: the residual network then starts exactly at its
     # initial estimate (FBP, SENSE...) and training can only move away from it where the loss asks.

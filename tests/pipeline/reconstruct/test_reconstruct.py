@@ -408,20 +408,39 @@ def test_model_given_by_url_is_fetched_and_equals_the_local_file(tmp_path, ct_sc
 
 
 def test_classical_method_on_a_non_linear_detector_says_so(tmp_path, ct_scan, capsys):
-    """FBP of a scan with a recorded count floor inverts A as if y = A x: the log and the output's
-    notes say so (and the output is not marked exact); a linear scan gets no such note."""
+    """FBP of a scan with a recorded count floor: by default (``--detector auto``) followed by the
+    clipped-FBP steps of the scan's levels, which take a clipped ray as a bound (the log says so;
+    slab by slab equals the whole volume, and it is closer to the reference than plain FBP); with
+    ``--detector ignore`` it inverts A as if y = A x, and the log and the output's notes say so
+    (not marked exact). A linear scan gets neither."""
+    from pipeline.classical import clipped_fbp, fbp_slab
     from pipeline.data import SimulateCTConfig, simulate_ct
 
     clipped = tmp_path / "floor.zarr"
     simulate_ct(SimulateCTConfig(out=str(clipped), shape=(4, 16, 16), angles=12, chunk_depth=2, seed=0,
-                                 photons=1e4, floor=0.95, workers=1, scheduler="sync", progress=False))
-    record = open_scan(str(clipped)).metadata.detector
-    assert record["model"] == "clip" and record["fraction_at_high"] > 0
-    reconstruct(ReconstructConfig(scan=str(clipped), out=str(tmp_path / "c"), method="fbp", progress=True))
+                                 photons=1e4, floor=0.5, workers=1, scheduler="sync", progress=False))
+    scan = open_scan(str(clipped))
+    record = scan.metadata.detector
+    assert record["model"] == "clip" and record["fraction_at_high"] > 0.02
+    reconstruct(ReconstructConfig(scan=str(clipped), out=str(tmp_path / "a"), method="fbp", filter="hann",
+                                  filter_cutoff=1.0, chunks=(2, 16, 16), progress=True))
+    assert "FBP is followed by the clipped-FBP steps" in capsys.readouterr().err
+    info = _info(tmp_path / "a")
+    assert info["exact"] is True and not any("non-linear detector" in n for n in info["notes"])
+    y, op = scan.slab(slice(0, 4))
+    whole = clipped_fbp(y, op, high=record["high"], start=fbp_slab(y, op, filter="hann"))
+    torch.testing.assert_close(_level(tmp_path / "a"), whole, rtol=1e-5, atol=1e-6)
+    reconstruct(ReconstructConfig(scan=str(clipped), out=str(tmp_path / "c"), method="fbp", filter="hann",
+                                  filter_cutoff=1.0, detector="ignore", progress=True))
     info = _info(tmp_path / "c")
     said = [n for n in info["notes"] if "non-linear detector" in n]
     assert len(said) == 1 and "--method fbp" in said[0] and "clip" in said[0]
     assert info["exact"] is False
     assert "non-linear detector" in capsys.readouterr().err
-    reconstruct(ReconstructConfig(scan=ct_scan, out=str(tmp_path / "l"), method="fbp", progress=False))
+    ref = scan.reference.read_torch(slice(0, 4))
+    err = {k: float((_level(tmp_path / k) - ref).norm()) for k in ("a", "c")}
+    assert err["a"] < err["c"], err
+    reconstruct(ReconstructConfig(scan=ct_scan, out=str(tmp_path / "l"), method="fbp", progress=True))
+    err = capsys.readouterr().err
+    assert "non-linear detector" not in err and "clipped-FBP" not in err
     assert not any("non-linear detector" in n for n in _info(tmp_path / "l")["notes"])
