@@ -197,7 +197,9 @@ def _build(payload: dict[str, Any]) -> nn.Module:
     from .config import LossConfig, ModelConfig
 
     facts = ScanFacts(payload["modality"], "", None, int(payload["channels"]))
-    model = build_model(ModelConfig.model_validate(payload["model_config"]), facts)
+    # An export made before model.initial_detector existed was trained on plain FBP: keep it so.
+    model_config = {"initial_detector": "ignore", **payload["model_config"]}
+    model = build_model(ModelConfig.model_validate(model_config), facts)
     loss_cfg = LossConfig.model_validate(payload["loss_config"])
     # Only a splitting term changes the model (it wraps it); the other terms are not needed.
     split = [t for t in loss_cfg.terms if t.name in SPLITTING_TERMS]

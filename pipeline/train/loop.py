@@ -311,6 +311,7 @@ class Trainer:
                     monitor.event("stop", self.step, f"stopped by {result.stopped_by}: saved and exiting {when}",
                                   seconds_after_signal=waited)
         finally:
+            samples.close()  # the stream's reader threads stop now, not whenever the generator is collected
             self.checkpoints.finish_mirror(lambda m: monitor.event("warning", self.step, m, what="checkpoint_mirror"))
             monitor.close()
         result.step = self.step

@@ -160,3 +160,22 @@ def test_reconstruct_runs_an_aware_model_on_the_scans_own_levels(tmp_path, capsy
 
     torch.testing.assert_close(got, whole(record), rtol=1e-5, atol=1e-6)
     assert float((whole(None) - got).abs().max()) > 1e-3
+
+
+def test_an_export_from_before_the_setting_keeps_its_plain_fbp_input(tmp_path):
+    """A model exported before ``model.initial_detector`` existed was trained on plain FBP: it must
+    not start from the clipped FBP on a clipped scan now."""
+    from reconstruct_helpers import save_model
+
+    from pipeline.models import reconstructor_of
+    from pipeline.train import load_exported
+
+    path = save_model(tmp_path / "old.pt", "ct", widths=[4, 8], initial="fbp")
+    payload = torch.load(path, weights_only=True)
+    del payload["model_config"]["initial_detector"]
+    torch.save(payload, path)
+    model = load_exported(path)
+    assert reconstructor_of(model).initial_detector == "ignore"
+    assert not set_scan_detector(model, {"model": "clip", "low": None, "high": 2.0})
+    assert reconstructor_of(load_exported(save_model(tmp_path / "new.pt", "ct", widths=[4, 8],
+                                                     initial="fbp"))).initial_detector == "auto"
