@@ -241,11 +241,11 @@ class ArtifactRemoval(nn.Module):
         if not isinstance(init, str):
             init = getattr(init, "__name__", "callable")
         window = "" if self.fbp_filter == "ram-lak" else f", fbp_filter={self.fbp_filter}"
-        levels = self._clip_levels()
+        levels = self.clip_levels()
         aware = "" if levels is None else f", clipped_fbp(low={levels[0]}, high={levels[1]})"
         return f"initial={init}, normalize={self.normalize}{window}{aware}"
 
-    def _clip_levels(self) -> tuple[float | None, float | None] | None:
+    def clip_levels(self) -> tuple[float | None, float | None] | None:
         """``(low, high)`` of a clipping detector the FBP estimate accounts for, else ``None``."""
         d = self.detector
         if self.initial_detector != "auto" or d is None or d.get("model") != "clip":
@@ -264,7 +264,7 @@ class ArtifactRemoval(nn.Module):
         Shape:
             ``(*batch, *op.range_shape)`` → ``(*batch, *op.domain_shape)``.
         """
-        levels = self._clip_levels()
+        levels = self.clip_levels()
         if levels is not None and op.is_ct:
             from pipeline.classical import clipped_fbp
 
@@ -299,7 +299,7 @@ def set_scan_detector(model: nn.Module, record: Mapping[str, Any] | None) -> boo
     for m in model.modules():
         if isinstance(m, ArtifactRemoval) and m.initial_detector == "auto":
             m.detector = None if record is None else dict(record)
-            return m._clip_levels() is not None
+            return m.clip_levels() is not None
     return False
 
 

@@ -189,7 +189,7 @@ class _Network:
         # this scan's own levels (its detector record), as it did on its training scans.
         self.clip_levels = None
         if set_scan_detector(self.model, getattr(scan.metadata, "detector", None)):
-            self.clip_levels = reconstructor_of(self.model)._clip_levels()
+            self.clip_levels = reconstructor_of(self.model).clip_levels()
         if tile != config.tile:
             _say(f"the model was trained on tiles {trained_tiles}; it runs untiled here (the memory budget "
                  "chooses the slab); --tile D H W tiles it", config.progress and rank == 0)
