@@ -254,9 +254,10 @@ def aware_classical(v: "Q.Volume", record: dict) -> torch.Tensor:
     detector-aware data consistency, Hann windows, its default iterations and step, chosen on
     ``clip-tuning`` only). The baseline a detector-aware network has to beat; also the input of
     a network with ``model.initial_detector: auto`` (the recipes' default)."""
-    from pipeline.classical import clipped_fbp
+    from pipeline.classical import clip_levels_of, clipped_fbp
 
-    return clipped_fbp(v.y, v.op, low=record.get("low"), high=record.get("high"), filter="hann")
+    low, high = clip_levels_of(record)
+    return clipped_fbp(v.y, v.op, low=low, high=high, filter="hann")
 
 
 def row(x: torch.Tensor, v: "Q.Volume", *, scaled: bool) -> dict:

@@ -22,7 +22,8 @@ operator library (:mod:`operators3d.ct` ``fbp``/``fdk``/``filter_rows``, :func:`
 
 from . import auto, baseline, select, slab, tv
 from .auto import AUTO, AutoClassical
-from .baseline import CLIPPED_FBP_ITERATIONS, CLIPPED_FBP_STEP, classical_reconstruction, clipped_fbp, filtered_backprojection
+from .baseline import (CLIPPED_FBP_ITERATIONS, CLIPPED_FBP_STEP, classical_reconstruction, clip_levels_of, clipped_fbp,
+                       filtered_backprojection)
 from .select import (
     CALIBRATION_VERSION,
     FBP_CUTOFFS,

@@ -161,9 +161,8 @@ class AutoClassical:
 def _clip_levels(scan) -> tuple[float | None, float | None] | None:
     """``(low, high)`` of a parallel-beam scan's clipping detector (``None``: none, or cone beam,
     whose FDK is not computed slab by slab)."""
-    record = getattr(scan.metadata, "detector", None)
-    geometry = getattr(scan.metadata, "geometry", None)
-    if record is None or record.get("model") != "clip" or getattr(geometry, "kind", None) != "parallel":
+    from .baseline import clip_levels_of
+
+    if getattr(getattr(scan.metadata, "geometry", None), "kind", None) != "parallel":
         return None
-    low, high = record.get("low"), record.get("high")
-    return None if low is None and high is None else (low, high)
+    return clip_levels_of(getattr(scan.metadata, "detector", None))

@@ -14,13 +14,14 @@ differentiable too (the detector-aware initial estimate of the reconstructors).
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import torch
 
 from operators3d import IndexSelect, LinearOperator, MaskedOperator, MultiCoilMRI, sense_cg
 
-__all__ = ["filtered_backprojection", "clipped_fbp", "CLIPPED_FBP_ITERATIONS", "CLIPPED_FBP_STEP",
-           "classical_reconstruction"]
+__all__ = ["filtered_backprojection", "clipped_fbp", "clip_levels_of", "CLIPPED_FBP_ITERATIONS",
+           "CLIPPED_FBP_STEP", "classical_reconstruction"]
 
 
 def filtered_backprojection(
@@ -85,6 +86,15 @@ def filtered_backprojection(
 #: :func:`clipped_fbp`'s defaults, chosen on the tuning scan of ``benchmarks/nonlinear.py``
 #: (``clip-tuning``, ellipsoids seed 101, 12 % of rays at a count floor; BENCHMARKS.md, issue 18.2).
 CLIPPED_FBP_ITERATIONS, CLIPPED_FBP_STEP = 10, 1.0
+
+
+def clip_levels_of(record: Mapping[str, Any] | None) -> tuple[float | None, float | None] | None:
+    """``(low, high)`` of a scan's ``detector`` record when it is a clipping detector with a level
+    (what :func:`clipped_fbp` takes), else ``None`` (linear, quantised, one bit)."""
+    if record is None or record.get("model") != "clip":
+        return None
+    low, high = record.get("low"), record.get("high")
+    return None if low is None and high is None else (low, high)
 
 
 def clipped_fbp(

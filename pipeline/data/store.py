@@ -73,6 +73,14 @@ def _local_store_class():
             while self._inflight > 0:  # the region's other writes, already under way
                 await asyncio.sleep(0.001)
 
+        def _failure(self, err: OSError, key: str, value) -> Exception:
+            """``err`` as :class:`StorageFullError` when the disk is full (then remembered:
+            later chunk writes are refused), else ``err`` itself."""
+            mapped = _mapped_storage_error(err, self.root / key, value)
+            if mapped is not err:
+                self._full = self._full or mapped
+            return mapped
+
         async def _set(self, key: str, value, exclusive: bool = False) -> None:
             refused = self._refused(key)
             if refused is not None:
@@ -83,10 +91,9 @@ def _local_store_class():
                 await super()._set(key, value, exclusive=exclusive)
                 return
             except OSError as err:
-                mapped = _mapped_storage_error(err, self.root / key, value)
+                mapped = self._failure(err, key, value)
                 if mapped is err:
                     raise
-                self._full = self._full or mapped
             finally:
                 self._inflight -= 1
             await self._quiesce()
@@ -99,10 +106,9 @@ def _local_store_class():
             try:
                 return super().set_sync(key, value)
             except OSError as err:
-                mapped = _mapped_storage_error(err, self.root / key, value)
+                mapped = self._failure(err, key, value)
                 if mapped is err:
                     raise
-                self._full = self._full or mapped
                 raise mapped from None
 
     return CheckedLocalStore

@@ -247,13 +247,11 @@ class ArtifactRemoval(nn.Module):
 
     def clip_levels(self) -> tuple[float | None, float | None] | None:
         """``(low, high)`` of a clipping detector the FBP estimate accounts for, else ``None``."""
-        d = self.detector
-        if self.initial_detector != "auto" or d is None or d.get("model") != "clip":
+        from pipeline.classical import clip_levels_of
+
+        if self.initial_detector != "auto" or self.initial not in ("fbp", "classical"):
             return None
-        if self.initial not in ("fbp", "classical"):
-            return None
-        low, high = d.get("low"), d.get("high")
-        return None if low is None and high is None else (low, high)
+        return clip_levels_of(self.detector)
 
     def initial_image(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
         """The backbone's input before scaling: this model's initial estimate (its own window,

@@ -213,9 +213,11 @@ def reconstruct(config: ReconstructConfig) -> ReconstructResult:
                                                             settings, fingerprint)
     if layout.memory is not None:
         _say(describe_memory(layout.memory), config.progress and rank == 0)
-    notes = list(recon.notes) + _detector_notes(scan, config, recon)
-    for note in notes[len(recon.notes):] + [m for m in [_detector_handling(recon)] if m]:
-        _say(note, config.progress and rank == 0)
+    detector_notes = _detector_notes(scan, config, recon)
+    notes = list(recon.notes) + detector_notes
+    handled = _detector_handling(recon)
+    for line in detector_notes + ([handled] if handled else []):
+        _say(line, config.progress and rank == 0)
     if layout.halo < recon.radius:
         notes.append(f"halo {layout.halo} < receptive radius {recon.radius}: slab edges differ from the whole volume")
     slabs = layout.slabs()
@@ -238,13 +240,11 @@ def _detector_notes(scan, config: ReconstructConfig, recon) -> list[str]:
     so, in the log and in the output's ``notes`` (which then also marks it not ``exact``). A
     model trained with ``loss.detector: auto`` knew the detector; an export says which."""
     detector = getattr(scan.metadata, "detector", None)
-    if detector is None or isinstance(recon, _Network):
-        return []
+    if detector is None or isinstance(recon, _Network) or getattr(recon, "clip_levels", None) is not None:
+        return []  # linear, a network, or a clipping detector the method accounts for (_detector_handling)
     what = str(detector.get("model"))
     share = detector.get("fraction_at_high")
     extent = f", {100 * float(share):.1f}% of the measurements at its upper level" if share is not None else ""
-    if getattr(recon, "clip_levels", None) is not None:
-        return []  # handled (_detector_handling)
     return [f"the scan's measurements went through a non-linear detector ({what}{extent}); --method "
             f"{config.method} treats them as linear (y = A x), so the clipped or quantised values bias it "
             "(a network trained with loss.detector: auto accounts for the detector)"]
