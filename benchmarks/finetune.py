@@ -1,7 +1,8 @@
 """Pretrain once, fine-tune on a new scan (issue 18.1): steps and quality against training from scratch.
 
     .venv/bin/python benchmarks/finetune.py [--modality mri|ct|all] [--steps N] [--pretrain-steps P]
-        [--pretrain-volumes K] [--held-out anatomy | --tune-on ellipsoids:201] [--shape 16 128 128]
+        [--pretrain-volumes K] [--pretrain-phantoms ellipsoids,foam] [--held-out anatomy | --tune-on ellipsoids:201]
+        [--shape 16 128 128]
         [--threads 1] [--set KEY=VALUE] [--finetune-set KEY=VALUE] [--scratch DIR] [--json FILE] [--quick]
 
 For each modality, with the **shipped recipes** of ``launch/configs`` read as ``recon3d train``
@@ -11,7 +12,9 @@ fine-tuning setting such as ``model.freeze=[encoder]`` or ``optimizer.lr=1e-4`` 
 against the same pretrained export and the same scratch run):
 
 1. **Pretrain** ``pretrain_{mri,ct}_supervised.yaml`` (supervised) for P steps on K simulated
-   scans of the tuning family (``ellipsoids``, seeds 101, 102, …: one phantom each), and write
+   scans of the tuning family (``ellipsoids``, seeds 101, 102, …: one phantom each; with
+   ``--pretrain-phantoms ellipsoids,foam`` scan ``i`` is of the ``i``-th phantom of the list, cycled:
+   any phantom that is not held out), and write
    the weights as ``recon3d export`` does (``pretrained_{modality}_{hash}.pt`` in ``--scratch``,
    reused by a later run with the same recipe, overrides and scans).
 2. On a **new scan** of a held-out phantom (:data:`pipeline.data.phantoms.HELD_OUT_PHANTOMS`,
@@ -169,6 +172,29 @@ def targets(scratch: list[dict], fine: list[dict], zero_shot: float, n: int) -> 
     }
 
 
+def parse_pretrain_phantoms(text: str) -> list[str]:
+    """``--pretrain-phantoms`` -> the phantoms the pretraining scans cycle through; a held-out
+    phantom is refused (pretraining on it would be tuning on the held-out family)."""
+    from pipeline.data.phantoms import HELD_OUT_PHANTOMS, PHANTOMS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise SystemExit("finetune.py: --pretrain-phantoms: give at least one phantom, e.g. ellipsoids,foam")
+    for name in names:
+        if name in HELD_OUT_PHANTOMS:
+            raise SystemExit(f"finetune.py: --pretrain-phantoms: {name!r} is held out {HELD_OUT_PHANTOMS}; "
+                             "pretrain on phantoms outside it")
+        if name not in PHANTOMS:
+            raise SystemExit(f"finetune.py: --pretrain-phantoms: unknown phantom {name!r} (one of {PHANTOMS})")
+    return names
+
+
+def pretrain_scans(args) -> list[tuple[str, int]]:
+    """``(phantom, seed)`` of each pretraining scan: seeds 101, 102, … and the phantoms cycled."""
+    return [(args.pretrain_phantoms[i % len(args.pretrain_phantoms)], PRETRAIN_SEED + i)
+            for i in range(args.pretrain_volumes)]
+
+
 def parse_tune_on(text: str, pretrain_volumes: int) -> tuple[str, int]:
     """``PHANTOM:SEED`` of ``--tune-on`` -> ``(phantom, seed)``: a tuning-family phantom and a seed
     other than the pretraining scans' (``PRETRAIN_SEED`` … ``PRETRAIN_SEED + K - 1``)."""
@@ -190,11 +216,11 @@ def parse_tune_on(text: str, pretrain_volumes: int) -> tuple[str, int]:
 
 def run_modality(modality: str, args, scratch_dir: Path, device) -> dict:
     t0 = time.perf_counter()
-    pre_paths = [Q.simulate(modality, PRETRAIN_SEED + i, args, scratch_dir) for i in range(args.pretrain_volumes)]
+    pre_paths = [Q.simulate(modality, seed, args, scratch_dir, phantom=ph) for ph, seed in pretrain_scans(args)]
     new_path = Q.simulate(modality, args.new_seed, args, scratch_dir, phantom=args.new_phantom)
     pre_vols = [Q.load(p, modality, device) for p in pre_paths]
     new = Q.load(new_path, modality, device, f"{args.new_phantom} {args.new_seed}")
-    print(f"[{modality}] simulated {len(pre_vols)} pretraining scans (ellipsoids) and the new scan "
+    print(f"[{modality}] simulated {len(pre_vols)} pretraining scans ({pretrained_on(args)}) and the new scan "
           f"({new.name}, {args.role}) in {time.perf_counter() - t0:.1f} s", flush=True)
 
     # 1. pretrain (supervised, tuning family) and export
@@ -252,12 +278,16 @@ def run_modality(modality: str, args, scratch_dir: Path, device) -> dict:
           f"({f_s:.0f} s), zero-shot {zs['psnr']:.2f} dB", flush=True)
     return {"new_scan": new.name, "new_scan_role": args.role, "finetune_set": list(args.finetune_set),
             "steps": n, "export": export.name, "pretrain_steps": p_cfg.run.max_steps,
-            "pretrain_volumes": len(pre_vols), "recipes": {"pretrain": p_path.name, "scratch": s_path.name,
+            "pretrain_volumes": len(pre_vols), "pretrain_phantoms": list(args.pretrain_phantoms), "recipes": {"pretrain": p_path.name, "scratch": s_path.name,
                                                            "finetune": f_path.name},
             "train_s": {"pretrain": pre_s, "scratch": s_s, "finetune": f_s},
             "zero_shot": {"psnr": zs["psnr"], "ssim": zs["ssim"]}, "input": {"psnr": inp["psnr"], "ssim": inp["ssim"]},
             "classical": {"psnr": oracle["psnr"], "ssim": oracle["ssim"], "label": oracle["label"]},
             "scratch": s_curve, "finetune": f_curve, "targets": checks}
+
+
+def pretrained_on(args) -> str:
+    return ", ".join(args.pretrain_phantoms)
 
 
 def yes(ok: bool) -> str:
@@ -277,7 +307,7 @@ def report(modality: str, r: dict, args) -> None:
     rows = [[c["step"], f"{c['psnr']:.2f} / {c['ssim']:.4f}", f"{f['psnr']:.2f} / {f['ssim']:.4f}",
              f"{zs['psnr']:.2f}", f"{f['psnr'] - c['psnr']:+.2f}"] for c, f in zip(r["scratch"], r["finetune"])]
     print_table(f"{title} — new scan {r['new_scan']} {'x'.join(map(str, args.shape))} ({role}); pretrained "
-                f"{r['pretrain_steps']} steps on {r['pretrain_volumes']} ellipsoid scans",
+                f"{r['pretrain_steps']} steps on {r['pretrain_volumes']} scans ({pretrained_on(args)})",
                 ["step", "scratch PSNR dB / SSIM", "fine-tuned PSNR dB / SSIM", "zero-shot PSNR dB",
                  "fine-tuned − scratch dB"], rows)
     print(f"\nreferences: classical {r['classical']['label']} {r['classical']['psnr']:.2f} dB / "
@@ -306,7 +336,10 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="N: steps of the scratch and fine-tuned runs (default: the recipes' own, which must agree)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="P (default: the pretraining recipe's)")
-    p.add_argument("--pretrain-volumes", type=int, default=4, help="K ellipsoid scans (seeds 101…) to pretrain on")
+    p.add_argument("--pretrain-volumes", type=int, default=4, help="K scans (seeds 101…) to pretrain on")
+    p.add_argument("--pretrain-phantoms", default="ellipsoids", metavar="P1,P2",
+                   help="phantoms of the pretraining scans, cycled over the K scans (none held out; "
+                        "default ellipsoids)")
     p.add_argument("--held-out", default=None,
                    help=f"the new scan's phantom (a held-out one; seed {NEW_SCAN_SEED}; default anatomy)")
     p.add_argument("--tune-on", default=None, metavar="PHANTOM:SEED",
@@ -339,6 +372,7 @@ def main(argv=None) -> None:
         args.set = QUICK_SET + list(args.set)
     from pipeline.data.phantoms import HELD_OUT_PHANTOMS
 
+    args.pretrain_phantoms = parse_pretrain_phantoms(args.pretrain_phantoms)
     if args.tune_on is not None:
         if args.held_out is not None:
             raise SystemExit("finetune.py: give --held-out or --tune-on, not both")

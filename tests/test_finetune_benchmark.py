@@ -40,6 +40,18 @@ def test_targets_follow_the_issue():
     assert finetune.eval_steps(100) == [0, 10, 20, 50, 100] and finetune.eval_steps(3) == [0, 1, 2, 3]
 
 
+def test_pretraining_phantoms_cycle_and_never_include_a_held_out_one():
+    import finetune
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(pretrain_phantoms=finetune.parse_pretrain_phantoms("ellipsoids, foam"), pretrain_volumes=5)
+    assert finetune.pretrain_scans(args) == [("ellipsoids", 101), ("foam", 102), ("ellipsoids", 103),
+                                             ("foam", 104), ("ellipsoids", 105)]
+    for bad in ("ellipsoids,anatomy", "organs-crop", "no-such-phantom", " , "):
+        with pytest.raises(SystemExit, match="pretrain-phantoms"):
+            finetune.parse_pretrain_phantoms(bad)
+
+
 def _table(text: str, *parts: str) -> list[list[str]]:
     """The body rows of the one Markdown table whose ``## `` title contains every one of ``parts``."""
     sections = [sec for sec in text.split("\n## ")[1:] if all(p in sec.splitlines()[0] for p in parts)]
