@@ -1,7 +1,8 @@
 """Pretrain once, fine-tune on a new scan (issue 18.1): steps and quality against training from scratch.
 
     .venv/bin/python benchmarks/finetune.py [--modality mri|ct|all] [--steps N] [--pretrain-steps P]
-        [--pretrain-volumes K] [--pretrain-phantoms ellipsoids,foam] [--held-out anatomy | --tune-on ellipsoids:201]
+        [--pretrain-volumes K] [--pretrain-phantoms ellipsoids,foam] [--pretrain-with supervised|self-supervised]
+        [--held-out anatomy | --tune-on ellipsoids:201]
         [--shape 16 128 128]
         [--threads 1] [--set KEY=VALUE] [--finetune-set KEY=VALUE] [--scratch DIR] [--json FILE] [--quick]
 
@@ -17,6 +18,11 @@ against the same pretrained export and the same scratch run):
    any phantom that is not held out), and write
    the weights as ``recon3d export`` does (``pretrained_{modality}_{hash}.pt`` in ``--scratch``,
    reused by a later run with the same recipe, overrides and scans).
+   With ``--pretrain-with self-supervised`` the pretraining is the scratch recipe's loss (robust EI,
+   no reference) on the same network, as a site would pretrain on its **earlier scans**: then
+   ``--pretrain-phantoms`` may name the held-out family too (e.g. ``anatomy``: other seeds than
+   the new scan's), because nothing reads those scans' references — they are replaced by NaN
+   before training, so a use would show — and no setting is chosen on them.
 2. On a **new scan** of a held-out phantom (:data:`pipeline.data.phantoms.HELD_OUT_PHANTOMS`,
    seed 301 as ``benchmarks/quality.py``; nothing here was chosen by looking at it), or, with
    ``--tune-on PHANTOM:SEED`` (a tuning-family phantom, :data:`pipeline.data.phantoms.TUNING_PHANTOMS`,
@@ -58,6 +64,7 @@ reported as the next scored point, an upper bound); (b) fine-tuned@N − scratch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -172,18 +179,20 @@ def targets(scratch: list[dict], fine: list[dict], zero_shot: float, n: int) -> 
     }
 
 
-def parse_pretrain_phantoms(text: str) -> list[str]:
-    """``--pretrain-phantoms`` -> the phantoms the pretraining scans cycle through; a held-out
-    phantom is refused (pretraining on it would be tuning on the held-out family)."""
+def parse_pretrain_phantoms(text: str, *, self_supervised: bool = False) -> list[str]:
+    """``--pretrain-phantoms`` -> the phantoms the pretraining scans cycle through. A held-out
+    phantom is refused for supervised pretraining (it would train on the held-out family's
+    references); self-supervised pretraining, which reads no reference, may use it."""
     from pipeline.data.phantoms import HELD_OUT_PHANTOMS, PHANTOMS
 
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise SystemExit("finetune.py: --pretrain-phantoms: give at least one phantom, e.g. ellipsoids,foam")
     for name in names:
-        if name in HELD_OUT_PHANTOMS:
+        if name in HELD_OUT_PHANTOMS and not self_supervised:
             raise SystemExit(f"finetune.py: --pretrain-phantoms: {name!r} is held out {HELD_OUT_PHANTOMS}; "
-                             "pretrain on phantoms outside it")
+                             "supervised pretraining would read its references: pretrain on phantoms "
+                             "outside it, or with --pretrain-with self-supervised")
         if name not in PHANTOMS:
             raise SystemExit(f"finetune.py: --pretrain-phantoms: unknown phantom {name!r} (one of {PHANTOMS})")
     return names
@@ -193,6 +202,23 @@ def pretrain_scans(args) -> list[tuple[str, int]]:
     """``(phantom, seed)`` of each pretraining scan: seeds 101, 102, … and the phantoms cycled."""
     return [(args.pretrain_phantoms[i % len(args.pretrain_phantoms)], PRETRAIN_SEED + i)
             for i in range(args.pretrain_volumes)]
+
+
+def pretrain_recipe(modality: str, args):
+    """The pretraining recipe: the supervised one, or (``--pretrain-with self-supervised``) the
+    same file with the scratch recipe's loss (robust EI), which needs no reference."""
+    p_path, p_cfg = recipe(modality, "pretrain", args.pretrain_steps, args)
+    if args.pretrain_with == "self-supervised":
+        s_path, s_cfg = recipe(modality, "scratch", args.pretrain_steps, args)
+        p_cfg = p_cfg.model_copy(update={"loss": s_cfg.loss})
+        return f"{p_path.name} with the loss of {s_path.name}", p_path, p_cfg
+    return p_path.name, p_path, p_cfg
+
+
+def without_references(vols: list) -> list:
+    """The volumes with their references replaced by NaN: a self-supervised pretraining that read
+    one would train on NaN (and its figures would show it)."""
+    return [dataclasses.replace(v, reference=torch.full_like(v.reference, float("nan"))) for v in vols]
 
 
 def parse_tune_on(text: str, pretrain_volumes: int) -> tuple[str, int]:
@@ -219,15 +245,24 @@ def run_modality(modality: str, args, scratch_dir: Path, device) -> dict:
     pre_paths = [Q.simulate(modality, seed, args, scratch_dir, phantom=ph) for ph, seed in pretrain_scans(args)]
     new_path = Q.simulate(modality, args.new_seed, args, scratch_dir, phantom=args.new_phantom)
     pre_vols = [Q.load(p, modality, device) for p in pre_paths]
+    if (args.new_phantom, args.new_seed) in pretrain_scans(args):
+        raise SystemExit(f"finetune.py: the new scan ({args.new_phantom} {args.new_seed}) is one of the pretraining scans")
     new = Q.load(new_path, modality, device, f"{args.new_phantom} {args.new_seed}")
     print(f"[{modality}] simulated {len(pre_vols)} pretraining scans ({pretrained_on(args)}) and the new scan "
           f"({new.name}, {args.role}) in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    # 1. pretrain (supervised, tuning family) and export
-    p_path, p_cfg = recipe(modality, "pretrain", args.pretrain_steps, args)
+    # 1. pretrain (supervised on the tuning family, or self-supervised) and export
+    p_label, p_path, p_cfg = pretrain_recipe(modality, args)
     pre_facts = Q.facts_of(pre_paths)
+    if args.pretrain_with == "self-supervised":
+        from pipeline.train.build import build_loss
+
+        if build_loss(p_cfg.loss, pre_facts, seed=0).needs_reference:
+            raise SystemExit(f"finetune.py: {p_label} needs references; it cannot pretrain self-supervised")
+        pre_vols = without_references(pre_vols)
     # --scratch reuse: the same recipe, overrides and scans give the same (seeded) pretrained model
-    key = hashlib.sha256(repr((p_path.read_text(), args.set, p_cfg.run.max_steps, [p.name for p in pre_paths]))
+    key = hashlib.sha256(repr((p_path.read_text(), args.set, p_cfg.run.max_steps, [p.name for p in pre_paths])
+                              + (("self-supervised", p_cfg.loss.model_dump_json()) if args.pretrain_with != "supervised" else ()))
                          .encode()).hexdigest()[:12]
     export = scratch_dir / f"pretrained_{modality}_{key}.pt"
     if export.exists():
@@ -237,7 +272,7 @@ def run_modality(modality: str, args, scratch_dir: Path, device) -> dict:
         model, pre_s, _ = train(p_cfg, pre_facts, pre_vols, device, label=f"{modality} pretrain")
         torch.save(export_payload(model, p_cfg, pre_facts, p_cfg.run.max_steps), export)
         del model
-        print(f"[{modality}] pretrained {p_path.name} for {p_cfg.run.max_steps} steps in {pre_s:.0f} s -> "
+        print(f"[{modality}] pretrained {p_label} for {p_cfg.run.max_steps} steps in {pre_s:.0f} s -> "
               f"{export.name}", flush=True)
 
     # 2. the new scan: zero-shot, classical, scratch, fine-tuned
@@ -278,7 +313,8 @@ def run_modality(modality: str, args, scratch_dir: Path, device) -> dict:
           f"({f_s:.0f} s), zero-shot {zs['psnr']:.2f} dB", flush=True)
     return {"new_scan": new.name, "new_scan_role": args.role, "finetune_set": list(args.finetune_set),
             "steps": n, "export": export.name, "pretrain_steps": p_cfg.run.max_steps,
-            "pretrain_volumes": len(pre_vols), "pretrain_phantoms": list(args.pretrain_phantoms), "recipes": {"pretrain": p_path.name, "scratch": s_path.name,
+            "pretrain_volumes": len(pre_vols), "pretrain_phantoms": list(args.pretrain_phantoms), "pretrain_with": args.pretrain_with,
+            "recipes": {"pretrain": p_label, "scratch": s_path.name,
                                                            "finetune": f_path.name},
             "train_s": {"pretrain": pre_s, "scratch": s_s, "finetune": f_s},
             "zero_shot": {"psnr": zs["psnr"], "ssim": zs["ssim"]}, "input": {"psnr": inp["psnr"], "ssim": inp["ssim"]},
@@ -287,7 +323,8 @@ def run_modality(modality: str, args, scratch_dir: Path, device) -> dict:
 
 
 def pretrained_on(args) -> str:
-    return ", ".join(args.pretrain_phantoms)
+    how = "; self-supervised, references not read" if args.pretrain_with == "self-supervised" else ""
+    return ", ".join(args.pretrain_phantoms) + how
 
 
 def yes(ok: bool) -> str:
@@ -338,8 +375,11 @@ def main(argv=None) -> None:
     p.add_argument("--pretrain-steps", type=int, default=None, help="P (default: the pretraining recipe's)")
     p.add_argument("--pretrain-volumes", type=int, default=4, help="K scans (seeds 101…) to pretrain on")
     p.add_argument("--pretrain-phantoms", default="ellipsoids", metavar="P1,P2",
-                   help="phantoms of the pretraining scans, cycled over the K scans (none held out; "
-                        "default ellipsoids)")
+                   help="phantoms of the pretraining scans, cycled over the K scans (default ellipsoids; "
+                        "a held-out one only with --pretrain-with self-supervised)")
+    p.add_argument("--pretrain-with", choices=("supervised", "self-supervised"), default="supervised",
+                   help="pretraining loss: the supervised recipe's, or the scratch recipe's (robust EI, no "
+                        "reference: a site pretraining on its earlier scans)")
     p.add_argument("--held-out", default=None,
                    help=f"the new scan's phantom (a held-out one; seed {NEW_SCAN_SEED}; default anatomy)")
     p.add_argument("--tune-on", default=None, metavar="PHANTOM:SEED",
@@ -372,7 +412,8 @@ def main(argv=None) -> None:
         args.set = QUICK_SET + list(args.set)
     from pipeline.data.phantoms import HELD_OUT_PHANTOMS
 
-    args.pretrain_phantoms = parse_pretrain_phantoms(args.pretrain_phantoms)
+    args.pretrain_phantoms = parse_pretrain_phantoms(args.pretrain_phantoms,
+                                                     self_supervised=args.pretrain_with == "self-supervised")
     if args.tune_on is not None:
         if args.held_out is not None:
             raise SystemExit("finetune.py: give --held-out or --tune-on, not both")

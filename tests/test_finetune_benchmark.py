@@ -50,6 +50,31 @@ def test_pretraining_phantoms_cycle_and_never_include_a_held_out_one():
     for bad in ("ellipsoids,anatomy", "organs-crop", "no-such-phantom", " , "):
         with pytest.raises(SystemExit, match="pretrain-phantoms"):
             finetune.parse_pretrain_phantoms(bad)
+    # self-supervised pretraining reads no reference, so earlier scans of the held-out kind may serve
+    assert finetune.parse_pretrain_phantoms("anatomy", self_supervised=True) == ["anatomy"]
+    with pytest.raises(SystemExit, match="unknown phantom"):
+        finetune.parse_pretrain_phantoms("no-such-phantom", self_supervised=True)
+
+
+def test_self_supervised_pretraining_takes_the_scratch_loss_and_no_reference():
+    import finetune
+    import torch
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(recipe_dir=str(ROOT / "launch" / "configs"), set=[], finetune_set=[],
+                           pretrain_steps=7, pretrain_with="self-supervised")
+    label, path, cfg = finetune.pretrain_recipe("ct", args)
+    _, sup = finetune.recipe("ct", "pretrain", 7, args)
+    _, scratch = finetune.recipe("ct", "scratch", 7, args)
+    assert path.name == "pretrain_ct_supervised.yaml" and "ct_rei.yaml" in label
+    assert cfg.model == sup.model and cfg.loss == scratch.loss and cfg.run.max_steps == 7
+    assert [t.name for t in sup.loss.terms] == ["supervised"] != [t.name for t in cfg.loss.terms]
+    import quality
+
+    vol = quality.Volume("v", torch.zeros(2, 3), None, torch.ones(2, 4, 4), "ct")
+    (blind,) = finetune.without_references([vol])
+    assert blind.reference.shape == (2, 4, 4) and torch.isnan(blind.reference).all()
+    assert torch.equal(vol.reference, torch.ones(2, 4, 4)) and blind.y is vol.y
 
 
 def _table(text: str, *parts: str) -> list[list[str]]:
