@@ -242,11 +242,11 @@ def parse_tune_on(text: str, pretrain_volumes: int) -> tuple[str, int]:
 
 def run_modality(modality: str, args, scratch_dir: Path, device) -> dict:
     t0 = time.perf_counter()
+    if (args.new_phantom, args.new_seed) in pretrain_scans(args):
+        raise SystemExit(f"finetune.py: the new scan ({args.new_phantom} {args.new_seed}) is one of the pretraining scans")
     pre_paths = [Q.simulate(modality, seed, args, scratch_dir, phantom=ph) for ph, seed in pretrain_scans(args)]
     new_path = Q.simulate(modality, args.new_seed, args, scratch_dir, phantom=args.new_phantom)
     pre_vols = [Q.load(p, modality, device) for p in pre_paths]
-    if (args.new_phantom, args.new_seed) in pretrain_scans(args):
-        raise SystemExit(f"finetune.py: the new scan ({args.new_phantom} {args.new_seed}) is one of the pretraining scans")
     new = Q.load(new_path, modality, device, f"{args.new_phantom} {args.new_seed}")
     print(f"[{modality}] simulated {len(pre_vols)} pretraining scans ({pretrained_on(args)}) and the new scan "
           f"({new.name}, {args.role}) in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -261,8 +261,8 @@ def run_modality(modality: str, args, scratch_dir: Path, device) -> dict:
             raise SystemExit(f"finetune.py: {p_label} needs references; it cannot pretrain self-supervised")
         pre_vols = without_references(pre_vols)
     # --scratch reuse: the same recipe, overrides and scans give the same (seeded) pretrained model
-    key = hashlib.sha256(repr((p_path.read_text(), args.set, p_cfg.run.max_steps, [p.name for p in pre_paths])
-                              + (("self-supervised", p_cfg.loss.model_dump_json()) if args.pretrain_with != "supervised" else ()))
+    how = ("self-supervised", p_cfg.loss.model_dump_json()) if args.pretrain_with == "self-supervised" else ()
+    key = hashlib.sha256(repr((p_path.read_text(), args.set, p_cfg.run.max_steps, [p.name for p in pre_paths]) + how)
                          .encode()).hexdigest()[:12]
     export = scratch_dir / f"pretrained_{modality}_{key}.pt"
     if export.exists():
@@ -313,9 +313,9 @@ def run_modality(modality: str, args, scratch_dir: Path, device) -> dict:
           f"({f_s:.0f} s), zero-shot {zs['psnr']:.2f} dB", flush=True)
     return {"new_scan": new.name, "new_scan_role": args.role, "finetune_set": list(args.finetune_set),
             "steps": n, "export": export.name, "pretrain_steps": p_cfg.run.max_steps,
-            "pretrain_volumes": len(pre_vols), "pretrain_phantoms": list(args.pretrain_phantoms), "pretrain_with": args.pretrain_with,
-            "recipes": {"pretrain": p_label, "scratch": s_path.name,
-                                                           "finetune": f_path.name},
+            "pretrain_volumes": len(pre_vols), "pretrain_phantoms": list(args.pretrain_phantoms),
+            "pretrain_with": args.pretrain_with,
+            "recipes": {"pretrain": p_label, "scratch": s_path.name, "finetune": f_path.name},
             "train_s": {"pretrain": pre_s, "scratch": s_s, "finetune": f_s},
             "zero_shot": {"psnr": zs["psnr"], "ssim": zs["ssim"]}, "input": {"psnr": inp["psnr"], "ssim": inp["ssim"]},
             "classical": {"psnr": oracle["psnr"], "ssim": oracle["ssim"], "label": oracle["label"]},
