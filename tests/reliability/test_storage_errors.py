@@ -195,6 +195,7 @@ def test_a_full_disk_is_reported_after_the_regions_other_writes_end(tmp_path, mo
     """zarr writes a region's chunks at once and reports the first failure while the others run
     on: the error must come back only after they end (no temporary file outlives it), and the
     store starts no chunk write after it."""
+    import threading
     import time
 
     from zarr.storage import _local
@@ -205,6 +206,7 @@ def test_a_full_disk_is_reported_after_the_regions_other_writes_end(tmp_path, mo
                             dtype="float32", fill_value=0.0)
     real = _local._put
     started: list[str] = []
+    slow_started = threading.Event()
 
     def put(path, value, exclusive=False):
         name = Path(path).as_posix()
@@ -212,8 +214,12 @@ def test_a_full_disk_is_reported_after_the_regions_other_writes_end(tmp_path, mo
             return real(path, value, exclusive=exclusive)
         started.append(name)
         if name.endswith("/c/0/0"):
+            slow_started.set()
             time.sleep(0.3)  # a slow write, still under way when the disk fills
             return real(path, value, exclusive=exclusive)
+        # The disk fills while the slow write is under way: zarr starts a region's chunk writes
+        # in no fixed order, and a write that starts after the failure is refused (checked below).
+        assert slow_started.wait(10), "the slow chunk write never started"
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     monkeypatch.setattr(_local, "_put", put)
