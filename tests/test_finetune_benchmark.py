@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -42,7 +43,6 @@ def test_targets_follow_the_issue():
 
 def test_pretraining_phantoms_cycle_and_never_include_a_held_out_one():
     import finetune
-    from types import SimpleNamespace
 
     args = SimpleNamespace(pretrain_phantoms=finetune.parse_pretrain_phantoms("ellipsoids, foam"), pretrain_volumes=5)
     assert finetune.pretrain_scans(args) == [("ellipsoids", 101), ("foam", 102), ("ellipsoids", 103),
@@ -58,8 +58,8 @@ def test_pretraining_phantoms_cycle_and_never_include_a_held_out_one():
 
 def test_self_supervised_pretraining_takes_the_scratch_loss_and_no_reference():
     import finetune
+    import quality
     import torch
-    from types import SimpleNamespace
 
     args = SimpleNamespace(recipe_dir=str(ROOT / "launch" / "configs"), set=[], finetune_set=[],
                            pretrain_steps=7, pretrain_with="self-supervised")
@@ -69,8 +69,6 @@ def test_self_supervised_pretraining_takes_the_scratch_loss_and_no_reference():
     assert path.name == "pretrain_ct_supervised.yaml" and "ct_rei.yaml" in label
     assert cfg.model == sup.model and cfg.loss == scratch.loss and cfg.run.max_steps == 7
     assert [t.name for t in sup.loss.terms] == ["supervised"] != [t.name for t in cfg.loss.terms]
-    import quality
-
     vol = quality.Volume("v", torch.zeros(2, 3), None, torch.ones(2, 4, 4), "ct")
     (blind,) = finetune.without_references([vol])
     assert blind.reference.shape == (2, 4, 4) and torch.isnan(blind.reference).all()
