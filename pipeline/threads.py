@@ -16,7 +16,9 @@ Precedence (:func:`choose_threads`): an explicit value (``run.threads`` in a tra
 ``OMP_NUM_THREADS=1`` itself when it starts several processes per node and the variable was not
 set; that value is recognised (torchrun's own environment lacks it) and counts as unset, so
 the automatic share applies — set ``run.threads`` or export ``OMP_NUM_THREADS`` before torchrun
-to force a number.
+to force a number. A forced number is kept even when it gives the node more threads than it has
+CPUs (threads × ranks on this node × workers); the reason, which training and slab jobs print at
+start, then carries a ``WARNING`` with that product and how to undo it.
 
 Everything reads through injectable functions (``read``, ``affinity``, ``env``) so tests can
 describe any machine.
@@ -199,6 +201,28 @@ def _parent_environ() -> str | None:
     return _read_text(f"/proc/{os.getppid()}/environ")
 
 
+def _oversubscribed(threads: int, what: str, ranks_per_node: int | None, workers: int,
+                    env: Mapping[str, str], budget: CpuBudget | None, fix: str) -> str:
+    """A warning for the reason when a forced thread count asks for more threads on this node
+    than it has CPUs to give (threads × ranks on this node × workers), else ``""``."""
+    try:
+        ranks = local_world_size(ranks_per_node, env)
+    except ValueError:
+        ranks = 1
+    budget = cpu_budget() if budget is None else budget
+    total = threads * ranks * workers
+    if total <= budget.available:
+        return ""
+    parts = [f"{threads} thread{'s' if threads != 1 else ''}"]
+    if ranks > 1:
+        parts.append(f"{ranks} ranks on this node")
+    if workers > 1:
+        parts.append(f"{workers} workers")
+    return (f"; WARNING: {' × '.join(parts)} = {total} threads on {budget.available} "
+            f"CPU{'s' if budget.available != 1 else ''} available: oversubscribed, which ran "
+            f"training steps up to 10× slower on a 2-CPU machine ({what}); {fix}")
+
+
 def choose_threads(requested: int | None, *, what: str = "torch", ranks_per_node: int | None = None,
                    workers: int = 1, env: Mapping[str, str] | None = None, budget: CpuBudget | None = None,
                    parent_environ: Callable[[], "str | None"] = _parent_environ) -> ThreadChoice:
@@ -217,7 +241,9 @@ def choose_threads(requested: int | None, *, what: str = "torch", ranks_per_node
         if int(requested) < 1:
             raise ValueError(f"{what}: threads must be at least 1, got {requested}")
         n = max(1, int(requested) // workers)
-        return ThreadChoice(n, f"{n} (asked for {requested}{per_worker})", "config")
+        warning = _oversubscribed(n, what, ranks_per_node, workers, env, budget, "lower run.threads"
+                                  if what == "training" else "lower the thread count")
+        return ThreadChoice(n, f"{n} (asked for {requested}{per_worker}){warning}", "config")
     omp = env.get("OMP_NUM_THREADS", "").strip()
     torchrun_default = _torchrun_default(env, parent_environ)
     if omp and not torchrun_default:
@@ -227,7 +253,9 @@ def choose_threads(requested: int | None, *, what: str = "torch", ranks_per_node
             value = 0
         if value >= 1:
             n = max(1, value // workers)
-            return ThreadChoice(n, f"{n} (OMP_NUM_THREADS={value}{per_worker})", "OMP_NUM_THREADS")
+            warning = _oversubscribed(n, what, ranks_per_node, workers, env, budget,
+                                      "unset OMP_NUM_THREADS for the automatic share")
+            return ThreadChoice(n, f"{n} (OMP_NUM_THREADS={value}{per_worker}){warning}", "OMP_NUM_THREADS")
         override = f"OMP_NUM_THREADS={omp!r} ignored: not a positive whole number; " + override
     budget = cpu_budget() if budget is None else budget
     ranks = local_world_size(ranks_per_node, env)

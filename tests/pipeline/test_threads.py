@@ -125,6 +125,22 @@ def test_torchrun_default_omp_counts_as_unset():
     assert unreadable.source == "OMP_NUM_THREADS"  # when unsure, the environment's value stands
 
 
+def test_a_forced_count_that_oversubscribes_the_node_is_kept_and_warned_about():
+    env = {"OMP_NUM_THREADS": "2", "LOCAL_WORLD_SIZE": "2"}
+    omp = choose_threads(None, what="training", env=env, budget=_budget(2), parent_environ=lambda: None)
+    assert (omp.threads, omp.source) == (2, "OMP_NUM_THREADS")
+    assert "WARNING: 2 threads × 2 ranks on this node = 4 threads on 2 CPUs available" in omp.reason
+    assert "unset OMP_NUM_THREADS" in omp.reason
+    config = choose_threads(4, what="training", workers=2, env={}, budget=_budget(3))
+    assert config.threads == 2 and "2 threads × 2 workers = 4 threads on 3 CPUs" in config.reason
+    assert "lower run.threads" in config.reason
+    # what fits the node says nothing more
+    fits = choose_threads(None, env={"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"}, budget=_budget(2),
+                          parent_environ=lambda: None)
+    assert "WARNING" not in fits.reason
+    assert "WARNING" not in choose_threads(2, env={}, budget=_budget(2)).reason
+
+
 def test_bad_omp_value_falls_back_to_automatic_and_says_so():
     choice = choose_threads(None, env={"OMP_NUM_THREADS": "many"}, budget=_budget(2))
     assert choice.source == "auto" and "'many' ignored" in choice.reason
