@@ -353,8 +353,13 @@ def missing_chunks(array: zarr.Array, indices: Sequence[Any] | None = None) -> l
     async def _check() -> list[Any]:
         import asyncio
 
-        keys = [chunk_key(array, i) for i in indices]
-        found = await asyncio.gather(*(store.exists(k) for k in keys))
-        return [i for i, ok in zip(indices, found) if not ok]
+        missing = []
+        # a bounded number of checks in flight: one coroutine per object of a tall scan at once
+        # held memory in proportion to the scan (tens of MB for 20 k objects)
+        for b0 in range(0, len(indices), 1024):
+            batch = indices[b0 : b0 + 1024]
+            found = await asyncio.gather(*(store.exists(chunk_key(array, i)) for i in batch))
+            missing += [i for i, ok in zip(batch, found) if not ok]
+        return missing
 
     return sync(_check())

@@ -8,7 +8,10 @@ run. The scan's ``status`` stays ``incomplete`` until the last task finished.
 
 Tasks run as a dask graph (``dask.delayed``), on the threaded scheduler by default, or on a
 ``dask.distributed`` cluster when ``scheduler="distributed"`` and a client is active; at most
-``workers`` slabs are in memory at once on the threaded scheduler.
+``workers`` slabs are in memory at once on the threaded scheduler, which gets the tasks in
+batches of :data:`TASK_BATCH`: dask's threaded scheduler holds about 5 KB per task of a graph,
+so one graph of a tall scan's every chunk grew a job's memory with the scan (CT simulate +31 %
+from 4 to 32 GiB, 2615 against 20920 tasks).
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ class SlabTask:
     fn: Callable[[], None]
     outputs: list[tuple[zarr.Array, int]] = field(default_factory=list)
 
+
+#: Tasks per dask graph on the threaded scheduler: the scheduler's bookkeeping is bounded by a
+#: batch, not the scan, and a batch's last task leaves the other workers idle for at most one
+#: task in every TASK_BATCH / workers.
+TASK_BATCH = 256
 
 #: Config fields that say how a job runs, not what it writes: a resumed job may change them.
 RUN_SETTINGS = frozenset({"out", "overwrite", "workers", "scheduler", "progress", "block_bytes"})
@@ -145,18 +153,19 @@ def run_tasks(
                     def _posttask(self, key, result, dsk, state, worker_id):  # noqa: D401
                         bar.advance(handle)
 
-                graph = [
-                    dask.delayed(t.fn, pure=False, name=f"{description}-{t.name}")(
-                        dask_key_name=f"{description}-{t.name}"
-                    )
-                    for t in todo
-                ]
                 with _Advance():
-                    dask.compute(
-                        *graph,
-                        scheduler="threads" if scheduler == "threads" else "sync",
-                        num_workers=workers,
-                    )
+                    for b0 in range(0, len(todo), TASK_BATCH):
+                        graph = [
+                            dask.delayed(t.fn, pure=False, name=f"{description}-{t.name}")(
+                                dask_key_name=f"{description}-{t.name}"
+                            )
+                            for t in todo[b0 : b0 + TASK_BATCH]
+                        ]
+                        dask.compute(
+                            *graph,
+                            scheduler="threads" if scheduler == "threads" else "sync",
+                            num_workers=workers,
+                        )
             else:
                 raise ValueError(
                     f"scheduler must be 'threads', 'sync' or 'distributed', got {scheduler!r}"
