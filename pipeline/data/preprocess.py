@@ -19,6 +19,7 @@ touched).
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -37,7 +38,7 @@ from .format import (
 )
 from .store import create_array, open_group, stored_depth_of
 from .scan import open_scan
-from .writer import SlabTask, jsonable, run_tasks
+from .writer import SlabTask, jsonable, run_tasks, task_groups
 
 __all__ = ["PreprocessConfig", "preprocess", "DERIVED_OUTPUTS"]
 
@@ -189,10 +190,18 @@ def preprocess(config: PreprocessConfig) -> dict[str, str]:
                     x = sense_slab(y, op, l2_weight=config.l2_weight, iterations=config.sense_iters)
                     arrays["sense"][d0:d1] = x.numpy()
 
-        for i, d0 in enumerate(range(0, d, stored)):
-            d1 = min(d0 + stored, d)
+        if isinstance(geom, CTGeometry) and not ({"adjoint", "sense"} & set(arrays)):
+            # parallel beam: slices are independent, and the projector's cost per update falls
+            # with the slab, so a task takes several stored objects
+            per_slice = math.prod(scan.measurements.shape[1:]) * 4 + sum(
+                math.prod(a.shape) // d * 4 for a in arrays.values())
+            groups = task_groups(d, stored, per_slice)
+        else:  # MRI: one object a task (SENSE's iterations couple the slices of a slab)
+            groups = [(range(i, i + 1), d0, min(d0 + stored, d)) for i, d0 in enumerate(range(0, d, stored))]
+        for objects, d0, d1 in groups:
             tasks.append(
-                SlabTask(f"slab{i}", (lambda a=d0, b=d1: work(a, b)), [(arr, i) for arr in arrays.values()])
+                SlabTask(f"slab{objects.start}", (lambda a=d0, b=d1: work(a, b)),
+                         [(arr, i) for i in objects for arr in arrays.values()])
             )
     run_tasks(tasks, description=f"preprocess {'+'.join(arrays)}", workers=config.workers,
               scheduler=config.scheduler, progress=config.progress)

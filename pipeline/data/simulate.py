@@ -45,7 +45,7 @@ from .format import (
 from .phantoms import coil_maps_slab, derive_seed, make_volume_source, smooth_phase_slab
 from .detector import apply_detector, clip_record, detector_fractions, detector_levels, say_detector
 from .store import create_array, stored_depth_of
-from .writer import RUN_SETTINGS, JobOutcome, SlabTask, finish_scan, prepare_scan, run_tasks
+from .writer import RUN_SETTINGS, JobOutcome, SlabTask, finish_scan, prepare_scan, run_tasks, task_groups
 
 __all__ = ["SimulateMRIConfig", "SimulateCTConfig", "simulate_mri", "simulate_ct", "detector_record"]
 
@@ -489,9 +489,11 @@ def simulate_ct(config: SimulateCTConfig) -> JobOutcome:
             ref[d0:d1] = x.numpy()
             meas[d0:d1] = p.numpy()
 
-        for i, d0, d1 in _stored_ranges(d, stored_depth_of(meas)):
+        # several stored objects per task: the projector's cost per update falls with the slab
+        for objects, d0, d1 in task_groups(d, stored_depth_of(meas), (a * u + h * w) * 4):
             tasks.append(
-                SlabTask(f"slab{i}", (lambda a0=d0, a1=d1: project(a0, a1)), [(meas, i), (ref, i)])
+                SlabTask(f"slab{objects.start}", (lambda a0=d0, a1=d1: project(a0, a1)),
+                         [(arr, i) for i in objects for arr in (meas, ref)])
             )
     else:
         from .cone import cone_simulation_tasks

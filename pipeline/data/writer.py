@@ -31,7 +31,7 @@ from .format import (
 )
 from .store import missing_chunks, open_group
 
-__all__ = ["SlabTask", "run_tasks", "prepare_scan", "finish_scan", "JobOutcome", "jsonable"]
+__all__ = ["SlabTask", "run_tasks", "task_groups", "prepare_scan", "finish_scan", "JobOutcome", "jsonable"]
 
 
 def jsonable(value: Any) -> Any:
@@ -52,6 +52,33 @@ class SlabTask:
 #: batch, not the scan, and a batch's last task leaves the other workers idle for at most one
 #: task in every TASK_BATCH / workers.
 TASK_BATCH = 256
+
+#: Bytes (decompressed, read and written) a task of several stored objects aims at, where a job
+#: groups them (:func:`task_groups`). Measured on 2048×128² CT, 192 angles, 8-slice chunks, 2
+#: workers: simulate and FBP 2.1–3× faster than one object a task at 8 MiB (max RSS 534 against
+#: 380 MiB), little more at 16 or 32 MiB (727 and 832–893 MiB).
+TASK_BYTES = 8 << 20
+
+
+def task_groups(depth: int, stored: int, bytes_per_slice: int, *, budget: int | None = None,
+                min_tasks: int = 8) -> list[tuple[range, int, int]]:
+    """Consecutive stored objects along D grouped into tasks: ``(objects, d0, d1)`` each.
+
+    A group holds about ``budget`` bytes (:data:`TASK_BYTES`; ``bytes_per_slice`` counts what a
+    slice reads and writes) but no more than ``1/min_tasks`` of the objects, so a small scan
+    still resumes in pieces. The grid depends only on the scan's shape and chunking. Jobs whose
+    slices are independent use it (parallel-beam simulation and FBP): a projector call on a
+    thin slab costs several times more per update than on a thick one (8 against 256 slices of
+    128², 192 angles: 3.6× forward, 9× adjoint), and one task per 8-slice chunk ran simulate and
+    preprocess of a 32 GiB CT scan at that rate.
+    """
+    budget = TASK_BYTES if budget is None else int(budget)
+    stored = max(1, int(stored))
+    n = -(-int(depth) // stored)
+    k = max(1, min(budget // max(1, stored * int(bytes_per_slice)), -(-n // max(1, int(min_tasks)))))
+    return [(range(j0, min(j0 + k, n)), j0 * stored, min((j0 + k) * stored, int(depth)))
+            for j0 in range(0, n, k)]
+
 
 #: Config fields that say how a job runs, not what it writes: a resumed job may change them.
 RUN_SETTINGS = frozenset({"out", "overwrite", "workers", "scheduler", "progress", "block_bytes"})
