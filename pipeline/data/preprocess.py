@@ -190,15 +190,13 @@ def preprocess(config: PreprocessConfig) -> dict[str, str]:
                     x = sense_slab(y, op, l2_weight=config.l2_weight, iterations=config.sense_iters)
                     arrays["sense"][d0:d1] = x.numpy()
 
-        if isinstance(geom, CTGeometry) and not ({"adjoint", "sense"} & set(arrays)):
-            # parallel beam: slices are independent, and the projector's cost per update falls
-            # with the slab, so a task takes several stored objects
-            per_slice = math.prod(scan.measurements.shape[1:]) * 4 + sum(
-                math.prod(a.shape) // d * 4 for a in arrays.values())
-            groups = task_groups(d, stored, per_slice)
-        else:  # MRI: one object a task (SENSE's iterations couple the slices of a slab)
-            groups = [(range(i, i + 1), d0, min(d0 + stored, d)) for i, d0 in enumerate(range(0, d, stored))]
-        for objects, d0, d1 in groups:
+        # parallel beam: slices are independent, and the projector's cost per update falls with
+        # the slab, so a task takes several stored objects; MRI: one object a task (SENSE's
+        # iterations couple the slices of a slab)
+        grouped = isinstance(geom, CTGeometry) and not ({"adjoint", "sense"} & set(arrays))
+        per_slice = math.prod(scan.measurements.shape[1:]) * 4 + sum(
+            math.prod(a.shape) // d * 4 for a in arrays.values())
+        for objects, d0, d1 in task_groups(d, stored, per_slice, budget=None if grouped else 0):
             tasks.append(
                 SlabTask(f"slab{objects.start}", (lambda a=d0, b=d1: work(a, b)),
                          [(arr, i) for i in objects for arr in arrays.values()])

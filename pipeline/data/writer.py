@@ -66,7 +66,8 @@ def task_groups(depth: int, stored: int, bytes_per_slice: int, *, budget: int | 
 
     A group holds about ``budget`` bytes (:data:`TASK_BYTES`; ``bytes_per_slice`` counts what a
     slice reads and writes) but no more than ``1/min_tasks`` of the objects, so a small scan
-    still resumes in pieces. The grid depends only on the scan's shape and chunking. Jobs whose
+    still resumes in pieces; ``budget=0`` gives one object a task. The grid depends only on the
+    scan's shape and chunking. Jobs whose
     slices are independent use it (parallel-beam simulation and FBP): a projector call on a
     thin slab costs several times more per update than on a thick one (8 against 256 slices of
     128², 192 angles: 3.6× forward, 9× adjoint), and one task per 8-slice chunk ran simulate and
