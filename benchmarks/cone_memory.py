@@ -3,7 +3,8 @@ preprocessing) as the volume grows with the slab size fixed: the memory must fol
 and the block of detector rows, not the volume (issue 4).
 
     .venv/bin/python benchmarks/cone_memory.py [--sizes 256 512] [--angles 24]
-        [--slab-mib 32] [--rows-mib 32] [--whole] [--fdk] [--workers 1] [--scratch DIR]
+        [--slab-mib 32 [128 ...]] [--rows-mib 32] [--whole] [--fdk] [--workers 1]
+        [--threads 2] [--scratch DIR]
 
 Each case runs ``pipeline.cli.main(["simulate", "ct", "--geometry", "cone", ...])`` (then
 ``["preprocess", SCAN, "--outputs", "fbp"]`` with ``--fdk``) in a fresh subprocess with
@@ -15,7 +16,7 @@ added above the idle process. Time: wall seconds and the child's CPU seconds (us
 all threads), the latter less sensitive to other load on a shared machine. ``--whole`` adds,
 for every size, the same job with one slab and one row block as large as the volume and the
 detector (the whole-volume computation the jobs did before), as a reference measured in the
-same run. The figures of issue 4 came from
+same run, and each slab size's CPU seconds against it ("CPU / whole"; target 1.2 for issue 17.4). The figures of issue 4 came from
 ``--sizes 256 512 --angles 24 --slab-mib 32 --rows-mib 32 --whole --fdk`` (about 45 min on
 2 cores).
 """
@@ -52,7 +53,7 @@ def _child(args: argparse.Namespace) -> None:
     import pipeline.data.cone as cone
     from pipeline.cli import main
 
-    cone.SLAB_BYTES = int(args.slab_mib * MIB)
+    cone.SLAB_BYTES = int(args.slab_mib[0] * MIB)
     cone.ROW_BLOCK_BYTES = int(args.rows_mib * MIB)
     scan = str(Path(args.scratch) / f"cone{args.size}_{args.tag}.zarr")
     n = str(args.size)
@@ -90,7 +91,9 @@ def _child(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace, size: int, tag: str, slab_mib: float, rows_mib: float) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    # OMP_NUM_THREADS: the CLI picks its own threads otherwise (pipeline.threads), overriding
+    # a torch.set_num_threads of the child.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, __file__, "--child", "--size", str(size), "--tag", tag,
            "--angles", str(args.angles), "--slab-mib", str(slab_mib), "--rows-mib", str(rows_mib),
            "--workers", str(args.workers), "--threads", str(args.threads),
@@ -103,7 +106,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--angles", type=int, default=24)
-    parser.add_argument("--slab-mib", type=float, default=32.0)
+    parser.add_argument("--slab-mib", type=float, nargs="+", default=[32.0],
+                        help="one case per slab size (MiB); the row block stays --rows-mib")
     parser.add_argument("--rows-mib", type=float, default=32.0)
     parser.add_argument("--whole", action="store_true", help="also the whole-volume reference")
     parser.add_argument("--fdk", action="store_true",
@@ -118,35 +122,42 @@ def main() -> None:
     if args.child:
         _child(args)
         return
+    import torch
     from _common import machine_line, print_table
 
+    torch.set_num_threads(args.threads)  # as the children: the machine line reports it
     args.scratch.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
         for size in args.sizes:
-            cases = [("pieces", args.slab_mib, args.rows_mib)]
-            if args.whole:
-                cases.append(("whole", 1 << 20, 1 << 20))
+            cases = [(f"pieces{slab:g}", slab, args.rows_mib) for slab in args.slab_mib]
+            if args.whole:  # first: the pieces' CPU time is given against it
+                cases.insert(0, ("whole", 1 << 20, 1 << 20))
+            whole_cpu = {}
             for tag, slab, block in cases:
                 res = _run(args, size, tag, slab, block)
                 vol = size**3 * 4
                 v, u = res["det_shape"]
                 sino = v * args.angles * u * 4
-                label = f"{slab:g} / {block:g} MiB" if tag == "pieces" else "whole volume"
+                label = "whole volume" if tag == "whole" else f"{slab:g} / {block:g} MiB"
                 for phase in ("simulate", "fdk"):
                     if phase not in res:
                         continue
                     r = res[phase]
+                    if tag == "whole":
+                        whole_cpu[phase] = r["cpu"]
+                    ratio = f"{r['cpu'] / whole_cpu[phase]:.2f}" if phase in whole_cpu else "-"
                     rows.append([f"{phase} {size}³, A={args.angles}, (V, U)=({v}, {u})", label,
                                  f"{vol / MIB:.1f}", f"{sino / MIB:.1f}", f"{r['seconds']:.1f}",
-                                 f"{r['cpu']:.1f}",
+                                 f"{r['cpu']:.1f}", ratio,
                                  f"{r['peak'] / MIB:.0f}", f"**{r['peak'] / vol:.2f}**"])
                 shutil.rmtree(args.scratch / f"cone{size}_{tag}.zarr", ignore_errors=True)
     finally:
         shutil.rmtree(args.scratch, ignore_errors=True)
     print_table(
         f"Cone beam, peak memory above the idle process (VmHWM − VmRSS), workers={args.workers}",
-        ["job", "slab / row block", "volume MiB", "sinogram MiB", "wall s", "CPU s", "peak MiB",
+        ["job", "slab / row block", "volume MiB", "sinogram MiB", "wall s", "CPU s",
+         "CPU / whole", "peak MiB",
          "peak / volume"], rows)
     print(f"\n{machine_line()}")
 

@@ -382,6 +382,9 @@ def main(argv=None) -> None:
                         "reference: a site pretraining on its earlier scans)")
     p.add_argument("--held-out", default=None,
                    help=f"the new scan's phantom (a held-out one; seed {NEW_SCAN_SEED}; default anatomy)")
+    p.add_argument("--held-out-seed", type=int, default=NEW_SCAN_SEED,
+                   help=f"the held-out new scan's seed (default {NEW_SCAN_SEED}); another one gives a held-out scan "
+                        "no earlier choice looked at (not one of the pretraining seeds)")
     p.add_argument("--tune-on", default=None, metavar="PHANTOM:SEED",
                    help="use a TUNING-family new scan instead of the held-out one (e.g. ellipsoids:201), to choose "
                         "fine-tuning settings; labelled as tuning in the tables and the JSON")
@@ -423,7 +426,7 @@ def main(argv=None) -> None:
         args.held_out = args.held_out or "anatomy"
         if args.held_out not in HELD_OUT_PHANTOMS:
             raise SystemExit(f"finetune.py: --held-out {args.held_out}: not a held-out phantom {HELD_OUT_PHANTOMS}")
-        args.new_phantom, args.new_seed, args.role = args.held_out, NEW_SCAN_SEED, "held-out"
+        args.new_phantom, args.new_seed, args.role = args.held_out, args.held_out_seed, "held-out"
     args.phantom = "ellipsoids"  # the tuning family (quality.simulate's default phantom)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -503,6 +503,9 @@ class ConeBeamCT(CTProjector):
         x_r = xs[None, :, None].expand(num_h, num_w, 1).reshape(-1, 1)
         zcoord = self.volume_geometry.z_coords(device=device).to(dtype)
         out = torch.zeros(num_h * num_w, batch, num_d, dtype=dtype, device=device)
+        gather = _cone_native.kernels_for(rows)[0]
+        compiled = gather is _cone_native.pair_gather
+        columns = torch.arange(num_h * num_w, device=device)
         per_angle = num_h * num_w * 64
         for sl in self._chunks(per_angle, table):
             theta = g.angles[sl].to(device=device, dtype=f64)[None, :]
@@ -525,9 +528,13 @@ class ConeBeamCT(CTProjector):
                 (torch.where(ok0, (1 - frac) * wdist, 0), torch.where(ok1, frac * wdist, 0)), -1
             ).to(dtype)
             zslope = (mag / dv).to(dtype)
-            K.two_stage_gather(
-                rows, row_index, row_weight, zslope, zcoord, g.row_axis, out,
-                block_bytes=block, accumulate=True,
-            )
+            if compiled:  # the projector's compiled pair kernel, voxel columns as its rays
+                gather(rows, row_index.view(-1, 2), row_weight.view(-1, 2), zslope.view(-1),
+                       columns.repeat_interleave(sl.stop - sl.start), zcoord, g.row_axis, out)
+            else:
+                K.two_stage_gather(
+                    rows, row_index, row_weight, zslope, zcoord, g.row_axis, out,
+                    block_bytes=block, accumulate=True,
+                )
         out = out.view(num_h, num_w, batch, num_d).permute(2, 3, 0, 1)
         return out.reshape(lead + (num_d, num_h, num_w))
