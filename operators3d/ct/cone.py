@@ -478,14 +478,59 @@ class ConeBeamCT(CTProjector):
         with torch.no_grad():
             return self._fdk_backproject(y)
 
+    def _fdk_tables(self, sl: slice, dtype, device):
+        """FDK's voxel-driven tables for the chunk ``sl`` of angles, computed in float64: per
+        (voxel column, angle) pair the two detector columns it falls between (padded-row indices,
+        the zero row when outside) with their weights times FDK's distance weight, and the
+        detector row per unit of height (``zslope``). They depend only on the in-plane geometry,
+        the row spacing and the angles, not on D or the detector rows, so the slabs and row
+        blocks of an FDK job share them from the process-wide cache (:mod:`._table_cache`), as
+        the projector's :meth:`_tables`.
+
+        Shape:
+            ``row_index, row_weight (H·W, A_c, 2)``; ``zslope (H·W, A_c)``; ``column (H·W·A_c,)``
+            (the voxel column of each pair, column-major over angles, for the compiled kernel).
+        """
+        num_h, num_w = self.domain_shape[1:]
+        num_u = self.geometry.det_shape[1]
+        g = self.geometry
+        vs = self.volume_geometry.voxel_size
+        dv, du = g.det_spacing
+        src, big = g.src_dist, g.src_dist + g.det_dist
+        zero = self.num_angles * num_u
+        f64 = torch.float64
+        ys = ((torch.arange(num_h, device=device, dtype=f64) - (num_h - 1) / 2) * vs)
+        xs = ((torch.arange(num_w, device=device, dtype=f64) - (num_w - 1) / 2) * vs)
+        y_r = ys[:, None, None].expand(num_h, num_w, 1).reshape(-1, 1)
+        x_r = xs[None, :, None].expand(num_h, num_w, 1).reshape(-1, 1)
+        theta = g.angles[sl].to(device=device, dtype=f64)[None, :]
+        cos, sin = torch.cos(theta), torch.sin(theta)
+        along_e = x_r * cos + y_r * sin  # (HW, A_c)
+        dist = src + (-x_r * sin + y_r * cos)  # L: source to voxel along the central ray
+        mag = big / dist
+        u_pos = along_e * mag / du + (num_u - 1) / 2
+        u0 = torch.floor(u_pos)
+        frac = u_pos - u0
+        wdist = (src / dist) ** 2
+        ok0 = (u0 >= 0) & (u0 <= num_u - 1)
+        ok1 = (u0 >= -1) & (u0 <= num_u - 2)
+        base = (torch.arange(sl.start, sl.stop, device=device) * num_u)[None, :]
+        col0 = base + u0.clamp(-1, num_u).to(torch.int64)
+        row_index = torch.stack(
+            (torch.where(ok0, col0, zero), torch.where(ok1, col0 + 1, zero)), dim=-1
+        ).to(K.index_dtype(zero + 1))
+        row_weight = torch.stack(
+            (torch.where(ok0, (1 - frac) * wdist, 0), torch.where(ok1, frac * wdist, 0)), -1
+        ).to(dtype)
+        zslope = (mag / dv).to(dtype)
+        column = torch.arange(num_h * num_w, device=device).repeat_interleave(sl.stop - sl.start)
+        return row_index, row_weight, zslope, column
+
     def _fdk_backproject(self, y: torch.Tensor) -> torch.Tensor:
         num_d, num_h, num_w = self.domain_shape
         num_v, num_u = self.geometry.det_shape
         num_a = self.num_angles
         g = self.geometry
-        vs = self.volume_geometry.voxel_size
-        dv, du = g.det_spacing
-        src, big = g.src_dist, g.src_dist + g.det_dist
         lead = y.shape[:-3]
         batch = math.prod(lead)
         dtype, device = y.dtype, y.device
@@ -496,41 +541,18 @@ class ConeBeamCT(CTProjector):
         rows[:zero].view(num_a, num_u, batch, num_v + 3)[..., 1 : num_v + 1].copy_(
             y.reshape(batch, num_v, num_a, num_u).permute(2, 3, 0, 1)
         )
-        f64 = torch.float64
-        ys = ((torch.arange(num_h, device=device, dtype=f64) - (num_h - 1) / 2) * vs)
-        xs = ((torch.arange(num_w, device=device, dtype=f64) - (num_w - 1) / 2) * vs)
-        y_r = ys[:, None, None].expand(num_h, num_w, 1).reshape(-1, 1)
-        x_r = xs[None, :, None].expand(num_h, num_w, 1).reshape(-1, 1)
         zcoord = self.volume_geometry.z_coords(device=device).to(dtype)
         out = torch.zeros(num_h * num_w, batch, num_d, dtype=dtype, device=device)
         gather = _cone_native.kernels_for(rows)[0]
         compiled = gather is _cone_native.pair_gather
-        columns = torch.arange(num_h * num_w, device=device)
         per_angle = num_h * num_w * 64
         for sl in self._chunks(per_angle, table):
-            theta = g.angles[sl].to(device=device, dtype=f64)[None, :]
-            cos, sin = torch.cos(theta), torch.sin(theta)
-            along_e = x_r * cos + y_r * sin  # (HW, A_c)
-            dist = src + (-x_r * sin + y_r * cos)  # L: source to voxel along the central ray
-            mag = big / dist
-            u_pos = along_e * mag / du + (num_u - 1) / 2
-            u0 = torch.floor(u_pos)
-            frac = u_pos - u0
-            wdist = (src / dist) ** 2
-            ok0 = (u0 >= 0) & (u0 <= num_u - 1)
-            ok1 = (u0 >= -1) & (u0 <= num_u - 2)
-            base = (torch.arange(sl.start, sl.stop, device=device) * num_u)[None, :]
-            col0 = base + u0.clamp(-1, num_u).to(torch.int64)
-            row_index = torch.stack(
-                (torch.where(ok0, col0, zero), torch.where(ok1, col0 + 1, zero)), dim=-1
-            )
-            row_weight = torch.stack(
-                (torch.where(ok0, (1 - frac) * wdist, 0), torch.where(ok1, frac * wdist, 0)), -1
-            ).to(dtype)
-            zslope = (mag / dv).to(dtype)
+            key = ("fdk", self._plane_key, g.det_spacing[0], sl.start, sl.stop, dtype, str(device))
+            row_index, row_weight, zslope, column = _table_cache.cached(
+                key, key[:3] + key[-2:], device, lambda: self._fdk_tables(sl, dtype, device))
             if compiled:  # the projector's compiled pair kernel, voxel columns as its rays
                 gather(rows, row_index.view(-1, 2), row_weight.view(-1, 2), zslope.view(-1),
-                       columns.repeat_interleave(sl.stop - sl.start), zcoord, g.row_axis, out)
+                       column, zcoord, g.row_axis, out)
             else:
                 K.two_stage_gather(
                     rows, row_index, row_weight, zslope, zcoord, g.row_axis, out,
