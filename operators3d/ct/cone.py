@@ -38,7 +38,10 @@ neither on D nor on the detector rows: they are kept in a process-wide LRU cache
 (:mod:`~operators3d.ct._table_cache`, at most ``_kernels.CPU_TABLE_CACHE_BYTES`` = 256 MiB on
 CPU, 2 GiB per CUDA device; keyed by in-plane geometry, angles, chunk, dtype and device), so
 repeated calls and every slab and row window of the same volume skip rebuilding them; only the
-step lengths (per row) are made per call.
+step lengths (per row) are made per call. FDK's voxel-driven backprojector
+(``backproject(method="fdk")``) is the same pair structure with voxel columns in place of ray
+columns and detector columns in place of D-rows: it runs on the same kernels (compiled on CPU)
+and its tables are cached the same way.
 
 Sub-volumes and detector windows: diverging rays cross D-slices, so a D-slab of the volume is
 measured by all the rows its shadow covers, and a block of rows sees a D-range of the volume
