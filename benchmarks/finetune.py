@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/finetune.py [--modality mri|ct|all] [--steps N] [--pretrain-steps P]
         [--pretrain-volumes K] [--pretrain-phantoms ellipsoids,foam] [--pretrain-with supervised|self-supervised]
-        [--held-out anatomy | --tune-on ellipsoids:201]
+        [--held-out anatomy [--held-out-seed 301] | --tune-on ellipsoids:201]
         [--shape 16 128 128]
         [--threads 1] [--set KEY=VALUE] [--finetune-set KEY=VALUE] [--scratch DIR] [--json FILE] [--quick]
 
@@ -24,7 +24,8 @@ against the same pretrained export and the same scratch run):
    the new scan's), because nothing reads those scans' references — they are replaced by NaN
    before training, so a use would show — and no setting is chosen on them.
 2. On a **new scan** of a held-out phantom (:data:`pipeline.data.phantoms.HELD_OUT_PHANTOMS`,
-   seed 301 as ``benchmarks/quality.py``; nothing here was chosen by looking at it), or, with
+   seed 301 as ``benchmarks/quality.py``, or another with ``--held-out-seed``, e.g. 302, which no
+   choice has looked at; nothing here was chosen by looking at either), or, with
    ``--tune-on PHANTOM:SEED`` (a tuning-family phantom, :data:`pipeline.data.phantoms.TUNING_PHANTOMS`,
    and a seed that is not one of the pretraining scans', e.g. ``ellipsoids:201``), on a new scan of
    the **tuning** family instead: the scan on which fine-tuning settings are *chosen*. Its tables

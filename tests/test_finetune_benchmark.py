@@ -156,3 +156,22 @@ def test_tuning_scan_is_labelled_and_the_scratch_curve_is_reused(tmp_path):
         proc = subprocess.run(base + ["--tune-on", bad], capture_output=True, text=True, env=env, cwd=ROOT,
                               timeout=120)
         assert proc.returncode != 0 and "--tune-on" in (proc.stderr + proc.stdout)
+
+
+def test_held_out_seed_names_the_new_scan_and_refuses_a_pretraining_scan(tmp_path):
+    """--held-out-seed picks another held-out scan (labelled with its seed in the JSON); a seed
+    that one of the pretraining scans already has is refused before any training."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = [sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--quick", "--modality", "ct",
+            "--scratch", str(tmp_path / "scr")]
+    out = tmp_path / "h.json"
+    proc = subprocess.run(base + ["--held-out-seed", "302", "--json", str(out)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())["ct"]
+    assert res["new_scan"] == "anatomy 302" and res["new_scan_role"] == "held-out"
+    assert "new scan anatomy 302" in proc.stdout
+    proc = subprocess.run(base + ["--pretrain-with", "self-supervised", "--pretrain-phantoms", "anatomy",
+                                  "--held-out-seed", "101"], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode != 0 and "one of the pretraining scans" in (proc.stderr + proc.stdout)
