@@ -16,7 +16,8 @@ added above the idle process. Time: wall seconds and the child's CPU seconds (us
 all threads), the latter less sensitive to other load on a shared machine. ``--whole`` adds,
 for every size, the same job with one slab and one row block as large as the volume and the
 detector (the whole-volume computation the jobs did before), as a reference measured in the
-same run, and each slab size's CPU seconds against it ("CPU / whole"; target 1.2 for issue 17.4). The figures of issue 4 came from
+same run, and each slab size's CPU seconds against it ("CPU / whole"; target 1.2 for issue
+17.4). The figures of issue 4 came from
 ``--sizes 256 512 --angles 24 --slab-mib 32 --rows-mib 32 --whole --fdk`` (about 45 min on
 2 cores).
 """

@@ -384,8 +384,8 @@ def main(argv=None) -> None:
     p.add_argument("--held-out", default=None,
                    help=f"the new scan's phantom (a held-out one; seed {NEW_SCAN_SEED}; default anatomy)")
     p.add_argument("--held-out-seed", type=int, default=NEW_SCAN_SEED,
-                   help=f"the held-out new scan's seed (default {NEW_SCAN_SEED}); another one gives a held-out scan "
-                        "no earlier choice looked at (not one of the pretraining seeds)")
+                   help=f"the held-out new scan's seed (default {NEW_SCAN_SEED}); another one gives a "
+                        "held-out scan no earlier choice looked at (not one of the pretraining seeds)")
     p.add_argument("--tune-on", default=None, metavar="PHANTOM:SEED",
                    help="use a TUNING-family new scan instead of the held-out one (e.g. ellipsoids:201), to choose "
                         "fine-tuning settings; labelled as tuning in the tables and the JSON")

@@ -492,7 +492,8 @@ class ConeBeamCT(CTProjector):
 
         Shape:
             ``row_index, row_weight (H·W, A_c, 2)``; ``zslope (H·W, A_c)``; ``column (H·W·A_c,)``
-            (the voxel column of each pair, column-major over angles, for the compiled kernel).
+            (the voxel column of each pair, column-major over angles, for the compiled kernel;
+            empty on other devices).
         """
         num_h, num_w = self.domain_shape[1:]
         num_u = self.geometry.det_shape[1]
@@ -526,7 +527,9 @@ class ConeBeamCT(CTProjector):
             (torch.where(ok0, (1 - frac) * wdist, 0), torch.where(ok1, frac * wdist, 0)), -1
         ).to(dtype)
         zslope = (mag / dv).to(dtype)
-        column = torch.arange(num_h * num_w, device=device).repeat_interleave(sl.stop - sl.start)
+        # only the compiled kernel (CPU) reads the pairs' voxel columns
+        count = num_h * num_w if torch.device(device).type == "cpu" else 0
+        column = torch.arange(count, device=device).repeat_interleave(sl.stop - sl.start)
         return row_index, row_weight, zslope, column
 
     def _fdk_backproject(self, y: torch.Tensor) -> torch.Tensor:

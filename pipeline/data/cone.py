@@ -34,7 +34,8 @@ the further it is from the central plane) relative to the slab thickness. Measur
 the whole-volume job of the same run, 2026-12-05): simulation 0.94×, 1.02× and 1.15× with 128
 (the default), 32 and 8 MiB slabs (128, 32 and 8 slices), FDK 1.07×, 1.13× and 1.72×; peak
 memory 1.87, 0.86 and 0.67 (simulation) and 1.01, 0.61 and 0.48 (FDK) of the volume's size
-against 5.0 and 3.5 for the whole-volume jobs (the volume here is only 4 default slabs). Larger :data:`SLAB_BYTES` trade memory for time.
+against 5.0 and 3.5 for the whole-volume jobs (the volume here is only 4 default slabs).
+Larger :data:`SLAB_BYTES` trade memory for time.
 
 Results do not depend on how the job runs: the tasks, slabs and row blocks depend only on the
 scan's shape and chunking (not on workers, interruptions or which tasks remain), and the noise
