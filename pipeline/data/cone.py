@@ -23,19 +23,24 @@ both jobs work piece by piece, out of core and exact (to float rounding):
   act on each row alone) and adds their FDK backprojection into the slices of the slab they
   reach (``ConeBeamCT.slices_seen_by``); the filtering and the backprojection are
   :func:`pipeline.classical.fdk_filtered` and :func:`~pipeline.classical.fdk_backproject`.
+  Blocks (of half :data:`ROW_BLOCK_BYTES`) are filtered whole and the last two are kept for the
+  next slabs, which reach nearly the same rows (without that, 8-slice slabs read and filtered
+  the detector 6 times at 512³).
 
 Memory per worker: one slab, one block of rows and the projector's temporaries (its tables
-for one chunk of angles, about a slice's worth), whatever the depth of the volume. Work: a
-row whose rays cross ``k`` slabs is traced ``k`` times (each time over its whole in-plane
-path), and a block of rows is read and filtered once per FDK slab that reaches it, so the cost
-over a whole-volume computation grows with the cone's spread (a row's rays cross more slices
-the further it is from the central plane) relative to the slab thickness. Measured with
-``benchmarks/cone_memory.py`` (512³, 24 angles, default distances, 1 thread, CPU seconds against
-the whole-volume job of the same run, 2026-12-05): simulation 0.94×, 1.02× and 1.15× with 128
-(the default), 32 and 8 MiB slabs (128, 32 and 8 slices), FDK 1.07×, 1.13× and 1.72×; peak
-memory 1.87, 0.86 and 0.67 (simulation) and 1.01, 0.61 and 0.48 (FDK) of the volume's size
-against 5.0 and 3.5 for the whole-volume jobs (the volume here is only 4 default slabs).
-Larger :data:`SLAB_BYTES` trade memory for time.
+for one chunk of angles, about a slice's worth), whatever the depth of the volume; FDK's two
+kept filtered half-blocks are shared by the job's workers, and it filters a few MiB of rows at
+a time. Work: a row whose rays cross ``k`` slabs is traced ``k`` times (each time over its
+whole in-plane path), and each FDK slab backprojects every (voxel column, angle) pair once
+per two half-blocks of rows it reaches, so the cost over a whole-volume computation grows with
+the cone's spread (a row's rays cross more slices the further it is from the central plane)
+relative to the slab thickness. Measured with ``benchmarks/cone_memory.py`` (512³, 24 angles,
+default distances, 1 thread, CPU seconds against the whole-volume job of the same run,
+2026-12-05), with 128 (the default), 32 and 8 MiB slabs (128, 32 and 8 slices) and 32 MiB row
+blocks: simulation 0.93–1.02×, 0.99–1.07× and 1.15–1.24× (four runs), FDK 1.01×, 1.03× and
+1.28×; peak memory 1.87, 0.86 and 0.66 (simulation) and 0.73, 0.40 and 0.32 (FDK) of the
+volume's size, against 5.0 and 2.6 for the whole-volume jobs (the volume here is only 4
+default slabs). Larger :data:`SLAB_BYTES` trade memory for time.
 
 Results do not depend on how the job runs: the tasks, slabs and row blocks depend only on the
 scan's shape and chunking (not on workers, interruptions or which tasks remain), and the noise
@@ -159,6 +164,67 @@ def cone_simulation_tasks(
     return tasks
 
 
+#: FDK's blocks of detector rows are this fraction of :data:`ROW_BLOCK_BYTES`.
+_HALVES = 2
+
+
+class _FilteredBlocks:
+    """FDK-filtered blocks of detector rows on the fixed grid ``0, block, 2·block, ...``, the
+    last :data:`KEEP` kept for the next slabs (a thin slab's rows are read and filtered by every
+    slab that reaches them: 6× the detector at 512³ with 8-slice slabs, without this).
+
+    A block is always filtered whole (weighting and filtering act per row and angle), so the
+    rows a slab receives do not depend on which blocks were kept: results and resume are the same
+    with or without a hit. Thread-safe; two tasks that miss the same block at once both filter it.
+    """
+
+    KEEP = 2
+    #: Bytes of measurement rows filtered at once (the FFTs' temporaries are a few times this).
+    FILTER_BYTES = 8 << 20
+
+    def __init__(self, scan: Any, op: Any, block: int, filter: str) -> None:
+        import threading
+
+        self.scan, self.op, self.block, self.filter = scan, op, block, filter
+        self.num_v = op.range_shape[0]
+        self.kept: dict[int, torch.Tensor] = {}
+        self.lock = threading.Lock()
+
+    def _block(self, a: int) -> torch.Tensor:
+        from pipeline.classical import fdk_filtered
+
+        with self.lock:
+            hit = self.kept.get(a)
+            if hit is not None:
+                self.kept[a] = self.kept.pop(a)  # most recent last
+                return hit
+        b = min(self.num_v, a + self.block)
+        rows = self.scan.measurements.read_torch(slice(a, b))
+        # a few rows at a time: the filter's padded FFTs take several times their input
+        step = max(1, self.FILTER_BYTES // max(1, rows[0].numel() * rows.element_size()))
+        for r in range(a, b, step):
+            e = min(b, r + step)
+            rows[r - a : e - a] = fdk_filtered(rows[r - a : e - a], self.op.rows(slice(r, e)),
+                                               filter=self.filter)
+        q = rows
+        with self.lock:
+            self.kept[a] = q
+            while len(self.kept) > self.KEEP:
+                self.kept.pop(next(iter(self.kept)))
+        return q
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Filtered rows ``[r0, r1)``, within one block of the grid.
+
+        Shape:
+            ``(r1 − r0, A, U)``.
+        """
+        a = r0 // self.block * self.block
+        if r1 > a + self.block:
+            raise ValueError(f"rows [{r0}, {r1}) cross the row grid of {self.block}")
+        return self._block(a)[r0 - a : r1 - a]
+
+
 def fdk_tasks(
     scan: Any,
     arrays: dict[str, zarr.Array],
@@ -177,7 +243,7 @@ def fdk_tasks(
         ``fbp (D, H, W)``; ``n2i (K, D, H, W)``; measurements ``(V, A, U)`` read by blocks of
         rows.
     """
-    from pipeline.classical import fdk_backproject, fdk_filtered
+    from pipeline.classical import fdk_backproject
 
     slab_bytes = SLAB_BYTES if slab_bytes is None else slab_bytes
     row_block_bytes = ROW_BLOCK_BYTES if row_block_bytes is None else row_block_bytes
@@ -186,10 +252,14 @@ def fdk_tasks(
     op = scan.full_operator()
     num_v, num_a, num_u = op.range_shape
     rows_stored = scan.measurements.array.chunks[0]
-    block = max(1, _grid_step(num_a * num_u * 4, row_block_bytes, rows_stored))
+    # the kept filtered blocks (_FilteredBlocks.KEEP) share the row-block budget
+    # blocks of half the budget: the two kept (_FilteredBlocks.KEEP), or the two backprojected
+    # together, hold one budget
+    block = max(1, _grid_step(num_a * num_u * 4, row_block_bytes // _HALVES, rows_stored))
     per_slab = 4 * (1 + (config.n2i_splits if "n2i" in arrays else 0))
     slab = max(stored, _grid_step(h * w * per_slab, slab_bytes, stored))
     k = config.n2i_splits
+    filtered = _FilteredBlocks(scan, op, block, config.filter)
 
     def work(first: int, last: int) -> None:
         todo = {name: _missing(arr, list(range(first, last))) for name, arr in arrays.items()}
@@ -201,15 +271,23 @@ def fdk_tasks(
         hit = sub.rows_hit_by(slice(0, d1 - d0))
         rec = torch.zeros(d1 - d0, h, w) if todo.get("fbp") else None
         subsets = torch.zeros(k, d1 - d0, h, w) if todo.get("n2i") else None
+        pieces = _pieces(hit.start, hit.stop, block)
+        # Backprojected KEEP pieces at a time (one row budget): each call visits every (voxel
+        # column, angle) pair of the slab, so a thin slab pays per call, not per row.
+        group = _HALVES
         with torch.no_grad():
-            for r0, r1 in _pieces(hit.start, hit.stop, block):
+            for g in range(0, len(pieces), group):
+                r0, r1 = pieces[g][0], pieces[min(len(pieces), g + group) - 1][1]
                 # Only the slices of the slab that these rows reach get a contribution.
                 seen = sub.rows(slice(r0, r1)).slices_seen_by(slice(0, r1 - r0))
                 if seen.start == seen.stop:
                     continue
                 part = sub.slab(seen).rows(slice(r0, r1))
-                # Weighting and filtering act per row and angle: once for all angle subsets.
-                q = fdk_filtered(scan.measurements.read_torch(slice(r0, r1)), part, filter=config.filter)
+                # Weighting and filtering act per row and angle: once for all angle subsets, and
+                # once for the neighbouring slabs that reach the same block of the row grid.
+                qs = [filtered.rows(a, b) for a, b in pieces[g : g + group]]
+                q = qs[0] if len(qs) == 1 else torch.cat(qs)
+                del qs
                 if rec is not None:
                     rec[seen] += fdk_backproject(q, part)
                 if subsets is not None:

@@ -160,3 +160,33 @@ def test_interrupted_cone_simulation_and_fdk_resume(tmp_path, small_pieces, monk
         assert np.array_equal(getattr(a, name).read(), getattr(b, name).read()), name
     for name in ("fbp", "n2i"):
         assert np.array_equal(a.derived(name).read(), b.derived(name).read()), name
+
+
+def test_fdk_filters_each_block_of_rows_once_for_neighbouring_slabs(tmp_path, small_pieces, monkeypatch):
+    """Thin slabs reach the same detector rows: the filtered blocks on the row grid are kept for
+    the next slabs (a slab used to read and filter every row it reaches), and the result is the
+    same as with nothing kept."""
+    import pipeline.classical as classical
+
+    _make(tmp_path / "s.zarr", noise_sigma=0.01)
+    # blocks of 16 rows (half the budget): the 30 rows are 2 blocks, as many as are kept
+    monkeypatch.setattr(small_pieces, "ROW_BLOCK_BYTES", small_pieces.ROW_BLOCK_BYTES * 16)
+    filtered = []
+    original = classical.fdk_filtered
+
+    def count(rows, op, **kwargs):
+        filtered.append(rows.shape[0])
+        return original(rows, op, **kwargs)
+
+    monkeypatch.setattr(classical, "fdk_filtered", count)
+    assert _preprocess(tmp_path / "s.zarr", n2i_splits=2) == {"fbp": "created", "n2i": "created"}
+    num_v = open_scan(tmp_path / "s.zarr").measurements.array.shape[0]
+    reached = sum(filtered)
+    assert num_v == 30 and reached == num_v  # each row filtered once, for 6 slabs of 2 slices
+    kept = open_scan(tmp_path / "s.zarr").derived("fbp").read()
+
+    monkeypatch.setattr(small_pieces._FilteredBlocks, "KEEP", 0)  # nothing kept: refiltered
+    filtered.clear()
+    assert _preprocess(tmp_path / "s.zarr", n2i_splits=2, overwrite=True)["fbp"] == "created"
+    assert sum(filtered) > 2 * num_v
+    assert np.array_equal(open_scan(tmp_path / "s.zarr").derived("fbp").read(), kept)
