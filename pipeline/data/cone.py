@@ -252,7 +252,6 @@ def fdk_tasks(
     op = scan.full_operator()
     num_v, num_a, num_u = op.range_shape
     rows_stored = scan.measurements.array.chunks[0]
-    # the kept filtered blocks (_FilteredBlocks.KEEP) share the row-block budget
     # blocks of half the budget: the two kept (_FilteredBlocks.KEEP), or the two backprojected
     # together, hold one budget
     block = max(1, _grid_step(num_a * num_u * 4, row_block_bytes // _HALVES, rows_stored))
@@ -272,8 +271,8 @@ def fdk_tasks(
         rec = torch.zeros(d1 - d0, h, w) if todo.get("fbp") else None
         subsets = torch.zeros(k, d1 - d0, h, w) if todo.get("n2i") else None
         pieces = _pieces(hit.start, hit.stop, block)
-        # Backprojected KEEP pieces at a time (one row budget): each call visits every (voxel
-        # column, angle) pair of the slab, so a thin slab pays per call, not per row.
+        # Two half-blocks backprojected at a time (one row budget): each call visits every
+        # (voxel column, angle) pair of the slab, so a thin slab pays per call, not per row.
         group = _HALVES
         with torch.no_grad():
             for g in range(0, len(pieces), group):
