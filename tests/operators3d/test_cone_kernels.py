@@ -226,6 +226,17 @@ def test_compiled_operator_matches_the_torch_operator(compiled, monkeypatch, sha
     assert (got["c"][0] != 0).any()
 
 
+def _offset_cone(shape, num_angles, distances, spacing, extra_rows, offsets):
+    """A full-circle cone with ``extra_rows`` detector rows beyond the minimum and the volume
+    and detector shifted by ``offsets = (d_offset, row_offset)``."""
+    angles = torch.arange(num_angles, dtype=torch.float64) * 2 * math.pi / num_angles
+    geo = dict(volume_shape=shape, angles=angles, src_dist=distances[0], det_dist=distances[1],
+               det_spacing=spacing)
+    rows, columns = min_det_shape(**geo)
+    return ConeBeamCT(det_shape=(rows + extra_rows, columns), d_offset=offsets[0],
+                      row_offset=offsets[1], **geo)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_compiled_thin_slabs_and_single_rows_match_torch(compiled, monkeypatch, threads):
     """Every slab call is exact, not only their sum: each 1- and 3-slice slab, onto the rows it
@@ -233,11 +244,7 @@ def test_compiled_thin_slabs_and_single_rows_match_torch(compiled, monkeypatch, 
     and its one-row fallback), forward and adjoint, equals the torch kernel's result."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     shape = (7, 9, 11)
-    angles = torch.arange(13, dtype=torch.float64) * 2 * math.pi / 13
-    geo = dict(volume_shape=shape, angles=angles, src_dist=22.0, det_dist=9.0,
-               det_spacing=(0.8, 1.05))
-    rows, columns = min_det_shape(**geo)
-    op = ConeBeamCT(det_shape=(rows + 4, columns), d_offset=0.6, row_offset=-0.7, **geo)
+    op = _offset_cone(shape, 13, (22.0, 9.0), (0.8, 1.05), 4, (0.6, -0.7))
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
     y = torch.randn(op.range_shape, generator=gen, dtype=torch.float64)
@@ -319,12 +326,7 @@ def test_compiled_fdk_backprojection_matches_torch(compiled, monkeypatch, thread
     rays): whole volume, a batch, a slab onto a window of rows, and an angle subset, equal to
     the torch path's result in float64 and float32."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    shape = (9, 10, 12)
-    angles = torch.arange(14, dtype=torch.float64) * 2 * math.pi / 14
-    geo = dict(volume_shape=shape, angles=angles, src_dist=24.0, det_dist=9.0,
-               det_spacing=(0.85, 1.1))
-    rows, columns = min_det_shape(**geo)
-    op = ConeBeamCT(det_shape=(rows + 2, columns), d_offset=0.4, row_offset=-0.3, **geo)
+    op = _offset_cone((9, 10, 12), 14, (24.0, 9.0), (0.85, 1.1), 2, (0.4, -0.3))
     gen = torch.Generator().manual_seed(21)
     y = torch.randn(2, *op.range_shape, generator=gen, dtype=torch.float64)
     piece = op.slab(slice(2, 6))
