@@ -213,16 +213,26 @@ class _FilteredBlocks:
                 self.kept.pop(next(iter(self.kept)))
         return q
 
-    def rows(self, r0: int, r1: int) -> torch.Tensor:
-        """Filtered rows ``[r0, r1)``, within one block of the grid.
+    def rows_of(self, pieces: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Filtered rows of each piece ``[r0, r1)`` (each within one block of the grid), the kept
+        blocks taken first: slabs run in either direction, and a miss filtered first would
+        evict a block the same call needs.
 
         Shape:
-            ``(r1 − r0, A, U)``.
+            ``(r1 − r0, A, U)`` each.
         """
-        a = r0 // self.block * self.block
-        if r1 > a + self.block:
-            raise ValueError(f"rows [{r0}, {r1}) cross the row grid of {self.block}")
-        return self._block(a)[r0 - a : r1 - a]
+        starts = []
+        for r0, r1 in pieces:
+            a = r0 // self.block * self.block
+            if r1 > a + self.block:
+                raise ValueError(f"rows [{r0}, {r1}) cross the row grid of {self.block}")
+            starts.append(a)
+        with self.lock:
+            order = sorted(range(len(pieces)), key=lambda i: starts[i] not in self.kept)
+        blocks = {}
+        for i in order:
+            blocks[i] = self._block(starts[i])
+        return [blocks[i][r0 - starts[i] : r1 - starts[i]] for i, (r0, r1) in enumerate(pieces)]
 
 
 def fdk_tasks(
@@ -284,7 +294,7 @@ def fdk_tasks(
                 part = sub.slab(seen).rows(slice(r0, r1))
                 # Weighting and filtering act per row and angle: once for all angle subsets, and
                 # once for the neighbouring slabs that reach the same block of the row grid.
-                qs = [filtered.rows(a, b) for a, b in pieces[g : g + group]]
+                qs = filtered.rows_of(pieces[g : g + group])
                 q = qs[0] if len(qs) == 1 else torch.cat(qs)
                 del qs
                 if rec is not None:
@@ -301,10 +311,13 @@ def fdk_tasks(
     tasks = []
     num_objects = -(-d // stored)
     per_task = slab // stored
+    # zero-padded: dask runs independent tasks by their names, so neighbouring slabs (which
+    # share kept row blocks) run one after the other
+    digits = len(str(max(0, -(-num_objects // per_task) - 1)))
     for t, first in enumerate(range(0, num_objects, per_task)):
         last = min(first + per_task, num_objects)
         tasks.append(
-            SlabTask(f"fdk{t}", (lambda a=first, b=last: work(a, b)),
+            SlabTask(f"fdk{t:0{digits}d}", (lambda a=first, b=last: work(a, b)),
                      [(arr, i) for arr in arrays.values() for i in range(first, last)])
         )
     return tasks
