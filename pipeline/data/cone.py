@@ -37,8 +37,8 @@ the cone's spread (a row's rays cross more slices the further it is from the cen
 relative to the slab thickness. Measured with ``benchmarks/cone_memory.py`` (512³, 24 angles,
 default distances, 1 thread, CPU seconds against the whole-volume job of the same run,
 2026-12-05), with 128 (the default), 32 and 8 MiB slabs (128, 32 and 8 slices) and 32 MiB row
-blocks: simulation 0.93–1.07×, 0.99–1.13× and 1.15–1.25× (five or six runs), FDK 1.01×, 1.03× and
-1.28×; peak memory 1.87, 0.86 and 0.66 (simulation) and 0.73, 0.40 and 0.32 (FDK) of the
+blocks: simulation 0.93–1.07×, 0.97–1.13× and 1.08–1.25× (six or seven runs), FDK 1.01×, 0.98× and
+1.16×; peak memory 1.87, 0.86 and 0.66 (simulation) and 0.73, 0.40 and 0.32 (FDK) of the
 volume's size, against 5.0 and 2.6 for the whole-volume jobs (the volume here is only 4
 default slabs). Larger :data:`SLAB_BYTES` trade memory for time.
 
