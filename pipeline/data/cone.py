@@ -206,12 +206,11 @@ class _FilteredBlocks:
             e = min(b, r + step)
             rows[r - a : e - a] = fdk_filtered(rows[r - a : e - a], self.op.rows(slice(r, e)),
                                                filter=self.filter)
-        q = rows
         with self.lock:
-            self.kept[a] = q
+            self.kept[a] = rows
             while len(self.kept) > self.KEEP:
                 self.kept.pop(next(iter(self.kept)))
-        return q
+        return rows
 
     def rows_of(self, pieces: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Filtered rows of each piece ``[r0, r1)`` (each within one block of the grid), the kept
@@ -229,9 +228,7 @@ class _FilteredBlocks:
             starts.append(a)
         with self.lock:
             order = sorted(range(len(pieces)), key=lambda i: starts[i] not in self.kept)
-        blocks = {}
-        for i in order:
-            blocks[i] = self._block(starts[i])
+        blocks = {i: self._block(starts[i]) for i in order}
         return [blocks[i][r0 - starts[i] : r1 - starts[i]] for i, (r0, r1) in enumerate(pieces)]
 
 
