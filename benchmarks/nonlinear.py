@@ -3,6 +3,7 @@ network trained with the linear model, FBP, and a classical one-bit method.
 
     .venv/bin/python benchmarks/nonlinear.py [--cases clip-tuning clip-held-out one-bit]
         [--steps N] [--clip-fraction 0.12] [--one-bit-quantile 0.75] [--shape 16 96 96]
+        [--held-out-seed 301] [--pretrain-volumes K [--pretrain-steps P] [--finetune-lr 1e-4]]
         [--threads 1] [--scratch DIR] [--json FILE] [--quick]
 
 Each case is one parallel-beam CT scan (``--angles`` views, ``--photons`` transmission noise,
@@ -14,7 +15,8 @@ and through a **non-linear detector** recorded in the scan (``recon3d simulate c
   line integrals, so the fraction ``f`` (``--clip-fraction``, default 12 %) of all rays — the
   ones through the densest parts — read the floor (photon starvation); ``clip-tuning`` is the
   tuning family (``ellipsoids``, seed 101), ``clip-held-out`` the held-out ``anatomy`` (seed 301,
-  never looked at while choosing anything here);
+  never looked at while choosing anything here; ``--held-out-seed`` picks another held-out scan,
+  e.g. 303, for every held-out case);
 * ``one-bit`` — one bit per ray (``--one-bit T``), ``T`` the ``--one-bit-quantile`` of the linear
   scan's line integrals (held-out ``anatomy``, seed 301);
 * ``one-bit-mri`` (and ``one-bit-mri-tuning``: ``ellipsoids`` seed 101, for choosing settings) — multi-coil Cartesian MRI (``--coils``, ``--acceleration``, ``--noise-sigma``),
@@ -53,6 +55,14 @@ builders of ``recon3d train``, no DeepSpeed):
 * **aware** — ``loss.detector: auto``: MC in the detector's measurement space and EI
   re-measuring through it (:mod:`pipeline.losses.detector`);
 * **linear model** — the same network, loss, seed and slabs with ``loss.detector: ignore``;
+* with ``--pretrain-volumes K`` (count-floor cases; issue 18.1's path applied to 18.2) each of the
+  two networks is instead **pretrained** self-supervised with its own loss for ``--pretrain-steps``
+  on K earlier scans of the case's phantom (seeds 401, 402, …; references replaced by NaN, never
+  read) measured through the **same detector** (the new scan's count floor: a property of the
+  detector, not of the scan), then fine-tuned on the new scan for ``--steps`` at
+  ``--finetune-lr`` through the functions of ``recon3d train --init``; the pretrained network as
+  is appears as its own row ("pretrained (zero-shot)") and its curve is in the JSON. The exports
+  stay in ``--scratch`` and a later run with the same recipe, overrides and scans reuses them;
 * **FBP** — the best of four windows on the measured (clipped) sinogram (an oracle: it needs
   the reference), and the same on the linear scan (what the detector took away);
 * one-bit only: **normalised back-projection** ``Aᵀy`` and **FBP of the bits**, each at the
@@ -96,14 +106,34 @@ CASES = {  # name: (phantom, seed, detector kind, modality)
 DEFAULT_CASES = ("clip-tuning", "clip-held-out", "one-bit", "one-bit-mri")
 MRI_RECIPE = "mri_ei.yaml"
 GAIN_DB = 3.0
+PRETRAIN_SEED = 401  # the earlier scans of --pretrain-volumes: 401, 402, ...
 QUICK = {"shape": [4, 32, 32], "steps": 6, "angles": 24, "coils": 3, "calibration": 8}
 
 
-def simulate(case: str, args, scratch: Path, detector: dict | None) -> Path:
-    """The case's scan, linear (``detector=None``) or through ``detector`` (simulate's options)."""
-    from pipeline.data import SimulateCTConfig, SimulateMRIConfig, simulate_ct, simulate_mri
+def scan_of(case: str, args) -> tuple[str, int]:
+    """``(phantom, seed)`` of the case's new scan: a held-out phantom's seed is ``--held-out-seed``."""
+    from pipeline.data.phantoms import HELD_OUT_PHANTOMS
 
     phantom, seed, _, _ = CASES[case]
+    if phantom in HELD_OUT_PHANTOMS:
+        seed = getattr(args, "held_out_seed", seed)
+    return phantom, seed
+
+
+def pretrain_seeds(args) -> list[int]:
+    """Seeds of the ``--pretrain-volumes`` earlier scans: 401, 402, … (neither a tuning scan's 101
+    nor a held-out one's 301–303)."""
+    return [PRETRAIN_SEED + i for i in range(args.pretrain_volumes)]
+
+
+def simulate(case: str, args, scratch: Path, detector: dict | None, *, seed_override: int | None = None) -> Path:
+    """The case's scan, linear (``detector=None``) or through ``detector`` (simulate's options);
+    ``seed_override``: another scan of the case's phantom (an earlier scan, for pretraining)."""
+    from pipeline.data import SimulateCTConfig, SimulateMRIConfig, simulate_ct, simulate_mri
+
+    phantom, seed = scan_of(case, args)
+    if seed_override is not None:
+        seed = seed_override
     tag = "linear" if detector is None else "_".join(f"{k}{float(v):.6g}" for k, v in sorted(detector.items()))
     if modality(case) == "mri":
         out = scratch / f"mri_{phantom}_{'x'.join(map(str, args.shape))}_{args.coils}c_{seed}_{tag}.zarr"
@@ -160,13 +190,54 @@ def recipe_name(case: str, args) -> str:
     return args.recipe or RECIPE
 
 
-def recipe(case: str, detector: str, args):
+def recipe(case: str, detector: str, args, *, steps: int | None = None, extra: tuple = ()):
+    """The case's recipe for ``detector`` (``auto``: aware, ``ignore``: linear model), ``steps``
+    (default ``--steps``), ``--set``, then ``extra`` overrides."""
     from pipeline.train.config import load_config
 
     # The linear-model network ignores the detector everywhere: in its loss and in its input.
-    overrides = [f"run.max_steps={args.steps}", f"loss.detector={detector}", f"model.initial_detector={detector}"]
-    overrides += list(args.set or [])
+    overrides = [f"run.max_steps={args.steps if steps is None else steps}", f"loss.detector={detector}",
+                 f"model.initial_detector={detector}"]
+    overrides += list(args.set or []) + list(extra)
     return load_config(Path(args.recipe_dir) / recipe_name(case, args), overrides)
+
+
+def pretrained_network(case: str, mode: str, settings: dict, args, scratch: Path, device, vol, facts) -> dict:
+    """``--pretrain-volumes K``: the network of ``mode`` pretrained self-supervised (its own loss,
+    aware or linear model) on K earlier scans of the case's phantom through the **same detector**
+    (``settings``: the new scan's level, a detector property; seeds :func:`pretrain_seeds`, their
+    references replaced by NaN), then fine-tuned on the new scan for ``--steps`` at
+    ``--finetune-lr`` (``finetune.py``'s loop: the functions of ``recon3d train --init``).
+
+    Returns ``{"zero_shot", "curve", "pretrain_s", "finetune_s", "export"}``; the curve is scored
+    at ``finetune.eval_steps`` (step 0: the pretrained network as is)."""
+    import hashlib
+
+    import finetune as F
+
+    paths = [simulate(case, args, scratch, settings, seed_override=s) for s in pretrain_seeds(args)]
+    if vol.path.name in {p.name for p in paths}:
+        raise SystemExit(f"nonlinear.py: the new scan {vol.path.name} is one of the pretraining scans")
+    mod = modality(case)
+    cfg = recipe(case, mode, args, steps=args.pretrain_steps)
+    key = hashlib.sha256(repr((cfg.model_dump_json(), [p.name for p in paths])).encode()).hexdigest()[:12]
+    export = scratch / f"pretrained_{case}_{mode}_{key}.pt"
+    pre_s = None
+    if export.exists():
+        print(f"[{case}] {mode}: reusing {export.name} (the same pretraining, done earlier in --scratch)", flush=True)
+    else:
+        pre_vols = F.without_references([Q.load(p, mod, device) for p in paths])
+        pre_facts = Q.facts_of(paths)
+        model, pre_s, _ = F.train(cfg, pre_facts, pre_vols, device, label=f"{case} {mode} pretrain")
+        torch.save(F.export_payload(model, cfg, pre_facts, cfg.run.max_steps), export)
+        del model
+        print(f"[{case}] {mode}: pretrained on {len(paths)} earlier scans for {cfg.run.max_steps} steps in "
+              f"{pre_s:.0f} s -> {export.name}", flush=True)
+    f_cfg = recipe(case, mode, args, extra=(f"optimizer.lr={args.finetune_lr:g}",))
+    at = F.eval_steps(f_cfg.run.max_steps)
+    _, f_s, curve = F.train(f_cfg, facts, [vol], device, init=str(export), eval_vol=vol, eval_steps=at,
+                            label=f"{case} {mode} fine-tuned", verbose=args.verbose)
+    return {"zero_shot": curve[0], "curve": curve, "pretrain_s": pre_s, "finetune_s": f_s, "export": export.name}
 
 
 def best_scaled(x: torch.Tensor, v: "Q.Volume") -> torch.Tensor:
@@ -281,13 +352,15 @@ def run_case(case: str, args, scratch: Path, device) -> dict:
     record = open_scan(str(path)).metadata.detector
     one_bit = record["model"] == "sign"
     clipped = record["fraction_at_high"] if not one_bit else None
-    print(f"[{case}] {CASES[case][0]} seed {CASES[case][1]}: detector {record['model']} "
+    phantom, seed = scan_of(case, args)
+    print(f"[{case}] {phantom} seed {seed}: detector {record['model']} "
           f"{json.dumps({k: record[k] for k in ('low', 'high', 'threshold', 'dither') if record.get(k) is not None})}, "
           + (f"{100 * clipped:.1f}% of rays clipped" if clipped is not None
              else f"{100 * record['fraction_at_high']:.1f}% of the bits read +1")
           + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     facts = Q.facts_of([path])
-    results: dict = {"detector": record, "settings": settings, "methods": {}}
+    results: dict = {"scan": {"phantom": phantom, "seed": seed}, "detector": record, "settings": settings,
+                     "methods": {}}
     methods = results["methods"]
     if mod == "ct":
         label, x = fbp_oracle(linear)
@@ -312,16 +385,31 @@ def run_case(case: str, args, scratch: Path, device) -> dict:
         x, results["envelope"] = envelope_check(vol)
         methods["Aᴴ(W y), reference envelope (oracle)"] = {
             **row(x, vol, scaled=True), "label": "W: radial mean of |A x_ref|, best-scaled (reads the reference)"}
+    if args.pretrain_volumes and one_bit:
+        raise SystemExit(f"nonlinear.py: --pretrain-volumes is for the count-floor cases, not {case}")
     for name, mode in (("network, aware", "auto"), ("network, linear model", "ignore")):
         if mode not in args.networks:
             continue
-        cfg = recipe(case, mode, args)
         t = time.perf_counter()
-        model, train_s, _ = Q.train(cfg, facts, [vol], device, label=f"{case} {name}", verbose=args.verbose)
-        (x,) = Q.reconstruct(model, [vol])
-        methods[name] = {**row(x, vol, scaled=one_bit), "label": f"{recipe_name(case, args)}, loss.detector: {mode}, "
-                         f"model.initial_detector: {cfg.model.initial_detector}, {cfg.run.max_steps} steps",
-                         "train_s": train_s}
+        if args.pretrain_volumes:
+            p = pretrained_network(case, mode, settings, args, scratch, device, vol, facts)
+            seeds = pretrain_seeds(args)
+            how = (f"{recipe_name(case, args)}, loss.detector: {mode}, pretrained self-supervised "
+                   f"{args.pretrain_steps} steps on {len(seeds)} earlier {phantom} scans (seeds {seeds[0]}–{seeds[-1]}, "
+                   "the same detector, references not read)")
+            zs = p["zero_shot"]
+            methods[name + ", pretrained (zero-shot)"] = {"psnr": zs["psnr"], "ssim": zs["ssim"], "label": how,
+                                                          "train_s": p["pretrain_s"]}
+            end = p["curve"][-1]
+            methods[name] = {"psnr": end["psnr"], "ssim": end["ssim"], "curve": p["curve"], "train_s": p["finetune_s"],
+                             "label": how + f", then fine-tuned {end['step']} steps at lr {args.finetune_lr:g}"}
+        else:
+            cfg = recipe(case, mode, args)
+            model, train_s, _ = Q.train(cfg, facts, [vol], device, label=f"{case} {name}", verbose=args.verbose)
+            (x,) = Q.reconstruct(model, [vol])
+            methods[name] = {**row(x, vol, scaled=one_bit), "label": f"{recipe_name(case, args)}, loss.detector: {mode}, "
+                             f"model.initial_detector: {cfg.model.initial_detector}, {cfg.run.max_steps} steps",
+                             "train_s": train_s}
         print(f"[{case}] {name}: PSNR {methods[name]['psnr']:.2f} dB ({time.perf_counter() - t:.0f} s)", flush=True)
     if len(args.networks) == 2:
         results["targets"] = targets(methods, one_bit=one_bit)
@@ -356,7 +444,8 @@ def report(case: str, r: dict) -> None:
     dither = f", dither ±{d['dither']['amplitude']:.4g}" if one_bit and d.get("dither") is not None else ""
     what = (f"one bit, threshold {d['threshold']:.4g}{dither}, {100 * d['fraction_at_high']:.1f}% of the bits +1" if one_bit
             else f"count floor, line integrals clipped at {d['high']:.4g}, {100 * d['fraction_at_high']:.1f}% of rays")
-    print_table(f"{case}: {CASES[case][0]} seed {CASES[case][1]} ({what})", header, rows)
+    scan = r.get("scan") or dict(zip(("phantom", "seed"), CASES[case][:2]))
+    print_table(f"{case}: {scan['phantom']} seed {scan['seed']} ({what})", header, rows)
     e = r.get("envelope")
     if e is not None:
         print(f"spectral envelope: whitening the reference by |k|² keeps {100 * e['whitened_bits_kept']:.1f}% of its "
@@ -383,6 +472,14 @@ def main(argv=None) -> None:
     p.add_argument("--networks", nargs="+", choices=("auto", "ignore", "none"), default=["auto", "ignore"],
                    help="train the aware network (auto), the linear-model one (ignore), both, or none (classical rows only)")
     p.add_argument("--recipe-dir", default=str(ROOT / "launch" / "configs"))
+    p.add_argument("--held-out-seed", type=int, default=Q.HELD_OUT_SEED,
+                   help="seed of the held-out cases' scan (default 301; 302, 303, ... are fresh held-out scans)")
+    pre = p.add_argument_group("pretraining (count-floor cases): pretrain each network on earlier scans, then fine-tune")
+    pre.add_argument("--pretrain-volumes", type=int, default=0,
+                     help="K > 0: pretrain each network self-supervised on K earlier scans of the case's phantom "
+                          f"(seeds {PRETRAIN_SEED}, ...) through the same detector, then fine-tune --steps on the scan")
+    pre.add_argument("--pretrain-steps", type=int, default=2000)
+    pre.add_argument("--finetune-lr", type=float, default=1e-4, help="the fine-tuning learning rate (finetune_ct_rei.yaml's)")
     p.add_argument("--shape", type=int, nargs=3, default=[16, 96, 96])
     p.add_argument("--angles", type=int, default=60)
     p.add_argument("--photons", type=float, default=1e4)

@@ -133,3 +133,40 @@ def test_quick_dithered_one_bit_mri_sets_the_dither_from_the_linear_scan(tmp_pat
     assert 0.4 < d["fraction_at_high"] < 0.6 and "envelope" not in r  # the envelope check assumes threshold 0
     assert f"dither ±{d['dither']['amplitude']:.4g}" in proc.stdout
     assert "psnr_scaled" in r["methods"]["network, aware"]
+
+
+def test_quick_pretrained_networks_use_earlier_scans_through_the_same_detector(tmp_path):
+    out, scratch = tmp_path / "p.json", tmp_path / "scr"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "nonlinear.py"), "--quick", "--cases", "clip-held-out",
+           "--held-out-seed", "303", "--pretrain-volumes", "2", "--pretrain-steps", "3", "--scratch", str(scratch),
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())["cases"]["clip-held-out"]
+    assert r["scan"] == {"phantom": "anatomy", "seed": 303} and "anatomy seed 303" in proc.stdout
+    from pipeline.data import open_scan
+
+    # the earlier scans (seeds 401, 402) went through the new scan's detector: the same level
+    new = open_scan(str(next(scratch.glob("anatomy_*_303_floor*.zarr")))).metadata.detector
+    earlier = sorted(scratch.glob("anatomy_*_40[12]_floor*.zarr"))
+    assert len(earlier) == 2
+    for path in earlier:
+        assert open_scan(str(path)).metadata.detector["high"] == new["high"]
+    for name in ("network, aware", "network, linear model"):
+        m, zs = r["methods"][name], r["methods"][name + ", pretrained (zero-shot)"]
+        assert "seeds 401–402" in m["label"] and "fine-tuned 6 steps at lr 0.0001" in m["label"]
+        # the curve starts at the pretrained network as is and ends at the fine-tuned one
+        assert [c["step"] for c in m["curve"]] == [0, 1, 3, 6]
+        assert m["curve"][0]["psnr"] == zs["psnr"] and m["curve"][-1]["psnr"] == m["psnr"]
+    assert len(list(scratch.glob("pretrained_clip-held-out_*.pt"))) == 2
+    # a second run reuses both pretrained networks and repeats the fine-tuned figures
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("reusing pretrained_clip-held-out_") == 2
+    r2 = json.loads(out.read_text())["cases"]["clip-held-out"]
+    assert r2["methods"]["network, aware"]["psnr"] == r["methods"]["network, aware"]["psnr"]
+    # one bit has no pretrained path
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nonlinear.py"), "--quick", "--cases", "one-bit",
+                          "--pretrain-volumes", "1", "--scratch", str(scratch)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert bad.returncode != 0 and "count-floor cases" in bad.stderr
