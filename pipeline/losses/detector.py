@@ -30,8 +30,10 @@ the amplitudes visible to the bits: ``simulate mri --one-bit-dither Δ`` records
 rebuilds on each slab operator, so MC's ``A x̂ − τ`` and EI's re-measurement ``sign(· − τ)`` use
 the ``τ`` the slab was measured with (the dither repeats along D).
 
-SURE and the splitting losses assume linear measurements; with a detector set they are refused
-(``loss.detector: ignore`` trains with the linear model instead, e.g. to compare).
+The splitting losses assume linear measurements; with a detector set they are refused
+(``loss.detector: ignore`` trains with the linear model instead, e.g. to compare). SURE takes a
+``clip`` detector (:class:`~pipeline.losses.SureGaussianLoss`: SURE on the rays the detector
+passed, the clip consistency on the rays at a level) and refuses the others.
 """
 
 from __future__ import annotations

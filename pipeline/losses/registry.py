@@ -130,14 +130,22 @@ def _ei(t: EITerm, facts: Any, seed: int, where: str) -> Any:
 def _sure(t: SureTerm, facts: Any, seed: int, where: str) -> Any:
     import operators3d
 
-    _linear_only(facts, where)
+    detector = getattr(facts, "detector", None)
+    if detector is None or detector.get("model") != "clip":
+        _linear_only(facts, where)
+    elif t.metric != "measurement":
+        raise ConfigError(f"{where}: the scans' detector clips; SURE through it compares the rays it passed "
+                          "in the measurement metric: set metric: measurement (or loss.detector: ignore)")
     nm = facts.noise_model
     if nm is None:
         raise ConfigError(f"{where}: SURE needs scans with a noise model in their metadata")
     if isinstance(nm, (operators3d.GaussianNoise, operators3d.TransmissionNoise)):
         if t.metric == "image" and (facts.modality, facts.geometry) != ("ct", "parallel"):
             raise ConfigError(f"{where}: metric: image needs parallel-beam CT scans")
-        return SureGaussianLoss(noise_model=nm, tau=t.tau, metric=t.metric, seed=seed)
+        return SureGaussianLoss(noise_model=nm, tau=t.tau, metric=t.metric, detector=detector, seed=seed)
+    if detector is not None:
+        raise ConfigError(f"{where}: SURE through a clipping detector needs Gaussian or transmission noise, "
+                          f"the scans have {nm.kind}")
     if t.metric == "image":
         raise ConfigError(f"{where}: metric: image needs Gaussian or transmission noise, "
                           f"the scans have {nm.kind}")

@@ -14,7 +14,7 @@ loss's generator (seeded) and is zero on entries that are not measurements.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -22,6 +22,7 @@ from operators3d import GaussianNoise, NoiseModel, PoissonGaussianNoise, Poisson
 from pipeline.models.physics import ImageMetric
 
 from .base import Loss, LossOutput, squared_residual
+from .detector import detector_model
 
 __all__ = ["SureGaussianLoss", "SurePoissonLoss"]
 
@@ -95,6 +96,15 @@ class SureGaussianLoss(Loss):
     ``‖y − h‖²_M/n − Σ M_ii v_i/n + (2/n) · (M(v ⊙ b))ᵀ(h(y + τb) − h(y))/τ`` (generalised SURE,
     Eldar, IEEE TSP 2009). Its scale is the image's, so it balances an EI term with weight ~1.
 
+    Clipping detector (``detector``, a ``clip`` record: ``y = clamp(A x + n, low, high)``, e.g. a
+    CT count floor): on the rays the detector passed (``low < y < high``) the data are
+    ``A x + n`` and SURE applies as above, restricted to them (residual, noise term and probe);
+    a ray at a level says only that ``A x + n`` reached it, so it contributes the detector's
+    consistency ``(y − clamp(A x̂, low, high))²`` (zero while ``A x̂`` is beyond the level), and
+    the probe leaves it at the level. With no ray at a level this is SURE as above. Measurement
+    metric only (the image metric mixes rays). The estimate is conditional on which rays were
+    clipped; rays whose noise moved them across the level are the (small) bias.
+
     Shape:
         ``x_hat``: ``(*batch, *op.domain_shape)``; ``y``: ``(*batch, *op.range_shape)``.
 
@@ -110,6 +120,8 @@ class SureGaussianLoss(Loss):
         tau: finite-difference step; default ``tau_rel`` times the RMS of the measured ``y``.
         tau_rel: relative step used when ``tau`` is None.
         metric: ``"measurement"`` or ``"image"`` (parallel-beam CT).
+        detector: a scan's ``clip`` detector record (``docs/scan-format.md``), or ``None``
+            (linear data). Other detectors are refused: their data are not ``A x + n`` on any ray.
         seed: seed of the probe generator.
     """
 
@@ -123,11 +135,20 @@ class SureGaussianLoss(Loss):
         tau: float | None = None,
         tau_rel: float = 1e-3,
         metric: str = "measurement",
+        detector: Mapping[str, Any] | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__(seed=seed)
         if metric not in ("measurement", "image"):
             raise ValueError(f"SureGaussianLoss: metric must be 'measurement' or 'image', got {metric!r}")
+        if detector is not None:
+            if detector.get("model") != "clip":
+                raise ValueError(f"SureGaussianLoss: a {detector.get('model')!r} detector's data are not "
+                                 "A x + n on any ray; SURE takes a clip detector only")
+            if metric != "measurement":
+                raise ValueError("SureGaussianLoss: with a clip detector the metric must be 'measurement' "
+                                 "(the image metric mixes passed and clipped rays)")
+        self.detector = None if detector is None else dict(detector)
         self.metric = metric
         self.noise_model = noise_model if isinstance(noise_model, TransmissionNoise) else None
         if self.noise_model is not None:
@@ -156,7 +177,8 @@ class SureGaussianLoss(Loss):
 
     def extra_repr(self) -> str:
         noise = f"noise_model={self.noise_model}" if self.noise_model is not None else f"sigma={self.sigma:g}"
-        return f"{noise}, tau={self.tau}, metric={self.metric}"
+        detector = "" if self.detector is None else f", detector={self.detector.get('model')}"
+        return f"{noise}, tau={self.tau}, metric={self.metric}{detector}"
 
     def _loss(self, x_hat, y, op, model) -> LossOutput:
         model = self._require_model(model)
@@ -166,7 +188,21 @@ class SureGaussianLoss(Loss):
         mask = op.measurement_mask()
         m = op.num_measured(y)
         real_per_entry = 2 if y.is_complex() else 1
-        residual = squared_residual(op, x_hat, y) / m
+        clip = detector_model(self.detector, op)
+        if clip is not None:  # SURE on the passed rays, the detector's consistency on the others
+            low, high = clip._bounds(y)
+            with torch.no_grad():
+                passed = torch.ones(y.shape, dtype=torch.bool, device=y.device)
+                if low is not None:
+                    passed &= y > low
+                if high is not None:
+                    passed &= y < high
+            z = op(x_hat)
+            residual = torch.where(passed, z - y, clip.apply_values(z) - y).square().sum() / m
+            del z
+            mask = passed if mask is None else passed & mask.to(torch.bool)
+        else:
+            residual = squared_residual(op, x_hat, y) / m
         if y.is_complex():
             parts = torch.randn(y.shape + (2,), generator=dev, dtype=y.real.dtype, device=y.device)
             probe = torch.view_as_complex(parts)
@@ -176,7 +212,8 @@ class SureGaussianLoss(Loss):
             probe = probe * mask
         tau = _tau(y, mask, self.tau, self.tau_rel)
         if self.noise_model is None:  # one σ²: it scales the divergence after the fact
-            weighted, noise_mean, factor = probe, real_per_entry * self.sigma**2, 2 * self.sigma**2 / m
+            share = 1.0 if clip is None else float(mask.sum()) / m  # the passed rays' noise only
+            weighted, noise_mean, factor = probe, share * real_per_entry * self.sigma**2, 2 * self.sigma**2 / m
         else:  # a variance per entry weighs the probe
             with torch.no_grad():
                 var = self.noise_model.variance(y.detach(), mask=mask)
