@@ -190,6 +190,9 @@ class SureGaussianLoss(Loss):
         real_per_entry = 2 if y.is_complex() else 1
         clip = detector_model(self.detector, op)
         if clip is not None:  # SURE on the passed rays, the detector's consistency on the others
+            if y.is_complex():
+                raise TypeError("SureGaussianLoss: SURE through a clip detector takes real measurements (CT), "
+                                "got complex ones")
             low, high = clip._bounds(y)
             with torch.no_grad():
                 passed = torch.ones(y.shape, dtype=torch.bool, device=y.device)

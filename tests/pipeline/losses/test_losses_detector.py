@@ -334,3 +334,5 @@ def test_sure_takes_a_clip_detector_in_the_measurement_metric_only(clipped_scan)
         build_loss(LossConfig(terms=[{"name": "sure"}]), one_bit, seed=0)
     with pytest.raises(ValueError, match="clip detector only"):
         SureGaussianLoss(0.1, detector={"model": "quantize", "bits": 2, "lo": 0, "hi": 1})
+    with pytest.raises(ValueError, match="metric must be 'measurement'"):
+        SureGaussianLoss(0.1, metric="image", detector={"model": "clip", "low": None, "high": 1.0})
