@@ -13,7 +13,10 @@ and through a **non-linear detector** recorded in the scan (``recon3d simulate c
 
 * ``clip-*`` — a count floor ``F`` (``--floor``) at the ``1 − f`` quantile of the linear scan's
   line integrals, so the fraction ``f`` (``--clip-fraction``, default 12 %) of all rays — the
-  ones through the densest parts — read the floor (photon starvation); ``clip-tuning`` is the
+  ones through the densest parts — read the floor (photon starvation); with ``--clip-side
+  saturation`` instead a maximum count ``S`` (``--saturation``) at the ``f`` quantile, so the
+  fraction ``f`` of rays — the least attenuated ones — read the detector's maximum (the issue's
+  ``y = clip(A x)`` at the maximum count); ``clip-tuning`` is the
   tuning family (``ellipsoids``, seed 101), ``clip-held-out`` the held-out ``anatomy`` (seed 301,
   never looked at while choosing anything here; ``--held-out-seed`` picks another held-out scan,
   e.g. 303, for every held-out case);
@@ -175,6 +178,8 @@ def detector_for(case: str, linear: "Q.Volume", args) -> dict:
         return out
     y = linear.y.flatten().double()
     if CASES[case][2] == "clip":
+        if getattr(args, "clip_side", "floor") == "saturation":  # the least attenuated rays read the maximum count
+            return {"saturation": math.exp(-float(torch.quantile(y, args.clip_fraction)))}
         level = float(torch.quantile(y, 1.0 - args.clip_fraction))
         return {"floor": math.exp(-level)}
     return {"one_bit": float(torch.quantile(y, args.one_bit_quantile)), "one_bit_width": args.one_bit_width}
@@ -331,6 +336,16 @@ def aware_classical(v: "Q.Volume", record: dict) -> torch.Tensor:
     return clipped_fbp(v.y, v.op, low=low, high=high, filter="hann")
 
 
+def linear_classical(v: "Q.Volume") -> torch.Tensor:
+    """:func:`aware_classical`'s iterations with the detector ignored: a level above every ray, so
+    each ray is an equality ``A x = y``; the non-negativity clamp and the FBP-preconditioned steps
+    stay. The clipped FBP minus this is what knowing the detector adds to the input; this minus
+    plain FBP is what the iterations add on their own."""
+    from pipeline.classical import clipped_fbp
+
+    return clipped_fbp(v.y, v.op, high=float(v.y.max()) + 1.0, filter="hann")
+
+
 def row(x: torch.Tensor, v: "Q.Volume", *, scaled: bool) -> dict:
     p, s = Q._metrics(x, v)
     out = {"psnr": p, "ssim": s}
@@ -351,7 +366,7 @@ def run_case(case: str, args, scratch: Path, device) -> dict:
 
     record = open_scan(str(path)).metadata.detector
     one_bit = record["model"] == "sign"
-    clipped = record["fraction_at_high"] if not one_bit else None
+    clipped = (record["fraction_at_high"] or 0) + (record["fraction_at_low"] or 0) if not one_bit else None
     phantom, seed = scan_of(case, args)
     print(f"[{case}] {phantom} seed {seed}: detector {record['model']} "
           f"{json.dumps({k: record[k] for k in ('low', 'high', 'threshold', 'dither') if record.get(k) is not None})}, "
@@ -374,6 +389,10 @@ def run_case(case: str, args, scratch: Path, device) -> dict:
             methods["aware classical iteration"] = {
                 **row(x, vol, scaled=False),
                 "label": f"clipped FBP (Hann, step {CLIPPED_FBP_STEP:g}, {CLIPPED_FBP_ITERATIONS} iterations)"}
+            x = linear_classical(vol)
+            methods["classical iteration, linear model"] = {
+                **row(x, vol, scaled=False),
+                "label": "the same iterations with every ray an equality (what the detector adds is the row above minus this)"}
     else:
         x = linear.op.adjoint(linear.y)
         methods["zero-filled Aᴴy (linear scan)"] = {**row(x, linear, scaled=False), "label": "Aᴴy of the linear data"}
@@ -443,7 +462,9 @@ def report(case: str, r: dict) -> None:
     d = r["detector"]
     dither = f", dither ±{d['dither']['amplitude']:.4g}" if one_bit and d.get("dither") is not None else ""
     what = (f"one bit, threshold {d['threshold']:.4g}{dither}, {100 * d['fraction_at_high']:.1f}% of the bits +1" if one_bit
-            else f"count floor, line integrals clipped at {d['high']:.4g}, {100 * d['fraction_at_high']:.1f}% of rays")
+            else f"count floor, line integrals clipped at {d['high']:.4g}, {100 * d['fraction_at_high']:.1f}% of rays"
+            if (d.get("fraction_at_low") or 0) <= (d["fraction_at_high"] or 0) else
+            f"saturation, line integrals clipped at {d['low']:.4g}, {100 * d['fraction_at_low']:.1f}% of rays")
     scan = r.get("scan") or dict(zip(("phantom", "seed"), CASES[case][:2]))
     print_table(f"{case}: {scan['phantom']} seed {scan['seed']} ({what})", header, rows)
     e = r.get("envelope")
@@ -463,7 +484,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(DEFAULT_CASES))
     p.add_argument("--steps", type=int, default=300, help="training steps of each network (the recipe's schedule)")
-    p.add_argument("--clip-fraction", type=float, default=0.12, help="share of all rays at the count floor")
+    p.add_argument("--clip-fraction", type=float, default=0.12, help="share of all rays at the clip level")
+    p.add_argument("--clip-side", choices=("floor", "saturation"), default="floor",
+                   help="clip-* cases: a count floor (the most attenuated rays, photon starvation) or a saturation "
+                        "(the least attenuated rays read the detector's maximum count)")
     p.add_argument("--one-bit-quantile", type=float, default=0.75,
                    help="the one-bit threshold: this quantile of the linear scan's line integrals")
     p.add_argument("--one-bit-width", type=float, default=0.1, help="the recorded one-bit width (logistic temperature)")

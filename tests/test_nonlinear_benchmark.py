@@ -106,6 +106,7 @@ def test_quick_run_reports_consistent_tables(tmp_path):
     assert "clipped FBP" in clip["methods"]["aware classical iteration"]["label"]
     assert "model.initial_detector: auto" in clip["methods"]["network, aware"]["label"]
     assert "model.initial_detector: ignore" in clip["methods"]["network, linear model"]["label"]
+    assert "every ray an equality" in clip["methods"]["classical iteration, linear model"]["label"]
     assert clip["targets"]["above_aware_classical"] == (
         clip["methods"]["network, aware"]["psnr"] > clip["methods"]["aware classical iteration"]["psnr"])
     assert "loss.detector: ignore" in clip["methods"]["network, linear model"]["label"]
@@ -170,3 +171,15 @@ def test_quick_pretrained_networks_use_earlier_scans_through_the_same_detector(t
                           "--pretrain-volumes", "1", "--scratch", str(scratch)],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert bad.returncode != 0 and "count-floor cases" in bad.stderr
+
+
+def test_quick_saturation_clips_the_least_attenuated_rays(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "s.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nonlinear.py"), "--quick", "--cases", "clip-held-out",
+                           "--clip-side", "saturation", "--networks", "none", "--scratch", str(tmp_path / "scr"),
+                           "--json", str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())["cases"]["clip-held-out"]["detector"]
+    assert d["fraction_at_low"] == pytest.approx(0.12, abs=0.01) and d["fraction_at_high"] < 0.01
+    assert f"saturation, line integrals clipped at {d['low']:.4g}" in proc.stdout
