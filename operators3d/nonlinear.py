@@ -59,6 +59,7 @@ __all__ = [
     "Sign",
     "nonlinear_from_dict",
     "clip_values",
+    "at_clip_levels",
     "quantize_values",
     "sign_values",
     "dither_shape",
@@ -78,6 +79,21 @@ def clip_values(z: torch.Tensor, low=None, high=None) -> torch.Tensor:
         low, high = (b if b is None or isinstance(b, torch.Tensor) else torch.tensor(b, dtype=z.dtype,
                      device=z.device) for b in (low, high))
     return torch.clamp(z, min=low, max=high)
+
+
+def at_clip_levels(y: torch.Tensor, low=None, high=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(at_low, at_high)``: which measurements of clipped data ``y = clamp(·, low, high)`` read
+    a level (``None`` for a missing bound). Clipped data sit exactly at the level; a relative
+    ``1e-6`` absorbs the rounding of a level stored at another precision than ``y``. Bounds are
+    numbers or tensors broadcastable to ``y``; the rays strictly between are the ones the
+    detector passed."""
+
+    def slack(b):
+        return 1e-6 * (b.abs().clamp_min(1.0) if isinstance(b, torch.Tensor) else max(abs(b), 1.0))
+
+    at_low = None if low is None else y <= low + slack(low)
+    at_high = None if high is None else y >= high - slack(high)
+    return at_low, at_high
 
 
 def quantize_values(z: torch.Tensor, bits: int, lo: float, hi: float) -> torch.Tensor:

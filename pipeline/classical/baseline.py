@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch
 
 from operators3d import IndexSelect, LinearOperator, MaskedOperator, MultiCoilMRI, sense_cg
+from operators3d.nonlinear import at_clip_levels
 
 __all__ = ["filtered_backprojection", "clipped_fbp", "clip_levels_of", "CLIPPED_FBP_ITERATIONS",
            "CLIPPED_FBP_STEP", "classical_reconstruction"]
@@ -126,9 +127,8 @@ def clipped_fbp(
     x = filtered_backprojection(y, op, filter=filter) if start is None else start
     if low is None and high is None:
         return x
-    with torch.no_grad():  # which rays read a level (the data are exactly at it; 1e-6 for rounding)
-        at_high = None if high is None else y >= high - 1e-6 * max(abs(high), 1.0)
-        at_low = None if low is None else y <= low + 1e-6 * max(abs(low), 1.0)
+    with torch.no_grad():  # which rays read a level
+        at_low, at_high = at_clip_levels(y, low, high)
     for _ in range(int(iterations)):
         ax = op(x)
         r = y - ax

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from operators3d import GaussianNoise, NoiseModel, PoissonGaussianNoise, PoissonNoise, TransmissionNoise
+from operators3d.nonlinear import at_clip_levels
 from pipeline.models.physics import ImageMetric
 
 from .base import Loss, LossOutput, squared_residual
@@ -193,13 +194,11 @@ class SureGaussianLoss(Loss):
             if y.is_complex():
                 raise TypeError("SureGaussianLoss: SURE through a clip detector takes real measurements (CT), "
                                 "got complex ones")
-            low, high = clip._bounds(y)
             with torch.no_grad():
                 passed = torch.ones(y.shape, dtype=torch.bool, device=y.device)
-                if low is not None:
-                    passed &= y > low
-                if high is not None:
-                    passed &= y < high
+                for at in at_clip_levels(y, clip.low, clip.high):
+                    if at is not None:
+                        passed &= ~at
             z = op(x_hat)
             residual = torch.where(passed, z - y, clip.apply_values(z) - y).square().sum() / m
             del z
